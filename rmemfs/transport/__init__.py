@@ -1,0 +1,41 @@
+"""Transports behind one interface (see ``base``), picked by name.
+
+``software`` always works; ``verbs`` needs pyverbs and an RDMA device and is
+the only module that imports pyverbs, lazily. ``auto`` picks verbs when a
+device is present and logs the choice.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+from .base import TransportUnavailable
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = {"software": "rmemfs.transport.software", "verbs": "rmemfs.transport.verbs"}
+
+
+def load(name: str) -> ModuleType:
+    """Import a transport module. Each provides ``connect(...)`` and ``available() -> str | None``
+    (None when usable, else the reason it is not)."""
+    try:
+        return importlib.import_module(TRANSPORTS[name])
+    except KeyError:
+        raise ValueError(f"unknown transport {name!r} (choose from auto, {', '.join(TRANSPORTS)})") from None
+
+
+def resolve(name: str) -> str:
+    """Turn ``auto`` into a concrete transport name; raise TransportUnavailable for an unusable choice."""
+    if name == "auto":
+        reason = load("verbs").available()
+        if reason is None:
+            log.info("transport auto: an RDMA device is present, using verbs")
+            return "verbs"
+        log.info("transport auto: using software (%s)", reason)
+        return "software"
+    reason = load(name).available()
+    if reason is not None:
+        raise TransportUnavailable(f"transport {name} is unavailable: {reason}")
+    return name
