@@ -1,0 +1,46 @@
+"""rmemfs-exporter: the region exporter process (started by rmemfs; rarely run by hand).
+
+Exit codes: 0 stopped normally, 1 unexpected error, 2 usage, 10 backend unreadable, 15 cannot listen.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import trio
+
+from ..baseline import Backend
+from ..errors import BackendError, CorruptionError, QuietError
+from ..exporter import DEFAULT_PORT, Exporter
+from .common import run_main, setup_logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="rmemfs-exporter", description=__doc__.splitlines()[0])
+    p.add_argument("--region-dir", required=True, type=Path, help="the filesystem's region directory")
+    p.add_argument("--backend", required=True, type=Path, help="backend directory (for the fsid and secret)")
+    p.add_argument("--listen", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 = any)")
+    p.add_argument("--log", type=Path, help="log file (default stderr)")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        setup_logging(args.debug, args.log)
+        backend = Backend(args.backend)
+        try:
+            fsid, secret = backend.fsid(), backend.secret()
+        except (BackendError, CorruptionError) as e:
+            raise QuietError(str(e), 10) from None
+        exporter = Exporter(args.region_dir, fsid, secret, args.listen, args.port)
+        try:
+            trio.run(exporter.run)
+        except OSError as e:
+            raise QuietError(f"cannot serve on {args.listen}:{args.port}: {e.strerror or e}", 15) from None
+        return 0
+
+    run_main("rmemfs-exporter", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""rmemfs: mount a recoverable memory filesystem whose baselines live in a backend directory.
+
+Exit codes: 0 mounted (daemon) or cleanly unmounted (-f); 1 unexpected error;
+2 usage; 10 backend missing, unwritable, foreign or corrupt; 11 backend not
+unmounted cleanly (run rmemfs-recover); 12 mountpoint missing or busy;
+13 not root or no /dev/fuse; 14 region directory unusable; 15 exporter failed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from ..errors import QuietError
+from ..mount import (EXIT_ERROR, OPTION_HELP, MountOptions, Session, check_environment, check_mountpoint,
+                     open_backend, parse_options, serve, start_exporter)
+from .common import run_main, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def option_epilog() -> str:
+    lines = ["mount options (-o name[=value],...):"]
+    lines += [f"  {name:<20} {text}" for name, text in OPTION_HELP.items()]
+    lines += ["", __doc__.split("\n\n", 1)[1]]
+    return "\n".join(lines)
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=option_epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", required=True, type=Path, help="backend directory shared by the hosts")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                   help="comma-separated mount options (see below)")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground (default: daemonize "
+                   "once the mount is usable)")
+    p.add_argument("--log", type=Path, help="log file (default: stderr with -f, else <regiondir>/rmemfs.log)")
+    p.add_argument("--debug", action="store_true", help="verbose logging")
+    p.add_argument("mountpoint", type=Path)
+    return p
+
+
+def daemonize_and_run(foreground: bool, work: "callable[[callable[[], None]], int]") -> int:
+    """Run ``work(ready)``; without -f, fork first and let the parent exit only once ``ready`` is called
+    (exit 0) or the child fails (its one-line error and exit code)."""
+    if foreground:
+        return work(lambda: None)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as pipe:
+            msg = pipe.read().decode(errors="replace")
+        if msg.startswith("OK"):
+            return 0
+        _, pid_status = os.waitpid(pid, 0)
+        code, _, text = msg.partition(" ")
+        if not code.isdigit():
+            raise QuietError(f"daemon exited before the mount was ready (status {pid_status})", EXIT_ERROR)
+        raise QuietError(text.strip(), int(code))
+    # Child: a daemon in its own session; the parent is told how it went through the pipe.
+    os.close(r)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    reported = False
+
+    def ready() -> None:
+        nonlocal reported
+        os.write(w, b"OK\n")
+        os.close(w)
+        reported = True
+
+    try:
+        code = work(ready)
+    except QuietError as e:
+        if not reported:
+            os.write(w, f"{e.exitcode} {e}\n".encode())
+        log.error("%s", e)
+        os._exit(e.exitcode)
+    except BaseException as e:
+        log.exception("daemon failed")
+        if not reported:
+            os.write(w, f"{EXIT_ERROR} {e}\n".encode())
+        os._exit(EXIT_ERROR)
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser("rmemfs", __doc__.splitlines()[0]).parse_args(argv)
+
+    def body() -> int:
+        setup_logging(args.debug, args.log if args.log else None)
+        opts = parse_options(args.options)
+        check_environment()
+        mountpoint = args.mountpoint.absolute()
+        check_mountpoint(mountpoint)
+        opened = open_backend(args.backend.absolute(), opts, mountpoint)
+        log_file = args.log or (None if args.foreground else opened.region_dir / "rmemfs.log")
+
+        def work(ready: "callable[[], None]") -> int:
+            if log_file:
+                setup_logging(args.debug, log_file)
+            _proc, port = start_exporter(opened.region_dir, opened.backend.path, opened.fs.fsid, opts,
+                                         log_file.with_name("exporter.log") if log_file else None)
+            session = Session(opened, mountpoint, opts, port)
+            return trio.run(lambda: serve(session, on_ready=ready))
+
+        return daemonize_and_run(args.foreground, work)
+
+    run_main("rmemfs", body)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,459 @@
+"""The filesystem core: POSIX operations over regions, speaking errno (``FsError``).
+
+No pyfuse3 here: ``fs.py`` adapts FUSE requests to these methods, and tests
+call them in-process. Every mutation follows one order:
+
+1. validate (raise FsError, nothing changed yet);
+2. mark the pages about to change in the current dirty list;
+3. journal the namespace record (its pages are marked first, too);
+4. apply it to the model / copy the data in.
+
+All methods except ``admit`` are synchronous: a whole operation runs without
+an await, so it is atomic with respect to the trio scheduler, and a flush's
+list swap can only fall between operations.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from . import PAGE_SIZE
+from .dirty import DirtyTracker, ctl_region_size, parse_header
+from .errors import CorruptionError, FsError
+from .journal import Journal, JournalFull
+from .namespace import (ROOT_INO, RENAME_EXCHANGE, RENAME_NOREPLACE, SET_ATIME, SET_CTIME, SET_GID, SET_MODE,
+                        SET_MTIME, SET_SIZE, SET_UID, ExtentStore, Inode, Namespace, rec_create, rec_extent,
+                        rec_free, rec_link, rec_rename, rec_setattr, rec_unlink)
+from .regions import (CTL_REGION_ID, EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet)
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+DEFAULT_DIRTY_CAPACITY = 1 << 20          # entries per list: 8 MiB of exported memory each
+ADMIT_MARGIN = 1 << 14                    # entries kept free so any single operation fits
+
+
+@dataclass(frozen=True)
+class CoreStats:
+    inodes: int
+    used_extents: int
+    dirty_current_pages: int
+    dirty_current_entries: int
+    dirty_flushing_pages: int
+    dirty_flushing_entries: int
+    dirty_capacity: int
+    journal_bytes: int
+    region_count: int
+    region_virtual_bytes: int
+    region_resident_bytes: int
+
+
+class Filesystem:
+    """One mounted (or being recovered) filesystem's in-memory state."""
+
+    def __init__(self, regions: RegionSet, tracker: DirtyTracker, fsid: str) -> None:
+        self.regions = regions
+        self.tracker = tracker
+        self.fsid = fsid
+        self.journal = Journal(regions[META_REGION_ID], tracker)
+        self.ns = Namespace(ExtentStore(regions.mark_extent, self._release_extents, self._zero_range), EXTENT_SIZE)
+        self.fenced = False
+        self.room_waiter: "RoomWaiter | None" = None
+        self._sync_region_pages()
+
+    # --- construction -----------------------------------------------------------
+    @classmethod
+    def create_regions(cls, directory: Path, fsid: str, *, capacity: int, data_region_size: int,
+                       meta_size: int = META_REGION_SIZE, extra: dict[int, int] | None = None) -> RegionSet:
+        """Fresh, empty region files (ctl, meta and any ``extra`` data regions by id -> length)."""
+        regions = RegionSet(directory, data_region_size=data_region_size)
+        regions.create(CTL_REGION_ID, ctl_region_size(capacity))
+        regions.create(META_REGION_ID, meta_size)
+        for region_id, length in sorted((extra or {}).items()):
+            if region_id not in (CTL_REGION_ID, META_REGION_ID):
+                regions.create(region_id, length)
+        return regions
+
+    @classmethod
+    def format(cls, regions: RegionSet, fsid: str, epoch: int, capacity: int) -> "Filesystem":
+        """A new, empty filesystem in fresh regions."""
+        tracker = DirtyTracker(regions[CTL_REGION_ID].view, capacity)
+        tracker.format(fsid, epoch, os.getpid())
+        fs = cls(regions, tracker, fsid)
+        fs.ns.init_root(os.getuid(), os.getgid(), time.time_ns())
+        fs.journal.checkpoint(fsid, fs.ns.serialize())
+        return fs
+
+    @classmethod
+    def load(cls, regions: RegionSet, fsid: str, epoch: int, *, fresh_ctl_capacity: int | None = None) -> "Filesystem":
+        """Rebuild the namespace from the meta region's journal.
+
+        With ``fresh_ctl_capacity`` the ctl region is (re)formatted: used after
+        loading a baseline or a recovery, when the old lists mean nothing here.
+        """
+        ctl = regions[CTL_REGION_ID]
+        if fresh_ctl_capacity is not None:
+            tracker = DirtyTracker(ctl.view, fresh_ctl_capacity)
+            tracker.format(fsid, epoch, os.getpid())
+        else:
+            header = parse_header(ctl.view[:PAGE_SIZE])
+            if header.fsid != fsid:
+                raise CorruptionError(f"region directory {regions.directory} holds filesystem {header.fsid}, "
+                                      f"not {fsid}")
+            tracker = DirtyTracker(ctl.view, header.capacity)
+            tracker.take_ownership(epoch, os.getpid())
+        fs = cls(regions, tracker, fsid)
+        fs.replay()
+        return fs
+
+    def replay(self) -> None:
+        self.ns.replaying = True
+        try:
+            for rtype, payload in self.journal.open():
+                self.ns.apply(rtype, payload)
+        finally:
+            self.ns.replaying = False
+        if self.journal.sb is not None and self.journal.sb.fsid != self.fsid:
+            raise CorruptionError(f"journal belongs to filesystem {self.journal.sb.fsid}, not {self.fsid}")
+        for ino in self.ns.orphans():
+            if ino != ROOT_INO:
+                self._do(rec_free(ino))
+        problems = self.ns.check()
+        if problems:
+            raise CorruptionError("namespace check failed: " + "; ".join(problems[:5]))
+
+    # --- plumbing ---------------------------------------------------------------
+    def _sync_region_pages(self) -> None:
+        for region_id, region in self.regions.regions.items():
+            self.tracker.region_pages[region_id] = region.pages
+
+    def _release_extents(self, extents: list[tuple[int, int]]) -> None:
+        # Mark contiguous extents as one run, so freeing a big file costs few list entries.
+        for region_id, first, count in _extent_runs(extents):
+            self.tracker.mark(region_id, first * EXTENT_PAGES, count * EXTENT_PAGES)
+            self.regions[region_id].release(first * EXTENT_SIZE, count * EXTENT_SIZE)
+
+    def _zero_range(self, region_id: int, ext: int, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        start = ext * EXTENT_SIZE + offset
+        self.tracker.mark_bytes(region_id, start, length)
+        self.regions[region_id].view[start:start + length] = bytes(length)
+
+    def _log(self, rtype: int, payload: bytes) -> None:
+        try:
+            self.journal.append(rtype, payload)
+        except JournalFull:
+            self.journal.checkpoint(self.fsid, self.ns.serialize())
+            self.journal.append(rtype, payload)
+
+    def _do(self, record: tuple[int, bytes]) -> None:
+        self._log(*record)
+        self.ns.apply(*record)
+
+    def after_operation(self) -> None:
+        """Compact the journal when its log outgrew the last checkpoint (between operations)."""
+        if self.journal.wants_checkpoint():
+            self.journal.checkpoint(self.fsid, self.ns.serialize())
+
+    async def admit(self) -> None:
+        """Wait until the current dirty list can take any single operation.
+
+        A full list forces a flush (which swaps in the empty list); marks are
+        never dropped. If flushing keeps failing, give up with ENOSPC rather
+        than accept a change that cannot be tracked.
+        """
+        if self.tracker.current.room() >= ADMIT_MARGIN or not self.tracker.enabled:
+            return
+        if self.room_waiter is None:
+            raise FsError(errno.ENOSPC, "dirty list full and no flusher")
+        await self.room_waiter.wait_for_room()
+        if self.tracker.current.room() < ADMIT_MARGIN:
+            raise FsError(errno.ENOSPC, "dirty list full and the flush failed")
+
+    # --- lookups ------------------------------------------------------------------
+    def inode(self, ino: int) -> Inode:
+        try:
+            return self.ns.inodes[ino]
+        except KeyError:
+            raise FsError(errno.ENOENT) from None
+
+    def _dir(self, ino: int) -> Inode:
+        inode = self.inode(ino)
+        if inode.entries is None:
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if not name or b"/" in name or name in (b".", b".."):
+            raise FsError(errno.EINVAL)
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        pdir = self._dir(parent)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if name == b".":
+            ino = parent
+        elif name == b"..":
+            ino = pdir.parent
+        else:
+            assert pdir.entries is not None
+            try:
+                ino = pdir.entries[name]
+            except KeyError:
+                raise FsError(errno.ENOENT) from None
+        inode = self.ns.inodes[ino]
+        inode.lookups += 1
+        return inode
+
+    def remember(self, inode: Inode) -> Inode:
+        """Count a kernel reference handed out by create/mkdir/link/..."""
+        inode.lookups += 1
+        return inode
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        inode = self.ns.inodes.get(ino)
+        if inode is None:
+            return
+        inode.lookups = max(0, inode.lookups - nlookup)
+        self._maybe_free(inode)
+
+    def _maybe_free(self, inode: Inode) -> None:
+        if inode.nlink == 0 and inode.lookups == 0 and inode.opens == 0 and inode.ino != ROOT_INO:
+            self._do(rec_free(inode.ino))
+
+    def readdir(self, ino: int) -> list[tuple[bytes, Inode]]:
+        pdir = self._dir(ino)
+        assert pdir.entries is not None
+        return [(name, self.ns.inodes[child]) for name, child in pdir.entries.items()]
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.inode(ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EINVAL)
+        return inode.target
+
+    # --- namespace changes ----------------------------------------------------------
+    def _writable(self) -> None:
+        if self.fenced:
+            raise FsError(errno.EROFS, "fenced: another host owns this filesystem now")
+
+    def make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+             target: bytes = b"") -> Inode:
+        """create / mknod / mkdir / symlink: ``mode`` carries the file type."""
+        self._writable()
+        self._check_name(name)
+        pdir = self._dir(parent)
+        assert pdir.entries is not None
+        if name in pdir.entries:
+            raise FsError(errno.EEXIST)
+        if pdir.mode & stat.S_ISGID:
+            gid = pdir.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        ino = self.ns.next_ino
+        self._do(rec_create(parent, ino, mode, uid, gid, rdev, time.time_ns(), name, target))
+        return self.remember(self.ns.inodes[ino])
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        self._writable()
+        self._check_name(name)
+        inode, pdir = self.inode(ino), self._dir(parent)
+        assert pdir.entries is not None
+        if inode.is_dir:
+            raise FsError(errno.EPERM)
+        if name in pdir.entries:
+            raise FsError(errno.EEXIST)
+        if inode.nlink == 0:
+            raise FsError(errno.ENOENT)
+        self._do(rec_link(parent, ino, time.time_ns(), name))
+        return self.remember(inode)
+
+    def unlink(self, parent: int, name: bytes, *, directory: bool) -> None:
+        self._writable()
+        pdir = self._dir(parent)
+        assert pdir.entries is not None
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        child = pdir.entries.get(name)
+        if child is None:
+            raise FsError(errno.ENOENT)
+        inode = self.ns.inodes[child]
+        if directory:
+            if not inode.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if inode.entries:
+                raise FsError(errno.ENOTEMPTY)
+        elif inode.is_dir:
+            raise FsError(errno.EISDIR)
+        self._do(rec_unlink(parent, time.time_ns(), name))
+
+    def rename(self, old_parent: int, old: bytes, new_parent: int, new: bytes, flags: int) -> None:
+        self._writable()
+        self._check_name(new)
+        src, dst = self._dir(old_parent), self._dir(new_parent)
+        assert src.entries is not None and dst.entries is not None
+        if old not in src.entries:
+            raise FsError(errno.ENOENT)
+        moving = self.ns.inodes[src.entries[old]]
+        target_ino = dst.entries.get(new)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL)
+        if flags & RENAME_NOREPLACE and target_ino is not None:
+            raise FsError(errno.EEXIST)
+        if flags & RENAME_EXCHANGE and target_ino is None:
+            raise FsError(errno.ENOENT)
+        if moving.is_dir and self._is_ancestor(moving.ino, new_parent):
+            raise FsError(errno.EINVAL)
+        if flags & RENAME_EXCHANGE:
+            other = self.ns.inodes[target_ino]  # type: ignore[index]
+            if other.is_dir and self._is_ancestor(other.ino, old_parent):
+                raise FsError(errno.EINVAL)
+        elif target_ino is not None:
+            if target_ino == moving.ino:
+                return   # POSIX: two links to the same file, nothing to do
+            target = self.ns.inodes[target_ino]
+            if moving.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not moving.is_dir and target.is_dir:
+                raise FsError(errno.EISDIR)
+            if target.is_dir and target.entries:
+                raise FsError(errno.ENOTEMPTY)
+        self._do(rec_rename(old_parent, new_parent, flags, time.time_ns(), old, new))
+
+    def _is_ancestor(self, ancestor: int, ino: int) -> bool:
+        while True:
+            if ino == ancestor:
+                return True
+            if ino == ROOT_INO:
+                return False
+            ino = self.ns.inodes[ino].parent
+
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                size: int | None = None, atime: int | None = None, mtime: int | None = None,
+                ctime: int | None = None) -> Inode:
+        self._writable()
+        inode = self.inode(ino)
+        now = time.time_ns()
+        mask = SET_CTIME
+        if size is not None:
+            if inode.is_dir:
+                raise FsError(errno.EISDIR)
+            if not stat.S_ISREG(inode.mode):
+                raise FsError(errno.EINVAL)
+            if size < 0:
+                raise FsError(errno.EINVAL)
+            if size > (1 << 48):
+                raise FsError(errno.EFBIG)
+            mask |= SET_SIZE | SET_MTIME
+        mask |= (SET_MODE if mode is not None else 0) | (SET_UID if uid is not None else 0) | \
+            (SET_GID if gid is not None else 0) | (SET_ATIME if atime is not None else 0) | \
+            (SET_MTIME if mtime is not None else 0)
+        self._do(rec_setattr(ino, mask, mode=mode or 0, uid=uid or 0, gid=gid or 0, size=size or 0,
+                             atime=atime or 0, mtime=mtime if mtime is not None else now,
+                             ctime=ctime if ctime is not None else now))
+        return inode
+
+    # --- data ------------------------------------------------------------------------
+    def open(self, ino: int) -> Inode:
+        inode = self.inode(ino)
+        inode.opens += 1
+        return inode
+
+    def release(self, ino: int) -> None:
+        inode = self.ns.inodes.get(ino)
+        if inode is not None:
+            inode.opens = max(0, inode.opens - 1)
+            self._maybe_free(inode)
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        inode = self.inode(ino)
+        end = min(offset + size, inode.size)
+        if offset >= end:
+            return b""
+        parts: list[bytes | memoryview] = []
+        pos = offset
+        while pos < end:
+            index, in_ext = divmod(pos, EXTENT_SIZE)
+            n = min(EXTENT_SIZE - in_ext, end - pos)
+            loc = inode.extents.get(index)
+            if loc is None:
+                parts.append(bytes(n))
+            else:
+                start = loc[1] * EXTENT_SIZE + in_ext
+                parts.append(self.regions[loc[0]].view[start:start + n])
+            pos += n
+        return b"".join(parts)
+
+    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        self._writable()
+        inode = self.inode(ino)
+        if not stat.S_ISREG(inode.mode):
+            raise FsError(errno.EINVAL)
+        src = memoryview(data)
+        end = offset + len(src)
+        if end > (1 << 48):
+            raise FsError(errno.EFBIG)
+        pos = offset
+        while pos < end:
+            index, in_ext = divmod(pos, EXTENT_SIZE)
+            n = min(EXTENT_SIZE - in_ext, end - pos)
+            loc = inode.extents.get(index)
+            if loc is None:
+                loc = self.regions.allocate_extent()
+                if loc[0] not in self.tracker.region_pages:
+                    self._sync_region_pages()
+                self._do(rec_extent(ino, index, *loc))
+            start = loc[1] * EXTENT_SIZE + in_ext
+            self.tracker.mark_bytes(loc[0], start, n)
+            self.regions[loc[0]].view[start:start + n] = src[pos - offset:pos - offset + n]
+            pos += n
+        now = time.time_ns()
+        if end > inode.size:
+            self._do(rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=end, mtime=now, ctime=now))
+        else:
+            self._do(rec_setattr(ino, SET_MTIME | SET_CTIME, mtime=now, ctime=now))
+        return len(src)
+
+    # --- observability ------------------------------------------------------------------
+    def statistics(self) -> CoreStats:
+        cur, fl = self.tracker.current, self.tracker.flushing
+        rs = self.regions.stats()
+        return CoreStats(len(self.ns.inodes), self.regions.used_extents(), cur.pages(), cur.count, fl.pages(),
+                         fl.count, self.tracker.capacity, self.journal.used_bytes(), rs.regions, rs.virtual_bytes,
+                         rs.resident_bytes)
+
+    def statfs(self) -> tuple[int, int, int, int]:
+        """(total blocks, free blocks, total inodes, free inodes) in PAGE_SIZE blocks."""
+        st = os.statvfs(self.regions.directory)
+        free = st.f_bavail * st.f_frsize // PAGE_SIZE
+        used = self.regions.used_extents() * EXTENT_PAGES
+        files_free = max(0, (1 << 32) - len(self.ns.inodes))
+        return used + free, free, len(self.ns.inodes) + files_free, files_free
+
+
+class RoomWaiter:
+    """Lets ``admit`` wait for a flush to swap in an empty list (implemented by the mount)."""
+
+    async def wait_for_room(self) -> None:  # pragma: no cover - interface
+        await trio.lowlevel.checkpoint()
+
+
+def _extent_runs(extents: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    runs: list[tuple[int, int, int]] = []
+    for region_id, ext in sorted(extents):
+        if runs and runs[-1][0] == region_id and runs[-1][1] + runs[-1][2] == ext:
+            runs[-1] = (region_id, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((region_id, ext, 1))
+    return runs

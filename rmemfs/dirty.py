@@ -1,0 +1,281 @@
+"""The two dirty page lists and the heartbeat, kept in the exported ctl region.
+
+Layout of ``ctl-0000.rgn`` (little endian; version 1). Recovery on another host
+reads it byte for byte over RDMA, so it only changes with ``CTL_VERSION``::
+
+    page 0, as u64 words:
+      [0] magic b"RMEMCTL1"      [1] version | page_size << 32
+      [2..3] fsid (16 bytes)     [4] epoch (owner generation of the backend)
+      [5] state = swap_seq << 1 | active list index
+      [6] heartbeat counter      [7] heartbeat wall time, ns
+      [8] capacity (entries per list)            [9] pid of the filesystem process
+      [10] clean generation: the baseline generation published at a clean
+           unmount (0 while mounted), so a remount can trust these regions
+    list i (i = 0, 1) at PAGE_SIZE + i * list_bytes(capacity):
+      header page as u64 words: [0] magic b"RMEMDL01", [1] count
+      then ``capacity`` u64 entries: region_id << 48 | first_page << 16 | (npages - 1)
+
+The active list (state & 1) collects new marks. The other list, when its count
+is non-zero, holds the pages of a flush in progress (or one that failed) and is
+cleared only after that flush's baseline is durable and published. Recovery
+applies the flushing list first and the active list last.
+
+Ordering that keeps every mark: an entry is written before ``count`` covers it,
+and a page is marked before the data is copied into it, so a crash anywhere
+leaves a superset of the modified pages. Within one list, pages already marked
+are skipped using an in-process byte map (one byte per page).
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+from . import PAGE_SIZE
+from .errors import CorruptionError
+
+log = logging.getLogger(__name__)
+
+CTL_MAGIC = b"RMEMCTL1"
+LIST_MAGIC = b"RMEMDL01"
+CTL_VERSION = 1
+MAX_RUN_PAGES = 1 << 16
+_ONES = b"\x01" * MAX_RUN_PAGES
+
+W_MAGIC, W_VERSION, W_FSID0, W_FSID1, W_EPOCH, W_STATE, W_HEARTBEAT, W_HEARTBEAT_NS, \
+    W_CAPACITY, W_PID, W_CLEAN_GEN = range(11)
+L_MAGIC, L_COUNT = 0, 1
+
+
+def list_bytes(capacity: int) -> int:
+    return PAGE_SIZE + -(-capacity * 8 // PAGE_SIZE) * PAGE_SIZE
+
+
+def ctl_region_size(capacity: int) -> int:
+    return PAGE_SIZE + 2 * list_bytes(capacity)
+
+
+def encode_entry(region_id: int, first_page: int, npages: int) -> int:
+    return region_id << 48 | first_page << 16 | (npages - 1)
+
+
+def decode_entry(entry: int) -> tuple[int, int, int]:
+    return entry >> 48, (entry >> 16) & 0xFFFFFFFF, (entry & 0xFFFF) + 1
+
+
+@dataclass(frozen=True)
+class CtlHeader:
+    fsid: str
+    epoch: int
+    swap_seq: int
+    active: int
+    heartbeat: int
+    heartbeat_ns: int
+    capacity: int
+    pid: int
+    clean_generation: int
+
+    @property
+    def flushing(self) -> int:
+        return 1 - self.active
+
+
+def parse_header(page: bytes | memoryview) -> CtlHeader:
+    words = struct.unpack_from("<11Q", page)
+    if struct.pack("<Q", words[W_MAGIC]) != CTL_MAGIC:
+        raise CorruptionError("ctl region: bad magic (not an rmemfs dirty-list region)")
+    version = words[W_VERSION] & 0xFFFFFFFF
+    if version != CTL_VERSION or words[W_VERSION] >> 32 != PAGE_SIZE:
+        raise CorruptionError(f"ctl region: unsupported version {version} / page size {words[W_VERSION] >> 32}")
+    fsid = str(uuid.UUID(bytes=struct.pack("<QQ", words[W_FSID0], words[W_FSID1])))
+    return CtlHeader(fsid, words[W_EPOCH], words[W_STATE] >> 1, words[W_STATE] & 1, words[W_HEARTBEAT],
+                     words[W_HEARTBEAT_NS], words[W_CAPACITY], words[W_PID], words[W_CLEAN_GEN])
+
+
+def list_offset(index: int, capacity: int) -> int:
+    return PAGE_SIZE + index * list_bytes(capacity)
+
+
+def parse_list_count(header_page: bytes | memoryview, capacity: int) -> int:
+    magic, count = struct.unpack_from("<8sQ", header_page)
+    if magic != LIST_MAGIC:
+        raise CorruptionError("dirty list: bad magic")
+    if count > capacity:
+        raise CorruptionError(f"dirty list: count {count} exceeds capacity {capacity}")
+    return count
+
+
+def parse_entries(raw: bytes | memoryview) -> Iterator[tuple[int, int, int]]:
+    for (entry,) in struct.iter_unpack("<Q", raw):
+        yield decode_entry(entry)
+
+
+class PagePreserver(Protocol):
+    """Called before pages change; the flusher's copy-on-write snapshot implements it."""
+
+    def preserve(self, region_id: int, first_page: int, npages: int) -> None: ...
+
+
+class DirtyList:
+    """One exported list plus its in-process dedup map."""
+
+    def __init__(self, index: int, view: memoryview, capacity: int) -> None:
+        self.index = index
+        self.capacity = capacity
+        self._header = view[:PAGE_SIZE].cast("Q")
+        self._entries = view[PAGE_SIZE:PAGE_SIZE + capacity * 8].cast("Q")
+        self._seen: dict[int, bytearray] = {}
+
+    @property
+    def count(self) -> int:
+        return self._header[L_COUNT]
+
+    def room(self) -> int:
+        return self.capacity - self._header[L_COUNT]
+
+    def format(self) -> None:
+        self._header[L_MAGIC] = struct.unpack("<Q", LIST_MAGIC)[0]
+        self._header[L_COUNT] = 0
+
+    def add(self, region_id: int, first_page: int, npages: int, region_pages: int) -> None:
+        seen = self._seen.get(region_id)
+        if seen is None:
+            seen = self._seen[region_id] = bytearray(region_pages)
+        end = first_page + npages
+        if seen.find(0, first_page, end) < 0:
+            return
+        self.append_run(region_id, first_page, npages)
+        seen[first_page:end] = _ONES[:npages] if npages <= MAX_RUN_PAGES else b"\x01" * npages
+
+    def append_run(self, region_id: int, first_page: int, npages: int) -> None:
+        """Append entries for a run without consulting the dedup map."""
+        count = self._header[L_COUNT]
+        if count + -(-npages // MAX_RUN_PAGES) > self.capacity:
+            raise ListFull(f"dirty list {self.index} is full ({self.capacity} entries)")
+        page, end = first_page, first_page + npages
+        while page < end:
+            n = min(MAX_RUN_PAGES, end - page)
+            self._entries[count] = encode_entry(region_id, page, n)
+            count += 1
+            # Publish the count only after the entry it covers is in place.
+            self._header[L_COUNT] = count
+            page += n
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """The marked runs, merged and sorted: (region_id, first_page, npages)."""
+        return merge_runs(decode_entry(e) for e in self._entries[:self.count])
+
+    def pages(self) -> int:
+        return sum(n for _, _, n in self.runs())
+
+    def clear(self) -> None:
+        self._header[L_COUNT] = 0
+        self._seen.clear()
+
+
+def merge_runs(runs: Iterator[tuple[int, int, int]] | list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+    for region_id, first, n in sorted(runs):
+        if out and out[-1][0] == region_id and first <= out[-1][1] + out[-1][2]:
+            r, f, m = out[-1]
+            out[-1] = (r, f, max(f + m, first + n) - f)
+        else:
+            out.append((region_id, first, n))
+    return out
+
+
+class ListFull(Exception):
+    """The active list cannot take another entry; a flush must run first."""
+
+
+class DirtyTracker:
+    """Marks pages dirty in the active list; swaps lists for a flush; keeps the heartbeat."""
+
+    def __init__(self, view: memoryview, capacity: int) -> None:
+        self._view = view
+        self._hdr = view[:PAGE_SIZE].cast("Q")
+        self.capacity = capacity
+        self.lists = [DirtyList(i, view[list_offset(i, capacity):list_offset(i, capacity) + list_bytes(capacity)],
+                                capacity) for i in range(2)]
+        self.region_pages: dict[int, int] = {}
+        self.enabled = True
+        self.preserver: PagePreserver | None = None
+
+    # --- format ------------------------------------------------------------
+    def format(self, fsid: str, epoch: int, pid: int) -> None:
+        """Initialise a fresh ctl region (both lists empty)."""
+        hdr = self._hdr
+        hdr[W_MAGIC] = struct.unpack("<Q", CTL_MAGIC)[0]
+        hdr[W_VERSION] = CTL_VERSION | PAGE_SIZE << 32
+        hdr[W_FSID0], hdr[W_FSID1] = struct.unpack("<QQ", uuid.UUID(fsid).bytes)
+        hdr[W_STATE] = 0
+        hdr[W_CAPACITY] = self.capacity
+        for lst in self.lists:
+            lst.format()
+        self.take_ownership(epoch, pid)
+
+    def take_ownership(self, epoch: int, pid: int) -> None:
+        self._hdr[W_EPOCH] = epoch
+        self._hdr[W_PID] = pid
+        self._hdr[W_CLEAN_GEN] = 0
+
+    def header(self) -> CtlHeader:
+        return parse_header(self._view[:PAGE_SIZE])
+
+    def set_clean_generation(self, generation: int) -> None:
+        self._hdr[W_CLEAN_GEN] = generation
+
+    def beat(self) -> None:
+        self._hdr[W_HEARTBEAT] += 1
+        self._hdr[W_HEARTBEAT_NS] = time.time_ns()
+
+    # --- marking -------------------------------------------------------------
+    @property
+    def current(self) -> DirtyList:
+        return self.lists[self._hdr[W_STATE] & 1]
+
+    @property
+    def flushing(self) -> DirtyList:
+        return self.lists[1 - (self._hdr[W_STATE] & 1)]
+
+    def mark(self, region_id: int, first_page: int, npages: int) -> None:
+        """Record pages about to change. Call before writing them."""
+        if self.preserver is not None:
+            self.preserver.preserve(region_id, first_page, npages)
+        if self.enabled:
+            self.current.add(region_id, first_page, npages, self.region_pages[region_id])
+
+    def mark_bytes(self, region_id: int, offset: int, length: int) -> None:
+        first = offset // PAGE_SIZE
+        self.mark(region_id, first, (offset + length - 1) // PAGE_SIZE - first + 1)
+
+    def swap(self) -> DirtyList:
+        """Make the (empty) other list current; return the one to flush.
+
+        Runs without an await, so it is atomic with respect to the trio scheduler:
+        every mark lands on exactly one side of the swap.
+        """
+        if self.flushing.count:
+            raise RuntimeError("swap while the flushing list still holds marks")
+        state = self._hdr[W_STATE]
+        self._hdr[W_STATE] = ((state >> 1) + 1) << 1 | (1 - (state & 1))
+        return self.flushing
+
+    def fold_current_into_flushing(self) -> DirtyList:
+        """After a failed flush: move new marks onto the flushing list so the retry snapshots both.
+
+        Entries are copied before the current list is cleared, so a crash in
+        between only duplicates marks. Raises ListFull if they do not fit.
+        """
+        src, dst = self.current, self.flushing
+        runs = src.runs()
+        need = sum(-(-n // MAX_RUN_PAGES) for _, _, n in runs)
+        if need > dst.room():
+            raise ListFull("cannot fold the current dirty list into the flushing one: not enough room")
+        for region_id, first, n in runs:
+            dst.append_run(region_id, first, n)
+        src.clear()
+        return dst

@@ -1,0 +1,210 @@
+"""The exporter: the source host's stand-in for an RDMA NIC, as a process of its own.
+
+It maps the region files read-only, registers them with each available
+transport (software always; verbs when a device is present) on demand of the
+registration handshake, and serves one-sided reads. It outlives the
+filesystem process on purpose: when the filesystem dies, its memory stays
+readable here, which is what recovery relies on.
+
+It must never hold a ``/dev/fuse`` descriptor (that would keep a dead mount
+hanging instead of failing with ENOTCONN), so ``rmemfs`` starts it before
+mounting, with inherited descriptors closed.
+
+Files it keeps in the region directory: ``exporter.sock`` (local status and
+shutdown) and ``exporter.json`` (pid and address, for tools).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import PAGE_SIZE, control
+from .dirty import parse_header
+from .durable import atomic_write
+from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
+from .transport import load as load_transport
+from .transport.base import Catalog, ExportBackend, ExportedRegion, TransportError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7470
+SOCKET_NAME = "exporter.sock"
+INFO_NAME = "exporter.json"
+
+
+class RegionRegistry:
+    """Read-only mappings of the region files, registered per transport on request."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.regions: dict[int, ExportedRegion] = {}
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def rescan(self) -> None:
+        """Map region files that appeared since the last scan (regions never shrink or vanish while live)."""
+        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+            parsed = parse_region_file_name(entry.name)
+            if parsed is None or parsed[0] in self.regions:
+                continue
+            region_id, role = parsed
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                if size == 0 or size % PAGE_SIZE:
+                    log.warning("skipping %s: size %d is not a multiple of the page size", entry.name, size)
+                    continue
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            view = memoryview(mm)
+            self._maps[region_id] = mm
+            self.regions[region_id] = ExportedRegion(region_id, entry.name, role, view, buffer_address(view))
+            log.info("mapped %s (%d bytes)", entry.name, size)
+
+    def ctl_header(self) -> dict[str, Any] | None:
+        region = self.regions.get(CTL_REGION_ID)
+        if region is None:
+            return None
+        try:
+            h = parse_header(region.buffer[:PAGE_SIZE])
+        except Exception as e:
+            return {"error": str(e)}
+        return {"fsid": h.fsid, "epoch": h.epoch, "heartbeat": h.heartbeat, "heartbeat_ns": h.heartbeat_ns,
+                "pid": h.pid, "clean_generation": h.clean_generation, "swap_seq": h.swap_seq}
+
+
+class Exporter:
+    def __init__(self, region_dir: Path, fsid: str, secret: bytes, listen: str, port: int) -> None:
+        self.region_dir = region_dir
+        self.fsid = fsid
+        self.secret = secret
+        self.listen = listen
+        self.port = port
+        self.registry = RegionRegistry(region_dir)
+        self.backends: dict[str, ExportBackend] = {}
+        self.started = time.time()
+        self._cancel = trio.CancelScope()
+
+    def _backend(self, transport: str) -> ExportBackend:
+        backend = self.backends.get(transport)
+        if backend is None:
+            module = load_transport(transport)
+            reason = module.available()
+            if reason is not None:
+                raise TransportError(f"exporter cannot register for {transport}: {reason}")
+            backend = self.backends[transport] = module.export_backend()
+        return backend
+
+    def catalog(self, transport: str) -> Catalog:
+        """The registration handshake: register every region (filesystem and dirty lists) and describe them."""
+        self.registry.rescan()
+        backend = self._backend(transport)
+        descs = tuple(backend.register(region) for _, region in sorted(self.registry.regions.items()))
+        log.info("registered %d regions for %s", len(descs), transport)
+        return Catalog(self.fsid, transport, descs)
+
+    def extensions(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        try:
+            verbs = self._backend("verbs")
+        except TransportError:
+            return out
+        for ext in getattr(verbs, "extensions", lambda: [])():
+            out[ext.name] = ext
+        return out
+
+    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "status":
+            self.registry.rescan()
+            return {"ok": True, "pid": os.getpid(), "fsid": self.fsid, "listen": self.listen, "port": self.port,
+                    "uptime_s": time.time() - self.started, "ctl": self.registry.ctl_header(),
+                    "regions": {r.name: len(r.buffer) for r in self.registry.regions.values()},
+                    "transports": sorted(self.backends)}
+        if op == "shutdown":
+            self._cancel.cancel()
+            return {"ok": True}
+        raise ValueError(f"unknown request {op!r}")
+
+    async def run(self, *, ready: "trio.Event | None" = None) -> None:
+        software = load_transport("software")
+        self.registry.rescan()
+        export = self._backend("software")
+        with self._cancel:
+            async with trio.open_nursery() as nursery:
+                self.port = await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: software.serve(
+                    host=self.listen, port=self.port, fsid=self.fsid, secret=self.secret, export=export,
+                    catalog=self.catalog, extensions=self.extensions(), task_status=task_status))
+                await nursery.start(control.serve, self.region_dir / SOCKET_NAME, self._control)
+                nursery.start_soon(self._signals)
+                atomic_write(self.region_dir / INFO_NAME, json.dumps(
+                    {"pid": os.getpid(), "listen": self.listen, "port": self.port, "fsid": self.fsid}).encode())
+                log.info("exporter for %s serving %s:%d", self.fsid, self.listen, self.port)
+                if ready is not None:
+                    ready.set()
+                print(f"READY {self.port}", flush=True)
+        for backend in self.backends.values():
+            backend.close()
+        log.info("exporter stopped")
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                log.info("exporter: signal received, stopping")
+                self._cancel.cancel()
+                return
+
+
+def exporter_info(region_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((region_dir / INFO_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def exporter_alive(region_dir: Path) -> bool:
+    try:
+        control.call(region_dir / SOCKET_NAME, {"op": "status"}, timeout=5)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def stop_exporter(region_dir: Path, timeout: float = 10.0) -> None:
+    """Ask a running exporter of this region directory to exit, and wait for it."""
+    info = exporter_info(region_dir)
+    try:
+        control.call(region_dir / SOCKET_NAME, {"op": "shutdown"}, timeout=5)
+    except (OSError, ValueError):
+        pass
+    if info and info.get("pid"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(info["pid"], 0)
+            except ProcessLookupError:
+                return
+            if _is_zombie(info["pid"]):
+                return
+            time.sleep(0.05)
+        log.warning("exporter pid %d did not exit; killing it", info["pid"])
+        try:
+            os.kill(info["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

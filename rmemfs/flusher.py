@@ -1,0 +1,293 @@
+"""Incremental baselines: swap the dirty lists, write the dirty pages as a segment, publish.
+
+A flush:
+
+1. (event loop, no await: atomic for the trio scheduler) swaps the lists, so
+   every later mark lands on the new current list, and installs a
+   copy-on-write ``Snapshot`` of the pages to write. The baseline is thus the
+   filesystem exactly as it was at the swap, even though writers go on.
+2. (worker thread) copies each page out of the snapshot, hashes it and appends
+   it to a new segment file; temp + fsync + rename + directory fsync.
+3. (worker thread) publishes the new MANIFEST the same way, after checking
+   that no newer epoch (a recovered owner) has taken the backend.
+4. (event loop) clears the flushed list. Only now, with its baseline durable
+   and published, are its marks dropped. A failure anywhere before keeps them:
+   the next attempt folds the current list into the flushing one and
+   snapshots both, with backoff, warning each time.
+
+Awaits that break atomicity in ``flush``: the two ``to_thread`` calls. Marks
+and copy-on-write saves may run between them; that is the point.
+
+Crash points (``RMEMFS_FAULT``): flush.swapped, flush.segment-partial,
+flush.segment-written, flush.published, flush.cleared.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import PAGE_SIZE, faults
+from .baseline import Backend, LiveMap, Manifest, SegmentInfo, next_manifest
+from .dirty import merge_runs
+from .errors import FencedError
+from .regions import CTL_REGION_ID, RegionSet
+
+if TYPE_CHECKING:
+    from .core import Filesystem
+
+log = logging.getLogger(__name__)
+
+BATCH_PAGES = 256                 # pages copied per snapshot lock hold (1 MiB)
+FULL_FLUSH_GARBAGE_RATIO = 2.0    # rewrite everything once segments hold 2x the live bytes
+FULL_FLUSH_MIN_GARBAGE = 64 << 20
+MAX_SEGMENTS = 64
+
+
+class Snapshot:
+    """Copy-on-write capture of a set of pages, frozen when it is created.
+
+    The event loop calls ``preserve`` before changing pages; the flush thread
+    calls ``capture``. A page is copied exactly once, by whichever comes first.
+    """
+
+    def __init__(self, runs: list[tuple[int, int, int]], regions: RegionSet) -> None:
+        self.regions = regions
+        self.lock = threading.Lock()
+        self.pending: dict[int, bytearray] = {}
+        self.saved: dict[tuple[int, int], bytes] = {}
+        for region_id, first, n in runs:
+            p = self.pending.get(region_id)
+            if p is None:
+                p = self.pending[region_id] = bytearray(regions[region_id].pages)
+            p[first:first + n] = b"\x01" * n
+
+    def preserve(self, region_id: int, first_page: int, npages: int) -> None:
+        p = self.pending.get(region_id)
+        end = min(first_page + npages, len(p)) if p is not None else 0
+        if p is None or p.find(1, first_page, end) < 0:
+            return
+        view = self.regions[region_id].view
+        with self.lock:
+            for page in range(first_page, end):
+                if p[page]:
+                    self.saved[(region_id, page)] = bytes(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
+                    p[page] = 0
+
+    def capture(self, region_id: int, first_page: int, npages: int, out: bytearray) -> memoryview:
+        """Copy pages as of the snapshot into ``out``; returns the filled view."""
+        p = self.pending[region_id]
+        view = self.regions[region_id].view
+        end = first_page + npages
+        with self.lock:
+            if p.find(0, first_page, end) < 0:
+                out[:npages * PAGE_SIZE] = view[first_page * PAGE_SIZE:end * PAGE_SIZE]
+                p[first_page:end] = bytes(npages)
+            else:
+                for i, page in enumerate(range(first_page, end)):
+                    if p[page]:
+                        out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+                        p[page] = 0
+                    else:
+                        out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = self.saved.pop((region_id, page))
+        return memoryview(out)[:npages * PAGE_SIZE]
+
+
+@dataclass(frozen=True)
+class FlushStats:
+    generation: int
+    generation_time_ns: int
+    flushes: int
+    failures: int
+    last_duration_s: float
+    last_pages: int
+    last_bytes: int
+    last_full: bool
+    total_bytes: int
+    last_error: str
+    segments: int
+    segment_bytes: int
+    live_pages: int
+    fenced: bool
+
+
+class Flusher:
+    """Background task: flush every ``interval`` seconds, or at once when asked."""
+
+    def __init__(self, fs: "Filesystem", backend: Backend, manifest: Manifest, live: LiveMap,
+                 interval: float) -> None:
+        self.fs = fs
+        self.backend = backend
+        self.manifest = manifest
+        self.live = live
+        self.interval = interval
+        self.lock = trio.Lock()
+        self.kick = trio.Event()
+        self.done = trio.Condition()
+        self.completed = 0          # flushes that finished (successfully or not)
+        self.fenced = False
+        self._stop = False
+        self._stats = dict(flushes=0, failures=0, last_duration_s=0.0, last_pages=0, last_bytes=0,
+                           last_full=False, total_bytes=0, last_error="")
+        self._failures_in_row = 0
+
+    # --- service ------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while not self._stop and not self.fenced:
+            delay = self.interval if self._failures_in_row == 0 else min(
+                self.interval, 0.5 * 2 ** min(self._failures_in_row, 5))
+            with trio.move_on_after(delay):
+                await self.kick.wait()
+            self.kick = trio.Event()
+            if self._stop:
+                break
+            try:
+                await self.flush()
+            except FencedError as e:
+                log.error("flushing stopped: %s", e)
+            except Exception as e:   # keep the marks, warn, retry with backoff
+                log.warning("flush failed, dirty marks kept, will retry: %s", e)
+
+    def stop(self) -> None:
+        self._stop = True
+        self.kick.set()
+
+    def trigger(self) -> None:
+        self.kick.set()
+
+    # --- one flush --------------------------------------------------------
+    async def flush(self, *, full: bool = False, state: str | None = None) -> int:
+        """Flush now; returns the generation published. ``state`` changes the manifest state."""
+        async with self.lock:
+            start = time.monotonic()
+            try:
+                gen = await self._flush_locked(full, state)
+            except BaseException as e:
+                self._stats["failures"] += 1
+                self._stats["last_error"] = str(e)
+                self._failures_in_row += 1
+                raise
+            finally:
+                self.completed += 1
+                async with self.done:
+                    self.done.notify_all()
+            self._failures_in_row = 0
+            self._stats["flushes"] += 1
+            self._stats["last_duration_s"] = time.monotonic() - start
+            self._stats["last_error"] = ""
+            return gen
+
+    async def publish(self, manifest: Manifest, *, expect_epoch: int) -> None:
+        """Publish a manifest change that writes no pages (ownership, state) as the next generation."""
+        async with self.lock:
+            new = next_manifest(manifest, generation=self.manifest.generation + 1)
+            await trio.to_thread.run_sync(lambda: self.backend.publish(new, expect_epoch=expect_epoch))
+            self.manifest = new
+
+    def _want_full(self) -> bool:
+        m = self.manifest
+        garbage = m.segment_bytes() - self.live.count * PAGE_SIZE
+        return (garbage > FULL_FLUSH_MIN_GARBAGE and garbage > FULL_FLUSH_GARBAGE_RATIO * self.live.count * PAGE_SIZE
+                ) or len(m.segments) >= MAX_SEGMENTS
+
+    async def _flush_locked(self, full: bool, state: str | None) -> int:
+        if self.fenced:
+            raise FencedError("this filesystem was fenced by a newer owner; it no longer publishes")
+        fs, tracker = self.fs, self.fs.tracker
+        # --- atomic section: no await until the snapshot is installed ---------
+        if tracker.flushing.count:
+            tracker.fold_current_into_flushing()
+        else:
+            tracker.swap()
+        flushing = tracker.flushing
+        full = full or self._want_full()
+        runs = flushing.runs()
+        if full:
+            runs = merge_runs(runs + self.live.runs())
+        regions = {rid: r.length for rid, r in fs.regions.regions.items() if rid != CTL_REGION_ID}
+        runs = [(r, f, min(n, regions[r] // PAGE_SIZE - f)) for r, f, n in runs
+                if r in regions and f < regions[r] // PAGE_SIZE]
+        snapshot = Snapshot(runs, fs.regions)
+        tracker.preserver = snapshot
+        # --- end of atomic section ---------------------------------------------
+        faults.point("flush.swapped")
+        prev = self.manifest
+        generation = prev.generation + 1
+        info: SegmentInfo | None = None
+        updates: list[tuple[int, int, list[bool]]] = []
+        try:
+            if runs:
+                info, updates = await trio.to_thread.run_sync(self._write_segment, snapshot, runs, generation)
+        finally:
+            tracker.preserver = None
+        faults.point("flush.segment-written")
+        new_segments = () if info is None else (info,)
+        segments = new_segments if full else prev.segments + new_segments
+        live = self.live
+        for region_id, first, flags in updates:
+            for i, is_live in enumerate(flags):
+                live.set(region_id, first + i, is_live)
+        manifest = next_manifest(prev, generation=generation, regions=regions, segments=segments,
+                                 live_pages=live.count, state=state or prev.state)
+        try:
+            await trio.to_thread.run_sync(lambda: self.backend.publish(manifest, expect_epoch=prev.epoch))
+        except FencedError:
+            self.fenced = True
+            fs.fenced = True
+            raise
+        except BaseException:
+            # Not published: the live map must describe what is published.
+            self.live = await trio.to_thread.run_sync(self._rebuild_live, prev)
+            raise
+        self.manifest = manifest
+        faults.point("flush.published")
+        flushing.clear()
+        faults.point("flush.cleared")
+        pages = sum(n for _, _, n in runs)
+        written = 0 if info is None else info.bytes
+        self._stats.update(last_pages=pages, last_bytes=written, last_full=full,
+                           total_bytes=self._stats["total_bytes"] + written)
+        if full and len(prev.segments):
+            await trio.to_thread.run_sync(self.backend.collect_garbage, manifest)
+        log.debug("flushed generation %d: %d pages, %d bytes%s", generation, pages, written,
+                  " (full)" if full else "")
+        return generation
+
+    def _rebuild_live(self, manifest: Manifest) -> LiveMap:
+        live = LiveMap()
+        for _info, entries in self.backend.live_entries(manifest):
+            for key, _digest, off in entries:
+                live.set(key >> 48, key & 0xFFFFFFFFFFFF, off != 0xFFFFFFFFFFFFFFFF)
+        return live
+
+    def _write_segment(self, snapshot: Snapshot, runs: list[tuple[int, int, int]],
+                       generation: int) -> tuple[SegmentInfo, list[tuple[int, int, list[bool]]]]:
+        writer = self.backend.new_segment(self.manifest.fsid, self.manifest.epoch, generation)
+        buf = bytearray(BATCH_PAGES * PAGE_SIZE)
+        updates: list[tuple[int, int, list[bool]]] = []
+        try:
+            written = 0
+            for region_id, first, n in runs:
+                for chunk in range(first, first + n, BATCH_PAGES):
+                    m = min(BATCH_PAGES, first + n - chunk)
+                    updates.append((region_id, chunk, writer.add(region_id, chunk,
+                                                                snapshot.capture(region_id, chunk, m, buf))))
+                    written += m
+                    if written >= BATCH_PAGES:
+                        faults.point("flush.segment-partial")
+            return writer.finish(), updates
+        except BaseException:
+            writer.abort()
+            raise
+
+    # --- observability -----------------------------------------------------
+    def statistics(self) -> FlushStats:
+        m = self.manifest
+        return FlushStats(generation=m.generation, generation_time_ns=m.time_ns, segments=len(m.segments),
+                          segment_bytes=m.segment_bytes(), live_pages=self.live.count, fenced=self.fenced,
+                          **self._stats)

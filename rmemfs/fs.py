@@ -1,0 +1,266 @@
+"""The FUSE adapter: pyfuse3 requests in, ``core.Filesystem`` calls out.
+
+This is the only module that knows pyfuse3 and the only place that raises
+``FUSEError``. Every handler maps ``FsError`` to its errno; any other failure
+is logged with its traceback and becomes EIO, so no request can end the mount.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+
+from . import PAGE_SIZE
+from .core import Filesystem
+from .errors import FsError
+from .namespace import Inode
+from .regions import EXTENT_SIZE
+
+log = logging.getLogger(__name__)
+
+CONTROL_XATTR = b"user.rmemfs.control"
+ATTR_TIMEOUT = 10.0   # nothing but this process changes the namespace
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _errno_boundary(func: F) -> F:
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await func(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            log.error("%s failed: %s", func.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", func.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper  # type: ignore[return-value]
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+
+    def __init__(self, fs: Filesystem, *, control_path: str = "", writeback_cache: bool = False) -> None:
+        super().__init__()
+        self.fs = fs
+        self.control_path = control_path.encode()
+        self.enable_writeback_cache = writeback_cache
+        self._dir_handles: dict[int, list[tuple[bytes, Inode]]] = {}
+        self._next_dir_fh = 1
+
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode.ino
+        a.generation = 0
+        a.entry_timeout = ATTR_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = inode.mode
+        a.st_nlink = inode.nlink
+        a.st_uid = inode.uid
+        a.st_gid = inode.gid
+        a.st_rdev = inode.rdev
+        a.st_size = inode.size
+        a.st_blksize = PAGE_SIZE
+        a.st_blocks = len(inode.extents) * (EXTENT_SIZE // 512)
+        a.st_atime_ns = inode.atime_ns
+        a.st_mtime_ns = inode.mtime_ns
+        a.st_ctime_ns = inode.ctime_ns
+        return a
+
+    async def _mutating(self) -> None:
+        await self.fs.admit()
+
+    # --- namespace ---------------------------------------------------------------
+    @_errno_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.fs.lookup(parent_inode, name))
+
+    @_errno_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.fs.inode(inode))
+
+    @_errno_boundary
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._mutating()
+        node = self.fs.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime=attr.st_atime_ns if fields.update_atime else None,
+            mtime=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime=attr.st_ctime_ns if fields.update_ctime else None)
+        self.fs.after_operation()
+        return self._attrs(node)
+
+    @_errno_boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.readlink(inode)
+
+    async def _make(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, rdev: int = 0,
+                    target: bytes = b"") -> Inode:
+        await self._mutating()
+        node = self.fs.make(parent, name, mode, ctx.uid, ctx.gid, rdev, target)
+        self.fs.after_operation()
+        return node
+
+    @_errno_boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(await self._make(parent_inode, name, mode, ctx, rdev))
+
+    @_errno_boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(await self._make(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx))
+
+    @_errno_boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(await self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target))
+
+    @_errno_boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = await self._make(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        self.fs.open(node.ino)
+        return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._attrs(node)
+
+    @_errno_boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._mutating()
+        node = self.fs.link(inode, new_parent_inode, new_name)
+        self.fs.after_operation()
+        return self._attrs(node)
+
+    @_errno_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._mutating()
+        self.fs.unlink(parent_inode, name, directory=False)
+        self.fs.after_operation()
+
+    @_errno_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._mutating()
+        self.fs.unlink(parent_inode, name, directory=True)
+        self.fs.after_operation()
+
+    @_errno_boundary
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        await self._mutating()
+        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self.fs.after_operation()
+
+    @_errno_boundary
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, nlookup in inode_list:
+            self.fs.forget(ino, nlookup)
+        self.fs.after_operation()
+
+    # --- files --------------------------------------------------------------------
+    @_errno_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.fs.inode(inode)
+        if flags & os.O_TRUNC and stat.S_ISREG(node.mode):
+            await self._mutating()
+            self.fs.setattr(inode, size=0)
+        self.fs.open(inode)
+        # Never direct_io: MAP_SHARED writable mmap needs the page cache.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_errno_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.fs.read(fh, off, size)
+
+    @_errno_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        await self._mutating()
+        n = self.fs.write(fh, off, buf)
+        self.fs.after_operation()
+        return n
+
+    @_errno_boundary
+    async def flush(self, fh: int) -> None:
+        # Data is in region memory and tracked the moment write() returns.
+        return None
+
+    @_errno_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None
+
+    @_errno_boundary
+    async def release(self, fh: int) -> None:
+        self.fs.release(fh)
+        self.fs.after_operation()
+
+    # --- directories ------------------------------------------------------------
+    @_errno_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.fs.inode(inode)
+        if node.entries is None:
+            raise FsError(errno.ENOTDIR)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        # Snapshot the listing: offsets stay stable while the directory changes.
+        parent = self.fs.inode(node.parent)
+        self._dir_handles[fh] = [(b".", node), (b"..", parent)] + self.fs.readdir(inode)
+        return fh
+
+    @_errno_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dir_handles.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, node = entries[i]
+            if not pyfuse3.readdir_reply(token, name, self._attrs(node), i + 1):
+                break
+
+    @_errno_boundary
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    @_errno_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    # --- filesystem -------------------------------------------------------------
+    @_errno_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        blocks, bfree, files, ffree = self.fs.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = PAGE_SIZE
+        s.f_blocks, s.f_bfree, s.f_bavail = blocks, bfree, bfree
+        s.f_files, s.f_ffree, s.f_favail = files, ffree, ffree
+        s.f_namemax = 255
+        return s
+
+    @_errno_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and name == CONTROL_XATTR and self.control_path:
+            return self.control_path
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_errno_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return []
+
+    @_errno_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise FsError(errno.ENOTSUP)
+
+    @_errno_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise FsError(errno.ENOTSUP)

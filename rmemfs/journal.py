@@ -1,0 +1,191 @@
+"""The namespace journal, kept in the exported meta region.
+
+Every namespace change is one record, so a crash in the middle of an operation
+shows it entirely or not at all: a record is valid only when its checksum
+matches and its LSN is the next one expected, and replay stops at the first
+record that is not.
+
+Layout of ``meta-0001.rgn`` (little endian; version 1)::
+
+    page 0, page 1   superblock slots, written alternately:
+        <8s magic "RMEMSB01", I version, I page_size, 16s fsid, Q seq,
+         Q area_offset, Q area_length, Q start_lsn, Q xxh3 of the preceding bytes>
+    area 0           [2 pages, half the region)
+    area 1           [half the region, end)
+
+The active area (named by the valid superblock with the highest seq) begins
+with a CHECKPOINT record (the whole namespace) and continues with operation
+records. Each record: <Q lsn, I payload length, H type, H 0, Q xxh3 of the
+first 16 header bytes + payload>, the payload, zero padding to 8 bytes.
+When the area fills, or the log outgrows its checkpoint, a new checkpoint is
+written to the other area and the superblock switched to it; only then is the
+old area released.
+
+Every byte written here is marked dirty first (``DirtyTracker.mark``).
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import xxhash
+
+from . import PAGE_SIZE
+from .dirty import DirtyTracker
+from .errors import CorruptionError, FsError
+from .regions import META_REGION_ID, Region
+
+log = logging.getLogger(__name__)
+
+SB_MAGIC = b"RMEMSB01"
+JOURNAL_VERSION = 1
+_SB = struct.Struct("<8sII16sQQQQ")
+_REC = struct.Struct("<QIHH")
+REC_HEADER = _REC.size + 8
+CHECKPOINT = 1
+MIN_LOG_BEFORE_COMPACTION = 8 << 20
+
+
+def _xxh(*parts: bytes | memoryview) -> int:
+    h = xxhash.xxh3_64()
+    for p in parts:
+        h.update(p)
+    return h.intdigest()
+
+
+@dataclass(frozen=True)
+class Superblock:
+    slot: int
+    seq: int
+    fsid: str
+    area_offset: int
+    area_length: int
+    start_lsn: int
+
+
+def read_superblock(view: memoryview) -> Superblock:
+    """The valid superblock with the highest sequence number."""
+    best: Superblock | None = None
+    for slot in (0, 1):
+        raw = bytes(view[slot * PAGE_SIZE:slot * PAGE_SIZE + _SB.size + 8])
+        magic, version, page_size, fsid, seq, off, length, lsn = _SB.unpack_from(raw)
+        (csum,) = struct.unpack_from("<Q", raw, _SB.size)
+        if magic != SB_MAGIC or csum != _xxh(raw[:_SB.size]):
+            continue
+        if version != JOURNAL_VERSION or page_size != PAGE_SIZE:
+            raise CorruptionError(f"journal: unsupported version {version}")
+        sb = Superblock(slot, seq, str(uuid.UUID(bytes=fsid)), off, length, lsn)
+        if best is None or sb.seq > best.seq:
+            best = sb
+    if best is None:
+        raise CorruptionError("journal: no valid superblock in the meta region")
+    return best
+
+
+def iter_records(view: memoryview, sb: Superblock) -> Iterator[tuple[int, int, memoryview]]:
+    """Yield (lsn, type, payload) of the valid prefix of the active area."""
+    pos, end, lsn = sb.area_offset, sb.area_offset + sb.area_length, sb.start_lsn
+    while pos + REC_HEADER <= end:
+        rec_lsn, length, rtype, _ = _REC.unpack_from(view, pos)
+        if rec_lsn != lsn or pos + REC_HEADER + length > end:
+            return
+        (csum,) = struct.unpack_from("<Q", view, pos + _REC.size)
+        payload = view[pos + REC_HEADER:pos + REC_HEADER + length]
+        if csum != _xxh(view[pos:pos + _REC.size], payload):
+            return
+        yield lsn, rtype, payload
+        pos += REC_HEADER + (length + 7) // 8 * 8
+        lsn += 1
+
+
+class JournalFull(Exception):
+    """The active area has no room for the record; checkpoint first."""
+
+
+class Journal:
+    """Appends records to the active area and switches areas at checkpoints."""
+
+    def __init__(self, region: Region, tracker: DirtyTracker) -> None:
+        self.region = region
+        self.view = region.view
+        self.tracker = tracker
+        half = region.length // 2 // PAGE_SIZE * PAGE_SIZE
+        self.areas = [(2 * PAGE_SIZE, half - 2 * PAGE_SIZE), (half, region.length - half)]
+        self.sb: Superblock | None = None
+        self.pos = 0
+        self.next_lsn = 1
+        self.checkpoint_bytes = 0
+
+    # --- writing -----------------------------------------------------------
+    def _write(self, pos: int, data: bytes | memoryview) -> None:
+        self.tracker.mark_bytes(META_REGION_ID, pos, len(data))
+        self.view[pos:pos + len(data)] = data
+
+    def _encode(self, lsn: int, rtype: int, payload: bytes) -> bytes:
+        head = _REC.pack(lsn, len(payload), rtype, 0)
+        pad = b"\0" * (-len(payload) % 8)
+        return head + struct.pack("<Q", _xxh(head, payload)) + payload + pad
+
+    def append(self, rtype: int, payload: bytes) -> None:
+        assert self.sb is not None
+        rec = self._encode(self.next_lsn, rtype, payload)
+        if self.pos + len(rec) > self.sb.area_offset + self.sb.area_length:
+            raise JournalFull()
+        self._write(self.pos, rec)
+        self.pos += len(rec)
+        self.next_lsn += 1
+
+    def used_bytes(self) -> int:
+        return 0 if self.sb is None else self.pos - self.sb.area_offset
+
+    def wants_checkpoint(self) -> bool:
+        log_bytes = self.used_bytes() - self.checkpoint_bytes
+        return log_bytes > max(MIN_LOG_BEFORE_COMPACTION, 4 * self.checkpoint_bytes)
+
+    def checkpoint(self, fsid: str, snapshot: bytes) -> None:
+        """Write the namespace snapshot to the other area, then switch to it."""
+        old_end = self.pos
+        new_index = 0 if self.sb is None or self.sb.area_offset != self.areas[0][0] else 1
+        off, length = self.areas[new_index]
+        rec = self._encode(self.next_lsn, CHECKPOINT, snapshot)
+        if len(rec) > length:
+            raise FsError(28, "namespace checkpoint does not fit the meta region")
+        self._write(off, rec)
+        old = self.sb
+        seq = 1 if old is None else old.seq + 1
+        slot = 0 if old is None else 1 - old.slot
+        sb_raw = _SB.pack(SB_MAGIC, JOURNAL_VERSION, PAGE_SIZE, uuid.UUID(fsid).bytes, seq, off, length,
+                          self.next_lsn)
+        self._write(slot * PAGE_SIZE, sb_raw + struct.pack("<Q", _xxh(sb_raw)))
+        self.sb = Superblock(slot, seq, fsid, off, length, self.next_lsn)
+        self.pos = off + len(rec)
+        self.next_lsn += 1
+        self.checkpoint_bytes = len(rec)
+        if old is not None:
+            # The old area is dead once the new superblock is in place; give its memory back.
+            used_end = min(old.area_offset + old.area_length, -(-old_end // PAGE_SIZE) * PAGE_SIZE)
+            if used_end > old.area_offset:
+                self.tracker.mark_bytes(META_REGION_ID, old.area_offset, used_end - old.area_offset)
+                self.region.release(old.area_offset, used_end - old.area_offset)
+
+    # --- reading -------------------------------------------------------------
+    def open(self) -> Iterator[tuple[int, memoryview]]:
+        """Find the active area and yield its records (type, payload); then ready to append."""
+        self.sb = read_superblock(self.view)
+        first = True
+        self.pos = self.sb.area_offset
+        self.next_lsn = self.sb.start_lsn
+        for lsn, rtype, payload in iter_records(self.view, self.sb):
+            if first:
+                if rtype != CHECKPOINT:
+                    raise CorruptionError("journal: active area does not start with a checkpoint")
+                self.checkpoint_bytes = REC_HEADER + (len(payload) + 7) // 8 * 8
+                first = False
+            yield rtype, payload
+            self.pos += REC_HEADER + (len(payload) + 7) // 8 * 8
+            self.next_lsn = lsn + 1
+        if first:
+            raise CorruptionError("journal: active area has no valid checkpoint")

@@ -1,0 +1,482 @@
+"""Bringing a filesystem up from its backend, serving it, and taking it down cleanly.
+
+``open_backend`` decides how a mount starts:
+
+* empty backend: create a filesystem (id, secret, generation 0);
+* clean backend whose region files are still there and match the published
+  generation: reuse them as they are (fast);
+* clean backend otherwise (a reboot emptied /dev/shm): load the baseline;
+* backend whose owner died uncleanly: refuse, naming ``rmemfs-recover``.
+
+``serve`` runs the FUSE session with its services (flusher, heartbeat,
+control socket) in one trio nursery. On unmount or SIGTERM/SIGINT it writes a
+final baseline marked clean and stops the exporter.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from . import PAGE_SIZE, control
+from .baseline import STATE_CLEAN, STATE_MOUNTED, Backend, LiveMap, Manifest, next_manifest, owner_info
+from .core import DEFAULT_DIRTY_CAPACITY, Filesystem, RoomWaiter
+from .dirty import parse_header
+from .errors import BackendError, CorruptionError, FencedError, QuietError
+from .exporter import DEFAULT_PORT, SOCKET_NAME, exporter_alive, stop_exporter
+from .flusher import Flusher
+from .regions import (CTL_REGION_ID, DEFAULT_DATA_REGION_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
+                      check_region_directory, parse_region_file_name)
+
+log = logging.getLogger(__name__)
+
+CONTROL_SOCKET = "control.sock"
+
+# Exit codes shared by rmemfs and rmemfs-recover (documented in README.md).
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_BACKEND = 10
+EXIT_UNCLEAN = 11
+EXIT_MOUNTPOINT = 12
+EXIT_ENVIRONMENT = 13
+EXIT_REGIONS = 14
+EXIT_EXPORTER = 15
+
+
+@dataclass
+class MountOptions:
+    """``-o`` options shared by rmemfs and rmemfs-recover."""
+
+    flush_interval: float = 5.0
+    regiondir: str = ""
+    listen: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    dirty_capacity: int = DEFAULT_DIRTY_CAPACITY
+    region_size: int = DEFAULT_DATA_REGION_SIZE
+    heartbeat_interval: float = 1.0
+    allow_other: bool = False
+    writeback_cache: bool = False
+    fsid: str = ""
+    tracking: bool = True
+    fsname: str = "rmemfs"
+    extra_fuse: list[str] = field(default_factory=list)
+
+    def region_dir(self, fsid: str) -> Path:
+        return Path(self.regiondir or f"/dev/shm/rmemfs-{fsid}")
+
+
+OPTION_HELP: dict[str, str] = {
+    "flush_interval": "seconds between incremental baselines (default 5)",
+    "regiondir": "directory of the region files (default /dev/shm/rmemfs-<fsid>; a DAX mount works too)",
+    "listen": "address the exporter serves remote readers on (default 127.0.0.1)",
+    "port": f"exporter TCP port (default {DEFAULT_PORT}; 0 picks a free one, recorded in the backend)",
+    "dirty_capacity": f"entries per dirty page list (default {DEFAULT_DIRTY_CAPACITY}, 8 bytes each); "
+                      "a full list forces a flush",
+    "region_size": "bytes per data region, a multiple of 256K (default 1G; suffixes K, M, G)",
+    "heartbeat_interval": "seconds between heartbeat increments (default 1)",
+    "allow_other": "let users other than the mounter access the files (permission checks stay on)",
+    "writeback_cache": "let the kernel buffer write() (faster, but write() then acknowledges before the "
+                       "data reaches tracked memory; fsync/msync still do)",
+    "fsid": "refuse to mount unless the backend holds this filesystem id",
+    "tracking": "on|off: dirty page tracking; off only for benchmarks, it makes recovery impossible",
+    "fsname": "name shown in the mount table (default rmemfs)",
+}
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def parse_options(items: list[str]) -> MountOptions:
+    opts = MountOptions()
+    for item in ",".join(items).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        try:
+            if key in ("flush_interval", "heartbeat_interval"):
+                setattr(opts, key, float(value))
+                if getattr(opts, key) <= 0:
+                    raise ValueError("must be positive")
+            elif key in ("port", "dirty_capacity"):
+                setattr(opts, key, int(value))
+            elif key == "region_size":
+                opts.region_size = parse_size(value)
+            elif key in ("regiondir", "listen", "fsid", "fsname"):
+                if not eq:
+                    raise ValueError("needs a value")
+                setattr(opts, key, value)
+            elif key in ("allow_other", "writeback_cache"):
+                setattr(opts, key, True)
+            elif key == "tracking":
+                if value not in ("on", "off"):
+                    raise ValueError("must be on or off")
+                opts.tracking = value == "on"
+            elif key in ("ro", "rw", "default_permissions", "noatime", "nosuid", "nodev", "dev", "suid"):
+                opts.extra_fuse.append(key)
+            else:
+                raise QuietError(f"unknown mount option {key!r}; see --help", EXIT_USAGE)
+        except ValueError as e:
+            raise QuietError(f"bad value for -o {key}: {value!r} ({e})", EXIT_USAGE) from None
+    if opts.dirty_capacity < 4 * (1 << 14):
+        raise QuietError(f"-o dirty_capacity must be at least {4 * (1 << 14)}", EXIT_USAGE)
+    if opts.region_size <= 0 or opts.region_size % (256 << 10):
+        raise QuietError("-o region_size must be a positive multiple of 256K", EXIT_USAGE)
+    return opts
+
+
+# --- environment checks ------------------------------------------------------
+
+def check_environment() -> None:
+    if os.geteuid() != 0:
+        raise QuietError("rmemfs must run as root (it mounts FUSE and maps shared memory regions)",
+                         EXIT_ENVIRONMENT)
+    if not os.path.exists("/dev/fuse"):
+        raise QuietError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run where FUSE exists",
+                         EXIT_ENVIRONMENT)
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as e:
+        raise QuietError(f"/dev/fuse cannot be opened: {e.strerror}", EXIT_ENVIRONMENT) from None
+
+
+def check_mountpoint(path: Path) -> None:
+    if not path.exists():
+        # A dead FUSE mount (ENOTCONN) also looks missing; say how to clear it.
+        if is_mounted(path):
+            raise QuietError(f"mountpoint {path} holds a dead mount: run fusermount3 -u -z {path}", EXIT_MOUNTPOINT)
+        raise QuietError(f"mountpoint {path} does not exist: create it first", EXIT_MOUNTPOINT)
+    if not path.is_dir():
+        raise QuietError(f"mountpoint {path} is not a directory", EXIT_MOUNTPOINT)
+    if is_mounted(path):
+        raise QuietError(f"mountpoint {path} is busy: something is already mounted there", EXIT_MOUNTPOINT)
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.abspath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == target for line in f)
+    except OSError:
+        return False
+
+
+# --- opening a backend ---------------------------------------------------------
+
+@dataclass
+class Opened:
+    backend: Backend
+    manifest: Manifest          # as published before this mount
+    fs: Filesystem
+    live: LiveMap
+    epoch: int
+    region_dir: Path
+    how: str                    # "new", "regions", "baseline", "recovered"
+
+
+def read_backend(backend_path: Path, opts: MountOptions) -> tuple[Backend, str, Manifest]:
+    backend = Backend(backend_path)
+    try:
+        backend.check_usable()
+        fsid = backend.fsid()
+        manifest = backend.read_manifest()
+    except (BackendError, CorruptionError) as e:
+        raise QuietError(str(e), EXIT_BACKEND) from None
+    if opts.fsid and opts.fsid != fsid:
+        raise QuietError(f"backend {backend_path} holds filesystem {fsid}, not {opts.fsid}", EXIT_BACKEND)
+    return backend, fsid, manifest
+
+
+def refuse_unclean(backend_path: Path, manifest: Manifest, mountpoint: Path) -> None:
+    owner = manifest.owner
+    host = owner.get("host", "?")
+    if host == socket.gethostname() and _pid_alive(owner.get("pid", 0)):
+        raise QuietError(f"backend {backend_path} is in use by rmemfs pid {owner['pid']} on this host "
+                         f"(mounted at {owner.get('mountpoint', '?')})", EXIT_UNCLEAN)
+    source = owner.get("exporter_host") or host
+    raise QuietError(
+        f"backend {backend_path} was not unmounted cleanly (owner {host} pid {owner.get('pid')}, epoch "
+        f"{manifest.epoch}, generation {manifest.generation}): recover it with rmemfs-recover --source "
+        f"{source}:{owner.get('exporter_port', DEFAULT_PORT)} --backend {backend_path} {mountpoint}", EXIT_UNCLEAN)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"rmemfs" in f.read()
+    except OSError:
+        return False
+
+
+def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Opened:
+    """Everything before FUSE: returns a filesystem ready to serve (not yet published as ours)."""
+    backend = Backend(backend_path)
+    try:
+        backend.check_usable()
+        if backend.is_empty():
+            backend.create({"dirty_capacity": opts.dirty_capacity, "region_size": opts.region_size},
+                           regions={})
+    except BackendError as e:
+        raise QuietError(str(e), EXIT_BACKEND) from None
+    except OSError as e:
+        raise QuietError(f"cannot create a filesystem in {backend_path}: {e.strerror}", EXIT_BACKEND) from None
+    backend, fsid, manifest = read_backend(backend_path, opts)
+    if manifest.state != STATE_CLEAN:
+        refuse_unclean(backend_path, manifest, mountpoint)
+    region_dir = opts.region_dir(fsid)
+    warn = check_region_directory(region_dir)
+    if warn:
+        log.warning("%s", warn)
+    epoch = manifest.epoch + 1
+    if exporter_alive(region_dir):
+        log.info("stopping a leftover exporter in %s", region_dir)
+        stop_exporter(region_dir)
+    try:
+        if _regions_match(region_dir, fsid, manifest):
+            regions = RegionSet(region_dir, data_region_size=opts.region_size)
+            regions.open_existing()
+            fs = Filesystem.load(regions, fsid, epoch)
+            live = LiveMap()
+            for _info, entries in backend.live_entries(manifest):
+                for key, _d, off in entries:
+                    live.set(key >> 48, key & 0xFFFFFFFFFFFF, off != 0xFFFFFFFFFFFFFFFF)
+            how = "regions"
+        else:
+            regions = fresh_regions(region_dir, fsid, manifest, opts)
+            if manifest.generation == 0:
+                fs = Filesystem.format(regions, fsid, epoch, opts.dirty_capacity)
+                live, how = LiveMap(), "new"
+            else:
+                result = backend.load_into(manifest, lambda rid: regions[rid].view)
+                if result.corrupt:
+                    region_id, page, seg = result.corrupt[0]
+                    raise CorruptionError(f"baseline file {backend.segment_path(seg)} is corrupt (region "
+                                          f"{region_id} page {page} and {len(result.corrupt) - 1} more pages)")
+                fs = Filesystem.load(regions, fsid, epoch, fresh_ctl_capacity=opts.dirty_capacity)
+                live, how = result.live, "baseline"
+    except CorruptionError as e:
+        raise QuietError(str(e), EXIT_BACKEND) from None
+    except OSError as e:
+        raise QuietError(f"region directory {region_dir}: {e}", EXIT_REGIONS) from None
+    fs.tracker.enabled = opts.tracking
+    backend.collect_garbage(manifest)
+    log.info("filesystem %s opened from %s (epoch %d, generation %d)", fsid, how, epoch, manifest.generation)
+    return Opened(backend, manifest, fs, live, epoch, region_dir, how)
+
+
+def _regions_match(region_dir: Path, fsid: str, manifest: Manifest) -> bool:
+    """Region files left by a clean unmount of exactly the published generation."""
+    try:
+        with open(region_dir / "ctl-0000.rgn", "rb") as f:
+            header = parse_header(f.read(PAGE_SIZE))
+    except (OSError, CorruptionError, ValueError, Exception):
+        return False
+    present = RegionSet(region_dir).existing_files()
+    wanted = {rid: n for rid, n in manifest.regions.items() if rid != CTL_REGION_ID}
+    return (header.fsid == fsid and header.clean_generation == manifest.generation and manifest.generation > 0
+            and header.epoch == manifest.epoch
+            and all(present.get(rid) == n for rid, n in wanted.items()))
+
+
+def fresh_regions(region_dir: Path, fsid: str, manifest: Manifest, opts: MountOptions) -> RegionSet:
+    """Remove any old region files and create empty ones shaped like the manifest's."""
+    if region_dir.is_dir():
+        for entry in os.scandir(region_dir):
+            if parse_region_file_name(entry.name) or entry.name.endswith(".sock"):
+                os.unlink(entry.path)
+    region_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    meta = manifest.regions.get(META_REGION_ID, META_REGION_SIZE)
+    data = {rid: n for rid, n in manifest.regions.items() if rid not in (CTL_REGION_ID, META_REGION_ID)}
+    return Filesystem.create_regions(region_dir, fsid, capacity=opts.dirty_capacity,
+                                     data_region_size=opts.region_size, meta_size=meta, extra=data)
+
+
+# --- the exporter process -------------------------------------------------------------
+
+def start_exporter(region_dir: Path, backend_path: Path, fsid: str, opts: MountOptions,
+                   log_file: Path | None) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the exporter in its own session, before FUSE exists, with no inherited descriptors."""
+    cmd = [sys.executable, "-m", "rmemfs.cli.exporter", "--region-dir", str(region_dir), "--backend",
+           str(backend_path), "--listen", opts.listen, "--port", str(opts.port)]
+    if log_file:
+        cmd += ["--log", str(log_file)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            close_fds=True, start_new_session=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    deadline = time.monotonic() + 30
+    os.set_blocking(proc.stdout.fileno(), False)
+    buf = b""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise QuietError(f"exporter failed to start: {err[-1] if err else 'exit ' + str(proc.returncode)}",
+                             EXIT_EXPORTER)
+        try:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+        except BlockingIOError:
+            chunk = b""
+        buf += chunk
+        if b"\n" in buf:
+            line = buf.split(b"\n", 1)[0].decode()
+            if line.startswith("READY "):
+                proc.stdout.close()
+                proc.stderr.close()
+                return proc, int(line.split()[1])
+            raise QuietError(f"exporter failed to start: {line}", EXIT_EXPORTER)
+        time.sleep(0.02)
+    proc.kill()
+    raise QuietError("exporter did not become ready within 30 s", EXIT_EXPORTER)
+
+
+# --- serving ------------------------------------------------------------------------------
+
+class _FlushRoom(RoomWaiter):
+    def __init__(self, flusher: Flusher) -> None:
+        self.flusher = flusher
+
+    async def wait_for_room(self) -> None:
+        target = self.flusher.completed + 1
+        self.flusher.trigger()
+        async with self.flusher.done:
+            while self.flusher.completed < target:
+                await self.flusher.done.wait()
+
+
+@dataclass
+class Session:
+    """A filesystem being served; ``serve`` fills in the services."""
+
+    opened: Opened
+    mountpoint: Path
+    opts: MountOptions
+    exporter_port: int
+    flusher: Flusher | None = None
+    terminated: bool = False
+    started_ns: int = field(default_factory=time.time_ns)
+
+    def owner(self) -> dict[str, Any]:
+        return owner_info(mountpoint=str(self.mountpoint), exporter_host=_advertised_host(self.opts.listen),
+                          exporter_port=self.exporter_port, region_dir=str(self.opened.region_dir))
+
+    async def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.flusher is not None
+        op = request.get("op")
+        if op == "flush":
+            generation = await self.flusher.flush()
+            return {"ok": True, "generation": generation}
+        if op == "stats":
+            return {"ok": True, "fsid": self.opened.fs.fsid, "epoch": self.opened.epoch,
+                    "mountpoint": str(self.mountpoint), "core": self.opened.fs.statistics().__dict__,
+                    "flush": self.flusher.statistics().__dict__, "heartbeat": self.opened.fs.tracker.header().heartbeat}
+        raise ValueError(f"unknown request {op!r}")
+
+
+def _advertised_host(listen: str) -> str:
+    if listen in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return listen
+
+
+def fuse_options(opts: MountOptions) -> set[str]:
+    import pyfuse3
+    options = set(pyfuse3.default_options)
+    options.add(f"fsname={opts.fsname}")
+    options.add("subtype=rmemfs")
+    options.add("default_permissions")
+    if opts.allow_other:
+        options.add("allow_other")
+    options.update(o for o in opts.extra_fuse if o != "default_permissions")
+    return options
+
+
+async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None,
+                first_flush: bool = True) -> int:
+    """Publish ownership, mount, serve until unmounted, then flush clean. Returns an exit code."""
+    import pyfuse3
+
+    from .fs import Operations
+
+    opened, opts = session.opened, session.opts
+    fs = opened.fs
+    flusher = Flusher(fs, opened.backend, opened.manifest, opened.live, opts.flush_interval)
+    session.flusher = flusher
+    fs.room_waiter = _FlushRoom(flusher)
+    try:
+        await flusher.publish(replace(opened.manifest, epoch=opened.epoch, state=STATE_MOUNTED,
+                                      owner=session.owner()), expect_epoch=opened.manifest.epoch)
+        if first_flush:
+            await flusher.flush()
+    except FencedError as e:
+        raise QuietError(str(e), EXIT_BACKEND) from None
+    except OSError as e:
+        raise QuietError(f"cannot publish to backend {opened.backend.path}: {e}", EXIT_BACKEND) from None
+
+    control_path = opened.region_dir / CONTROL_SOCKET
+    ops = Operations(fs, control_path=str(control_path), writeback_cache=opts.writeback_cache)
+    try:
+        pyfuse3.init(ops, str(session.mountpoint), fuse_options(opts))
+    except RuntimeError as e:
+        raise QuietError(f"cannot mount {session.mountpoint}: {e}", EXIT_MOUNTPOINT) from None
+    unmounted = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(flusher.run)
+            await nursery.start(control.serve, control_path, session.control)
+            nursery.start_soon(_heartbeat, fs, opts.heartbeat_interval)
+            nursery.start_soon(_signals, session)
+            on_ready()
+            log.info("mounted %s at %s", fs.fsid, session.mountpoint)
+            await pyfuse3.main()
+            unmounted = True
+            flusher.stop()
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=session.terminated or not unmounted)
+    return await _shutdown(session)
+
+
+async def _shutdown(session: Session) -> int:
+    """Final baseline marked clean; only then may the exporter go."""
+    assert session.flusher is not None
+    fs = session.opened.fs
+    try:
+        generation = await session.flusher.flush(state=STATE_CLEAN)
+    except Exception as e:
+        log.error("final flush failed (%s): the backend stays marked in use and the exporter keeps serving; "
+                  "recover with rmemfs-recover", e)
+        return EXIT_BACKEND
+    fs.tracker.set_clean_generation(generation)
+    stop_exporter(session.opened.region_dir)
+    log.info("unmounted cleanly at generation %d", generation)
+    return 0
+
+
+async def _heartbeat(fs: Filesystem, interval: float) -> None:
+    while True:
+        fs.tracker.beat()
+        await trio.sleep(interval)
+
+
+async def _signals(session: Session) -> None:
+    import pyfuse3
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            session.terminated = True
+            pyfuse3.terminate()

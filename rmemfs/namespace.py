@@ -1,0 +1,371 @@
+"""The namespace model: inodes, directory entries, extent maps, and the journal records that change them.
+
+Each change is one journal record; ``apply`` executes a record against the
+model. The live filesystem validates an operation, journals its record, then
+applies it; replay after a restart or a recovery applies the same records, so
+both paths run the same code.
+
+Record payloads (little endian; names and symlink targets as <H len> bytes)::
+
+    CREATE   <Q parent, Q ino, I mode, I uid, I gid, Q rdev, q time_ns> name target
+    LINK     <Q parent, Q ino, q time_ns> name
+    UNLINK   <Q parent, q time_ns> name                 (files and directories)
+    RENAME   <Q old_parent, Q new_parent, I flags, q time_ns> old_name new_name
+    SETATTR  <Q ino, I mask, I mode, I uid, I gid, Q size, q atime, q mtime, q ctime>
+    EXTENT   <Q ino, Q file_extent_index, I region_id, I extent_no>
+    FREE     <Q ino>                                      (last reference gone)
+    CHECKPOINT  the whole model (see ``serialize``)
+"""
+from __future__ import annotations
+
+import logging
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import CorruptionError
+from .journal import CHECKPOINT
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+CREATE, LINK, UNLINK, RENAME, SETATTR, EXTENT, FREE = range(2, 9)
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME, SET_CTIME = (1 << i for i in range(7))
+
+_CREATE = struct.Struct("<QQIIIQq")
+_LINK = struct.Struct("<QQq")
+_UNLINK = struct.Struct("<Qq")
+_RENAME = struct.Struct("<QQIq")
+_SETATTR = struct.Struct("<QIIIIQqqq")
+_EXTENT = struct.Struct("<QQII")
+_FREE = struct.Struct("<Q")
+_CK_HEAD = struct.Struct("<QQ")
+_CK_INODE = struct.Struct("<QIIIIQqqqQQIIH")
+_CK_EXT = struct.Struct("<QII")
+_CK_DIRENT = struct.Struct("<QH")
+
+
+@dataclass(eq=False)
+class Inode:
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int = 1
+    size: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    rdev: int = 0
+    parent: int = 0                    # directories only: for ".."
+    target: bytes = b""                # symlinks only
+    extents: dict[int, tuple[int, int]] = field(default_factory=dict)   # file extent index -> (region, extent)
+    entries: dict[bytes, int] | None = None                              # directories only
+    lookups: int = 0                   # kernel references; in memory only
+    opens: int = 0                     # open file handles; in memory only
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+def _name(data: bytes) -> bytes:
+    return struct.pack("<H", len(data)) + data
+
+
+def _take_name(buf: memoryview, pos: int) -> tuple[bytes, int]:
+    (n,) = struct.unpack_from("<H", buf, pos)
+    return bytes(buf[pos + 2:pos + 2 + n]), pos + 2 + n
+
+
+# --- record encoders (the live side) --------------------------------------
+
+def rec_create(parent: int, ino: int, mode: int, uid: int, gid: int, rdev: int, now: int,
+               name: bytes, target: bytes = b"") -> tuple[int, bytes]:
+    return CREATE, _CREATE.pack(parent, ino, mode, uid, gid, rdev, now) + _name(name) + _name(target)
+
+
+def rec_link(parent: int, ino: int, now: int, name: bytes) -> tuple[int, bytes]:
+    return LINK, _LINK.pack(parent, ino, now) + _name(name)
+
+
+def rec_unlink(parent: int, now: int, name: bytes) -> tuple[int, bytes]:
+    return UNLINK, _UNLINK.pack(parent, now) + _name(name)
+
+
+def rec_rename(old_parent: int, new_parent: int, flags: int, now: int, old: bytes, new: bytes) -> tuple[int, bytes]:
+    return RENAME, _RENAME.pack(old_parent, new_parent, flags, now) + _name(old) + _name(new)
+
+
+def rec_setattr(ino: int, mask: int, *, mode: int = 0, uid: int = 0, gid: int = 0, size: int = 0,
+                atime: int = 0, mtime: int = 0, ctime: int = 0) -> tuple[int, bytes]:
+    return SETATTR, _SETATTR.pack(ino, mask, mode, uid, gid, size, atime, mtime, ctime)
+
+
+def rec_extent(ino: int, index: int, region_id: int, ext: int) -> tuple[int, bytes]:
+    return EXTENT, _EXTENT.pack(ino, index, region_id, ext)
+
+
+def rec_free(ino: int) -> tuple[int, bytes]:
+    return FREE, _FREE.pack(ino)
+
+
+class ExtentStore:
+    """What the model needs from the data side: extent bookkeeping and zeroing."""
+
+    def __init__(self, mark_used: Callable[[int, int, bool], None],
+                 release: Callable[[list[tuple[int, int]]], None],
+                 zero_range: Callable[[int, int, int, int], None]) -> None:
+        self.mark_used = mark_used        # (region, extent, used)
+        self.release = release            # ([(region, extent), ...]): mark dirty + give memory back
+        self.zero_range = zero_range      # (region, extent, offset_in_extent, length): mark dirty + zero
+
+
+class Namespace:
+    """Inodes by number; applies journal records."""
+
+    def __init__(self, store: ExtentStore, extent_size: int) -> None:
+        self.inodes: dict[int, Inode] = {}
+        self.next_ino = ROOT_INO + 1
+        self.store = store
+        self.extent_size = extent_size
+        # While replaying, unlinked inodes stay until the end: later records of
+        # the live run may still touch a file that was open when unlinked.
+        self.replaying = False
+
+    def init_root(self, uid: int, gid: int, now: int) -> None:
+        self.inodes[ROOT_INO] = Inode(ROOT_INO, stat.S_IFDIR | 0o755, uid, gid, nlink=2, atime_ns=now,
+                                      mtime_ns=now, ctime_ns=now, parent=ROOT_INO, entries={})
+
+    def get(self, ino: int) -> Inode:
+        return self.inodes[ino]
+
+    # --- apply ---------------------------------------------------------------
+    def apply(self, rtype: int, payload: bytes | memoryview) -> None:
+        buf = memoryview(payload)
+        if rtype == CREATE:
+            parent, ino, mode, uid, gid, rdev, now = _CREATE.unpack_from(buf)
+            name, pos = _take_name(buf, _CREATE.size)
+            target, _ = _take_name(buf, pos)
+            self._create(parent, ino, mode, uid, gid, rdev, now, name, target)
+        elif rtype == LINK:
+            parent, ino, now = _LINK.unpack_from(buf)
+            name, _ = _take_name(buf, _LINK.size)
+            self._link(parent, ino, now, name)
+        elif rtype == UNLINK:
+            parent, now = _UNLINK.unpack_from(buf)
+            name, _ = _take_name(buf, _UNLINK.size)
+            self._unlink(parent, now, name)
+        elif rtype == RENAME:
+            op, np_, flags, now = _RENAME.unpack_from(buf)
+            old, pos = _take_name(buf, _RENAME.size)
+            new, _ = _take_name(buf, pos)
+            self._rename(op, np_, flags, now, old, new)
+        elif rtype == SETATTR:
+            self._setattr(*_SETATTR.unpack_from(buf))
+        elif rtype == EXTENT:
+            ino, index, region_id, ext = _EXTENT.unpack_from(buf)
+            self.inodes[ino].extents[index] = (region_id, ext)
+            self.store.mark_used(region_id, ext, True)
+        elif rtype == FREE:
+            (ino,) = _FREE.unpack_from(buf)
+            self._free(ino)
+        elif rtype == CHECKPOINT:
+            self.load(buf)
+        else:
+            raise CorruptionError(f"journal: unknown record type {rtype}")
+
+    def _touch(self, inode: Inode, now: int) -> None:
+        inode.mtime_ns = inode.ctime_ns = now
+
+    def _create(self, parent: int, ino: int, mode: int, uid: int, gid: int, rdev: int, now: int,
+                name: bytes, target: bytes) -> None:
+        pdir = self.inodes[parent]
+        inode = Inode(ino, mode, uid, gid, atime_ns=now, mtime_ns=now, ctime_ns=now, rdev=rdev, target=target)
+        if stat.S_ISDIR(mode):
+            inode.entries, inode.nlink, inode.parent = {}, 2, parent
+            pdir.nlink += 1
+        if stat.S_ISLNK(mode):
+            inode.size = len(target)
+        self.inodes[ino] = inode
+        assert pdir.entries is not None
+        pdir.entries[name] = ino
+        self._touch(pdir, now)
+        self.next_ino = max(self.next_ino, ino + 1)
+
+    def _link(self, parent: int, ino: int, now: int, name: bytes) -> None:
+        pdir, inode = self.inodes[parent], self.inodes[ino]
+        assert pdir.entries is not None
+        pdir.entries[name] = ino
+        inode.nlink += 1
+        inode.ctime_ns = now
+        self._touch(pdir, now)
+
+    def _drop_link(self, inode: Inode, parent: Inode, now: int) -> None:
+        inode.ctime_ns = now
+        if inode.is_dir:
+            inode.nlink = 0
+            parent.nlink -= 1
+        else:
+            inode.nlink -= 1
+        if inode.nlink == 0 and inode.lookups == 0 and inode.opens == 0 and not self.replaying:
+            self._free(inode.ino)
+
+    def _unlink(self, parent: int, now: int, name: bytes) -> None:
+        pdir = self.inodes[parent]
+        assert pdir.entries is not None
+        ino = pdir.entries.pop(name)
+        self._touch(pdir, now)
+        self._drop_link(self.inodes[ino], pdir, now)
+
+    def _rename(self, old_parent: int, new_parent: int, flags: int, now: int, old: bytes, new: bytes) -> None:
+        src, dst = self.inodes[old_parent], self.inodes[new_parent]
+        assert src.entries is not None and dst.entries is not None
+        moving = self.inodes[src.entries[old]]
+        if flags & RENAME_EXCHANGE:
+            other = self.inodes[dst.entries[new]]
+            src.entries[old], dst.entries[new] = other.ino, moving.ino
+            for inode, parent in ((moving, dst), (other, src)):
+                if inode.is_dir and inode.parent != parent.ino:
+                    self.inodes[inode.parent].nlink -= 1
+                    inode.parent = parent.ino
+                    parent.nlink += 1
+                inode.ctime_ns = now
+        else:
+            replaced = dst.entries.get(new)
+            del src.entries[old]
+            dst.entries[new] = moving.ino
+            if replaced is not None and replaced != moving.ino:
+                self._drop_link(self.inodes[replaced], dst, now)
+            if moving.is_dir and old_parent != new_parent:
+                src.nlink -= 1
+                dst.nlink += 1
+                moving.parent = new_parent
+            moving.ctime_ns = now
+        self._touch(src, now)
+        self._touch(dst, now)
+
+    def _setattr(self, ino: int, mask: int, mode: int, uid: int, gid: int, size: int,
+                 atime: int, mtime: int, ctime: int) -> None:
+        inode = self.inodes[ino]
+        if mask & SET_MODE:
+            inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
+        if mask & SET_UID:
+            inode.uid = uid
+        if mask & SET_GID:
+            inode.gid = gid
+        if mask & SET_SIZE:
+            if size < inode.size:
+                self._shrink(inode, size)
+            inode.size = size
+        if mask & SET_ATIME:
+            inode.atime_ns = atime
+        if mask & SET_MTIME:
+            inode.mtime_ns = mtime
+        if mask & SET_CTIME:
+            inode.ctime_ns = ctime
+
+    def _shrink(self, inode: Inode, size: int) -> None:
+        """Free extents past ``size`` and zero the tail of the last one, so a later
+        extension reads zeros (POSIX). Idempotent, so replay may redo it."""
+        es = self.extent_size
+        keep = -(-size // es)
+        dropped = [inode.extents.pop(i) for i in [i for i in inode.extents if i >= keep]]
+        self._release(dropped)
+        tail = size % es
+        if tail and (size // es) in inode.extents:
+            region_id, ext = inode.extents[size // es]
+            self.store.zero_range(region_id, ext, tail, min(es, inode.size - size // es * es) - tail)
+
+    def _free(self, ino: int) -> None:
+        inode = self.inodes.pop(ino, None)
+        if inode is None:
+            return
+        self._release(list(inode.extents.values()))
+
+    def _release(self, extents: list[tuple[int, int]]) -> None:
+        if extents:
+            self.store.release(extents)
+            for region_id, ext in extents:
+                self.store.mark_used(region_id, ext, False)
+
+    def orphans(self) -> list[int]:
+        """Inodes with no name left; after a restart nothing refers to them."""
+        return [ino for ino, inode in self.inodes.items() if inode.nlink == 0]
+
+    # --- checkpoint ----------------------------------------------------------
+    def serialize(self) -> bytes:
+        parts = [_CK_HEAD.pack(self.next_ino, len(self.inodes))]
+        for inode in self.inodes.values():
+            entries = inode.entries
+            parts.append(_CK_INODE.pack(inode.ino, inode.mode, inode.uid, inode.gid, inode.nlink, inode.size,
+                                       inode.atime_ns, inode.mtime_ns, inode.ctime_ns, inode.rdev, inode.parent,
+                                       len(inode.extents), 0xFFFFFFFF if entries is None else len(entries),
+                                       len(inode.target)))
+            parts.append(inode.target)
+            parts.extend(_CK_EXT.pack(i, r, e) for i, (r, e) in inode.extents.items())
+            if entries:
+                parts.extend(_CK_DIRENT.pack(child, len(name)) + name for name, child in entries.items())
+        return b"".join(parts)
+
+    def load(self, buf: memoryview) -> None:
+        self.inodes.clear()
+        self.next_ino, count = _CK_HEAD.unpack_from(buf)
+        pos = _CK_HEAD.size
+        for _ in range(count):
+            (ino, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, parent, n_ext, n_ent,
+             n_target) = _CK_INODE.unpack_from(buf, pos)
+            pos += _CK_INODE.size
+            inode = Inode(ino, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, parent,
+                          bytes(buf[pos:pos + n_target]))
+            pos += n_target
+            for _ in range(n_ext):
+                index, region_id, ext = _CK_EXT.unpack_from(buf, pos)
+                pos += _CK_EXT.size
+                inode.extents[index] = (region_id, ext)
+                self.store.mark_used(region_id, ext, True)
+            if n_ent != 0xFFFFFFFF:
+                inode.entries = {}
+                for _ in range(n_ent):
+                    child, n = _CK_DIRENT.unpack_from(buf, pos)
+                    pos += _CK_DIRENT.size
+                    inode.entries[bytes(buf[pos:pos + n])] = child
+                    pos += n
+            self.inodes[ino] = inode
+        if pos != len(buf):
+            raise CorruptionError(f"journal: checkpoint has {len(buf) - pos} trailing bytes")
+
+    # --- checks ----------------------------------------------------------------
+    def check(self) -> list[str]:
+        """Structural problems (empty when consistent): dangling entries, wrong link counts, shared extents."""
+        problems: list[str] = []
+        links: dict[int, int] = {}
+        owners: dict[tuple[int, int], int] = {}
+        if ROOT_INO not in self.inodes:
+            return ["root directory missing"]
+        for inode in self.inodes.values():
+            for loc in inode.extents.values():
+                if loc in owners:
+                    problems.append(f"extent {loc} owned by inodes {owners[loc]} and {inode.ino}")
+                owners[loc] = inode.ino
+            if inode.entries is None:
+                continue
+            for name, child in inode.entries.items():
+                if child not in self.inodes:
+                    problems.append(f"entry {name!r} in directory {inode.ino} names missing inode {child}")
+                    continue
+                links[child] = links.get(child, 0) + 1
+        for inode in self.inodes.values():
+            if inode.is_dir:
+                subdirs = sum(1 for c in (inode.entries or {}).values()
+                              if c in self.inodes and self.inodes[c].is_dir)
+                expected = 0 if inode.nlink == 0 else 2 + subdirs
+            else:
+                expected = links.get(inode.ino, 0)
+            if inode.nlink != expected:
+                problems.append(f"inode {inode.ino}: nlink {inode.nlink}, expected {expected}")
+        return problems
+

@@ -1,0 +1,267 @@
+"""Memory regions: page-aligned, file-backed, shared mappings that outlive the process.
+
+Region files live in one region directory per filesystem (default
+``/dev/shm/rmemfs-<fsid>``, or a DAX/persistent-memory mount)::
+
+    ctl-0000.rgn    dirty page lists and heartbeat  (layout: dirty.py)
+    meta-0001.rgn   the namespace journal           (layout: journal.py)
+    data-NNNN.rgn   file data, carved into EXTENT_SIZE extents
+
+A region never changes size after it is created, so a registration (an rkey)
+stays valid for its lifetime. A file grows by taking more extents and the
+filesystem by adding data regions. Region files are sparse: on tmpfs only the
+pages ever written cost memory, and freeing an extent punches it out.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import PAGE_SIZE
+from .transport.base import RegionRole
+
+log = logging.getLogger(__name__)
+
+EXTENT_SIZE = 256 * 1024
+EXTENT_PAGES = EXTENT_SIZE // PAGE_SIZE
+DEFAULT_DATA_REGION_SIZE = 1 << 30
+META_REGION_SIZE = 1 << 30
+CTL_REGION_ID = 0
+META_REGION_ID = 1
+FIRST_DATA_REGION_ID = 2
+MAX_REGION_ID = 0xFFFF          # dirty-list entries hold 16 bits of region id
+
+_NAME_RE = re.compile(r"^(ctl|meta|data)-(\d{4,5})\.rgn$")
+TMPFS_MAGIC = 0x01021994
+
+
+def region_file_name(region_id: int) -> str:
+    role = role_of(region_id)
+    return f"{role.value}-{region_id:04d}.rgn"
+
+
+def role_of(region_id: int) -> RegionRole:
+    if region_id == CTL_REGION_ID:
+        return RegionRole.CTL
+    if region_id == META_REGION_ID:
+        return RegionRole.META
+    return RegionRole.DATA
+
+
+def parse_region_file_name(name: str) -> tuple[int, RegionRole] | None:
+    m = _NAME_RE.match(name)
+    if not m:
+        return None
+    region_id = int(m.group(2))
+    if role_of(region_id).value != m.group(1) or region_id > MAX_REGION_ID:
+        return None
+    return region_id, RegionRole(m.group(1))
+
+
+class Region:
+    """One region file mapped shared and writable."""
+
+    def __init__(self, region_id: int, path: Path, length: int, *, create: bool) -> None:
+        if length <= 0 or length % PAGE_SIZE:
+            raise ValueError(f"region length {length} is not a positive multiple of {PAGE_SIZE}")
+        self.region_id = region_id
+        self.role = role_of(region_id)
+        self.path = path
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, length)
+            elif os.fstat(fd).st_size != length:
+                raise ValueError(f"{path}: size {os.fstat(fd).st_size} != expected {length}")
+            self.mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.length = length
+        self.view = memoryview(self.mm)
+        self.pages = length // PAGE_SIZE
+
+    def release(self, offset: int, length: int) -> None:
+        """Zero a page-aligned range and give its memory back (a hole on tmpfs)."""
+        try:
+            self.mm.madvise(mmap.MADV_REMOVE, offset, length)
+        except OSError:
+            # Not every DAX mount supports hole punching; zeroing keeps the semantics.
+            self.view[offset:offset + length] = bytes(length)
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self.mm.close()
+        except BufferError:
+            pass   # views handed out (dirty lists, journal) still live; the GC unmaps it with them
+
+
+@dataclass
+class RegionStats:
+    regions: int
+    virtual_bytes: int
+    resident_bytes: int
+
+
+class RegionSet:
+    """All regions of one filesystem in one directory, plus the data-extent allocator."""
+
+    def __init__(self, directory: Path, *, data_region_size: int = DEFAULT_DATA_REGION_SIZE) -> None:
+        if data_region_size % EXTENT_SIZE:
+            raise ValueError(f"region size must be a multiple of {EXTENT_SIZE}")
+        self.directory = directory
+        self.data_region_size = data_region_size
+        self.regions: dict[int, Region] = {}
+        self._used: dict[int, bytearray] = {}   # data region id -> one byte per extent (1 = used)
+        self._free_extents = 0
+
+    # --- lifecycle -----------------------------------------------------
+    def existing_files(self) -> dict[int, int]:
+        """Region files present in the directory: id -> size."""
+        out: dict[int, int] = {}
+        if self.directory.is_dir():
+            for entry in os.scandir(self.directory):
+                parsed = parse_region_file_name(entry.name)
+                if parsed:
+                    out[parsed[0]] = entry.stat().st_size
+        return out
+
+    def open_existing(self) -> None:
+        for region_id, size in sorted(self.existing_files().items()):
+            self._add(Region(region_id, self.directory / region_file_name(region_id), size, create=False))
+
+    def create(self, region_id: int, length: int) -> Region:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        region = Region(region_id, self.directory / region_file_name(region_id), length, create=True)
+        self._add(region)
+        return region
+
+    def _add(self, region: Region) -> None:
+        self.regions[region.region_id] = region
+        if region.role is RegionRole.DATA:
+            n = region.length // EXTENT_SIZE
+            self._used[region.region_id] = bytearray(n)
+            self._free_extents += n
+
+    def close(self) -> None:
+        for region in self.regions.values():
+            region.close()
+        self.regions.clear()
+
+    def __getitem__(self, region_id: int) -> Region:
+        return self.regions[region_id]
+
+    def data_regions(self) -> list[Region]:
+        return [r for r in self.regions.values() if r.role is RegionRole.DATA]
+
+    # --- extents ---------------------------------------------------------
+    def allocate_extent(self) -> tuple[int, int]:
+        """Pick a free extent, adding a data region when all are used. Does not mark it used."""
+        for region_id, used in self._used.items():
+            ext = used.find(0)
+            if ext >= 0:
+                return region_id, ext
+        next_id = max(self._used, default=FIRST_DATA_REGION_ID - 1) + 1
+        if next_id > MAX_REGION_ID:
+            raise OSError(28, "no region ids left")
+        self.create(next_id, self.data_region_size)
+        log.info("added data region %d (%d bytes)", next_id, self.data_region_size)
+        return next_id, 0
+
+    def ensure_data_region(self, region_id: int, length: int) -> None:
+        if region_id not in self.regions:
+            self.create(region_id, length)
+
+    def mark_extent(self, region_id: int, ext: int, used: bool) -> None:
+        table = self._used[region_id]
+        if bool(table[ext]) != used:
+            table[ext] = used
+            self._free_extents += -1 if used else 1
+
+    def extent_offset(self, ext: int) -> int:
+        return ext * EXTENT_SIZE
+
+    def used_extents(self) -> int:
+        return sum(len(u) for u in self._used.values()) - self._free_extents
+
+    def stats(self) -> RegionStats:
+        virtual = sum(r.length for r in self.regions.values())
+        resident = 0
+        for region in self.regions.values():
+            try:
+                resident += os.stat(region.path).st_blocks * 512
+            except OSError:
+                pass
+        return RegionStats(len(self.regions), virtual, resident)
+
+
+def check_region_directory(directory: Path) -> str | None:
+    """A warning when the region directory is not memory (tmpfs) or DAX, else None."""
+    probe = directory if directory.exists() else directory.parent
+    try:
+        import ctypes
+        import ctypes.util
+
+        class _Statfs(ctypes.Structure):
+            _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        buf = _Statfs()
+        if libc.statfs(str(probe).encode(), ctypes.byref(buf)) != 0:
+            return None
+        if buf.f_type == TMPFS_MAGIC:
+            return None
+    except OSError:
+        return None
+    if _is_dax_mount(probe):
+        return None
+    return (f"region directory {directory} is not on tmpfs or a DAX mount: file data will "
+            f"live in page cache over a disk, and a host crash loses what the baseline lacks")
+
+
+def _is_dax_mount(path: Path) -> bool:
+    best, dax = "", False
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                mnt, opts = parts[4], parts[5]
+                if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best = mnt
+                    super_opts = line.split(" - ", 1)[1].split()[-1] if " - " in line else ""
+                    dax = "dax" in opts.split(",") or any(o.startswith("dax") for o in super_opts.split(","))
+    except OSError:
+        return False
+    return dax
+
+
+def buffer_address(obj: object) -> int:
+    """Address of a buffer's first byte, read-only buffers (a PROT_READ mmap) included.
+
+    ctypes' ``from_buffer`` refuses read-only buffers, so ask the buffer protocol directly.
+    """
+    import ctypes
+
+    class _PyBuffer(ctypes.Structure):
+        _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                    ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                    ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                    ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+    view = _PyBuffer()
+    get = ctypes.pythonapi.PyObject_GetBuffer
+    get.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+    if get(obj, ctypes.byref(view), 0) != 0:
+        raise TypeError("object does not support the buffer protocol")
+    try:
+        return int(view.buf or 0)
+    finally:
+        release = ctypes.pythonapi.PyBuffer_Release
+        release.argtypes = [ctypes.POINTER(_PyBuffer)]
+        release(ctypes.byref(view))
