@@ -499,3 +499,21 @@ def test_backend_register_is_idempotent_and_keys_are_random(tmp_path):
     b.close()
     assert sw.available() is None
     assert isinstance(sw.SoftwareConnection.transport, str) and issubclass(sw.SoftwareConnection, base.Connection)
+
+
+async def test_bad_destination_late_in_batch_keeps_connection_in_sync(server):
+    """Ops are planned lazily while earlier requests are in flight; a bad one later on
+    must fail the batch cleanly (responses drained) and leave the connection usable."""
+    async with await _conn(server) as c:
+        d = (await c.register()).by_id(2)
+        ops = [ReadOp(d.rkey, i * PAGE, memoryview(bytearray(PAGE))) for i in range(4000)]
+        ops[3500] = ReadOp(d.rkey, 0, memoryview(bytes(PAGE)))          # read-only destination
+        with pytest.raises(ValueError, match="read 3500: destination buffer is read-only"):
+            await c.read_batch(ops)
+        ops[3500] = ReadOp(d.rkey, 2**64 - 1, memoryview(bytearray(2)))
+        with pytest.raises(RemoteAccessError, match="read 3500"):
+            await c.read_batch(ops)
+        ops[3500] = ReadOp(d.rkey, 0, memoryview(bytearray(PAGE)))
+        await c.read_batch(ops)
+        src = server.contents[2]
+        assert all(bytes(o.dest) == src[o.offset:o.offset + PAGE] for o in ops)

@@ -79,7 +79,7 @@ import socket
 import struct
 import threading
 from collections import deque
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import trio
 
@@ -506,13 +506,6 @@ def _set_io_timeout(sock: socket.socket, timeout: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
-class _Chunk:
-    __slots__ = ("rkey", "offset", "dest", "op_index", "op")
-
-    def __init__(self, rkey: int, offset: int, dest: memoryview, op_index: int, op: Any) -> None:
-        self.rkey, self.offset, self.dest, self.op_index, self.op = rkey, offset, dest, op_index, op
-
-
 class SoftwareConnection(Connection):
     """An authenticated connection to an exporter; all socket I/O runs in worker threads."""
 
@@ -608,42 +601,46 @@ class SoftwareConnection(Connection):
             raise AuthError(f"{self._where}: the exporter failed mutual authentication "
                             f"(it does not know the secret of {self._fsid!r})")
 
-    def _plan(self, ops: Sequence[Any]) -> list[tuple[bytes, list[_Chunk], int]]:
-        """Split ops into READ_REQ frames: (request payload, chunks, data bytes)."""
-        chunks: list[_Chunk] = []
+    def _plan(self, ops: Sequence[Any]) -> Iterator[tuple[bytes, list[memoryview], list[int], int]]:
+        """Yield READ_REQs lazily (request payload, destination views, op indexes, data bytes).
+
+        Lazy so that building request k+1 overlaps the exporter serving request k.
+        """
+        flat: list[int] = []
+        dests: list[memoryview] = []
+        idxs: list[int] = []
+        total = 0
         for i, op in enumerate(ops):
             dest = op.dest
-            if not isinstance(dest, memoryview):
+            if type(dest) is not memoryview:
                 dest = memoryview(dest)
             if dest.readonly:
                 raise ValueError(f"read {i}: destination buffer is read-only")
-            dest = _as_bytes_view(dest)
+            if dest.format != "B" or dest.ndim != 1:
+                dest = dest.cast("B")
             n = len(dest)
-            if not 0 <= op.rkey < _U64 or not 0 <= op.offset < _U64 or op.offset + n > _U64:
-                raise RemoteAccessError(f"{self._where}: read {i} (rkey {op.rkey:#x}, offset {op.offset}, "
+            rkey, off = op.rkey, op.offset
+            if not (0 <= rkey < _U64 and 0 <= off and off + n <= _U64):
+                raise RemoteAccessError(f"{self._where}: read {i} (rkey {rkey:#x}, offset {off}, "
                                         f"length {n}) failed: outside the 64-bit address space")
-            if n == 0:
-                continue
-            for start in range(0, n, _REQ_DATA_TARGET):   # a huge read becomes several
-                chunks.append(_Chunk(op.rkey, op.offset + start, dest[start:start + _REQ_DATA_TARGET], i, op))
-        reqs: list[tuple[bytes, list[_Chunk], int]] = []
-        i = 0
-        while i < len(chunks):
-            j = i
-            total = 0
-            while j < len(chunks) and j - i < MAX_READ_OPS and total + len(chunks[j].dest) <= _REQ_DATA_TARGET:
-                total += len(chunks[j].dest)
-                j += 1
-            group = chunks[i:j]
-            flat: list[int] = []
-            for c in group:
-                flat += (c.rkey, c.offset, len(c.dest))
-            reqs.append((struct.pack(f"!{len(flat)}Q", *flat), group, total))
-            i = j
-        return reqs
+            start = 0
+            while start < n:   # a read larger than one request is split
+                piece = dest if n <= _REQ_DATA_TARGET else dest[start:start + _REQ_DATA_TARGET]
+                ln = len(piece)
+                if dests and (len(dests) == MAX_READ_OPS or total + ln > _REQ_DATA_TARGET):
+                    yield struct.pack(f"!{len(flat)}Q", *flat), dests, idxs, total
+                    flat, dests, idxs, total = [], [], [], 0
+                flat += (rkey, off + start, ln)
+                dests.append(piece)
+                idxs.append(i)
+                total += ln
+                start += ln
+        if dests:
+            yield struct.pack(f"!{len(flat)}Q", *flat), dests, idxs, total
 
-    def _scatter(self, chunks: list[_Chunk]) -> None:
-        bufs = [c.dest for c in chunks]
+    def _scatter(self, bufs: list[memoryview]) -> None:
+        """Receive straight into the destination views, up to IOV_MAX per system call."""
+        bufs = list(bufs)
         i = 0
         while i < len(bufs):
             n = self._sock.recvmsg_into(bufs[i:i + _IOV_MAX], 0, socket.MSG_WAITALL)[0]
@@ -659,32 +656,34 @@ class SoftwareConnection(Connection):
                     n = 0
 
     def _read_sync(self, ops: Sequence[Any], progress: ProgressFn | None) -> None:
-        reqs = self._plan(ops)
-        inflight: deque[tuple[int, int]] = deque()   # (request index, request id)
+        plan = self._plan(ops)
+        pending = next(plan, None)
+        inflight: deque[tuple[int, tuple[bytes, list[memoryview], list[int], int]]] = deque()
         inflight_bytes = 0
-        sent = 0
-        first_err: TransportError | None = None
+        first_err: Exception | None = None
         while True:
             # Keep the pipe full, unless a read failed: then only drain what was sent.
-            while (first_err is None and sent < len(reqs) and len(inflight) < _WINDOW
-                   and (not inflight or inflight_bytes + len(reqs[sent][0]) <= _INFLIGHT_REQ_BYTES)):
-                payload = reqs[sent][0]
+            while (first_err is None and pending is not None and len(inflight) < _WINDOW
+                   and (not inflight or inflight_bytes + len(pending[0]) <= _INFLIGHT_REQ_BYTES)):
+                payload = pending[0]
                 req_id = self._next_id
                 self._next_id += 1
                 self._send(_header(Frame.READ_REQ, len(payload), req_id) + payload)
-                inflight.append((sent, req_id))
+                inflight.append((req_id, pending))
                 inflight_bytes += len(payload)
-                sent += 1
+                try:
+                    pending = next(plan, None)
+                except (ValueError, RemoteAccessError) as e:   # a bad op later in the list
+                    first_err, pending = e, None
             if not inflight:
                 break
-            idx, req_id = inflight.popleft()
-            payload, chunks, total = reqs[idx]
+            req_id, (payload, dests, idxs, total) = inflight.popleft()
             inflight_bytes -= len(payload)
             ftype, length = self._recv_frame_header(req_id)
             if ftype == Frame.READ_DATA:
                 if length != total:
                     raise ProtocolError(f"{self._where}: READ_DATA of {length} bytes, expected {total}")
-                self._scatter(chunks)
+                self._scatter(dests)
                 if progress is not None and first_err is None and not self._abandoned.is_set():
                     trio.from_thread.run_sync(progress, total)
             elif ftype == Frame.ERROR:
@@ -694,12 +693,11 @@ class SoftwareConnection(Connection):
                     raise err
                 if first_err is None:
                     _, detail = ERROR_HEAD.unpack_from(data)
-                    c = chunks[detail] if detail < len(chunks) else chunks[0]
-                    op = c.op
+                    k = idxs[detail] if detail < len(idxs) else idxs[0]
+                    op = ops[k]
                     first_err = RemoteAccessError(
-                        f"{self._where}: read {c.op_index} (rkey {op.rkey:#x}, offset {op.offset}, "
-                        f"length {memoryview(op.dest).nbytes}) failed: "
-                        f"{data[ERROR_HEAD.size:].decode('utf-8', 'replace')}")
+                        f"{self._where}: read {k} (rkey {op.rkey:#x}, offset {op.offset}, length {memoryview(op.dest).nbytes}) "
+                        f"failed: {data[ERROR_HEAD.size:].decode('utf-8', 'replace')}")
             else:
                 raise ProtocolError(f"{self._where}: unexpected frame type {ftype} in reply to a read")
         if first_err is not None:
