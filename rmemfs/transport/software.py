@@ -1,0 +1,821 @@
+"""Software transport: a TCP stand-in for a NIC's one-sided RDMA READ.
+
+The exporter process (the source host's "NIC") runs ``serve()``; it keeps
+serving reads of its read-only region mappings after the filesystem process
+has died. The initiator (failover host) uses ``connect()`` and gets a
+``SoftwareConnection``. That connection is also the authenticated control
+channel other transports use (``call_extension``: verbs exchanges QP numbers
+and GIDs over it).
+
+The client performs its socket I/O in a worker thread on a blocking socket:
+one ``recvmsg_into(..., MSG_WAITALL)`` scatters a whole response straight
+into the caller's destination views, so a batch of 1024 pages costs one
+system call instead of dozens of trio wake-ups. The server replies with one
+gathered ``sendmsg`` of slices of the region mapping (no user-space copy).
+
+Wire format, protocol version 1
+-------------------------------
+Every frame is a 20-byte header followed by ``length`` payload bytes.
+Integers are big-endian (network order)::
+
+    offset size field
+    0      4    magic       b"RMSW"
+    4      2    version     PROTOCOL_VERSION (1)
+    6      2    type        frame type, below
+    8      4    length      payload bytes, <= 4096 before authentication,
+                            <= MAX_PAYLOAD (16 MiB) after
+    12     8    request id  chosen by the client, echoed in the response
+                            (0 during the handshake)
+
+Anything else (bad magic, other version, unknown type, oversized length, a
+frame cut short) makes the receiver drop the connection; a server first sends
+a best-effort ERROR frame.
+
+Handshake (client speaks first; the server allows ``handshake_timeout``
+seconds for all of it). ``fsid`` is UTF-8, ``secret`` the per-filesystem
+secret, ``cn``/``sn`` 32 random bytes from client/server, ``||`` concatenation::
+
+    C->S HELLO     (1)  cn || fsid
+    S->C CHALLENGE (2)  sn                          or ERROR FSID_MISMATCH
+    C->S AUTH      (3)  HMAC-SHA256(secret, b"rmemfs-software-v1 client" || cn || sn || fsid)
+    S->C WELCOME   (4)  HMAC-SHA256(secret, b"rmemfs-software-v1 server" || cn || sn || fsid)
+                                                    or ERROR AUTH_FAILED
+The client checks WELCOME, so authentication is mutual; the server only
+proves itself to a client that proved itself first (no MAC oracle).
+
+Requests after the handshake (each answered in order, by request id)::
+
+    CATALOG_REQ (5)  transport name, UTF-8
+    CATALOG     (6)  UTF-8 JSON {"fsid": str, "transport": str, "regions": [
+                       {"region_id": int, "name": str, "role": "ctl"|"meta"|"data",
+                        "addr": int, "length": int, "rkey": int}, ...]}
+    READ_REQ    (7)  n x (rkey u64, offset u64, length u64), 1 <= n <= MAX_READ_OPS (1024),
+                     sum of lengths <= MAX_READ_BYTES (16 MiB)
+    READ_DATA   (8)  the n ranges' bytes, concatenated in request order
+    EXT_REQ     (9)  name length u16 || name (UTF-8) || extension payload
+    EXT_RESP   (10)  the extension's reply
+    ERROR      (15)  code u16 || detail u32 || message (UTF-8)
+
+A READ_REQ is answered either by READ_DATA or, when any of its reads names an
+unknown rkey or does not lie within its region (``offset + length <= region
+length``, checked with unbounded integers), by an ERROR with code
+UNKNOWN_RKEY (5) or OUT_OF_BOUNDS (6) and ``detail`` = index of the first bad
+read; no data is sent for that request and the connection stays usable, as it
+does after CATALOG_FAILED (7), NO_SUCH_EXTENSION (8) and EXTENSION_FAILED (9).
+PROTOCOL (1), VERSION (2), FSID_MISMATCH (3) and AUTH_FAILED (4) are followed
+by the server closing the connection. There is no write request: the
+protocol is read-only by construction.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import logging
+import math
+import secrets
+import socket
+import struct
+import threading
+from collections import deque
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import trio
+
+from .base import (
+    AuthError,
+    Catalog,
+    ConnectError,
+    Connection,
+    ControlExtension,
+    ExportBackend,
+    ExportedRegion,
+    ProgressFn,
+    ProtocolError,
+    RegionDesc,
+    RegionRole,
+    RemoteAccessError,
+    TransportError,
+)
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAGIC = b"RMSW"
+HEADER = struct.Struct("!4sHHIQ")
+HEADER_SIZE = HEADER.size                # 20
+MAX_HANDSHAKE_PAYLOAD = 4096             # unauthenticated peers cannot make us allocate more
+MAX_PAYLOAD = 16 << 20
+MAX_READ_OPS = 1024                      # = IOV_MAX: one gathered sendmsg per response
+MAX_READ_BYTES = 16 << 20
+READ_OP = struct.Struct("!QQQ")
+ERROR_HEAD = struct.Struct("!HI")
+NONCE_SIZE = 32
+MAC_SIZE = 32
+_U64 = 1 << 64
+_IOV_MAX = 1024
+_CLIENT_LABEL = b"rmemfs-software-v1 client"
+_SERVER_LABEL = b"rmemfs-software-v1 server"
+
+# Client pipelining. Requests are small and the server reads the next one only
+# after sending the previous reply, so unread request bytes must fit in the
+# kernel's socket buffers or both sides could block in send(); 64 KiB is far
+# below the smallest default (tcp_rmem initial 128 KiB).
+_REQ_DATA_TARGET = 8 << 20               # data bytes per READ_REQ
+_WINDOW = 4                              # READ_REQs in flight
+_INFLIGHT_REQ_BYTES = 64 << 10
+
+
+class Frame(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    WELCOME = 4
+    CATALOG_REQ = 5
+    CATALOG = 6
+    READ_REQ = 7
+    READ_DATA = 8
+    EXT_REQ = 9
+    EXT_RESP = 10
+    ERROR = 15
+
+
+class Err(enum.IntEnum):
+    PROTOCOL = 1
+    VERSION = 2
+    FSID_MISMATCH = 3
+    AUTH_FAILED = 4
+    UNKNOWN_RKEY = 5
+    OUT_OF_BOUNDS = 6
+    CATALOG_FAILED = 7
+    NO_SUCH_EXTENSION = 8
+    EXTENSION_FAILED = 9
+
+
+_FRAME_TYPES = frozenset(int(f) for f in Frame)
+
+
+def _mac(secret: bytes, label: bytes, cn: bytes, sn: bytes, fsid: str) -> bytes:
+    return hmac.new(secret, label + cn + sn + fsid.encode(), hashlib.sha256).digest()
+
+
+def _header(ftype: Frame, length: int, req_id: int) -> bytes:
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, ftype, length, req_id)
+
+
+def _error_payload(code: Err, message: str, detail: int = 0) -> bytes:
+    return ERROR_HEAD.pack(code, detail) + message.encode("utf-8", "replace")
+
+
+def _parse_header(hdr: bytes | bytearray | memoryview, limit: int) -> tuple[int, int, int]:
+    """Validate a header; return (type, length, request id) or raise ProtocolError."""
+    magic, version, ftype, length, req_id = HEADER.unpack(hdr)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r} (not an rmemfs software transport peer?)")
+    if version != PROTOCOL_VERSION:
+        raise _VersionError(f"protocol version {version} not supported (this side speaks {PROTOCOL_VERSION})")
+    if ftype not in _FRAME_TYPES:
+        raise ProtocolError(f"unknown frame type {ftype}")
+    if length > limit:
+        raise ProtocolError(f"frame of {length} bytes exceeds the limit of {limit}")
+    return ftype, length, req_id
+
+
+class _VersionError(ProtocolError):
+    pass
+
+
+class _RequestRefused(TransportError):
+    """The exporter refused one control request (catalog, extension); the connection stays usable."""
+
+
+class _PeerClosed(Exception):
+    """The peer closed the connection between frames (not an error on the server)."""
+
+
+def _as_bytes_view(buf: memoryview) -> memoryview:
+    return buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
+
+
+# --- exporter side ---------------------------------------------------------
+
+class SoftwareExportBackend(ExportBackend):
+    """Registers existing mappings under random 64-bit rkeys; never copies them."""
+
+    name = "software"
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, RegionDesc] = {}
+        # rkey -> (desc, byte view); read directly by the server's read path.
+        self._by_rkey: dict[int, tuple[RegionDesc, memoryview]] = {}
+
+    def register(self, region: ExportedRegion) -> RegionDesc:
+        view = _as_bytes_view(region.buffer)
+        old = self._by_id.get(region.region_id)
+        if old is not None:
+            if old.name == region.name and old.length == view.nbytes and old.addr == region.addr:
+                return old
+            # The region was remapped (e.g. grown): old rkey must stop working.
+            log.info("region %d (%s) changed mapping; re-registering", region.region_id, region.name)
+            self.deregister(region.region_id)
+        rkey = 0
+        while rkey == 0 or rkey in self._by_rkey:   # non-zero and unique, still 64 random bits
+            rkey = secrets.randbits(64)
+        desc = RegionDesc(region.region_id, region.name, region.role, region.addr, view.nbytes, rkey)
+        self._by_id[region.region_id] = desc
+        self._by_rkey[rkey] = (desc, view)
+        return desc
+
+    def deregister(self, region_id: int) -> None:
+        desc = self._by_id.pop(region_id, None)
+        if desc is not None:
+            self._by_rkey.pop(desc.rkey, None)
+
+    def lookup(self, rkey: int) -> tuple[RegionDesc, memoryview]:
+        try:
+            return self._by_rkey[rkey]
+        except KeyError:
+            raise RemoteAccessError(f"unknown rkey {rkey:#x}") from None
+
+    def close(self) -> None:
+        self._by_id.clear()
+        self._by_rkey.clear()
+
+
+def _catalog_json(cat: Catalog) -> bytes:
+    return json.dumps({
+        "fsid": cat.fsid,
+        "transport": cat.transport,
+        "regions": [
+            {"region_id": r.region_id, "name": r.name, "role": r.role.value,
+             "addr": r.addr, "length": r.length, "rkey": r.rkey}
+            for r in cat.regions
+        ],
+    }).encode()
+
+
+def _catalog_from_json(data: bytes) -> Catalog:
+    try:
+        obj = json.loads(data)
+        regions = tuple(
+            RegionDesc(int(r["region_id"]), str(r["name"]), RegionRole(r["role"]),
+                       int(r["addr"]), int(r["length"]), int(r["rkey"]))
+            for r in obj["regions"]
+        )
+        return Catalog(str(obj["fsid"]), str(obj["transport"]), regions)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProtocolError(f"malformed catalog: {e}") from None
+
+
+class _ServerConn:
+    """One accepted connection, handled in its own trio task."""
+
+    def __init__(self, sock: trio.socket.SocketType, peer: str, fsid: str, secret: bytes,
+                 export: SoftwareExportBackend, catalog: Callable[[str], Catalog],
+                 extensions: Mapping[str, ControlExtension], frame_timeout: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.fsid = fsid
+        self.secret = secret
+        self.export = export
+        self.catalog = catalog
+        self.extensions = extensions
+        self.frame_timeout = frame_timeout
+        self._hdr = bytearray(HEADER_SIZE)
+
+    async def _recv_into(self, view: memoryview, between_frames: bool) -> None:
+        got = 0
+        while got < len(view):
+            n = await self.sock.recv_into(view[got:])
+            if n == 0:
+                if between_frames and got == 0:
+                    raise _PeerClosed()
+                raise ProtocolError(f"truncated frame: connection closed after {got} of {len(view)} bytes")
+            got += n
+
+    async def recv_frame(self, limit: int) -> tuple[int, int, bytearray]:
+        await self._recv_into(memoryview(self._hdr), between_frames=True)
+        ftype, length, req_id = _parse_header(self._hdr, limit)
+        payload = bytearray(length)
+        if length:
+            # A peer that sends a header and then stalls must not hold the task forever.
+            with trio.fail_after(self.frame_timeout):
+                await self._recv_into(memoryview(payload), between_frames=False)
+        return ftype, req_id, payload
+
+    async def send(self, bufs: list[Any]) -> None:
+        """Send every buffer, gathered, handling partial sends (no copies)."""
+        bufs = [b for b in bufs if len(b)]
+        i = 0
+        while i < len(bufs):
+            sent = await self.sock.sendmsg(bufs[i:i + _IOV_MAX])
+            while sent:
+                n = len(bufs[i])
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    bufs[i] = memoryview(bufs[i])[sent:]
+                    sent = 0
+
+    async def send_frame(self, ftype: Frame, req_id: int, payload: bytes = b"") -> None:
+        await self.send([_header(ftype, len(payload), req_id), payload])
+
+    async def send_error(self, req_id: int, code: Err, message: str, detail: int = 0) -> None:
+        await self.send_frame(Frame.ERROR, req_id, _error_payload(code, message, detail))
+
+    async def handshake(self) -> bool:
+        ftype, _, payload = await self.recv_frame(MAX_HANDSHAKE_PAYLOAD)
+        if ftype != Frame.HELLO or len(payload) < NONCE_SIZE:
+            raise ProtocolError(f"expected HELLO, got frame type {ftype} of {len(payload)} bytes")
+        cn = bytes(payload[:NONCE_SIZE])
+        try:
+            asked = payload[NONCE_SIZE:].decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("fsid in HELLO is not UTF-8") from None
+        if asked != self.fsid:
+            msg = f"filesystem id mismatch: client asked for {asked!r}, this exporter serves {self.fsid!r}"
+            log.warning("%s: %s; dropping", self.peer, msg)
+            await self.send_error(0, Err.FSID_MISMATCH, msg)
+            return False
+        sn = secrets.token_bytes(NONCE_SIZE)
+        await self.send_frame(Frame.CHALLENGE, 0, sn)
+        ftype, _, payload = await self.recv_frame(MAX_HANDSHAKE_PAYLOAD)
+        if ftype != Frame.AUTH or len(payload) != MAC_SIZE:
+            raise ProtocolError(f"expected AUTH, got frame type {ftype} of {len(payload)} bytes")
+        if not hmac.compare_digest(bytes(payload), _mac(self.secret, _CLIENT_LABEL, cn, sn, self.fsid)):
+            log.warning("%s: authentication failed (wrong secret for %r); dropping", self.peer, self.fsid)
+            await self.send_error(0, Err.AUTH_FAILED, "authentication failed: wrong filesystem secret")
+            return False
+        await self.send_frame(Frame.WELCOME, 0, _mac(self.secret, _SERVER_LABEL, cn, sn, self.fsid))
+        log.info("%s: authenticated for %r", self.peer, self.fsid)
+        return True
+
+    async def serve_requests(self) -> None:
+        while True:
+            ftype, req_id, payload = await self.recv_frame(MAX_PAYLOAD)
+            if ftype == Frame.READ_REQ:
+                await self.handle_read(req_id, payload)
+            elif ftype == Frame.CATALOG_REQ:
+                await self.handle_catalog(req_id, payload)
+            elif ftype == Frame.EXT_REQ:
+                await self.handle_extension(req_id, payload)
+            else:
+                raise ProtocolError(f"unexpected frame type {ftype} after the handshake")
+
+    async def handle_read(self, req_id: int, payload: bytearray) -> None:
+        n, rem = divmod(len(payload), READ_OP.size)
+        if rem or not 1 <= n <= MAX_READ_OPS:
+            raise ProtocolError(f"READ_REQ of {len(payload)} bytes is not 1..{MAX_READ_OPS} reads")
+        vals = struct.unpack(f"!{3 * n}Q", payload)
+        regions = self.export._by_rkey
+        bufs: list[Any] = [b""]
+        total = 0
+        for i, (rkey, off, length) in enumerate(zip(vals[0::3], vals[1::3], vals[2::3])):
+            entry = regions.get(rkey)
+            if entry is None:
+                log.info("%s: read %d of request %d: unknown rkey %#x", self.peer, i, req_id, rkey)
+                await self.send_error(req_id, Err.UNKNOWN_RKEY, f"unknown rkey {rkey:#x}", i)
+                return
+            view = entry[1]
+            # Python ints cannot overflow; still compare as "length <= size - off" for clarity.
+            if off > len(view) or length > len(view) - off:
+                msg = (f"read of {length} bytes at offset {off} outside region {entry[0].name} "
+                       f"of {len(view)} bytes (rkey {rkey:#x})")
+                log.info("%s: request %d: %s", self.peer, req_id, msg)
+                await self.send_error(req_id, Err.OUT_OF_BOUNDS, msg, i)
+                return
+            total += length
+            bufs.append(view[off:off + length])
+        if total > MAX_READ_BYTES:
+            raise ProtocolError(f"READ_REQ asks for {total} bytes, over the limit of {MAX_READ_BYTES}")
+        bufs[0] = _header(Frame.READ_DATA, total, req_id)
+        await self.send(bufs)
+
+    async def handle_catalog(self, req_id: int, payload: bytearray) -> None:
+        try:
+            transport = payload.decode()
+            cat = self.catalog(transport)
+        except (TransportError, UnicodeDecodeError) as e:
+            log.warning("%s: catalog request failed: %s", self.peer, e)
+            await self.send_error(req_id, Err.CATALOG_FAILED, str(e))
+            return
+        await self.send_frame(Frame.CATALOG, req_id, _catalog_json(cat))
+
+    async def handle_extension(self, req_id: int, payload: bytearray) -> None:
+        if len(payload) < 2:
+            raise ProtocolError("EXT_REQ shorter than its name length")
+        (nlen,) = struct.unpack_from("!H", payload)
+        if 2 + nlen > len(payload):
+            raise ProtocolError("EXT_REQ name runs past the frame")
+        name = payload[2:2 + nlen].decode("utf-8", "replace")
+        ext = self.extensions.get(name)
+        if ext is None:
+            await self.send_error(req_id, Err.NO_SUCH_EXTENSION, f"no control extension named {name!r}")
+            return
+        try:
+            reply = ext.handle(bytes(payload[2 + nlen:]))
+        except Exception as e:  # an extension's bug must not take the exporter down
+            log.exception("%s: control extension %r failed", self.peer, name)
+            await self.send_error(req_id, Err.EXTENSION_FAILED, f"extension {name!r} failed: {e}")
+            return
+        if len(reply) > MAX_PAYLOAD:
+            await self.send_error(req_id, Err.EXTENSION_FAILED, f"extension {name!r} reply too large")
+            return
+        await self.send_frame(Frame.EXT_RESP, req_id, reply)
+
+    async def run(self, handshake_timeout: float) -> None:
+        try:
+            try:
+                with trio.fail_after(handshake_timeout):
+                    if not await self.handshake():
+                        return
+            except trio.TooSlowError:
+                log.warning("%s: no handshake within %.1fs; dropping", self.peer, handshake_timeout)
+                return
+            await self.serve_requests()
+        except _PeerClosed:
+            log.info("%s: closed the connection", self.peer)
+        except trio.TooSlowError:
+            log.warning("%s: frame not completed within %.1fs; dropping", self.peer, self.frame_timeout)
+        except ProtocolError as e:
+            log.warning("%s: protocol error: %s; dropping", self.peer, e)
+            code = Err.VERSION if isinstance(e, _VersionError) else Err.PROTOCOL
+            with trio.move_on_after(1):   # best effort; the peer may not be reading
+                try:
+                    await self.send_error(0, code, str(e))
+                except OSError:
+                    pass
+        except OSError as e:
+            log.info("%s: connection lost: %s", self.peer, e)
+        except Exception:
+            log.exception("%s: unexpected error; dropping", self.peer)
+        finally:
+            self.sock.close()
+
+
+async def serve(*, host: str, port: int, fsid: str, secret: bytes,
+                export: SoftwareExportBackend,
+                catalog: Callable[[str], Catalog],
+                extensions: Mapping[str, ControlExtension] = {},
+                handshake_timeout: float = 10.0,
+                frame_timeout: float = 30.0,
+                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve authenticated reads of ``export``'s regions until cancelled.
+
+    ``task_status.started()`` gets the bound port (useful with ``port=0``).
+    ``handshake_timeout`` bounds a peer's whole handshake; ``frame_timeout``
+    bounds how long an authenticated peer may take to finish a started frame.
+    """
+    if not secret:
+        raise ValueError("the filesystem secret must not be empty")
+    infos = await trio.socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                          flags=socket.AI_PASSIVE)
+    family, type_, proto, _, addr = infos[0]
+    lsock = trio.socket.socket(family, type_, proto)
+    with lsock:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await lsock.bind(addr)
+        lsock.listen(128)
+        bound = lsock.getsockname()[1]
+        log.info("software transport serving %r on %s:%d", fsid, host, bound)
+        async with trio.open_nursery() as nursery:
+            task_status.started(bound)
+            while True:
+                try:
+                    sock, peer_addr = await lsock.accept()
+                except OSError as e:   # e.g. EMFILE: keep serving the connections we have
+                    log.warning("accept failed: %s", e)
+                    await trio.sleep(0.1)
+                    continue
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{peer_addr[0]}:{peer_addr[1]}"
+                conn = _ServerConn(sock, peer, fsid, secret, export, catalog, extensions, frame_timeout)
+                nursery.start_soon(conn.run, handshake_timeout, name=f"software-conn {peer}")
+
+
+# --- initiator side --------------------------------------------------------
+
+def _set_io_timeout(sock: socket.socket, timeout: float) -> None:
+    # Kernel timeouts (not Python's settimeout, which makes the fd non-blocking)
+    # keep MSG_WAITALL working: one recvmsg_into fills a whole response.
+    frac, whole = math.modf(max(timeout, 0.001))
+    tv = struct.pack("ll", int(whole), int(frac * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+class SoftwareConnection(Connection):
+    """An authenticated connection to an exporter; all socket I/O runs in worker threads."""
+
+    transport = "software"
+
+    def __init__(self, sock: socket.socket, host: str, port: int, fsid: str, timeout: float) -> None:
+        self._sock = sock
+        self._where = f"{host}:{port}"
+        self._fsid = fsid
+        self._timeout = timeout
+        self._lock = trio.Lock()
+        self._next_id = 1
+        self._broken: str | None = None
+        self._hdr = bytearray(HEADER_SIZE)
+        self._abandoned = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<SoftwareConnection {self._where} fsid={self._fsid!r}{' broken' if self._broken else ''}>"
+
+    # -- blocking helpers, run in a worker thread --
+
+    def _recv_into(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = self._sock.recv_into(view[got:], 0, socket.MSG_WAITALL)
+            if n == 0:
+                raise TransportError(f"{self._where}: connection closed by the exporter")
+            got += n
+
+    def _recv_frame_header(self, req_id: int) -> tuple[int, int]:
+        self._recv_into(memoryview(self._hdr))
+        ftype, length, got_id = _parse_header(self._hdr, MAX_PAYLOAD)
+        if got_id != req_id and not (ftype == Frame.ERROR and got_id == 0):
+            raise ProtocolError(f"response to request {got_id} while expecting {req_id}")
+        return ftype, length
+
+    def _recv_payload(self, length: int) -> bytes:
+        buf = bytearray(length)
+        self._recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def _error_from(self, payload: bytes, context: str = "") -> TransportError:
+        if len(payload) < ERROR_HEAD.size:
+            return ProtocolError(f"{self._where}: malformed ERROR frame")
+        code, _detail = ERROR_HEAD.unpack_from(payload)
+        msg = payload[ERROR_HEAD.size:].decode("utf-8", "replace")
+        where = f"{self._where}: {context}{msg}"
+        if code in (Err.FSID_MISMATCH, Err.AUTH_FAILED):
+            return AuthError(where)
+        if code in (Err.UNKNOWN_RKEY, Err.OUT_OF_BOUNDS):
+            return RemoteAccessError(where)
+        if code in (Err.CATALOG_FAILED, Err.NO_SUCH_EXTENSION, Err.EXTENSION_FAILED):
+            return _RequestRefused(where)
+        return ProtocolError(where)
+
+    def _send(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def _call(self, ftype: Frame, payload: bytes, want: Frame) -> bytes:
+        """One request/response exchange on the control path."""
+        req_id = self._next_id
+        self._next_id += 1
+        self._send(_header(ftype, len(payload), req_id) + payload)
+        rtype, length = self._recv_frame_header(req_id)
+        data = self._recv_payload(length)
+        if rtype == Frame.ERROR:
+            raise self._error_from(data)
+        if rtype != want:
+            raise ProtocolError(f"{self._where}: expected frame type {want}, got {rtype}")
+        return data
+
+    def _handshake(self, secret: bytes) -> None:
+        cn = secrets.token_bytes(NONCE_SIZE)
+        fsid_b = self._fsid.encode()
+        if len(fsid_b) > MAX_HANDSHAKE_PAYLOAD - NONCE_SIZE:
+            raise ValueError("fsid too long")
+        self._send(_header(Frame.HELLO, NONCE_SIZE + len(fsid_b), 0) + cn + fsid_b)
+        ftype, length = self._recv_frame_header(0)
+        payload = self._recv_payload(length)
+        if ftype == Frame.ERROR:
+            raise self._error_from(payload)
+        if ftype != Frame.CHALLENGE or length != NONCE_SIZE:
+            raise ProtocolError(f"{self._where}: expected CHALLENGE, got frame type {ftype}")
+        sn = payload
+        self._send(_header(Frame.AUTH, MAC_SIZE, 0) + _mac(secret, _CLIENT_LABEL, cn, sn, self._fsid))
+        ftype, length = self._recv_frame_header(0)
+        payload = self._recv_payload(length)
+        if ftype == Frame.ERROR:
+            raise self._error_from(payload)
+        if ftype != Frame.WELCOME or length != MAC_SIZE:
+            raise ProtocolError(f"{self._where}: expected WELCOME, got frame type {ftype}")
+        if not hmac.compare_digest(payload, _mac(secret, _SERVER_LABEL, cn, sn, self._fsid)):
+            raise AuthError(f"{self._where}: the exporter failed mutual authentication "
+                            f"(it does not know the secret of {self._fsid!r})")
+
+    def _plan(self, ops: Sequence[Any]) -> Iterator[tuple[bytes, list[memoryview], list[int], int]]:
+        """Yield READ_REQs lazily (request payload, destination views, op indexes, data bytes).
+
+        Lazy so that building request k+1 overlaps the exporter serving request k.
+        """
+        flat: list[int] = []
+        dests: list[memoryview] = []
+        idxs: list[int] = []
+        total = 0
+        for i, op in enumerate(ops):
+            dest = op.dest
+            if type(dest) is not memoryview:
+                dest = memoryview(dest)
+            if dest.readonly:
+                raise ValueError(f"read {i}: destination buffer is read-only")
+            if dest.format != "B" or dest.ndim != 1:
+                dest = dest.cast("B")
+            n = len(dest)
+            rkey, off = op.rkey, op.offset
+            if not (0 <= rkey < _U64 and 0 <= off and off + n <= _U64):
+                raise RemoteAccessError(f"{self._where}: read {i} (rkey {rkey:#x}, offset {off}, "
+                                        f"length {n}) failed: outside the 64-bit address space")
+            start = 0
+            while start < n:   # a read larger than one request is split
+                piece = dest if n <= _REQ_DATA_TARGET else dest[start:start + _REQ_DATA_TARGET]
+                ln = len(piece)
+                if dests and (len(dests) == MAX_READ_OPS or total + ln > _REQ_DATA_TARGET):
+                    yield struct.pack(f"!{len(flat)}Q", *flat), dests, idxs, total
+                    flat, dests, idxs, total = [], [], [], 0
+                flat += (rkey, off + start, ln)
+                dests.append(piece)
+                idxs.append(i)
+                total += ln
+                start += ln
+        if dests:
+            yield struct.pack(f"!{len(flat)}Q", *flat), dests, idxs, total
+
+    def _scatter(self, bufs: list[memoryview]) -> None:
+        """Receive straight into the destination views, up to IOV_MAX per system call."""
+        bufs = list(bufs)
+        i = 0
+        while i < len(bufs):
+            n = self._sock.recvmsg_into(bufs[i:i + _IOV_MAX], 0, socket.MSG_WAITALL)[0]
+            if n == 0:
+                raise TransportError(f"{self._where}: connection closed by the exporter mid-read")
+            while n:
+                ln = len(bufs[i])
+                if n >= ln:
+                    n -= ln
+                    i += 1
+                else:
+                    bufs[i] = bufs[i][n:]
+                    n = 0
+
+    def _read_sync(self, ops: Sequence[Any], progress: ProgressFn | None) -> None:
+        plan = self._plan(ops)
+        pending = next(plan, None)
+        inflight: deque[tuple[int, tuple[bytes, list[memoryview], list[int], int]]] = deque()
+        inflight_bytes = 0
+        first_err: Exception | None = None
+        while True:
+            # Keep the pipe full, unless a read failed: then only drain what was sent.
+            while (first_err is None and pending is not None and len(inflight) < _WINDOW
+                   and (not inflight or inflight_bytes + len(pending[0]) <= _INFLIGHT_REQ_BYTES)):
+                payload = pending[0]
+                req_id = self._next_id
+                self._next_id += 1
+                self._send(_header(Frame.READ_REQ, len(payload), req_id) + payload)
+                inflight.append((req_id, pending))
+                inflight_bytes += len(payload)
+                try:
+                    pending = next(plan, None)
+                except (ValueError, RemoteAccessError) as e:   # a bad op later in the list
+                    first_err, pending = e, None
+            if not inflight:
+                break
+            req_id, (payload, dests, idxs, total) = inflight.popleft()
+            inflight_bytes -= len(payload)
+            ftype, length = self._recv_frame_header(req_id)
+            if ftype == Frame.READ_DATA:
+                if length != total:
+                    raise ProtocolError(f"{self._where}: READ_DATA of {length} bytes, expected {total}")
+                self._scatter(dests)
+                if progress is not None and first_err is None and not self._abandoned.is_set():
+                    trio.from_thread.run_sync(progress, total)
+            elif ftype == Frame.ERROR:
+                data = self._recv_payload(length)
+                err = self._error_from(data)
+                if not isinstance(err, RemoteAccessError):
+                    raise err
+                if first_err is None:
+                    _, detail = ERROR_HEAD.unpack_from(data)
+                    k = idxs[detail] if detail < len(idxs) else idxs[0]
+                    op = ops[k]
+                    first_err = RemoteAccessError(
+                        f"{self._where}: read {k} (rkey {op.rkey:#x}, offset {op.offset}, length {memoryview(op.dest).nbytes}) "
+                        f"failed: {data[ERROR_HEAD.size:].decode('utf-8', 'replace')}")
+            else:
+                raise ProtocolError(f"{self._where}: unexpected frame type {ftype} in reply to a read")
+        if first_err is not None:
+            raise first_err
+
+    # -- async API --
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._broken is not None:
+            raise TransportError(f"{self._where}: connection unusable: {self._broken}")
+        async with self._lock:
+            if self._broken is not None:
+                raise TransportError(f"{self._where}: connection unusable: {self._broken}")
+            try:
+                return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+            except trio.Cancelled:
+                # The stream is mid-frame; unblock the abandoned thread and give up on it.
+                self._abandoned.set()
+                self._break("an operation was cancelled mid-stream")
+                raise
+            except (RemoteAccessError, _RequestRefused, ValueError):
+                raise   # clean failures: the stream is still in sync
+            except (BlockingIOError, socket.timeout) as e:
+                self._break("timed out")
+                raise TransportError(f"{self._where}: no response within {self._timeout:g}s") from e
+            except OSError as e:
+                self._break(str(e))
+                raise TransportError(f"{self._where}: {e.strerror or e}") from e
+            except Exception as e:
+                self._break(str(e))
+                raise
+
+    def _break(self, why: str) -> None:
+        if self._broken is None:
+            self._broken = why
+            log.warning("%s: connection broken: %s", self._where, why)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    async def register(self, transport: str = "software") -> Catalog:
+        """The registration handshake: the exporter's catalog of regions for ``transport``."""
+        data = await self._run(self._call, Frame.CATALOG_REQ, transport.encode(), Frame.CATALOG)
+        cat = _catalog_from_json(data)
+        if cat.fsid != self._fsid:
+            raise ProtocolError(f"{self._where}: catalog is for {cat.fsid!r}, not {self._fsid!r}")
+        return cat
+
+    async def read_batch(self, ops: Sequence[Any], progress: ProgressFn | None = None) -> None:
+        if ops:
+            await self._run(self._read_sync, ops, progress)
+
+    async def call_extension(self, name: str, payload: bytes) -> bytes:
+        """Call the exporter's control extension ``name`` (e.g. verbs QP exchange)."""
+        nb = name.encode()
+        if len(nb) > 0xFFFF or 2 + len(nb) + len(payload) > MAX_PAYLOAD:
+            raise ValueError("extension name or payload too large")
+        return await self._run(self._call, Frame.EXT_REQ, struct.pack("!H", len(nb)) + nb + payload,
+                               Frame.EXT_RESP)
+
+    async def aclose(self) -> None:
+        if self._broken is None:
+            self._broken = "closed"
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        async with self._lock:   # a running worker thread returns promptly after shutdown
+            self._sock.close()
+
+
+async def connect(host: str, port: int, *, fsid: str, secret: bytes,
+                  timeout: float = 10.0) -> SoftwareConnection:
+    """Connect and authenticate; ConnectError/AuthError/ProtocolError within about ``timeout``."""
+    where = f"{host}:{port}"
+    abandoned = threading.Event()
+
+    def _open() -> SoftwareConnection:
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except socket.timeout:
+            raise ConnectError(f"cannot connect to {where}: timed out after {timeout:g}s") from None
+        except OSError as e:
+            raise ConnectError(f"cannot connect to {where}: {e.strerror or e}") from None
+        try:
+            sock.settimeout(None)
+            _set_io_timeout(sock, timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = SoftwareConnection(sock, host, port, fsid, timeout)
+            conn._handshake(secret)
+        except BlockingIOError:
+            sock.close()
+            raise ConnectError(f"cannot connect to {where}: handshake timed out after {timeout:g}s") from None
+        except TransportError:
+            sock.close()
+            raise
+        except OSError as e:
+            sock.close()
+            raise ConnectError(f"cannot connect to {where}: handshake failed: {e.strerror or e}") from None
+        except BaseException:
+            sock.close()
+            raise
+        if abandoned.is_set():
+            sock.close()
+        return conn
+
+    # Name resolution can outlast socket timeouts, so bound the whole thing from trio too.
+    with trio.move_on_after(timeout * 3 + 1):
+        try:
+            return await trio.to_thread.run_sync(_open, abandon_on_cancel=True)
+        except trio.Cancelled:
+            abandoned.set()
+            raise
+    abandoned.set()
+    raise ConnectError(f"cannot connect to {where}: timed out after {timeout * 3 + 1:g}s")
+
+
+def available() -> str | None:
+    """The software transport needs only TCP: always available."""
+    return None

@@ -1,0 +1,519 @@
+"""The software transport over real TCP sockets on 127.0.0.1 (no mocks).
+
+The server is ``serve()`` in a trio task; regions are real read-only mmaps of
+temp files with pseudo-random contents, so every read is checked byte for byte.
+Hostile peers are raw sockets speaking (or mangling) the documented wire format.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import random
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import pytest
+import trio
+
+from rmemfs.transport import base, software as sw
+from rmemfs.transport.base import (
+    AuthError, Catalog, ConnectError, ControlExtension, ExportedRegion, ProtocolError, ReadOp,
+    RegionRole, RemoteAccessError, TransportError,
+)
+
+FSID = "fs-test-0001"
+SECRET = b"correct horse battery staple"
+HANDSHAKE_TIMEOUT = 0.5
+PAGE = 4096
+
+
+class Echo(ControlExtension):
+    name = "echo"
+
+    def handle(self, payload: bytes) -> bytes:
+        return b"echo:" + payload[::-1]
+
+
+class Broken(ControlExtension):
+    name = "broken"
+
+    def handle(self, payload: bytes) -> bytes:
+        raise RuntimeError("extension bug")
+
+
+@dataclass
+class Server:
+    port: int
+    backend: sw.SoftwareExportBackend
+    contents: dict[int, bytes]          # region_id -> bytes
+    catalog: Catalog
+
+
+def _make_region(tmp_path, region_id: int, name: str, role: RegionRole, size: int, seed: int):
+    data = random.Random(seed).randbytes(size)
+    path = tmp_path / name
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+    return ExportedRegion(region_id, name, role, memoryview(mm), 0x7F0000000000 + region_id * 2**32), data, mm
+
+
+@pytest.fixture
+async def server(nursery, tmp_path):
+    backend = sw.SoftwareExportBackend()
+    contents = {}
+    mms = []
+    for rid, name, role, size in [(0, "ctl-0000.rgn", RegionRole.CTL, 64 * 1024),
+                                  (1, "meta-0001.rgn", RegionRole.META, 256 * 1024),
+                                  (2, "data-0002.rgn", RegionRole.DATA, 24 << 20)]:
+        region, data, mm = _make_region(tmp_path, rid, name, role, size, seed=rid)
+        backend.register(region)
+        contents[rid] = data
+        mms.append(mm)
+    regions = tuple(backend._by_id[i] for i in sorted(backend._by_id))
+
+    def catalog(transport: str) -> Catalog:
+        if transport != "software":
+            raise TransportError(f"transport {transport} is not served here")
+        return Catalog(FSID, transport, regions)
+
+    port = await nursery.start(partial(
+        sw.serve, host="127.0.0.1", port=0, fsid=FSID, secret=SECRET, export=backend,
+        catalog=catalog, extensions={"echo": Echo(), "broken": Broken()},
+        handshake_timeout=HANDSHAKE_TIMEOUT, frame_timeout=HANDSHAKE_TIMEOUT))
+    yield Server(port, backend, contents, Catalog(FSID, "software", regions))
+
+
+async def _conn(server: Server, **kw) -> sw.SoftwareConnection:
+    return await sw.connect("127.0.0.1", server.port, fsid=kw.get("fsid", FSID),
+                            secret=kw.get("secret", SECRET), timeout=kw.get("timeout", 5.0))
+
+
+async def _good_client_works(server: Server) -> None:
+    async with await _conn(server) as c:
+        cat = await c.register()
+        data = cat.by_id(1)
+        dest = bytearray(8192)
+        await c.read(data.rkey, 4096, memoryview(dest))
+        assert dest == server.contents[1][4096:4096 + 8192]
+
+
+# --- raw peers ---------------------------------------------------------------
+
+async def _raw(server: Server) -> trio.socket.SocketType:
+    s = trio.socket.socket()
+    await s.connect(("127.0.0.1", server.port))
+    return s
+
+
+async def _recv_exact(s: trio.socket.SocketType, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await s.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"closed after {len(buf)} of {n}")
+        buf += chunk
+    return buf
+
+
+async def _recv_frame(s: trio.socket.SocketType) -> tuple[int, int, bytes]:
+    magic, ver, ftype, length, req_id = sw.HEADER.unpack(await _recv_exact(s, sw.HEADER_SIZE))
+    assert magic == sw.MAGIC and ver == sw.PROTOCOL_VERSION
+    return ftype, req_id, await _recv_exact(s, length)
+
+
+async def _raw_authed(server: Server) -> trio.socket.SocketType:
+    """A raw socket that has completed the handshake by hand, per the documented format."""
+    s = await _raw(server)
+    cn = b"\x01" * 32
+    await s.send(sw._header(sw.Frame.HELLO, 32 + len(FSID), 0) + cn + FSID.encode())
+    ftype, _, sn = await _recv_frame(s)
+    assert ftype == sw.Frame.CHALLENGE
+    await s.send(sw._header(sw.Frame.AUTH, 32, 0) + sw._mac(SECRET, b"rmemfs-software-v1 client", cn, sn, FSID))
+    ftype, _, mac = await _recv_frame(s)
+    assert ftype == sw.Frame.WELCOME
+    assert mac == sw._mac(SECRET, b"rmemfs-software-v1 server", cn, sn, FSID)
+    return s
+
+
+async def _assert_dropped(s: trio.socket.SocketType, within: float = 2.0) -> None:
+    """The server closes the connection (possibly after an ERROR frame)."""
+    with trio.fail_after(within):
+        while True:
+            try:
+                if not await s.recv(65536):
+                    return
+            except ConnectionResetError:
+                return
+
+
+# --- the happy path ---------------------------------------------------------
+
+async def test_catalog(server):
+    async with await _conn(server) as c:
+        cat = await c.register()
+    assert cat == server.catalog
+    assert [r.role for r in cat.regions] == [RegionRole.CTL, RegionRole.META, RegionRole.DATA]
+    assert cat.by_id(2).length == 24 << 20 and cat.by_id(2).name == "data-0002.rgn"
+    rkeys = {r.rkey for r in cat.regions}
+    assert len(rkeys) == 3 and all(0 < k < 2**64 for k in rkeys)
+
+
+async def test_single_read(server):
+    async with await _conn(server) as c:
+        d = (await c.register()).by_id(0)
+        dest = bytearray(100)
+        await c.read(d.rkey, 12345, memoryview(dest))
+        assert bytes(dest) == server.contents[0][12345:12445]
+
+
+async def test_batch_of_scattered_pages(server):
+    async with await _conn(server) as c:
+        d = (await c.register()).by_id(2)
+        npages = d.length // PAGE
+        pages = random.Random(7).sample(range(npages), 5000)
+        dest = mmap.mmap(-1, len(pages) * PAGE)
+        view = memoryview(dest)
+        ops = [ReadOp(d.rkey, p * PAGE, view[i * PAGE:(i + 1) * PAGE]) for i, p in enumerate(pages)]
+        done = []
+        await c.read_batch(ops, progress=done.append)
+        src = server.contents[2]
+        for i, p in enumerate(pages):
+            assert dest[i * PAGE:(i + 1) * PAGE] == src[p * PAGE:(p + 1) * PAGE], f"page {p}"
+        assert sum(done) == len(pages) * PAGE
+        del view, ops
+
+
+async def test_large_reads(server):
+    async with await _conn(server) as c:
+        d = (await c.register()).by_id(2)
+        src = server.contents[2]
+        dest = bytearray(8 << 20)
+        await c.read(d.rkey, 1 << 20, memoryview(dest))
+        assert dest == src[1 << 20:9 << 20]
+        # Larger than one request: split across several, and unaligned.
+        dest = bytearray((20 << 20) + 3)
+        done = []
+        await c.read_batch([ReadOp(d.rkey, 7, memoryview(dest))], progress=done.append)
+        assert dest == src[7:7 + len(dest)]
+        assert sum(done) == len(dest)
+
+
+async def test_mixed_regions_and_sizes(server):
+    async with await _conn(server) as c:
+        cat = await c.register()
+        rng = random.Random(3)
+        ops, expect = [], []
+        for _ in range(300):
+            r = cat.regions[rng.randrange(3)]
+            n = rng.choice([0, 1, 17, 4096, 40000])
+            off = rng.randrange(r.length - n + 1)
+            ops.append(ReadOp(r.rkey, off, memoryview(bytearray(n))))
+            expect.append(server.contents[r.region_id][off:off + n])
+        await c.read_batch(ops)
+        assert [bytes(o.dest) for o in ops] == expect
+
+
+async def test_concurrent_reads_on_one_connection(server):
+    async with await _conn(server) as c:
+        d = (await c.register()).by_id(2)
+        results = {}
+
+        async def one(i: int) -> None:
+            dest = bytearray(1 << 20)
+            await c.read(d.rkey, i << 20, memoryview(dest))
+            results[i] = bytes(dest)
+
+        async with trio.open_nursery() as n:
+            for i in range(6):
+                n.start_soon(one, i)
+        for i in range(6):
+            assert results[i] == server.contents[2][i << 20:(i + 1) << 20]
+
+
+async def test_extension_round_trip(server):
+    async with await _conn(server) as c:
+        assert await c.call_extension("echo", b"qp=17 gid=fe80") == b"echo:08ef=dig 71=pq"
+        assert await c.call_extension("echo", b"") == b"echo:"
+        with pytest.raises(TransportError, match="no control extension named 'nope'"):
+            await c.call_extension("nope", b"x")
+        with pytest.raises(TransportError, match="extension 'broken' failed: extension bug"):
+            await c.call_extension("broken", b"x")
+        assert await c.call_extension("echo", b"ab") == b"echo:ba"   # still usable
+
+
+async def test_catalog_refused_for_other_transport(server):
+    async with await _conn(server) as c:
+        with pytest.raises(TransportError, match="transport verbs is not served here"):
+            await c.register("verbs")
+        assert (await c.register()) == server.catalog
+
+
+# --- authentication ----------------------------------------------------------
+
+async def test_wrong_secret(server, caplog):
+    with pytest.raises(AuthError, match="authentication failed: wrong filesystem secret"):
+        await _conn(server, secret=b"wrong")
+    assert any("authentication failed" in r.message for r in caplog.records if r.levelno >= logging.WARNING)
+    await _good_client_works(server)
+
+
+async def test_fsid_mismatch(server):
+    with pytest.raises(AuthError, match="filesystem id mismatch: client asked for 'other-fs'"):
+        await _conn(server, fsid="other-fs")
+    await _good_client_works(server)
+
+
+async def test_client_rejects_server_without_secret(nursery):
+    """Mutual auth: a server that does not know the secret is caught by the client."""
+    async def fake_server(task_status=trio.TASK_STATUS_IGNORED):
+        ls = trio.socket.socket()
+        await ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        task_status.started(ls.getsockname()[1])
+        s, _ = await ls.accept()
+        with s, ls:
+            await _recv_exact(s, sw.HEADER_SIZE + 32 + len(FSID))
+            await s.send(sw._header(sw.Frame.CHALLENGE, 32, 0) + b"\x02" * 32)
+            await _recv_exact(s, sw.HEADER_SIZE + 32)      # the client's proof; accept it blindly
+            await s.send(sw._header(sw.Frame.WELCOME, 32, 0) + b"\x03" * 32)
+            await trio.sleep(1)
+
+    port = await nursery.start(fake_server)
+    with pytest.raises(AuthError, match="failed mutual authentication"):
+        await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=2)
+
+
+# --- remote access errors ----------------------------------------------------
+
+async def test_unknown_rkey(server):
+    async with await _conn(server) as c:
+        cat = await c.register()
+        bogus = next(k for k in range(1, 100) if k not in {r.rkey for r in cat.regions})
+        with pytest.raises(RemoteAccessError, match=rf"rkey {bogus:#x}, offset 0, length 4096"):
+            await c.read(bogus, 0, memoryview(bytearray(PAGE)))
+        # The failing read among good ones: the batch fails, the connection stays usable.
+        d = cat.by_id(2)
+        ops = [ReadOp(d.rkey, i * PAGE, memoryview(bytearray(PAGE))) for i in range(3000)]
+        ops[2500] = ReadOp(bogus, 0, memoryview(bytearray(PAGE)))
+        with pytest.raises(RemoteAccessError, match="read 2500 .*unknown rkey"):
+            await c.read_batch(ops)
+        dest = bytearray(PAGE)
+        await c.read(d.rkey, 5 * PAGE, memoryview(dest))
+        assert dest == server.contents[2][5 * PAGE:6 * PAGE]
+
+
+async def test_out_of_bounds(server):
+    async with await _conn(server) as c:
+        d = (await c.register()).by_id(1)
+        for off, n in [(d.length - 100, PAGE), (d.length, 1), (d.length + PAGE, PAGE),
+                       (2**64 - 2048, PAGE), (2**64 + 5, 1), (-1, 1)]:
+            with pytest.raises(RemoteAccessError, match=rf"rkey {d.rkey:#x}, offset {off}"):
+                await c.read(d.rkey, off, memoryview(bytearray(n)))
+        dest = bytearray(100)        # exactly up to the end is fine
+        await c.read(d.rkey, d.length - 100, memoryview(dest))
+        assert dest == server.contents[1][-100:]
+
+
+@pytest.mark.parametrize("off,length", [
+    (2**64 - 4096, 8192),            # wraps to 4096 in 64-bit arithmetic
+    (2**64 - 1, 2**64 - 1),
+    (1, 2**64 - 1),
+    (256 * 1024 - 1, 2),
+])
+async def test_out_of_bounds_raw_overflow(server, off, length):
+    """The server itself rejects wrapping ranges (a client need not be ours)."""
+    s = await _raw_authed(server)
+    with s:
+        rkey = server.catalog.by_id(1).rkey
+        await s.send(sw._header(sw.Frame.READ_REQ, 24, 9) + struct.pack("!QQQ", rkey, off, length))
+        ftype, req_id, payload = await _recv_frame(s)
+        assert (ftype, req_id) == (sw.Frame.ERROR, 9)
+        assert struct.unpack_from("!HI", payload) == (sw.Err.OUT_OF_BOUNDS, 0)
+        # Same connection still serves a good read.
+        await s.send(sw._header(sw.Frame.READ_REQ, 24, 10) + struct.pack("!QQQ", rkey, 10, 20))
+        ftype, req_id, payload = await _recv_frame(s)
+        assert (ftype, req_id, payload) == (sw.Frame.READ_DATA, 10, server.contents[1][10:30])
+
+
+async def test_deregistered_region_is_unreadable(server):
+    async with await _conn(server) as c:
+        d = (await c.register()).by_id(0)
+        server.backend.deregister(0)
+        with pytest.raises(RemoteAccessError, match="unknown rkey"):
+            await c.read(d.rkey, 0, memoryview(bytearray(10)))
+
+
+# --- malformed peers ------------------------------------------------------------
+
+async def test_truncated_frame(server, caplog):
+    s = await _raw(server)
+    with s:
+        await s.send(sw._header(sw.Frame.HELLO, 100, 0) + b"x" * 10)
+        s.shutdown(socket.SHUT_WR)
+        await _assert_dropped(s)
+    await _good_client_works(server)
+    await trio.sleep(0.05)
+    assert any("truncated frame" in r.message for r in caplog.records)
+
+
+async def test_garbage_bytes(server, caplog):
+    s = await _raw(server)
+    with s:
+        await s.send(random.Random(1).randbytes(200))
+        await _assert_dropped(s)
+    await _good_client_works(server)
+    assert any("bad magic" in r.message for r in caplog.records)
+
+
+async def test_oversized_frame_before_auth(server, caplog):
+    s = await _raw(server)
+    with s:
+        await s.send(sw._header(sw.Frame.HELLO, 2**31, 0))
+        await _assert_dropped(s)
+    await _good_client_works(server)
+    assert any("exceeds the limit" in r.message for r in caplog.records)
+
+
+async def test_oversized_and_malformed_frames_after_auth(server):
+    for bad in [sw._header(sw.Frame.READ_REQ, sw.MAX_PAYLOAD + 1, 1),
+                sw._header(sw.Frame.READ_REQ, 23, 1) + b"\0" * 23,                 # not n x 24
+                sw._header(sw.Frame.READ_REQ, 24 * 1025, 1) + b"\0" * 24 * 1025,   # too many reads
+                sw._header(sw.Frame.WELCOME, 0, 1),                                # wrong type now
+                sw.HEADER.pack(sw.MAGIC, 99, sw.Frame.READ_REQ, 0, 1)]:            # other version
+        s = await _raw_authed(server)
+        with s:
+            await s.send(bad)
+            await _assert_dropped(s)
+    # A read asking for more than MAX_READ_BYTES in one request is dropped too.
+    s = await _raw_authed(server)
+    with s:
+        rkey = server.catalog.by_id(2).rkey
+        ops = b"".join(struct.pack("!QQQ", rkey, 0, 24 << 20) for _ in range(1))
+        await s.send(sw._header(sw.Frame.READ_REQ, len(ops), 1) + ops)
+        await _assert_dropped(s)
+    await _good_client_works(server)
+
+
+async def test_staller_is_dropped_without_blocking_others(server, caplog):
+    stallers = [await _raw(server) for _ in range(3)]
+    half = await _raw(server)                       # sends half a HELLO, then stalls
+    await half.send(sw._header(sw.Frame.HELLO, 32 + len(FSID), 0) + b"\0" * 5)
+    t0 = time.monotonic()
+    await _good_client_works(server)                # served while the stallers hang on
+    assert time.monotonic() - t0 < HANDSHAKE_TIMEOUT
+    for s in stallers + [half]:
+        with s:
+            await _assert_dropped(s, within=HANDSHAKE_TIMEOUT + 2)
+    assert time.monotonic() - t0 < HANDSHAKE_TIMEOUT + 2
+    assert any("no handshake within" in r.message for r in caplog.records)
+    await _good_client_works(server)
+
+
+async def test_authenticated_peer_stalling_mid_frame_is_dropped(server):
+    s = await _raw_authed(server)
+    with s:
+        await s.send(sw._header(sw.Frame.READ_REQ, 48, 1) + b"\0" * 10)
+        await _assert_dropped(s, within=HANDSHAKE_TIMEOUT + 2)
+
+
+async def test_version_mismatch_reported_to_client(server):
+    s = await _raw(server)
+    with s:
+        await s.send(sw.HEADER.pack(sw.MAGIC, 2, sw.Frame.HELLO, 0, 0))
+        ftype, _, payload = await _recv_frame(s)
+        assert ftype == sw.Frame.ERROR and struct.unpack_from("!H", payload)[0] == sw.Err.VERSION
+        assert b"protocol version 2 not supported" in payload
+
+
+# --- connecting ---------------------------------------------------------------
+
+async def test_connect_refused_is_quick():
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    port = ls.getsockname()[1]
+    ls.close()                                       # nothing listens there now
+    t0 = time.monotonic()
+    with pytest.raises(ConnectError, match=rf"127\.0\.0\.1:{port}"):
+        await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=2)
+    assert time.monotonic() - t0 < 1
+
+
+async def test_connect_to_silent_listener_times_out():
+    ls = socket.socket()                             # accepts (backlog) but never speaks
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+    with ls:
+        t0 = time.monotonic()
+        with pytest.raises(ConnectError, match="handshake timed out"):
+            await sw.connect("127.0.0.1", ls.getsockname()[1], fsid=FSID, secret=SECRET, timeout=0.3)
+        assert time.monotonic() - t0 < 2
+
+
+async def test_closed_connection_is_unusable(server):
+    c = await _conn(server)
+    await c.aclose()
+    with pytest.raises(TransportError, match="unusable"):
+        await c.register()
+    await c.aclose()                                 # idempotent
+
+
+async def test_exporter_going_away_breaks_connection(nursery, tmp_path):
+    backend = sw.SoftwareExportBackend()
+    region, _, _ = _make_region(tmp_path, 5, "data-0005.rgn", RegionRole.DATA, 1 << 20, 5)
+    desc = backend.register(region)
+    cancel = trio.CancelScope()
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        with cancel:
+            await sw.serve(host="127.0.0.1", port=0, fsid=FSID, secret=SECRET, export=backend,
+                           catalog=lambda t: Catalog(FSID, t, (desc,)), task_status=task_status)
+
+    port = await nursery.start(run)
+    c = await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=2)
+    cancel.cancel()
+    await trio.sleep(0.05)
+    with pytest.raises(TransportError):
+        await c.read(desc.rkey, 0, memoryview(bytearray(10)))
+    await c.aclose()
+
+
+# --- backend -----------------------------------------------------------------
+
+def test_backend_register_is_idempotent_and_keys_are_random(tmp_path):
+    b = sw.SoftwareExportBackend()
+    region, data, _ = _make_region(tmp_path, 3, "data-0003.rgn", RegionRole.DATA, 8192, 3)
+    d1 = b.register(region)
+    assert b.register(region) == d1
+    desc, view = b.lookup(d1.rkey)
+    assert desc == d1 and bytes(view[:10]) == data[:10]
+    b.deregister(3)
+    with pytest.raises(RemoteAccessError):
+        b.lookup(d1.rkey)
+    assert b.register(region).rkey != d1.rkey        # a new registration, a new key
+    keys = {sw.SoftwareExportBackend().register(region).rkey for _ in range(200)}
+    assert len(keys) == 200 and max(keys).bit_length() > 56
+    b.close()
+    assert sw.available() is None
+    assert isinstance(sw.SoftwareConnection.transport, str) and issubclass(sw.SoftwareConnection, base.Connection)
+
+
+async def test_bad_destination_late_in_batch_keeps_connection_in_sync(server):
+    """Ops are planned lazily while earlier requests are in flight; a bad one later on
+    must fail the batch cleanly (responses drained) and leave the connection usable."""
+    async with await _conn(server) as c:
+        d = (await c.register()).by_id(2)
+        ops = [ReadOp(d.rkey, i * PAGE, memoryview(bytearray(PAGE))) for i in range(4000)]
+        ops[3500] = ReadOp(d.rkey, 0, memoryview(bytes(PAGE)))          # read-only destination
+        with pytest.raises(ValueError, match="read 3500: destination buffer is read-only"):
+            await c.read_batch(ops)
+        ops[3500] = ReadOp(d.rkey, 2**64 - 1, memoryview(bytearray(2)))
+        with pytest.raises(RemoteAccessError, match="read 3500"):
+            await c.read_batch(ops)
+        ops[3500] = ReadOp(d.rkey, 0, memoryview(bytearray(PAGE)))
+        await c.read_batch(ops)
+        src = server.contents[2]
+        assert all(bytes(o.dest) == src[o.offset:o.offset + PAGE] for o in ops)
