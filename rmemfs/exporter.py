@@ -30,7 +30,7 @@ from . import PAGE_SIZE, control
 from .dirty import parse_header
 from .durable import atomic_write
 from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
-from .transport import load as load_transport
+from .transport import export_backend, load as load_transport
 from .transport.base import Catalog, ExportBackend, ExportedRegion, TransportError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Exporter:
             reason = module.available()
             if reason is not None:
                 raise TransportError(f"exporter cannot register for {transport}: {reason}")
-            backend = self.backends[transport] = module.export_backend()
+            backend = self.backends[transport] = export_backend(transport)
         return backend
 
     def catalog(self, transport: str) -> Catalog:
@@ -115,7 +115,8 @@ class Exporter:
         out: dict[str, Any] = {}
         try:
             verbs = self._backend("verbs")
-        except TransportError:
+        except (TransportError, ImportError) as e:
+            log.info("verbs transport not offered: %s", e)
             return out
         for ext in getattr(verbs, "extensions", lambda: [])():
             out[ext.name] = ext

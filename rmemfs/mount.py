@@ -324,8 +324,9 @@ def start_exporter(region_dir: Path, backend_path: Path, fsid: str, opts: MountO
     buf = b""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace").strip().splitlines()
-            raise QuietError(f"exporter failed to start: {err[-1] if err else 'exit ' + str(proc.returncode)}",
+            lines = [ln for ln in proc.stderr.read().decode(errors="replace").splitlines()
+                     if ln.strip() and not ln.startswith((" ", "|", "+"))]
+            raise QuietError(f"exporter failed to start: {lines[-1] if lines else 'exit ' + str(proc.returncode)}",
                              EXIT_EXPORTER)
         try:
             chunk = os.read(proc.stdout.fileno(), 4096)

@@ -10,7 +10,7 @@ import importlib
 import logging
 from types import ModuleType
 
-from .base import TransportUnavailable
+from .base import ExportBackend, TransportUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +39,11 @@ def resolve(name: str) -> str:
     if reason is not None:
         raise TransportUnavailable(f"transport {name} is unavailable: {reason}")
     return name
+
+
+_EXPORT_BACKENDS = {"software": "SoftwareExportBackend", "verbs": "VerbsExportBackend"}
+
+
+def export_backend(name: str) -> "ExportBackend":
+    """A new exporter-side registration backend for transport ``name``."""
+    return getattr(load(name), _EXPORT_BACKENDS[name])()
