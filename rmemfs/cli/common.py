@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, TypeVar
 
 from ..errors import QuietError
 
@@ -28,6 +28,21 @@ def setup_logging(debug: bool = False, log_file: Path | None = None, quiet: bool
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
+E = TypeVar("E", bound=BaseException)
+
+
+def first_of(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` in ``exc`` or, for trio's exception groups, inside it."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = first_of(sub, kind)
+            if found is not None:
+                return found
+    return None
+
+
 def run_main(prog: str, body: Callable[[], int]) -> NoReturn:
     """Run a command body; QuietError becomes one line on stderr and its exit code."""
     try:
@@ -38,4 +53,8 @@ def run_main(prog: str, body: Callable[[], int]) -> NoReturn:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:   # a bug: one line for the user, the traceback in the log at debug level
+        log.debug("unexpected failure", exc_info=True)
+        print(f"{prog}: error: unexpected {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(1)
     sys.exit(code)

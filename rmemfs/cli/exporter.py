@@ -12,7 +12,7 @@ import trio
 from ..baseline import Backend
 from ..errors import BackendError, CorruptionError, QuietError
 from ..exporter import DEFAULT_PORT, Exporter
-from .common import run_main, setup_logging
+from .common import first_of, run_main, setup_logging
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> None:
         exporter = Exporter(args.region_dir, fsid, secret, args.listen, args.port)
         try:
             trio.run(exporter.run)
-        except OSError as e:
-            raise QuietError(f"cannot serve on {args.listen}:{args.port}: {e.strerror or e}", 15) from None
+        except (OSError, BaseExceptionGroup) as e:
+            oserr = first_of(e, OSError)
+            if oserr is None:
+                raise
+            raise QuietError(f"cannot serve on {args.listen}:{args.port}: {oserr.strerror or oserr}", 15) from None
         return 0
 
     run_main("rmemfs-exporter", body)

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import trio
 
@@ -44,11 +45,16 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def daemonize_and_run(foreground: bool, work: "callable[[callable[[], None]], int]") -> int:
-    """Run ``work(ready)``; without -f, fork first and let the parent exit only once ``ready`` is called
-    (exit 0) or the child fails (its one-line error and exit code)."""
+Ready = Callable[[str], None]
+
+
+def daemonize_and_run(foreground: bool, work: Callable[[Ready], int],
+                      on_ready: Callable[[str], None] = lambda note: None) -> int:
+    """Run ``work(ready)``; without -f, fork first and let the parent return 0 only once the child calls
+    ``ready(note)``, or raise the child's one-line error and exit code. ``on_ready(note)`` runs in the
+    process the user sees, once the mount is usable."""
     if foreground:
-        return work(lambda: None)
+        return work(on_ready)
     r, w = os.pipe()
     pid = os.fork()
     if pid:
@@ -56,6 +62,7 @@ def daemonize_and_run(foreground: bool, work: "callable[[callable[[], None]], in
         with os.fdopen(r, "rb") as pipe:
             msg = pipe.read().decode(errors="replace")
         if msg.startswith("OK"):
+            on_ready(msg[2:].strip())
             return 0
         _, pid_status = os.waitpid(pid, 0)
         code, _, text = msg.partition(" ")
@@ -70,9 +77,9 @@ def daemonize_and_run(foreground: bool, work: "callable[[callable[[], None]], in
         os.dup2(null, fd)
     reported = False
 
-    def ready() -> None:
+    def ready(note: str = "") -> None:
         nonlocal reported
-        os.write(w, b"OK\n")
+        os.write(w, f"OK {note}\n".encode())
         os.close(w)
         reported = True
 
@@ -103,13 +110,13 @@ def main(argv: list[str] | None = None) -> None:
         opened = open_backend(args.backend.absolute(), opts, mountpoint)
         log_file = args.log or (None if args.foreground else opened.region_dir / "rmemfs.log")
 
-        def work(ready: "callable[[], None]") -> int:
+        def work(ready: Ready) -> int:
             if log_file:
                 setup_logging(args.debug, log_file)
             _proc, port = start_exporter(opened.region_dir, opened.backend.path, opened.fs.fsid, opts,
                                          log_file.with_name("exporter.log") if log_file else None)
             session = Session(opened, mountpoint, opts, port)
-            return trio.run(lambda: serve(session, on_ready=ready))
+            return trio.run(lambda: serve(session, on_ready=lambda: ready("")))
 
         return daemonize_and_run(args.foreground, work)
 

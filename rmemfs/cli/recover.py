@@ -1,0 +1,110 @@
+"""rmemfs-recover: rebuild a failed host's filesystem from the baseline plus its dirty pages, then mount it.
+
+Exit codes: 0 recovered and mounted (or dry run done); 1 unexpected error; 2 usage;
+10 backend missing, foreign, or a baseline file missing/corrupt (named);
+12 mountpoint missing or busy; 13 not root or no /dev/fuse; 14 region directory
+unusable; 15 exporter failed; 20 source unreachable or timed out;
+21 authentication failed (wrong secret); 22 filesystem id mismatch;
+23 the source filesystem is still alive; 24 transport unavailable or failed;
+25 the source's memory belongs to another epoch (already recovered);
+26 the rebuilt namespace is inconsistent; 27 --verify found a mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from ..mount import Session, check_environment, check_mountpoint, parse_options, serve, start_exporter
+from ..recovery import Phase, RecoveryReport, recover, retire_local_source, write_report
+from .common import run_main, setup_logging
+from .mount import Ready, build_parser, daemonize_and_run
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser("rmemfs-recover", __doc__.splitlines()[0])
+    p.add_argument("--source", help="the failed host's exporter, HOST[:PORT] (default: the owner the backend "
+                   "names, at its recorded port)")
+    p.add_argument("--transport", choices=("auto", "verbs", "software"), default="auto",
+                   help="auto picks verbs when an RDMA device is present (default auto)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the summary as JSON to FILE")
+    p.add_argument("--dry-run", action="store_true", help="connect, read the dirty lists, report; mount nothing")
+    p.add_argument("--verify", action="store_true", help="re-read and check every recovered page after the rebuild")
+    p.add_argument("--baseline-only", action="store_true",
+                   help="recover from the baseline alone when the source is gone (loses later writes)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the source (default 10)")
+    p.add_argument("--no-liveness-check", action="store_true",
+                   help="skip waiting to see that the source's heartbeat has stopped")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        setup_logging(args.debug, args.log if args.log and args.foreground else None, quiet=not args.debug)
+        opts = parse_options(args.options)
+        mountpoint = args.mountpoint.absolute()
+        if not args.dry_run:
+            check_environment()
+            check_mountpoint(mountpoint)
+        report = RecoveryReport(dry_run=args.dry_run, baseline_only=args.baseline_only)
+        opened, report = trio.run(lambda: recover(
+            args.backend.absolute(), args.source, opts, transport=args.transport, timeout=args.timeout,
+            dry_run=args.dry_run, verify=args.verify, baseline_only=args.baseline_only,
+            check_alive=not args.no_liveness_check, report=report))
+        if opened is None:
+            print(dry_run_summary(report))
+            if args.json:
+                write_report(args.json, report)
+            return 0
+        local_source = opened.region_dir.name != opts.region_dir(opened.fs.fsid).name
+        if local_source and "port=" not in ",".join(args.options):
+            opts.port = 0    # the old exporter on this host still holds the default port
+        log_file = args.log or (None if args.foreground else opened.region_dir / "rmemfs.log")
+        t_mount = time.monotonic()
+
+        def finish(note: str) -> None:
+            ph = report.phase("publish+mount")
+            ph.seconds = float(note) if note else time.monotonic() - t_mount
+            report.total_seconds += ph.seconds
+            print(report.summary(), flush=True)
+            if args.json:
+                write_report(args.json, report)
+
+        def work(ready: Ready) -> int:
+            if log_file:
+                setup_logging(args.debug, log_file)
+            _proc, port = start_exporter(opened.region_dir, opened.backend.path, opened.fs.fsid, opts,
+                                         log_file.with_name("exporter.log") if log_file else None)
+            session = Session(opened, mountpoint, opts, port)
+
+            def mounted() -> None:
+                if local_source:
+                    # The new epoch is published: the old memory on this host is fenced and may go.
+                    retire_local_source(opts.region_dir(opened.fs.fsid))
+                ready(f"{time.monotonic() - t_mount:.6f}")
+
+            return trio.run(lambda: serve(session, on_ready=mounted))
+
+        return daemonize_and_run(args.foreground, work, on_ready=finish)
+
+    run_main("rmemfs-recover", body)
+
+
+def dry_run_summary(report: RecoveryReport) -> str:
+    lists = ", ".join(f"{k}: {v} pages" for k, v in report.dirty_pages_listed.items())
+    lines = [f"dry run: filesystem {report.fsid}, source {report.source} ({report.transport})",
+             f"  baseline generation {report.baseline_generation}",
+             f"  dirty lists: {lists}",
+             f"  would fetch {report.dirty_pages_fetched} pages ({report.dirty_bytes_fetched / (1 << 20):.1f} MiB)"]
+    lines += [f"  rejected dirty-list entry: {r}" for r in report.rejected_entries]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

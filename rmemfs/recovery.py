@@ -1,0 +1,460 @@
+"""Recovery: rebuild a failed host's filesystem from the baseline plus its dirty pages, read remotely.
+
+The order (US11436112B1; the patent's claim 7 for the list order):
+
+1. connect to the source's exporter and do the registration handshake: it
+   registers the filesystem's regions and the dirty-list region and returns
+   their descriptions (a catalog);
+2. check the source is really dead (its heartbeat does not advance) and that
+   its memory belongs to the published epoch;
+3. allocate new regions shaped like the source's;
+4. load the latest baseline generation, verifying every page's checksum;
+5. read both dirty page lists over the transport;
+6. read every listed page over the transport straight into the new regions,
+   the list that was being flushed first and the current list last;
+   contiguous pages are coalesced into one read and many reads are in flight;
+   pages whose baseline copy was corrupt are read from the source too;
+7. replay the journal and check the namespace;
+8. (the caller) publish a new generation under a new epoch, which fences
+   the old source, then mount.
+
+The recovery logic sees only the transport interface (``transport.base``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+import xxhash
+
+from . import PAGE_SIZE
+from .baseline import Backend, LoadResult, Manifest
+from .core import Filesystem
+from .dirty import CtlHeader, decode_entry, list_bytes, list_offset, merge_runs, parse_header, parse_list_count
+from .errors import BackendError, CorruptionError, QuietError
+from .mount import EXIT_BACKEND, EXIT_REGIONS, MountOptions, Opened, fresh_regions
+from .regions import CTL_REGION_ID, RegionSet
+from .transport import load as load_transport, resolve
+from .transport.base import (AuthError, Catalog, ConnectError, Connection, ReadOp, RegionDesc, RegionRole,
+                             TransportError, TransportUnavailable)
+
+log = logging.getLogger(__name__)
+
+# Exit codes of rmemfs-recover beyond the shared ones in mount.py (documented in README.md).
+EXIT_UNREACHABLE = 20
+EXIT_AUTH = 21
+EXIT_FSID = 22
+EXIT_ALIVE = 23
+EXIT_TRANSPORT = 24
+EXIT_EPOCH = 25
+EXIT_NAMESPACE = 26
+EXIT_VERIFY = 27
+
+MAX_READ_PAGES = 256          # coalesce up to 1 MiB per read
+
+
+@dataclass
+class Phase:
+    seconds: float = 0.0
+    bytes: int = 0
+    pages: int = 0
+
+
+@dataclass
+class RecoveryReport:
+    fsid: str = ""
+    source: str = ""
+    transport: str = ""
+    baseline_generation: int = 0
+    baseline_time_ns: int = 0
+    new_epoch: int = 0
+    files: int = 0
+    directories: int = 0
+    baseline_bytes: int = 0
+    baseline_pages: int = 0
+    dirty_pages_listed: dict[str, int] = field(default_factory=dict)
+    dirty_pages_fetched: int = 0
+    dirty_bytes_fetched: int = 0
+    corrupt_baseline_pages: int = 0
+    rejected_entries: list[str] = field(default_factory=list)
+    phases: dict[str, Phase] = field(default_factory=dict)
+    baseline_only: bool = False
+    dry_run: bool = False
+    verified_pages: int = 0
+    total_seconds: float = 0.0
+
+    def phase(self, name: str) -> Phase:
+        return self.phases.setdefault(name, Phase())
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        for name, ph in self.phases.items():
+            doc["phases"][name]["throughput_MiBps"] = (ph.bytes / ph.seconds / (1 << 20)) if ph.seconds else None
+        return doc
+
+    def summary(self) -> str:
+        lines = [f"recovered filesystem {self.fsid} from {self.source or 'the baseline alone'}"
+                 f" ({self.transport or 'no transport'})",
+                 f"  files: {self.files}, directories: {self.directories}",
+                 f"  baseline: generation {self.baseline_generation} of "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.baseline_time_ns / 1e9))}, "
+                 f"{self.baseline_bytes / (1 << 20):.1f} MiB ({self.baseline_pages} pages)",
+                 f"  dirty pages listed: " + ", ".join(f"{k} {v}" for k, v in self.dirty_pages_listed.items()),
+                 f"  dirty pages fetched from the source: {self.dirty_pages_fetched} "
+                 f"({self.dirty_bytes_fetched / (1 << 20):.1f} MiB)"]
+        if self.corrupt_baseline_pages:
+            lines.append(f"  corrupt baseline pages replaced from the source: {self.corrupt_baseline_pages}")
+        for r in self.rejected_entries:
+            lines.append(f"  rejected dirty-list entry: {r}")
+        for name, ph in self.phases.items():
+            rate = f", {ph.bytes / ph.seconds / (1 << 20):.0f} MiB/s" if ph.seconds and ph.bytes else ""
+            lines.append(f"  {name:<16} {ph.seconds * 1000:9.1f} ms{rate}")
+        lines.append(f"  total            {self.total_seconds * 1000:9.1f} ms")
+        if self.baseline_only:
+            lines.append("  WARNING: baseline only: writes after this generation could not be fetched")
+        return "\n".join(lines)
+
+
+class Progress:
+    """A one-line bar with bytes, pages and ETA on a terminal; silent otherwise."""
+
+    def __init__(self, label: str, total_bytes: int, total_pages: int, enabled: bool | None = None) -> None:
+        self.label, self.total_bytes, self.total_pages = label, max(total_bytes, 1), total_pages
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bytes = self.pages = 0
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    def update(self, nbytes: int, npages: int | None = None) -> None:
+        self.bytes += nbytes
+        self.pages += npages if npages is not None else nbytes // PAGE_SIZE
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.1 or self.bytes >= self.total_bytes):
+            self._last = now
+            frac = min(1.0, self.bytes / self.total_bytes)
+            elapsed = now - self.start
+            eta = elapsed / frac - elapsed if frac > 0 else 0
+            bar = "#" * int(frac * 30)
+            sys.stderr.write(f"\r{self.label:<14} [{bar:<30}] {frac * 100:5.1f}% "
+                             f"{self.bytes / (1 << 20):8.1f}/{self.total_bytes / (1 << 20):.1f} MiB "
+                             f"{self.pages}/{self.total_pages} pages ETA {eta:4.1f}s ")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+@dataclass
+class SourceState:
+    conn: Connection
+    catalog: Catalog
+    header: CtlHeader
+    lists: dict[str, list[tuple[int, int, int]]]     # "flushing", "current" -> runs, in apply order
+
+
+def parse_source(text: str, manifest: Manifest, default_port: int) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and "]" not in port:
+        return host.strip("[]"), int(port)
+    return text.strip("[]"), int(manifest.owner.get("exporter_port") or default_port)
+
+
+async def _read_exact(conn: Connection, desc: RegionDesc, offset: int, length: int) -> bytearray:
+    buf = bytearray(length)
+    conn.register_local(memoryview(buf))
+    await conn.read(desc.rkey, offset, memoryview(buf))
+    return buf
+
+
+async def connect_source(transport: str, host: str, port: int, fsid: str, secret: bytes,
+                         timeout: float) -> tuple[Connection, Catalog]:
+    name = resolve(transport)
+    module = load_transport(name)
+    conn = await module.connect(host, port, fsid=fsid, secret=secret, timeout=timeout)
+    catalog = await conn.register()
+    if catalog.fsid != fsid:
+        await conn.aclose()
+        raise QuietError(f"source {host}:{port} exports filesystem {catalog.fsid}, the backend holds {fsid}",
+                         EXIT_FSID)
+    return conn, catalog
+
+
+async def read_source_state(conn: Connection, catalog: Catalog, report: RecoveryReport) -> SourceState:
+    """Read the ctl header and both dirty lists; reject entries that name pages outside their region."""
+    ctl = catalog.by_id(CTL_REGION_ID)
+    header = parse_header(await _read_exact(conn, ctl, 0, PAGE_SIZE))
+    lists: dict[str, list[tuple[int, int, int]]] = {}
+    sizes = {r.region_id: r.length // PAGE_SIZE for r in catalog.regions if r.role is not RegionRole.CTL}
+    for label, index in (("flushing", header.flushing), ("current", header.active)):
+        off = list_offset(index, header.capacity)
+        if off + list_bytes(header.capacity) > ctl.length:
+            raise CorruptionError(f"dirty list {index} lies outside the ctl region ({ctl.length} bytes)")
+        count = parse_list_count(await _read_exact(conn, ctl, off, PAGE_SIZE), header.capacity)
+        raw = await _read_exact(conn, ctl, off + PAGE_SIZE, count * 8) if count else bytearray()
+        runs = []
+        for i in range(count):
+            region_id, first, n = decode_entry(int.from_bytes(raw[i * 8:i * 8 + 8], "little"))
+            pages = sizes.get(region_id)
+            if pages is None or first + n > pages:
+                what = ("region does not exist" if pages is None else f"region has {pages} pages")
+                msg = f"{label} list entry {i}: region {region_id} pages {first}..{first + n - 1} ({what})"
+                log.warning("rejected dirty-list entry: %s", msg)
+                report.rejected_entries.append(msg)
+                continue
+            runs.append((region_id, first, n))
+        lists[label] = merge_runs(runs)
+        report.dirty_pages_listed[label] = sum(n for _, _, n in lists[label])
+    return SourceState(conn, catalog, header, lists)
+
+
+async def check_source_dead(conn: Connection, catalog: Catalog, first: CtlHeader, wait: float) -> None:
+    """Refuse to take over a filesystem whose heartbeat still advances."""
+    await trio.sleep(wait)
+    again = parse_header(await _read_exact(conn, catalog.by_id(CTL_REGION_ID), 0, PAGE_SIZE))
+    if again.heartbeat != first.heartbeat:
+        raise QuietError(f"the source filesystem is alive (heartbeat {first.heartbeat} -> {again.heartbeat} in "
+                         f"{wait:.1f} s, pid {again.pid}): unmount it, or stop it, before recovering", EXIT_ALIVE)
+
+
+def fetch_plan(state: SourceState, extra: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Runs to read, in apply order: flushing list, then current list, then corrupt baseline pages.
+
+    A page already read earlier is not read again: the source is frozen, so a
+    second read would return the same bytes.
+    """
+    seen: dict[int, bytearray] = {}
+    plan: list[tuple[int, int, int]] = []
+    for runs in (state.lists.get("flushing", []), state.lists.get("current", []), merge_runs(extra)):
+        for region_id, first, n in runs:
+            mark = seen.setdefault(region_id, bytearray(state.catalog.by_id(region_id).length // PAGE_SIZE))
+            page, end = first, first + n
+            while page < end:
+                if mark[page]:
+                    page += 1
+                    continue
+                stop = mark.find(1, page, end)
+                stop = end if stop < 0 else stop
+                plan.append((region_id, page, stop - page))
+                mark[page:stop] = b"\x01" * (stop - page)
+                page = stop
+    return plan
+
+
+def read_ops(plan: list[tuple[int, int, int]], catalog: Catalog, regions: RegionSet) -> list[ReadOp]:
+    ops = []
+    for region_id, first, n in plan:
+        desc, view = catalog.by_id(region_id), regions[region_id].view
+        for start in range(first, first + n, MAX_READ_PAGES):
+            m = min(MAX_READ_PAGES, first + n - start)
+            ops.append(ReadOp(desc.rkey, start * PAGE_SIZE, view[start * PAGE_SIZE:(start + m) * PAGE_SIZE]))
+    return ops
+
+
+async def recover(backend_path: Path, source: str | None, opts: MountOptions, *, transport: str = "auto",
+                  timeout: float = 10.0, dry_run: bool = False, verify: bool = False, baseline_only: bool = False,
+                  check_alive: bool = True, progress: bool | None = None,
+                  report: RecoveryReport | None = None) -> tuple[Opened | None, RecoveryReport]:
+    """Steps 1-7. Returns the rebuilt filesystem (None for a dry run) and the report."""
+    from .mount import read_backend
+
+    report = report or RecoveryReport(dry_run=dry_run, baseline_only=baseline_only)
+    t_total = time.monotonic()
+    backend, fsid, manifest = read_backend(backend_path, opts)
+    try:
+        secret = backend.secret()
+    except (BackendError, CorruptionError) as e:
+        raise QuietError(str(e), EXIT_BACKEND) from None
+    report.fsid = fsid
+    report.baseline_generation, report.baseline_time_ns = manifest.generation, manifest.time_ns
+    state: SourceState | None = None
+
+    # 1-2: the source, its catalog, its lists.
+    if not baseline_only:
+        if not source:
+            source = manifest.owner.get("exporter_host") or manifest.owner.get("host")
+        host, port = parse_source(source or "", manifest, opts.port)
+        report.source = f"{host}:{port}"
+        t = time.monotonic()
+        try:
+            conn, catalog = await connect_source(transport, host, port, fsid, secret, timeout)
+        except AuthError as e:
+            raise QuietError(str(e), EXIT_FSID if "mismatch" in str(e) else EXIT_AUTH) from None
+        except ConnectError as e:
+            raise QuietError(f"{e} (use --baseline-only to recover from the baseline alone)",
+                             EXIT_UNREACHABLE) from None
+        except TransportUnavailable as e:
+            raise QuietError(str(e), EXIT_TRANSPORT) from None
+        except TransportError as e:
+            raise QuietError(f"source {host}:{port}: {e}", EXIT_TRANSPORT) from None
+        report.transport = conn.transport
+        try:
+            state = await read_source_state(conn, catalog, report)
+        except TransportError as e:
+            await conn.aclose()
+            raise QuietError(f"reading the dirty lists from {host}:{port}: {e}", EXIT_TRANSPORT) from None
+        except CorruptionError as e:
+            await conn.aclose()
+            raise QuietError(f"source {host}:{port}: {e}", EXIT_TRANSPORT) from None
+        if state.header.fsid != fsid:
+            raise QuietError(f"source's dirty lists belong to filesystem {state.header.fsid}, not {fsid}", EXIT_FSID)
+        if state.header.epoch != manifest.epoch:
+            raise QuietError(f"the source's memory belongs to epoch {state.header.epoch}, but the backend is at "
+                             f"epoch {manifest.epoch}: it was already recovered or remounted elsewhere", EXIT_EPOCH)
+        report.phase("connect+lists").seconds = time.monotonic() - t
+        if check_alive and not dry_run:
+            t = time.monotonic()
+            await check_source_dead(conn, catalog, state.header, max(2.5 * opts.heartbeat_interval, 1.5))
+            report.phase("liveness check").seconds = time.monotonic() - t
+    try:
+        return await _rebuild(backend, fsid, manifest, state, opts, report, dry_run=dry_run, verify=verify,
+                              progress=progress, t_total=t_total)
+    finally:
+        if state is not None:
+            await state.conn.aclose()
+
+
+async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: SourceState | None, opts: MountOptions,
+                   report: RecoveryReport, *, dry_run: bool, verify: bool, progress: bool | None,
+                   t_total: float) -> tuple[Opened | None, RecoveryReport]:
+    if dry_run:
+        plan = fetch_plan(state, []) if state else []
+        report.dirty_pages_fetched = sum(n for _, _, n in plan)
+        report.dirty_bytes_fetched = report.dirty_pages_fetched * PAGE_SIZE
+        report.total_seconds = time.monotonic() - t_total
+        return None, report
+
+    # 3: new regions, shaped like the source's (it may have grown since the baseline).
+    new_epoch = manifest.epoch + 1
+    report.new_epoch = new_epoch
+    region_dir = _recovery_region_dir(opts, fsid, new_epoch)
+    shape = dict(manifest.regions)
+    if state is not None:
+        shape.update({r.region_id: r.length for r in state.catalog.regions if r.role is not RegionRole.CTL})
+    try:
+        regions = fresh_regions(region_dir, fsid, _shaped(manifest, shape), opts)
+    except OSError as e:
+        raise QuietError(f"cannot allocate regions in {region_dir}: {e}", EXIT_REGIONS) from None
+
+    # 4: baseline.
+    t = time.monotonic()
+    total_pages = manifest.live_pages
+    bar = Progress("baseline", total_pages * PAGE_SIZE, total_pages, progress)
+    try:
+        loaded: LoadResult = await trio.to_thread.run_sync(
+            lambda: backend.load_into(manifest, lambda rid: regions[rid].view, lambda b, p: bar.update(b, p)))
+    except CorruptionError as e:
+        raise QuietError(str(e), EXIT_BACKEND) from None
+    bar.done()
+    ph = report.phase("baseline load")
+    ph.seconds, ph.bytes, ph.pages = time.monotonic() - t, loaded.bytes, loaded.bytes // PAGE_SIZE
+    report.baseline_bytes, report.baseline_pages = loaded.bytes, loaded.bytes // PAGE_SIZE
+    report.corrupt_baseline_pages = len(loaded.corrupt)
+    if loaded.corrupt and state is None:
+        region_id, page, seg = loaded.corrupt[0]
+        raise QuietError(f"baseline file {backend.segment_path(seg)} is corrupt (region {region_id} page {page}, "
+                         f"{len(loaded.corrupt)} pages in all) and the source is not used", EXIT_BACKEND)
+
+    # 5-6: dirty pages over the transport, in list order.
+    plan: list[tuple[int, int, int]] = []
+    if state is not None:
+        t = time.monotonic()
+        plan = fetch_plan(state, [(r, p, 1) for r, p, _ in loaded.corrupt])
+        ops = read_ops(plan, state.catalog, regions)
+        for region in regions.regions.values():
+            state.conn.register_local(region.view)
+        nbytes = sum(len(op.dest) for op in ops)
+        bar = Progress("dirty pages", nbytes, nbytes // PAGE_SIZE, progress)
+        try:
+            await state.conn.read_batch(ops, progress=lambda b: bar.update(b))
+        except TransportError as e:
+            raise QuietError(f"reading dirty pages from {report.source}: {e}", EXIT_TRANSPORT) from None
+        bar.done()
+        ph = report.phase("page fetch")
+        ph.seconds, ph.bytes, ph.pages = time.monotonic() - t, nbytes, nbytes // PAGE_SIZE
+        report.dirty_pages_fetched, report.dirty_bytes_fetched = nbytes // PAGE_SIZE, nbytes
+
+    # 7: namespace; fetched pages go on the new current list so the first flush publishes them.
+    t = time.monotonic()
+    try:
+        fs = Filesystem.load(regions, fsid, new_epoch, fresh_ctl_capacity=opts.dirty_capacity)
+    except CorruptionError as e:
+        raise QuietError(f"the rebuilt namespace is inconsistent: {e}", EXIT_NAMESPACE) from None
+    for region_id, first, n in plan:
+        fs.tracker.mark(region_id, first, n)
+    fs.tracker.enabled = opts.tracking
+    report.phase("namespace check").seconds = time.monotonic() - t
+    report.files = sum(1 for i in fs.ns.inodes.values() if i.entries is None)
+    report.directories = len(fs.ns.inodes) - report.files
+
+    if verify:
+        t = time.monotonic()
+        report.verified_pages = await _verify(backend, manifest, state, plan, regions, loaded)
+        report.phase("verify").seconds = time.monotonic() - t
+    report.total_seconds = time.monotonic() - t_total
+    return Opened(backend, manifest, fs, loaded.live, new_epoch, region_dir, "recovered"), report
+
+
+def _shaped(manifest: Manifest, regions: dict[int, int]) -> Manifest:
+    from dataclasses import replace
+    return replace(manifest, regions=regions)
+
+
+def _recovery_region_dir(opts: MountOptions, fsid: str, epoch: int) -> Path:
+    """The default region directory, unless a live exporter (a local source) still serves it."""
+    from .exporter import exporter_alive
+    default = opts.region_dir(fsid)
+    if opts.regiondir or not exporter_alive(default):
+        return default
+    return default.with_name(f"{default.name}.e{epoch}")
+
+
+async def _verify(backend: Backend, manifest: Manifest, state: SourceState | None, plan: list[tuple[int, int, int]],
+                  regions: RegionSet, loaded: LoadResult) -> int:
+    """Re-read every fetched page from the source and every baseline page's checksum; raise on a mismatch."""
+    checked = 0
+    if state is not None and plan:
+        for region_id, first, n in plan:
+            scratch = bytearray(n * PAGE_SIZE)
+            state.conn.register_local(memoryview(scratch))
+            desc = state.catalog.by_id(region_id)
+            ops = [ReadOp(desc.rkey, (first + i) * PAGE_SIZE, memoryview(scratch)[i * PAGE_SIZE:(i + m) * PAGE_SIZE])
+                   for i in range(0, n, MAX_READ_PAGES) for m in [min(MAX_READ_PAGES, n - i)]]
+            await state.conn.read_batch(ops)
+            if scratch != regions[region_id].view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]:
+                raise QuietError(f"verify: region {region_id} pages {first}..{first + n - 1} differ from the source",
+                                 EXIT_VERIFY)
+            checked += n
+    fetched = {(r, p) for r, f, n in plan for p in range(f, f + n)}
+    for _info, entries in backend.live_entries(manifest):
+        for key, digest, off in entries:
+            region_id, page = key >> 48, key & 0xFFFFFFFFFFFF
+            if off == 0xFFFFFFFFFFFFFFFF or (region_id, page) in fetched:
+                continue
+            data = regions[region_id].view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+            if xxhash.xxh3_64_intdigest(data) != digest:
+                raise QuietError(f"verify: region {region_id} page {page} does not match the baseline", EXIT_VERIFY)
+            checked += 1
+    return checked
+
+
+def retire_local_source(source_region_dir: Path) -> None:
+    """After a recovery on the same host: stop the old exporter and free its memory."""
+    from .exporter import stop_exporter
+    stop_exporter(source_region_dir)
+    for entry in os.scandir(source_region_dir):
+        os.unlink(entry.path)
+    os.rmdir(source_region_dir)
+
+
+def write_report(path: Path, report: RecoveryReport) -> None:
+    path.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+
+
