@@ -1,0 +1,10 @@
+"""Shared fixtures: the command-line flags and helpers every test level uses."""
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--trials", type=int, default=None,
+                     help="randomized two-host recovery trials to run (default: a handful)")
+    parser.addoption("--seed", type=int, default=None, help="first seed of the randomized trials")
