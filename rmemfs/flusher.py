@@ -146,6 +146,9 @@ class Flusher:
             self.kick = trio.Event()
             if self._stop:
                 break
+            tracker = self.fs.tracker
+            if not tracker.current.count and not tracker.flushing.count:
+                continue   # nothing changed since the last generation
             try:
                 await self.flush()
             except FencedError as e:

@@ -1,0 +1,129 @@
+"""rmemfs-ctl: control and inspect a mounted rmemfs, and verify a backend.
+
+  rmemfs-ctl flush MOUNTPOINT          flush a baseline now and wait for it to be published
+  rmemfs-ctl stats MOUNTPOINT [--json] dirty pages per list, last generation, flush figures, regions
+  rmemfs-ctl verify --backend DIR      check the latest baseline against its checksums
+  rmemfs-ctl exporter --backend DIR    status of this host's exporter for that filesystem
+
+Exit codes: 0 success; 1 unexpected error; 2 usage; 3 not an rmemfs mount or not
+reachable; 4 the flush failed; 5 verify found problems; 10 backend unreadable.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import control
+from ..baseline import Backend
+from ..errors import BackendError, CorruptionError, QuietError
+from ..exporter import SOCKET_NAME
+from ..fs import CONTROL_XATTR
+from .common import run_main
+
+
+def control_socket(mountpoint: Path) -> str:
+    try:
+        return os.getxattr(mountpoint, CONTROL_XATTR.decode()).decode()
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise QuietError(f"{mountpoint} is not the root of an rmemfs mount", 3) from None
+        raise QuietError(f"{mountpoint}: {e.strerror}", 3) from None
+
+
+def ask(mountpoint: Path, request: dict[str, Any]) -> dict[str, Any]:
+    path = control_socket(mountpoint)
+    try:
+        reply = control.call(path, request)
+    except OSError as e:
+        raise QuietError(f"cannot reach the rmemfs process of {mountpoint} ({path}): {e}", 3) from None
+    return reply
+
+
+def format_stats(s: dict[str, Any]) -> str:
+    core, fl = s["core"], s["flush"]
+    age = time.time() - fl["generation_time_ns"] / 1e9
+    lines = [
+        f"filesystem {s['fsid']} at {s['mountpoint']} (epoch {s['epoch']}, heartbeat {s['heartbeat']})",
+        f"  inodes {core['inodes']}, extents in use {core['used_extents']}, journal {core['journal_bytes']} bytes",
+        f"  dirty pages: current list {core['dirty_current_pages']} ({core['dirty_current_entries']} entries), "
+        f"flushing list {core['dirty_flushing_pages']} ({core['dirty_flushing_entries']} entries), "
+        f"capacity {core['dirty_capacity']} entries per list",
+        f"  last baseline: generation {fl['generation']}, {age:.1f} s ago; {fl['segments']} segments, "
+        f"{fl['segment_bytes'] / (1 << 20):.1f} MiB, {fl['live_pages']} live pages",
+        f"  flushes {fl['flushes']} (failures {fl['failures']}), last {fl['last_duration_s'] * 1000:.1f} ms, "
+        f"{fl['last_pages']} pages, {fl['last_bytes'] / (1 << 20):.2f} MiB{' (full)' if fl['last_full'] else ''}; "
+        f"{fl['total_bytes'] / (1 << 20):.1f} MiB written in all",
+        f"  regions {core['region_count']}: {core['region_virtual_bytes'] / (1 << 20):.0f} MiB virtual, "
+        f"{core['region_resident_bytes'] / (1 << 20):.1f} MiB resident",
+    ]
+    if fl["last_error"]:
+        lines.append(f"  last flush error: {fl['last_error']}")
+    if fl["fenced"]:
+        lines.append("  FENCED: another host owns this filesystem now; changes are refused")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="rmemfs-ctl", description=__doc__.splitlines()[0],
+                                epilog="\n".join(__doc__.splitlines()[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("flush", help="flush a baseline now and wait for it")
+    sp.add_argument("mountpoint", type=Path)
+    sp = sub.add_parser("stats", help="print statistics")
+    sp.add_argument("mountpoint", type=Path)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = sub.add_parser("verify", help="verify the backend's latest baseline")
+    sp.add_argument("--backend", type=Path, required=True)
+    sp = sub.add_parser("exporter", help="status of this host's exporter for a backend's filesystem")
+    sp.add_argument("--backend", type=Path, required=True)
+    sp.add_argument("--regiondir", type=Path, help="region directory (default /dev/shm/rmemfs-<fsid>)")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        if args.command == "flush":
+            t = time.monotonic()
+            reply = ask(args.mountpoint, {"op": "flush"})
+            if not reply.get("ok"):
+                raise QuietError(f"flush failed: {reply.get('error')}", 4)
+            print(f"published generation {reply['generation']} in {(time.monotonic() - t) * 1000:.1f} ms")
+        elif args.command == "stats":
+            reply = ask(args.mountpoint, {"op": "stats"})
+            print(json.dumps(reply, indent=1) if args.json else format_stats(reply))
+        elif args.command == "verify":
+            backend = Backend(args.backend)
+            try:
+                manifest = backend.read_manifest()
+            except (BackendError, CorruptionError) as e:
+                raise QuietError(str(e), 10) from None
+            problems = backend.verify(manifest)
+            for problem in problems:
+                print(problem)
+            if problems:
+                raise QuietError(f"{len(problems)} problems in generation {manifest.generation}", 5)
+            pages = sum(s.entries for s in manifest.segments)
+            print(f"generation {manifest.generation} (epoch {manifest.epoch}, {manifest.state}) verified: "
+                  f"{len(manifest.segments)} segments, {pages} page entries, {manifest.live_pages} live pages")
+        else:
+            try:
+                fsid = Backend(args.backend).fsid()
+            except (BackendError, CorruptionError) as e:
+                raise QuietError(str(e), 10) from None
+            regiondir = args.regiondir or Path(f"/dev/shm/rmemfs-{fsid}")
+            try:
+                reply = control.call(regiondir / SOCKET_NAME, {"op": "status"}, timeout=10)
+            except OSError as e:
+                raise QuietError(f"no exporter answers at {regiondir / SOCKET_NAME}: {e}", 3) from None
+            print(json.dumps(reply, indent=1))
+        return 0
+
+    run_main("rmemfs-ctl", body)
+
+
+if __name__ == "__main__":
+    main()
