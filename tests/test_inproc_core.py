@@ -1,0 +1,322 @@
+"""In-process level: the filesystem core and the flusher, without FUSE (as s3ql's t3_fs_api)."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import threading
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rmemfs import PAGE_SIZE
+from rmemfs.baseline import Backend, LiveMap
+from rmemfs.core import Filesystem
+from rmemfs.errors import FsError
+from rmemfs.flusher import Flusher
+from rmemfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO
+from rmemfs.regions import META_REGION_ID, RegionSet
+
+REG = stat.S_IFREG | 0o644
+DIR = stat.S_IFDIR | 0o755
+CAP = 1 << 16
+
+
+def new_fs(directory: Path) -> Filesystem:
+    fsid = str(uuid.uuid4())
+    regions = Filesystem.create_regions(directory, fsid, capacity=CAP, data_region_size=16 << 20,
+                                        meta_size=16 << 20)
+    return Filesystem.format(regions, fsid, 1, CAP)
+
+
+def reopen(fs: Filesystem) -> Filesystem:
+    """What a restart sees: the region files alone."""
+    regions = RegionSet(fs.regions.directory, data_region_size=16 << 20)
+    regions.open_existing()
+    return Filesystem.load(regions, fs.fsid, 2)
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> Filesystem:
+    return new_fs(Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}")
+
+
+@pytest.fixture(autouse=True)
+def _cleanup_shm() -> Iterator[None]:
+    before = set(os.listdir("/dev/shm"))
+    yield
+    for name in set(os.listdir("/dev/shm")) - before:
+        if name.startswith("rmemfs-test-"):
+            subprocess.run(["rm", "-rf", f"/dev/shm/{name}"], check=False)
+
+
+def err(exc: pytest.ExceptionInfo[FsError]) -> int:
+    return exc.value.errno
+
+
+def test_names_and_lookups(fs: Filesystem) -> None:
+    with pytest.raises(FsError) as e:
+        fs.make(ROOT_INO, b"x" * 256, REG, 0, 0)
+    assert err(e) == errno.ENAMETOOLONG
+    fs.make(ROOT_INO, b"x" * 255, REG, 0, 0)
+    with pytest.raises(FsError) as e:
+        fs.make(ROOT_INO, b"x" * 255, REG, 0, 0)
+    assert err(e) == errno.EEXIST
+    with pytest.raises(FsError) as e:
+        fs.lookup(ROOT_INO, b"missing")
+    assert err(e) == errno.ENOENT
+
+
+def test_unlinked_open_file_keeps_data_until_last_reference(fs: Filesystem) -> None:
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.open(f.ino)
+    fs.write(f.ino, 0, b"data" * 1000)
+    used = fs.regions.used_extents()
+    fs.unlink(ROOT_INO, b"f", directory=False)
+    assert fs.inode(f.ino).nlink == 0 and fs.read(f.ino, 0, 4) == b"data"
+    fs.release(f.ino)
+    assert fs.regions.used_extents() == used      # the kernel still holds a lookup reference
+    fs.forget(f.ino, 1)
+    assert f.ino not in fs.ns.inodes and fs.regions.used_extents() == used - 1
+
+
+def test_rename_rules(fs: Filesystem) -> None:
+    a = fs.make(ROOT_INO, b"a", REG, 0, 0)
+    b = fs.make(ROOT_INO, b"b", REG, 0, 0)
+    d = fs.make(ROOT_INO, b"d", DIR, 0, 0)
+    sub = fs.make(d.ino, b"sub", DIR, 0, 0)
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0)                 # over an existing file
+    assert fs.lookup(ROOT_INO, b"b").ino == a.ino and fs.ns.inodes.get(b.ino) is None or b.lookups
+    with pytest.raises(FsError) as e:
+        fs.rename(ROOT_INO, b"d", sub.ino, b"loop", 0)
+    assert err(e) == errno.EINVAL
+    with pytest.raises(FsError) as e:
+        fs.rename(ROOT_INO, b"b", ROOT_INO, b"d", 0)
+    assert err(e) == errno.EISDIR
+    c = fs.make(ROOT_INO, b"c", REG, 0, 0)
+    with pytest.raises(FsError) as e:
+        fs.rename(ROOT_INO, b"c", ROOT_INO, b"b", RENAME_NOREPLACE)
+    assert err(e) == errno.EEXIST
+    fs.rename(ROOT_INO, b"c", ROOT_INO, b"b", RENAME_EXCHANGE)
+    assert fs.lookup(ROOT_INO, b"b").ino == c.ino and fs.lookup(ROOT_INO, b"c").ino == a.ino
+    fs.rename(d.ino, b"sub", ROOT_INO, b"sub2", 0)
+    assert fs.inode(d.ino).nlink == 2 and fs.inode(ROOT_INO).nlink == 4 and fs.inode(sub.ino).parent == ROOT_INO
+    with pytest.raises(FsError) as e:
+        fs.unlink(ROOT_INO, b"d", directory=False)
+    assert err(e) == errno.EISDIR
+    fs.make(d.ino, b"x", REG, 0, 0)
+    with pytest.raises(FsError) as e:
+        fs.unlink(ROOT_INO, b"d", directory=True)
+    assert err(e) == errno.ENOTEMPTY
+    assert fs.ns.check() == []
+
+
+def test_truncate_and_sparse(fs: Filesystem) -> None:
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.setattr(f.ino, size=1 << 40)                               # LMDB-style huge ftruncate
+    assert fs.regions.used_extents() == 0 and fs.read(f.ino, 123 << 30, 8) == bytes(8)
+    fs.write(f.ino, 5 << 30, b"z" * 10)
+    assert fs.regions.used_extents() == 1
+    fs.write(f.ino, 0, b"a" * 10_000)
+    fs.setattr(f.ino, size=100)
+    fs.setattr(f.ino, size=10_000)
+    assert fs.read(f.ino, 0, 10_000) == b"a" * 100 + bytes(9_900)  # the cut tail reads back as zeros
+    assert fs.regions.used_extents() == 1
+
+
+def test_hard_links(fs: Filesystem) -> None:
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.link(f.ino, ROOT_INO, b"g")
+    assert fs.inode(f.ino).nlink == 2
+    fs.unlink(ROOT_INO, b"f", directory=False)
+    assert fs.lookup(ROOT_INO, b"g").ino == f.ino and fs.inode(f.ino).nlink == 1
+
+
+def test_torn_rename_is_all_or_nothing(fs: Filesystem) -> None:
+    d = fs.make(ROOT_INO, b"d", DIR, 0, 0)
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, b"payload")
+    before = fs.journal.pos
+    fs.rename(ROOT_INO, b"f", d.ino, b"moved", 0)
+    # A crash in the middle of copying the rename record into the meta region:
+    end = fs.journal.pos
+    fs.regions[META_REGION_ID].view[before + (end - before) // 2:end] = bytes(end - before - (end - before) // 2)
+    again = reopen(fs)
+    assert b"f" in again.inode(ROOT_INO).entries and not again.inode(d.ino).entries
+    assert again.read(f.ino, 0, 7) == b"payload" and again.ns.check() == []
+
+
+def snapshot(fs: Filesystem) -> dict:
+    out = {}
+    for ino, i in fs.ns.inodes.items():
+        data = fs.read(ino, 0, i.size) if stat.S_ISREG(i.mode) else b""
+        out[ino] = (i.mode, i.nlink, i.size, i.mtime_ns, i.parent, i.target, dict(i.entries or {}), data)
+    return out
+
+
+op_strategy = st.lists(st.tuples(
+    st.sampled_from(["create", "mkdir", "write", "truncate", "unlink", "rename", "link", "rmdir", "symlink"]),
+    st.integers(0, 7), st.integers(0, 7), st.integers(0, 600_000), st.integers(1, 70_000)), max_size=60)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=op_strategy)
+def test_replay_rebuilds_exactly_the_live_state(ops: list) -> None:
+    fs = new_fs(Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}")
+    try:
+        names = [f"n{i}".encode() for i in range(8)]
+        for kind, a, b, off, length in ops:
+            dirs = [i for i, n in fs.ns.inodes.items() if n.is_dir and n.nlink]
+            parent = dirs[a % len(dirs)]
+            entries = fs.inode(parent).entries or {}
+            try:
+                if kind == "create":
+                    fs.make(parent, names[b], REG, 0, 0)
+                elif kind == "mkdir":
+                    fs.make(parent, names[b], DIR, 0, 0)
+                elif kind == "symlink":
+                    fs.make(parent, names[b], stat.S_IFLNK | 0o777, 0, 0, target=b"t" * (length % 300 + 1))
+                elif kind in ("write", "truncate") and names[b] in entries:
+                    ino = entries[names[b]]
+                    if kind == "write":
+                        fs.write(ino, off, bytes([b + 1]) * length)
+                    else:
+                        fs.setattr(ino, size=off)
+                elif kind in ("unlink", "rmdir") and names[b] in entries:
+                    fs.unlink(parent, names[b], directory=kind == "rmdir")
+                elif kind == "rename" and names[b] in entries:
+                    fs.rename(parent, names[b], dirs[(a + 1) % len(dirs)], names[(b + off) % 8], 0)
+                elif kind == "link" and names[b] in entries:
+                    fs.link(entries[names[b]], dirs[(a + 1) % len(dirs)], names[(b + 3) % 8])
+            except FsError:
+                pass
+            fs.after_operation()
+        for ino in list(fs.ns.inodes):      # what the kernel would forget after the run
+            fs.forget(ino, 1 << 30)
+        assert fs.ns.check() == []
+        assert snapshot(reopen(fs)) == snapshot(fs)
+    finally:
+        subprocess.run(["rm", "-rf", str(fs.regions.directory)], check=False)
+
+
+def test_checkpoint_compaction_keeps_state(fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rmemfs.journal as journal
+    monkeypatch.setattr(journal, "MIN_LOG_BEFORE_COMPACTION", 4096)
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    first_area = fs.journal.sb.area_offset
+    for i in range(300):
+        fs.write(f.ino, i * 100, b"x" * 100)
+        fs.after_operation()
+    assert fs.journal.sb.seq > 1 and fs.journal.sb.area_offset != first_area or fs.journal.sb.seq > 2
+    assert snapshot(reopen(fs)) == snapshot(fs)
+
+
+# --- flusher ------------------------------------------------------------------------------
+
+def backend_for(fs: Filesystem, path: Path) -> tuple[Backend, Flusher]:
+    path.mkdir(exist_ok=True)
+    backend = Backend(path)
+    manifest = backend.create({}, regions={})
+    # Adopt the filesystem under the backend's id, as a mount does.
+    fs.fsid = manifest.fsid
+    return backend, Flusher(fs, backend, manifest, LiveMap(), interval=3600)
+
+
+def baseline_image(backend: Backend, fs: Filesystem) -> dict[int, bytearray]:
+    images = {rid: bytearray(r.length) for rid, r in fs.regions.regions.items()}
+    result = backend.load_into(backend.read_manifest(), lambda rid: memoryview(images[rid]))
+    assert result.corrupt == []
+    return images
+
+
+async def test_flush_writes_only_dirty_pages_and_verifies(fs: Filesystem, tmp_path: Path) -> None:
+    backend, flusher = backend_for(fs, tmp_path / "b")
+    await flusher.flush()
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, os.urandom(64 * PAGE_SIZE))
+    await flusher.flush()
+    for p in (3, 17, 40):
+        fs.write(f.ino, p * PAGE_SIZE + 5, b"!")
+    marked = fs.tracker.current.runs()
+    await flusher.flush()
+    stats = flusher.statistics()
+    data_pages = [r for r in marked if r[0] >= 2]
+    assert sorted((f_, n) for _, f_, n in data_pages) == [(3, 1), (17, 1), (40, 1)]
+    assert stats.last_pages == sum(n for _, _, n in marked)
+    assert fs.tracker.current.count == 0 and fs.tracker.flushing.count == 0
+    assert backend.verify() == []
+    images = baseline_image(backend, fs)
+    for rid, region in fs.regions.regions.items():
+        if rid != 0:
+            assert images[rid] == region.view, f"region {rid} differs from its baseline"
+
+
+async def test_write_during_flush_lands_on_new_list_and_baseline_is_the_swap_instant(
+        fs: Filesystem, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend, flusher = backend_for(fs, tmp_path / "b")
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, b"A" * (8 * PAGE_SIZE))
+    go, inside = threading.Event(), threading.Event()
+    real = flusher._write_segment
+
+    def paused(*args: object) -> object:
+        inside.set()
+        assert go.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(flusher, "_write_segment", paused)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.flush)
+        await trio.to_thread.run_sync(inside.wait)
+        fs.write(f.ino, 2 * PAGE_SIZE, b"B" * PAGE_SIZE)        # during the flush
+        assert (2, 2) in [(r[1], r[2]) for r in fs.tracker.current.runs() if r[0] >= 2] or \
+            any(r[0] >= 2 for r in fs.tracker.current.runs())
+        go.set()
+    images = baseline_image(backend, fs)
+    (region_id, ext) = f.extents[0]
+    base = ext * 64 * PAGE_SIZE
+    # The published generation is the filesystem as it was at the swap: no "B" yet.
+    assert bytes(images[region_id][base + 2 * PAGE_SIZE:base + 3 * PAGE_SIZE]) == b"A" * PAGE_SIZE
+    assert fs.read(f.ino, 2 * PAGE_SIZE, 1) == b"B"
+    assert fs.tracker.current.count > 0                          # kept for the next generation
+    monkeypatch.setattr(flusher, "_write_segment", real)
+    await flusher.flush()
+    images = baseline_image(backend, fs)
+    assert bytes(images[region_id][base + 2 * PAGE_SIZE:base + 3 * PAGE_SIZE]) == b"B" * PAGE_SIZE
+
+
+@pytest.fixture
+def tiny_backend(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "tiny"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def test_full_backend_keeps_marks_and_retries(fs: Filesystem, tiny_backend: Path) -> None:
+    backend, flusher = backend_for(fs, tiny_backend)
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    payload = os.urandom(2 << 20)
+    fs.write(f.ino, 0, payload)
+    with pytest.raises(OSError) as e:
+        await flusher.flush()
+    assert e.value.errno == errno.ENOSPC
+    assert fs.tracker.flushing.count > 0 and flusher.statistics().failures == 1
+    assert backend.read_manifest().generation == 0 and backend.verify() == []
+    fs.write(f.ino, 4 << 20, b"late")                              # keeps working meanwhile
+    subprocess.run(["mount", "-o", "remount,size=64M", str(tiny_backend)], check=True)
+    await flusher.flush()
+    assert fs.tracker.flushing.count == 0 and fs.tracker.current.count == 0
+    images = baseline_image(backend, fs)
+    region_id, ext = f.extents[0]
+    assert bytes(images[region_id][ext * 64 * PAGE_SIZE:ext * 64 * PAGE_SIZE + 100]) == payload[:100]
+    assert backend.verify() == []
