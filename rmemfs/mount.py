@@ -421,8 +421,8 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
     try:
         await flusher.publish(replace(opened.manifest, epoch=opened.epoch, state=STATE_MOUNTED,
                                       owner=session.owner()), expect_epoch=opened.manifest.epoch)
-        if first_flush:
-            await flusher.flush()
+        if first_flush and fs.tracker.current.count:
+            await flusher.flush()      # a new or recovered filesystem: publish its pages before serving
     except FencedError as e:
         raise QuietError(str(e), EXIT_BACKEND) from None
     except OSError as e:

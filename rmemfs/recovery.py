@@ -408,12 +408,13 @@ def _shaped(manifest: Manifest, regions: dict[int, int]) -> Manifest:
 
 
 def _recovery_region_dir(opts: MountOptions, fsid: str, epoch: int) -> Path:
-    """The default region directory, unless a live exporter (a local source) still serves it."""
+    """The configured region directory, unless a live exporter (a local source) still serves it:
+    its memory is what we are reading, so the new regions go beside it."""
     from .exporter import exporter_alive
-    default = opts.region_dir(fsid)
-    if opts.regiondir or not exporter_alive(default):
-        return default
-    return default.with_name(f"{default.name}.e{epoch}")
+    chosen = opts.region_dir(fsid)
+    if not exporter_alive(chosen):
+        return chosen
+    return chosen.with_name(f"{chosen.name}.e{epoch}")
 
 
 async def _verify(backend: Backend, manifest: Manifest, state: SourceState | None, plan: list[tuple[int, int, int]],

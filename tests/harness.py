@@ -1,0 +1,149 @@
+"""Real processes for the mount-level tests: rmemfs daemons, rmemfs-recover, rmemfs-ctl.
+
+Everything runs the code of this checkout (``python -m rmemfs.cli.*`` with the
+repository on PYTHONPATH), each test with its own backend, mountpoint, region
+directory and exporter port.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rmemfs.baseline import Backend
+from rmemfs.mount import is_mounted
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def cli(name: str) -> list[str]:
+    return [sys.executable, "-m", f"rmemfs.cli.{name}"]
+
+
+def run(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120,
+        check: bool = False, **kw: object) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(args, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+                          **kw)  # type: ignore[call-overload]
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Rig:
+    """One filesystem under test: a backend, a mountpoint, a region directory and a port."""
+
+    root: Path
+    backend: Path = field(init=False)
+    mountpoint: Path = field(init=False)
+    regiondir: Path = field(init=False)
+    port: int = field(default_factory=free_port)
+    options: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.backend = self.root / "backend"
+        self.mountpoint = self.root / "mnt"
+        self.regiondir = Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}"
+        self.backend.mkdir(parents=True, exist_ok=True)
+        self.mountpoint.mkdir(exist_ok=True)
+
+    def opts(self, extra: list[str] | None = None) -> str:
+        return ",".join([f"regiondir={self.regiondir}", f"port={self.port}", *self.options, *(extra or [])])
+
+    def mount(self, extra: list[str] | None = None, env: dict[str, str] | None = None,
+              check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run(cli("mount") + ["--backend", str(self.backend), "-o", self.opts(extra), str(self.mountpoint)],
+                   env=env, check=check)
+
+    def recover(self, *args: str, extra: list[str] | None = None, regiondir: Path | None = None,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+        opts = self.opts(extra)
+        if regiondir is not None:
+            opts = opts.replace(f"regiondir={self.regiondir}", f"regiondir={regiondir}")
+            self.regiondir = regiondir
+        return run(cli("recover") + ["--backend", str(self.backend), "--transport", "software",
+                                     "--source", f"127.0.0.1:{self.port}", "-o", opts, *args,
+                                     str(self.mountpoint)], check=check)
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run(cli("ctl") + list(args), check=check)
+
+    def flush(self) -> None:
+        self.ctl("flush", str(self.mountpoint))
+
+    def stats(self) -> dict:
+        return json.loads(self.ctl("stats", "--json", str(self.mountpoint)).stdout)
+
+    def manifest(self):  # type: ignore[no-untyped-def]
+        return Backend(self.backend).read_manifest()
+
+    def daemon_pid(self) -> int:
+        return int(self.manifest().owner["pid"])
+
+    def kill(self) -> None:
+        """SIGKILL the filesystem process (the exporter lives on) and clear the dead mount."""
+        pid = self.daemon_pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+
+    def unmount(self) -> None:
+        pid = self.daemon_pid()
+        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=True)
+        wait_gone(pid)
+
+    def cleanup(self) -> None:
+        if is_mounted(self.mountpoint):
+            try:
+                pid = self.daemon_pid()
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError, KeyError, Exception):
+                pass
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+        for d in Path("/dev/shm").glob(f"{self.regiondir.name.split('.e')[0]}*"):
+            info = d / "exporter.json"
+            if info.exists():
+                try:
+                    os.kill(json.loads(info.read_text())["pid"], signal.SIGKILL)
+                except (OSError, ValueError, KeyError):
+                    pass
+            subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+def wait_gone(pid: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} still running after {timeout} s")
+
+
+def exporter_pid(regiondir: Path) -> int:
+    return int(json.loads((regiondir / "exporter.json").read_text())["pid"])
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
