@@ -21,15 +21,22 @@ def load(name: str) -> ModuleType:
     """Import a transport module. Each provides ``connect(...)`` and ``available() -> str | None``
     (None when usable, else the reason it is not)."""
     try:
-        return importlib.import_module(TRANSPORTS[name])
+        module_name = TRANSPORTS[name]
     except KeyError:
         raise ValueError(f"unknown transport {name!r} (choose from auto, {', '.join(TRANSPORTS)})") from None
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise TransportUnavailable(f"transport {name} cannot be loaded: {e}") from None
 
 
 def resolve(name: str) -> str:
     """Turn ``auto`` into a concrete transport name; raise TransportUnavailable for an unusable choice."""
     if name == "auto":
-        reason = load("verbs").available()
+        try:
+            reason = load("verbs").available()
+        except TransportUnavailable as e:
+            reason = str(e)
         if reason is None:
             log.info("transport auto: an RDMA device is present, using verbs")
             return "verbs"

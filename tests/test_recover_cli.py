@@ -1,0 +1,169 @@
+"""Process level on one host: rmemfs-recover's answers to faults and bad input, each with its exit code."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import Rig, cli, run
+from rmemfs import PAGE_SIZE
+from rmemfs.dirty import encode_entry, list_offset, parse_header
+from test_mount_lifecycle import digest_tree, one_line_error, populate
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture
+def crashed(rig: Rig) -> Rig:
+    """A filesystem with a baseline and later writes, whose daemon was SIGKILLed (exporter alive)."""
+    rig.mount(["flush_interval=3600"])
+    populate(rig.mountpoint)
+    rig.flush()
+    (rig.mountpoint / "late").write_bytes(os.urandom(50_000))
+    with open(rig.mountpoint / "dir" / "sub" / "a", "r+b") as f:
+        f.seek(100_000)
+        f.write(b"changed after the baseline")
+    rig.want = digest_tree(rig.mountpoint)  # type: ignore[attr-defined]
+    rig.kill()
+    return rig
+
+
+def recover_cmd(rig: Rig, *args: str, source: str | None = None, backend: Path | None = None) -> list[str]:
+    return cli("recover") + ["--backend", str(backend or rig.backend), "--transport", "software", "--source",
+                             source or f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0"]), *args,
+                             str(rig.mountpoint)]
+
+
+def test_unreachable_source_fails_fast_unless_baseline_only(crashed: Rig, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    t = time.monotonic()
+    one_line_error(run(recover_cmd(crashed, source=f"127.0.0.1:{closed_port}")), 20, f"127.0.0.1:{closed_port}",
+                   "--baseline-only")
+    assert time.monotonic() - t < 10
+    report = tmp_path / "r.json"
+    proc = run(recover_cmd(crashed, "--baseline-only", "--json", str(report), source=f"127.0.0.1:{closed_port}"))
+    assert proc.returncode == 0, proc.stderr
+    assert "baseline only" in proc.stdout and "generation" in proc.stdout
+    doc = json.loads(report.read_text())
+    assert doc["baseline_only"] and doc["dirty_pages_fetched"] == 0
+    assert not (crashed.mountpoint / "late").exists()          # written after the baseline: not recoverable
+    assert (crashed.mountpoint / "b").read_bytes() == b"b" * 5000
+
+
+def test_stalled_source_times_out(crashed: Rig) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    try:
+        t = time.monotonic()
+        proc = run(recover_cmd(crashed, "--timeout", "1", source=f"127.0.0.1:{listener.getsockname()[1]}"))
+        one_line_error(proc, 20, "127.0.0.1")
+        assert time.monotonic() - t < 15
+    finally:
+        listener.close()
+
+
+def test_wrong_secret(crashed: Rig, tmp_path: Path) -> None:
+    forged = tmp_path / "forged"
+    shutil.copytree(crashed.backend, forged)
+    (forged / "secret").write_text("00" * 32 + "\n")
+    one_line_error(run(recover_cmd(crashed, backend=forged)), 21, "secret")
+
+
+def test_filesystem_id_mismatch(crashed: Rig, tmp_path: Path) -> None:
+    other = Rig(tmp_path / "other")
+    try:
+        other.mount()
+        one_line_error(run(recover_cmd(crashed, source=f"127.0.0.1:{other.port}")), 22, "mismatch")
+    finally:
+        other.cleanup()
+
+
+def test_alive_source_is_refused(rig: Rig) -> None:
+    rig.mount()
+    (rig.mountpoint / "x").write_bytes(b"x")
+    # Make the backend look abandoned while the daemon (and its heartbeat) still runs.
+    proc = run(cli("recover") + ["--backend", str(rig.backend), "--transport", "software", "--source",
+                                 f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0"]), "--dry-run",
+                                 str(rig.mountpoint)])
+    assert proc.returncode == 0 and "would fetch" in proc.stdout
+    other_mnt = rig.root / "mnt2"
+    other_mnt.mkdir()
+    proc = run(cli("recover") + ["--backend", str(rig.backend), "--transport", "software", "--source",
+                                 f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0"]), str(other_mnt)])
+    one_line_error(proc, 23, "alive")
+
+
+def test_busy_mountpoint(crashed: Rig, tmp_path: Path) -> None:
+    other = Rig(tmp_path / "other")
+    try:
+        other.mount()
+        proc = run(cli("recover") + ["--backend", str(crashed.backend), "--transport", "software", "--source",
+                                     f"127.0.0.1:{crashed.port}", str(other.mountpoint)])
+        one_line_error(proc, 12, "busy")
+    finally:
+        other.cleanup()
+
+
+def test_missing_baseline_file_is_named(crashed: Rig) -> None:
+    segment = sorted((crashed.backend / "segments").iterdir())[-1]
+    segment.unlink()
+    one_line_error(run(recover_cmd(crashed, "--no-liveness-check")), 10, segment.name)
+
+
+def test_corrupt_baseline_page_is_read_from_the_source(crashed: Rig, tmp_path: Path) -> None:
+    segment = sorted((crashed.backend / "segments").iterdir())[-1]
+    with open(segment, "r+b") as f:
+        f.seek(PAGE_SIZE + 123)                     # inside the first data page
+        f.write(b"\xde\xad\xbe\xef")
+    report = tmp_path / "r.json"
+    proc = run(recover_cmd(crashed, "--no-liveness-check", "--verify", "--json", str(report)))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["corrupt_baseline_pages"] == 1
+    assert digest_tree(crashed.mountpoint) == crashed.want  # type: ignore[attr-defined]
+
+
+def test_dirty_entry_outside_its_region_is_rejected_and_the_rest_recovered(crashed: Rig, tmp_path: Path) -> None:
+    # Corrupt the exported dirty list itself: the exporter serves the region file's pages.
+    ctl = crashed.regiondir / "ctl-0000.rgn"
+    with open(ctl, "r+b") as f:
+        header = parse_header(f.read(PAGE_SIZE))
+        off = list_offset(header.active, header.capacity)
+        f.seek(off + 8)
+        count = struct.unpack("<Q", f.read(8))[0]
+        f.seek(off + PAGE_SIZE + count * 8)
+        f.write(struct.pack("<QQ", encode_entry(2, 1 << 30, 4), encode_entry(77, 0, 1)))
+        f.seek(off + 8)
+        f.write(struct.pack("<Q", count + 2))
+    report = tmp_path / "r.json"
+    proc = run(recover_cmd(crashed, "--no-liveness-check", "--json", str(report)))
+    assert proc.returncode == 0, proc.stderr
+    rejected = json.loads(report.read_text())["rejected_entries"]
+    assert len(rejected) == 2 and "region 2" in rejected[0] and "region 77" in rejected[1]
+    assert "rejected dirty-list entry" in proc.stdout
+    assert digest_tree(crashed.mountpoint) == crashed.want  # type: ignore[attr-defined]
+
+
+def test_full_recovery_report(crashed: Rig, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    proc = run(recover_cmd(crashed, "--verify", "--json", str(report)))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(report.read_text())
+    assert doc["dirty_pages_fetched"] > 0 and doc["files"] >= 4 and doc["verified_pages"] > 0
+    for phase in ("connect+lists", "liveness check", "baseline load", "page fetch", "namespace check",
+                  "publish+mount"):
+        assert phase in doc["phases"], phase
+    assert digest_tree(crashed.mountpoint) == crashed.want  # type: ignore[attr-defined]
+    manifest = crashed.manifest()
+    assert manifest.state == "mounted" and manifest.epoch == doc["new_epoch"]
