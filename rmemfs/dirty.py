@@ -153,6 +153,14 @@ class DirtyList:
     def append_run(self, region_id: int, first_page: int, npages: int) -> None:
         """Append entries for a run without consulting the dedup map."""
         count = self._header[L_COUNT]
+        if count:
+            # A run that continues the last entry widens it in place: one aligned 8-byte
+            # store, and the new value covers a superset of the old, so no crash loses a mark.
+            last_region, last_first, last_n = decode_entry(self._entries[count - 1])
+            if (last_region == region_id and last_first + last_n == first_page
+                    and last_n + npages <= MAX_RUN_PAGES):
+                self._entries[count - 1] = encode_entry(region_id, last_first, last_n + npages)
+                return
         if count + -(-npages // MAX_RUN_PAGES) > self.capacity:
             raise ListFull(f"dirty list {self.index} is full ({self.capacity} entries)")
         page, end = first_page, first_page + npages

@@ -268,3 +268,13 @@ def test_segment_header_is_checked(tmp_path: Path) -> None:
         f.write(struct.pack("<8s", b"GARBAGE!"))
     with pytest.raises(CorruptionError, match="header"):
         backend.read_index(m.segments[0])
+
+
+def test_contiguous_marks_widen_the_last_entry() -> None:
+    t, _ = tracker()
+    t.mark(2, 0, 2)
+    t.mark(2, 2, 3)            # continues the last run: widened in place
+    t.mark(1, 5, 1)
+    t.mark(2, 5, 1)            # contiguous with (2, 0, 5) but not the last entry: a new one
+    assert t.current.count == 3
+    assert t.current.runs() == [(1, 5, 1), (2, 0, 6)]
