@@ -56,6 +56,7 @@ class Operations(pyfuse3.Operations):
         self.control_path = control_path.encode()
         self.enable_writeback_cache = writeback_cache
         self._dir_handles: dict[int, list[tuple[bytes, Inode]]] = {}
+        self.counters = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0}
         self._next_dir_fh = 1
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -184,13 +185,18 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.fs.read(fh, off, size)
+        data = self.fs.read(fh, off, size)
+        self.counters["reads"] += 1
+        self.counters["read_bytes"] += len(data)
+        return data
 
     @_errno_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         await self._mutating()
         n = self.fs.write(fh, off, buf)
         self.fs.after_operation()
+        self.counters["writes"] += 1
+        self.counters["write_bytes"] += n
         return n
 
     @_errno_boundary

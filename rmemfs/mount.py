@@ -368,6 +368,7 @@ class Session:
     opts: MountOptions
     exporter_port: int
     flusher: Flusher | None = None
+    requests: dict[str, int] = field(default_factory=dict)    # FUSE request counters, shared with fs.py
     terminated: bool = False
     started_ns: int = field(default_factory=time.time_ns)
 
@@ -384,7 +385,8 @@ class Session:
         if op == "stats":
             return {"ok": True, "fsid": self.opened.fs.fsid, "epoch": self.opened.epoch,
                     "mountpoint": str(self.mountpoint), "core": self.opened.fs.statistics().__dict__,
-                    "flush": self.flusher.statistics().__dict__, "heartbeat": self.opened.fs.tracker.header().heartbeat}
+                    "flush": self.flusher.statistics().__dict__, "requests": dict(self.requests),
+                    "heartbeat": self.opened.fs.tracker.header().heartbeat}
         raise ValueError(f"unknown request {op!r}")
 
 
@@ -430,6 +432,7 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
 
     control_path = opened.region_dir / CONTROL_SOCKET
     ops = Operations(fs, control_path=str(control_path), writeback_cache=opts.writeback_cache)
+    session.requests = ops.counters
     try:
         pyfuse3.init(ops, str(session.mountpoint), fuse_options(opts))
     except RuntimeError as e:

@@ -114,7 +114,8 @@ class Rig:
             except (OSError, ValueError, KeyError, Exception):
                 pass
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
-        for d in Path("/dev/shm").glob(f"{self.regiondir.name.split('.e')[0]}*"):
+        dirs = {self.regiondir, *Path("/dev/shm").glob(f"{self.regiondir.name.split('.e')[0]}*")}
+        for d in dirs:
             info = d / "exporter.json"
             if info.exists():
                 try:
