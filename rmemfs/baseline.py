@@ -277,7 +277,7 @@ class Backend:
                     got = os.preadv(fd, [dest], off0)
                     if got != len(dest):
                         raise CorruptionError(f"{path}: short read at offset {off0}")
-                    for i, (key, digest, _) in enumerate(run):
+                    for i, (_key, digest, _off) in enumerate(run):
                         page = page0 + i
                         if xxhash.xxh3_64_intdigest(dest[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) != digest:
                             result.corrupt.append((region_id, page, info.name))

@@ -28,11 +28,11 @@ from typing import Any, Callable
 import trio
 
 from . import PAGE_SIZE, control
-from .baseline import STATE_CLEAN, STATE_MOUNTED, Backend, LiveMap, Manifest, next_manifest, owner_info
+from .baseline import STATE_CLEAN, STATE_MOUNTED, Backend, LiveMap, Manifest, owner_info
 from .core import DEFAULT_DIRTY_CAPACITY, Filesystem, RoomWaiter
 from .dirty import parse_header
 from .errors import BackendError, CorruptionError, FencedError, QuietError
-from .exporter import DEFAULT_PORT, SOCKET_NAME, exporter_alive, stop_exporter
+from .exporter import DEFAULT_PORT, exporter_alive, stop_exporter
 from .flusher import Flusher
 from .regions import (CTL_REGION_ID, DEFAULT_DATA_REGION_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
                       check_region_directory, parse_region_file_name)

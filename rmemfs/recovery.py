@@ -106,7 +106,7 @@ class RecoveryReport:
                  f"  baseline: generation {self.baseline_generation} of "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.baseline_time_ns / 1e9))}, "
                  f"{self.baseline_bytes / (1 << 20):.1f} MiB ({self.baseline_pages} pages)",
-                 f"  dirty pages listed: " + ", ".join(f"{k} {v}" for k, v in self.dirty_pages_listed.items()),
+                 "  dirty pages listed: " + ", ".join(f"{k} {v}" for k, v in self.dirty_pages_listed.items()),
                  f"  dirty pages fetched from the source: {self.dirty_pages_fetched} "
                  f"({self.dirty_bytes_fetched / (1 << 20):.1f} MiB)"]
         if self.corrupt_baseline_pages:

@@ -15,7 +15,7 @@ from rmemfs.baseline import Backend, LiveMap, Manifest, next_manifest
 from rmemfs.dirty import (DirtyTracker, ListFull, ctl_region_size, decode_entry, encode_entry, list_offset,
                           merge_runs, parse_entries, parse_header, parse_list_count)
 from rmemfs.errors import CorruptionError, FencedError
-from rmemfs.journal import CHECKPOINT, Journal, iter_records, read_superblock
+from rmemfs.journal import CHECKPOINT, Journal, read_superblock
 from rmemfs.regions import META_REGION_ID, RegionSet, parse_region_file_name, region_file_name
 
 FSID = str(uuid.UUID(int=0x1234))

@@ -17,7 +17,7 @@ from typing import Callable
 import trio
 
 from ..errors import QuietError
-from ..mount import (EXIT_ERROR, OPTION_HELP, MountOptions, Session, check_environment, check_mountpoint,
+from ..mount import (EXIT_ERROR, OPTION_HELP, Session, check_environment, check_mountpoint,
                      open_backend, parse_options, serve, start_exporter)
 from .common import run_main, setup_logging
 

@@ -11,8 +11,6 @@ unusable; 15 exporter failed; 20 source unreachable or timed out;
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 import trio
 
 from ..mount import Session, check_environment, check_mountpoint, parse_options, serve, start_exporter
-from ..recovery import Phase, RecoveryReport, recover, retire_local_source, write_report
+from ..recovery import RecoveryReport, recover, retire_local_source, write_report
 from .common import run_main, setup_logging
 from .mount import Ready, build_parser, daemonize_and_run
 
