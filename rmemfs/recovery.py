@@ -158,6 +158,7 @@ class SourceState:
     catalog: Catalog
     header: CtlHeader
     lists: dict[str, list[tuple[int, int, int]]]     # "flushing", "current" -> runs, in apply order
+    liveness_deadline: float | None = None           # when to re-read the heartbeat
 
 
 def parse_source(text: str, manifest: Manifest, default_port: int) -> tuple[str, int]:
@@ -215,13 +216,16 @@ async def read_source_state(conn: Connection, catalog: Catalog, report: Recovery
     return SourceState(conn, catalog, header, lists)
 
 
-async def check_source_dead(conn: Connection, catalog: Catalog, first: CtlHeader, wait: float) -> None:
+async def check_source_dead(state: SourceState) -> None:
     """Refuse to take over a filesystem whose heartbeat still advances."""
-    await trio.sleep(wait)
-    again = parse_header(await _read_exact(conn, catalog.by_id(CTL_REGION_ID), 0, PAGE_SIZE))
+    if state.liveness_deadline is None:
+        return
+    await trio.sleep(max(0.0, state.liveness_deadline - time.monotonic()))
+    first = state.header
+    again = parse_header(await _read_exact(state.conn, state.catalog.by_id(CTL_REGION_ID), 0, PAGE_SIZE))
     if again.heartbeat != first.heartbeat:
-        raise QuietError(f"the source filesystem is alive (heartbeat {first.heartbeat} -> {again.heartbeat} in "
-                         f"{wait:.1f} s, pid {again.pid}): unmount it, or stop it, before recovering", EXIT_ALIVE)
+        raise QuietError(f"the source filesystem is alive (heartbeat {first.heartbeat} -> {again.heartbeat}, "
+                         f"pid {again.pid}): unmount it, or stop it, before recovering", EXIT_ALIVE)
 
 
 def fetch_plan(state: SourceState, extra: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -310,9 +314,9 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
                              f"epoch {manifest.epoch}: it was already recovered or remounted elsewhere", EXIT_EPOCH)
         report.phase("connect+lists").seconds = time.monotonic() - t
         if check_alive and not dry_run:
-            t = time.monotonic()
-            await check_source_dead(conn, catalog, state.header, max(2.5 * opts.heartbeat_interval, 1.5))
-            report.phase("liveness check").seconds = time.monotonic() - t
+            # The heartbeat is read again only before anything is committed, so the
+            # wait overlaps the baseline load and the page fetch.
+            state.liveness_deadline = time.monotonic() + max(2.5 * opts.heartbeat_interval, 1.5)
     try:
         return await _rebuild(backend, fsid, manifest, state, opts, report, dry_run=dry_run, verify=verify,
                               progress=progress, t_total=t_total)
@@ -380,6 +384,11 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
         ph = report.phase("page fetch")
         ph.seconds, ph.bytes, ph.pages = time.monotonic() - t, nbytes, nbytes // PAGE_SIZE
         report.dirty_pages_fetched, report.dirty_bytes_fetched = nbytes // PAGE_SIZE, nbytes
+
+    if state is not None and state.liveness_deadline is not None:
+        t = time.monotonic()
+        await check_source_dead(state)
+        report.phase("liveness check").seconds = time.monotonic() - t
 
     # 7: namespace; fetched pages go on the new current list so the first flush publishes them.
     t = time.monotonic()

@@ -3,7 +3,7 @@
   rmemfs-ctl flush MOUNTPOINT          flush a baseline now and wait for it to be published
   rmemfs-ctl stats MOUNTPOINT [--json] dirty pages per list, last generation, flush figures, regions
   rmemfs-ctl verify --backend DIR      check the latest baseline against its checksums
-  rmemfs-ctl exporter --backend DIR    status of this host's exporter for that filesystem
+  rmemfs-ctl exporter --backend DIR [--stop]  status of this host's exporter for that filesystem (or stop it)
 
 Exit codes: 0 success; 1 unexpected error; 2 usage; 3 not an rmemfs mount or not
 reachable; 4 the flush failed; 5 verify found problems; 10 backend unreadable.
@@ -21,7 +21,7 @@ from typing import Any
 from .. import control
 from ..baseline import Backend
 from ..errors import BackendError, CorruptionError, QuietError
-from ..exporter import SOCKET_NAME
+from ..exporter import SOCKET_NAME, stop_exporter
 from ..fs import CONTROL_XATTR
 from .common import run_main
 
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     sp = sub.add_parser("exporter", help="status of this host's exporter for a backend's filesystem")
     sp.add_argument("--backend", type=Path, required=True)
     sp.add_argument("--regiondir", type=Path, help="region directory (default /dev/shm/rmemfs-<fsid>)")
+    sp.add_argument("--stop", action="store_true",
+                    help="stop it (e.g. on a failed host once another host has recovered the filesystem)")
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
             except (BackendError, CorruptionError) as e:
                 raise QuietError(str(e), 10) from None
             regiondir = args.regiondir or Path(f"/dev/shm/rmemfs-{fsid}")
+            if args.stop:
+                stop_exporter(regiondir)
+                print(f"exporter of {regiondir} stopped")
+                return 0
             try:
                 reply = control.call(regiondir / SOCKET_NAME, {"op": "status"}, timeout=10)
             except OSError as e:
