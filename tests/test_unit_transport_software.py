@@ -558,3 +558,19 @@ async def test_read_times_out_when_exporter_stops_answering(nursery):
         await c.read(1, 0, memoryview(bytearray(10)))
     assert time.monotonic() - t0 < 2
     await c.aclose()
+
+
+async def test_client_rejects_garbage_from_server(nursery):
+    async def garbage_server(task_status=trio.TASK_STATUS_IGNORED):
+        ls = trio.socket.socket()
+        await ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        task_status.started(ls.getsockname()[1])
+        s, _ = await ls.accept()
+        with s, ls:
+            await s.send(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            await trio.sleep(1)
+
+    port = await nursery.start(garbage_server)
+    with pytest.raises(ProtocolError, match="bad magic"):
+        await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=2)
