@@ -517,3 +517,60 @@ async def test_bad_destination_late_in_batch_keeps_connection_in_sync(server):
         await c.read_batch(ops)
         src = server.contents[2]
         assert all(bytes(o.dest) == src[o.offset:o.offset + PAGE] for o in ops)
+
+
+async def test_cancelled_read_breaks_connection_without_hanging(server):
+    c = await _conn(server)
+    d = (await c.register()).by_id(2)
+    dest = bytearray(24 << 20)
+    ops = [ReadOp(d.rkey, 0, memoryview(dest))] * 20
+    with trio.move_on_after(0.01) as scope:
+        await c.read_batch(ops)
+    assert scope.cancelled_caught
+    with pytest.raises(TransportError, match="unusable"):
+        await c.read(d.rkey, 0, memoryview(bytearray(1)))
+    with trio.fail_after(2):
+        await c.aclose()
+    await _good_client_works(server)
+
+
+async def test_read_times_out_when_exporter_stops_answering(nursery):
+    """An exporter that authenticates and then goes silent: the read fails after ``timeout``."""
+    async def silent_server(task_status=trio.TASK_STATUS_IGNORED):
+        ls = trio.socket.socket()
+        await ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        task_status.started(ls.getsockname()[1])
+        s, _ = await ls.accept()
+        with s, ls:
+            hello = await _recv_exact(s, sw.HEADER_SIZE + 32 + len(FSID))
+            cn, sn = hello[sw.HEADER_SIZE:sw.HEADER_SIZE + 32], b"\x05" * 32
+            await s.send(sw._header(sw.Frame.CHALLENGE, 32, 0) + sn)
+            await _recv_exact(s, sw.HEADER_SIZE + 32)
+            await s.send(sw._header(sw.Frame.WELCOME, 32, 0)
+                         + sw._mac(SECRET, b"rmemfs-software-v1 server", cn, sn, FSID))
+            await trio.sleep(10)
+
+    port = await nursery.start(silent_server)
+    c = await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match=rf"127\.0\.0\.1:{port}: no response within 0.3s"):
+        await c.read(1, 0, memoryview(bytearray(10)))
+    assert time.monotonic() - t0 < 2
+    await c.aclose()
+
+
+async def test_client_rejects_garbage_from_server(nursery):
+    async def garbage_server(task_status=trio.TASK_STATUS_IGNORED):
+        ls = trio.socket.socket()
+        await ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        task_status.started(ls.getsockname()[1])
+        s, _ = await ls.accept()
+        with s, ls:
+            await s.send(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            await trio.sleep(1)
+
+    port = await nursery.start(garbage_server)
+    with pytest.raises(ProtocolError, match="bad magic"):
+        await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=2)

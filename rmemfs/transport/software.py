@@ -401,6 +401,10 @@ class _ServerConn:
             log.warning("%s: catalog request failed: %s", self.peer, e)
             await self.send_error(req_id, Err.CATALOG_FAILED, str(e))
             return
+        except Exception as e:   # a bug in the catalog callback must not take the exporter down
+            log.exception("%s: catalog callback failed", self.peer)
+            await self.send_error(req_id, Err.CATALOG_FAILED, f"catalog failed: {e!r}")
+            return
         await self.send_frame(Frame.CATALOG, req_id, _catalog_json(cat))
 
     async def handle_extension(self, req_id: int, payload: bytearray) -> None:
