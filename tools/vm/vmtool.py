@@ -254,6 +254,7 @@ def run(cmd: list[str], *, timeout: float, mem: str, smp: int, accel: str,
         genv = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
                 "PYTHONDONTWRITEBYTECODE": "1",   # the repo is read-only inside
+                "PYTHONPATH": str(REPO),   # this checkout, not whatever the venv has installed
                 "RMEMFS_VM": "1", "RMEMFS_VM_IP": GUEST_IP, "TERM": "dumb"}
         genv.update(env)
         (out / "job.sh").write_text(_job_script(cmd, cwd, genv))
