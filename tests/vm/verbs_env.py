@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))   # PYTHONPATH (tools/vm/run sets it) wins
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rmemfs.transport.base import Catalog, ExportedRegion, RegionRole  # noqa: E402
