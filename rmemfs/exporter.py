@@ -1,6 +1,6 @@
 """The exporter: the source host's stand-in for an RDMA NIC, as a process of its own.
 
-It maps the region files read-only, registers them with each available
+It maps the region files, registers them with each available
 transport (software always; verbs when a device is present) on demand of the
 registration handshake, and serves one-sided reads. It outlives the
 filesystem process on purpose: when the filesystem dies, its memory stays
@@ -41,7 +41,7 @@ INFO_NAME = "exporter.json"
 
 
 class RegionRegistry:
-    """Read-only mappings of the region files, registered per transport on request."""
+    """Shared mappings of the region files, registered per transport on request."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -55,13 +55,15 @@ class RegionRegistry:
             if parsed is None or parsed[0] in self.regions:
                 continue
             region_id, role = parsed
-            fd = os.open(entry.path, os.O_RDONLY)
+            fd = os.open(entry.path, os.O_RDWR)
             try:
                 size = os.fstat(fd).st_size
                 if size == 0 or size % PAGE_SIZE:
                     log.warning("skipping %s: size %d is not a multiple of the page size", entry.name, size)
                     continue
-                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+                # Writable only because ibv_reg_mr on kernels before 6.2 pins pages for write
+                # even for a remote-read-only MR; nothing here writes, and neither transport can.
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)
             view = memoryview(mm)

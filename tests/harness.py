@@ -70,12 +70,12 @@ class Rig:
                    env=env, check=check)
 
     def recover(self, *args: str, extra: list[str] | None = None, regiondir: Path | None = None,
-                check: bool = True) -> subprocess.CompletedProcess[str]:
+                check: bool = True, transport: str = "software") -> subprocess.CompletedProcess[str]:
         opts = self.opts(extra)
         if regiondir is not None:
             opts = opts.replace(f"regiondir={self.regiondir}", f"regiondir={regiondir}")
             self.regiondir = regiondir
-        return run(cli("recover") + ["--backend", str(self.backend), "--transport", "software",
+        return run(cli("recover") + ["--backend", str(self.backend), "--transport", transport,
                                      "--source", f"127.0.0.1:{self.port}", "-o", opts, *args,
                                      str(self.mountpoint)], check=check)
 

@@ -59,3 +59,19 @@ def test_verbs_in_vm() -> None:
     sys.stderr.write(r.stderr)
     assert r.returncode == 0, f"in-VM verbs tests failed (rc {r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
     assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_recovery_over_verbs_in_vm() -> None:
+    """Mount, write, SIGKILL, rmemfs-recover --transport verbs and --transport auto, verify: all inside the VM."""
+    cmd = [str(VM_RUN), "--timeout", "400", "--",
+           ".venv/bin/python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "faulthandler_timeout=300",
+           "tests/vm/inner_recovery.py"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if r.returncode == SKIP_RC:
+        pytest.skip(r.stderr.strip().splitlines()[-1])
+    sys.stdout.write(r.stdout)
+    sys.stderr.write(r.stderr)
+    assert r.returncode == 0, f"in-VM recovery failed (rc {r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
+    assert "2 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
