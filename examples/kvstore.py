@@ -100,10 +100,14 @@ class Store:
         self.dirty.add(off // PAGE)
 
     def commit(self) -> None:
-        """msync every touched page, then the header (commit counter). Returns once durable."""
+        """msync the records, then the header (commit counter). Returns once both are durable.
+
+        One msync over the span of touched pages (the kernel writes only the dirty ones), and the header
+        after it, so a header never counts records that are not yet durable."""
+        if self.dirty:
+            first, last = min(self.dirty), max(self.dirty)
+            self.mm.flush(first * PAGE, (last - first + 1) * PAGE)
         self._write_header(self.nslots, self.commits)
-        for page in sorted(self.dirty):
-            self.mm.flush(page * PAGE, PAGE)
         self.mm.flush(0, PAGE)
         self.dirty.clear()
 

@@ -3,6 +3,7 @@
 
     fsworkload.py run    ROOT --seed S --out STATE.json [--workers W] [--ops N] [--flushes F]
     fsworkload.py verify ROOT STATE.json
+    fsworkload.py ctl    ROOT {flush|stats}
 
 ``run`` drives W worker threads, each in its own directory (so each worker's
 model of its files is exact without cross-thread ordering), through create,
@@ -194,7 +195,8 @@ class Worker:
         self.dirs.add(path)
 
 
-def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: int) -> dict:
+def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: int,
+        self_check: bool = False) -> dict:
     rng = random.Random(seed)
     crew = [Worker(root, f"w{i}", random.Random(rng.getrandbits(64))) for i in range(workers)]
     errors: list[BaseException] = []
@@ -219,8 +221,17 @@ def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: i
         t.join()
     if errors:
         raise errors[0]
+    if self_check:
+        problems = verify(root, _state(crew))
+        if problems:
+            raise SystemExit("self-check: the live mount differs from the model:\n" + "\n".join(problems[:20]))
     for _ in range(tail_ops):          # after the last baseline (unless the interval flusher hits)
         rng.choice(crew).step()
+    return {"seed": seed, **_state(crew), "flush_generations": generations, "seconds": time.monotonic() - t0,
+            "done_ns": time.time_ns()}
+
+
+def _state(crew: list[Worker]) -> dict:
     files: dict[str, dict] = {}
     dirs: list[str] = []
     ops_done: dict[str, int] = {}
@@ -230,8 +241,7 @@ def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: i
         dirs += sorted(w.dirs)
         for k, v in w.ops.items():
             ops_done[k] = ops_done.get(k, 0) + v
-    return {"seed": seed, "files": files, "dirs": sorted(dirs), "ops": ops_done, "flush_generations": generations,
-            "seconds": time.monotonic() - t0, "done_ns": time.time_ns()}
+    return {"files": files, "dirs": sorted(dirs), "ops": ops_done}
 
 
 def scan(root: Path) -> tuple[dict[str, dict], list[str]]:
@@ -277,12 +287,27 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--ops", type=int, default=150, help="operations per worker")
     r.add_argument("--flushes", type=int, default=3, help="explicit baselines requested during the run")
     r.add_argument("--tail-ops", type=int, default=10, help="operations after the workers joined")
+    r.add_argument("--self-check", action="store_true",
+                   help="verify the mount against the model before the last burst (tells model bugs from "
+                        "recovery bugs)")
     v = sub.add_parser("verify")
     v.add_argument("root", type=Path)
     v.add_argument("state", type=Path)
+    c = sub.add_parser("ctl", help="send OP (flush, stats) to the rmemfs serving ROOT; print the JSON reply")
+    c.add_argument("root", type=Path)
+    c.add_argument("op")
     args = p.parse_args(argv)
+    if args.cmd == "ctl":
+        from rmemfs import control
+        path = _control_path(args.root)
+        if path is None:
+            print(f"{args.root} is not an rmemfs mount", file=sys.stderr)
+            return 1
+        reply = control.call(path, {"op": args.op}, timeout=60)
+        print(json.dumps(reply))
+        return 0 if reply.get("ok") else 1
     if args.cmd == "run":
-        state = run(args.root, args.seed, args.workers, args.ops, args.flushes, args.tail_ops)
+        state = run(args.root, args.seed, args.workers, args.ops, args.flushes, args.tail_ops, args.self_check)
         args.out.write_text(json.dumps(state, indent=1) + "\n")
         print(f"workload seed {args.seed}: {len(state['files'])} files, {len(state['dirs'])} dirs, "
               f"ops {state['ops']}, flushes {state['flush_generations']}, {state['seconds']:.2f} s", flush=True)
