@@ -196,7 +196,7 @@ class Worker:
 
 
 def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: int,
-        self_check: bool = False) -> dict:
+        self_check: bool = False, tail_big: int = 0) -> dict:
     rng = random.Random(seed)
     crew = [Worker(root, f"w{i}", random.Random(rng.getrandbits(64))) for i in range(workers)]
     errors: list[BaseException] = []
@@ -214,7 +214,7 @@ def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: i
         t.start()
     generations = []
     for _ in range(flushes):           # baselines while the workers write
-        time.sleep(rng.uniform(0.0, 0.4))
+        time.sleep(rng.uniform(0.05, 0.3))
         if any(t.is_alive() for t in threads):
             generations.append(request_flush(root))
     for t in threads:
@@ -227,6 +227,16 @@ def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: i
             raise SystemExit("self-check: the live mount differs from the model:\n" + "\n".join(problems[:20]))
     for _ in range(tail_ops):          # after the last baseline (unless the interval flusher hits)
         rng.choice(crew).step()
+    if tail_big:                       # a big dirty set, so that the next flush takes a while
+        w = rng.choice(crew)
+        path, content = w.new_name(), w.rng.randbytes(tail_big << 20)
+        fd = os.open(root / path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for off in range(0, len(content), 1 << 20):
+                os.write(fd, content[off:off + (1 << 20)])
+        finally:
+            os.close(fd)
+        w.files[path] = bytearray(content)
     return {"seed": seed, **_state(crew), "flush_generations": generations, "seconds": time.monotonic() - t0,
             "done_ns": time.time_ns()}
 
@@ -287,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--ops", type=int, default=150, help="operations per worker")
     r.add_argument("--flushes", type=int, default=3, help="explicit baselines requested during the run")
     r.add_argument("--tail-ops", type=int, default=10, help="operations after the workers joined")
+    r.add_argument("--tail-big", type=int, default=0, metavar="MIB",
+                   help="end with a file of this many MiB (write() without fsync), to make the next flush long")
     r.add_argument("--self-check", action="store_true",
                    help="verify the mount against the model before the last burst (tells model bugs from "
                         "recovery bugs)")
@@ -307,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(reply))
         return 0 if reply.get("ok") else 1
     if args.cmd == "run":
-        state = run(args.root, args.seed, args.workers, args.ops, args.flushes, args.tail_ops, args.self_check)
+        state = run(args.root, args.seed, args.workers, args.ops, args.flushes, args.tail_ops, args.self_check,
+                    args.tail_big)
         args.out.write_text(json.dumps(state, indent=1) + "\n")
         print(f"workload seed {args.seed}: {len(state['files'])} files, {len(state['dirs'])} dirs, "
               f"ops {state['ops']}, flushes {state['flush_generations']}, {state['seconds']:.2f} s", flush=True)
