@@ -152,15 +152,16 @@ class Host:
         return [int(p) for p in out.split()]
 
     def unmount_all(self) -> None:
-        """Lazily detach every FUSE mount in this host's mount namespace (dead ones included)."""
+        """Lazily detach the FUSE mounts under our work dir in this host's mount namespace (dead ones too)."""
         try:
-            mounts = self.path("/proc/self/mountinfo").read_text()
+            mounts = Path(f"/proc/{self.pid}/mountinfo").read_text()     # the keeper's mount namespace
         except OSError:
             return
         for line in mounts.splitlines():
             fields = line.split()
             fstype = fields[fields.index("-") + 1]
-            if fstype.startswith("fuse"):
+            # Only ours: the namespace also holds private copies of the machine's other mounts.
+            if fstype.startswith("fuse") and fields[4].startswith(f"{self.dir.parent}/"):
                 self.run(["fusermount3", "-u", "-z", fields[4]], check=False, timeout=20)
 
     def stop(self) -> None:
@@ -271,4 +272,10 @@ def cleanup_stale() -> list[str]:
         time.sleep(0.1)
         _ip("netns", "del", ns, check=False)
         removed.append(ns)
+    # Work dirs of dead runs (their mounts lived only in the namespaces just removed).
+    for d in Path(tempfile.gettempdir()).glob("rmemfs-hosts-*x*-*"):
+        owner = d.name.split("-")[2].split("x", 1)[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
     return removed
