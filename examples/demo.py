@@ -149,9 +149,10 @@ def story(a: Host, b: Host, backend: Path) -> None:
     say(f"{b.name}: rmemfs-recover --source {a.addr} --transport software --verify")
     report = b.dir / "recovery.json"
     t = time.monotonic()
+    # On a terminal its progress bars show live (stderr not captured); otherwise just the summary.
     r = b.recover_rmemfs(backend, mnt_b, a.addr, json_report=report, extra=["--transport", "software", "--verify"],
-                         check=False, region_size="256M")
-    show(b, r.stdout + r.stderr)
+                         check=False, capture=not sys.stderr.isatty(), region_size="256M")
+    show(b, (r.stdout or "") + (r.stderr or ""))
     if r.returncode != 0:
         fail(f"rmemfs-recover exited {r.returncode}")
     rep = json.loads(report.read_text())

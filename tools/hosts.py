@@ -125,14 +125,15 @@ class Host:
         return self.rmemfs_pid(backend)
 
     def recover_rmemfs(self, backend: Path, mountpoint: Path, source: str, *, json_report: Path | None = None,
-                       extra: Sequence[str] = (), check: bool = True, **options: Any
+                       extra: Sequence[str] = (), check: bool = True, capture: bool = True, **options: Any
                        ) -> subprocess.CompletedProcess[str]:
+        """rmemfs-recover from ``source`` (HOST[:PORT]); capture=False lets its progress bars reach a terminal."""
         options.setdefault("listen", self.addr)
         mountpoint.mkdir(parents=True, exist_ok=True)
         args = ["-m", "rmemfs.cli.recover", "--source", source, "--backend", str(backend), *extra]
         if json_report is not None:
             args += ["--json", str(json_report)]
-        return self.python(*args, *self._options(options), str(mountpoint), check=check)
+        return self.python(*args, *self._options(options), str(mountpoint), check=check, capture=capture)
 
     def rmemfs_pid(self, backend: Path) -> int:
         """The pid of the rmemfs daemon that owns ``backend``, per the MANIFEST owner, checked to be ours."""
