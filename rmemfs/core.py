@@ -122,6 +122,7 @@ class Filesystem:
             self.ns.replaying = False
         if self.journal.sb is not None and self.journal.sb.fsid != self.fsid:
             raise CorruptionError(f"journal belongs to filesystem {self.journal.sb.fsid}, not {self.fsid}")
+        self.ns.finish_replay()
         for ino in self.ns.orphans():
             if ino != ROOT_INO:
                 self._do(rec_free(ino))

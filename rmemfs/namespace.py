@@ -135,6 +135,12 @@ class Namespace:
         # While replaying, unlinked inodes stay until the end: later records of
         # the live run may still touch a file that was open when unlinked.
         self.replaying = False
+        # While replaying, region memory already holds the final state: an old
+        # record's release or zeroing must not run then, as a later record may
+        # have reused the extent and the data written to it is not journaled.
+        # ``finish_replay`` applies what the final state needs instead.
+        self._replay_released: set[tuple[int, int]] = set()
+        self._replay_shrunk: set[int] = set()
 
     def init_root(self, uid: int, gid: int, now: int) -> None:
         self.inodes[ROOT_INO] = Inode(ROOT_INO, stat.S_IFDIR | 0o755, uid, gid, nlink=2, atime_ns=now,
@@ -275,6 +281,9 @@ class Namespace:
         keep = -(-size // es)
         dropped = [inode.extents.pop(i) for i in [i for i in inode.extents if i >= keep]]
         self._release(dropped)
+        if self.replaying:
+            self._replay_shrunk.add(inode.ino)
+            return
         tail = size % es
         if tail and (size // es) in inode.extents:
             region_id, ext = inode.extents[size // es]
@@ -288,9 +297,30 @@ class Namespace:
 
     def _release(self, extents: list[tuple[int, int]]) -> None:
         if extents:
-            self.store.release(extents)
+            if self.replaying:
+                self._replay_released.update(extents)
+            else:
+                self.store.release(extents)
             for region_id, ext in extents:
                 self.store.mark_used(region_id, ext, False)
+
+    def finish_replay(self) -> None:
+        """After replay: the memory effects the final state needs, which only matter when the last record's
+        operation was cut off before it changed memory. Extents released during replay and still free are
+        released (zeroed) again; a file shrunk during replay gets the bytes past its end zeroed."""
+        used = {loc for inode in self.inodes.values() for loc in inode.extents.values()}
+        free = sorted(self._replay_released - used)
+        if free:
+            self.store.release(free)
+        es = self.extent_size
+        for ino in sorted(self._replay_shrunk):
+            inode = self.inodes.get(ino)
+            tail = inode.size % es if inode is not None else 0
+            if inode is not None and tail and (inode.size // es) in inode.extents:
+                region_id, ext = inode.extents[inode.size // es]
+                self.store.zero_range(region_id, ext, tail, es - tail)
+        self._replay_released.clear()
+        self._replay_shrunk.clear()
 
     def orphans(self) -> list[int]:
         """Inodes with no name left; after a restart nothing refers to them."""

@@ -385,6 +385,13 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
         ph.seconds, ph.bytes, ph.pages = time.monotonic() - t, nbytes, nbytes // PAGE_SIZE
         report.dirty_pages_fetched, report.dirty_bytes_fetched = nbytes // PAGE_SIZE, nbytes
 
+    # Verify the pages as recovered, before step 7: replay may legitimately write to the regions (freeing
+    # orphans appends to the journal, zeroing), which re-reading the source would report as a mismatch.
+    if verify:
+        t = time.monotonic()
+        report.verified_pages = await _verify(backend, manifest, state, plan, regions, loaded)
+        report.phase("verify").seconds = time.monotonic() - t
+
     if state is not None and state.liveness_deadline is not None:
         t = time.monotonic()
         await check_source_dead(state)
@@ -403,10 +410,6 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
     report.files = sum(1 for i in fs.ns.inodes.values() if i.entries is None)
     report.directories = len(fs.ns.inodes) - report.files
 
-    if verify:
-        t = time.monotonic()
-        report.verified_pages = await _verify(backend, manifest, state, plan, regions, loaded)
-        report.phase("verify").seconds = time.monotonic() - t
     report.total_seconds = time.monotonic() - t_total
     return Opened(backend, manifest, fs, loaded.live, new_epoch, region_dir, "recovered"), report
 

@@ -1,0 +1,140 @@
+"""Two-host recovery: rmemfs on hostA is SIGKILLed, hostB recovers it over the network, byte for byte.
+
+hostA and hostB are network namespaces joined by a veth pair (tools/hosts.py),
+each with its own mount namespace and private /dev/shm, so hostB reaches
+hostA's memory only through the exporter's TCP transport. Per trial (seeded):
+
+* hostA mounts rmemfs with a short flush interval (0.5-1 s);
+* tools/fsworkload.py runs inside hostA: worker threads create, write()+fsync,
+  pwrite, append, truncate, mmap+msync, rename (also over an existing file),
+  mkdir and unlink, while baselines are flushed (periodic and requested);
+  a last burst lands after the last baseline; it writes the acknowledged state
+  (path -> XXH3, directories) to JSON;
+* after a random delay shorter than the flush interval (so sometimes during a
+  flush) the test SIGKILLs the rmemfs daemon; its exporter must live on;
+* hostB runs rmemfs-recover --source <hostA> --transport software --verify --json,
+  and every file must match by XXH3, with no file or directory missing or extra.
+
+Default: 3 trials with a random first seed (printed). ``--trials N`` for more,
+``--seed S`` to replay: e.g. tools/test tests/test_hosts_recovery.py --seed 1234 --trials 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+from hosts import PYTHON, TwoHosts, cleanup_stale  # noqa: E402
+
+WORKLOAD = REPO / "tools" / "fsworkload.py"
+DEFAULT_TRIALS = 3
+
+pytestmark = pytest.mark.hosts
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, FUSE)"
+    for tool in ("ip", "nsenter", "unshare", "fusermount3"):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing (run tools/setup)"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    probe = subprocess.run(["ip", "netns", "add", f"rmhprobe{os.getpid()}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create network namespaces: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", f"rmhprobe{os.getpid()}"], capture_output=True)
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hosts_available() -> None:
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    cleanup_stale()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "seed" in metafunc.fixturenames:
+        trials = metafunc.config.getoption("--trials") or DEFAULT_TRIALS
+        first = metafunc.config.getoption("--seed")
+        if first is None:
+            first = random.SystemRandom().randrange(1, 1 << 31)
+        metafunc.parametrize("seed", [first + i for i in range(trials)], ids=lambda s: f"seed={s}")
+
+
+def test_two_host_recovery(seed: int, tmp_path: Path) -> None:
+    rng = random.Random(seed)
+    flush_interval = rng.choice([0.3, 0.5, 0.7])
+    workers, ops = rng.randint(2, 4), rng.randint(150, 400)
+    # How the kill lands: at once (the last burst is surely after the last baseline), after a random delay
+    # within the flush interval, or a few ms into a requested flush of a big dirty set (mid-flush).
+    kill = rng.choice(["now", "delay", "mid-flush"])
+    kill_delay = {"now": 0.0, "delay": rng.uniform(0, flush_interval), "mid-flush": rng.uniform(0.002, 0.06)}[kill]
+    tail_big = rng.randint(16, 48) if kill == "mid-flush" else 0
+    params = (f"seed={seed} flush_interval={flush_interval} workers={workers} ops/worker={ops} kill={kill} "
+              f"after {kill_delay:.3f}s big={tail_big}MiB; replay: tools/test {Path(__file__).relative_to(REPO)} "
+              f"--seed {seed} --trials 1")
+    print(f"\ntrial {params}")
+    t0 = time.monotonic()
+    with TwoHosts() as (a, b):
+        backend, state_file, report_file = a.dir.parent / "backend", a.dir / "state.json", b.dir / "report.json"
+        assert os.stat(a.path("/dev/shm")).st_dev != os.stat(b.path("/dev/shm")).st_dev, "shared /dev/shm"
+        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M")
+
+        work = a.python(WORKLOAD, "run", a.dir / "mnt", "--seed", str(seed), "--out", state_file,
+                        "--workers", str(workers), "--ops", str(ops), "--tail-big", str(tail_big), "--self-check",
+                        check=False, timeout=120)
+        assert work.returncode == 0, f"workload failed ({params}):\n{work.stdout}\n{work.stderr}"
+        print(work.stdout.strip())
+
+        flush = None
+        if kill == "mid-flush":
+            flush = a.popen([PYTHON, WORKLOAD, "ctl", a.dir / "mnt", "flush"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+        time.sleep(kill_delay)
+        os.kill(pid, signal.SIGKILL)
+        if flush is not None:
+            flush.wait(timeout=30)      # fails: the daemon died under it
+        deadline = time.monotonic() + 10
+        while pid in a.pids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pid not in a.pids(), "rmemfs survived SIGKILL?"
+        assert a.exporter_pids(), f"the exporter died with rmemfs ({params})"
+
+        rec = b.recover_rmemfs(backend, b.dir / "mnt", a.addr, json_report=report_file, check=False,
+                               extra=["--transport", "software", "--verify"], region_size="64M")
+        assert rec.returncode == 0, f"rmemfs-recover exited {rec.returncode} ({params}):\n{rec.stderr}{rec.stdout}"
+        report = json.loads(report_file.read_text())
+        assert report["source"] == f"{a.addr}:7470" and report["transport"] == "software", report
+        assert not report["rejected_entries"], report["rejected_entries"]
+
+        check = b.python(WORKLOAD, "verify", b.dir / "mnt", state_file, check=False)
+        assert check.returncode == 0, (f"recovered tree differs from the acknowledged state ({params}):\n"
+                                       f"{check.stdout[-4000:]}\nrecovery:\n{rec.stdout}")
+        state = json.loads(state_file.read_text())
+    print(f"ok in {time.monotonic() - t0:.1f} s: {len(state.get('files', ()))} files, baseline generation "
+          f"{report['baseline_generation']}, dirty pages listed {report['dirty_pages_listed']}, fetched "
+          f"{report['dirty_pages_fetched']}, verified {report['verified_pages']}")
+
+
+def test_demo_runs() -> None:
+    """The narrated demo (tools/demo without its setup step) passes end to end."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    t0 = time.monotonic()
+    proc = subprocess.run([PYTHON, str(REPO / "examples" / "demo.py")], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert "PASS" in proc.stdout
+    assert time.monotonic() - t0 < 60, "the demo should take under a minute"
