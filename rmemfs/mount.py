@@ -62,6 +62,7 @@ class MountOptions:
     port: int = DEFAULT_PORT
     dirty_capacity: int = DEFAULT_DIRTY_CAPACITY
     region_size: int = DEFAULT_DATA_REGION_SIZE
+    meta_size: int = META_REGION_SIZE
     heartbeat_interval: float = 1.0
     allow_other: bool = False
     writeback_cache: bool = False
@@ -81,7 +82,9 @@ OPTION_HELP: dict[str, str] = {
     "port": f"exporter TCP port (default {DEFAULT_PORT}; 0 picks a free one, recorded in the backend)",
     "dirty_capacity": f"entries per dirty page list (default {DEFAULT_DIRTY_CAPACITY}, 8 bytes each); "
                       "a full list forces a flush",
-    "region_size": "bytes per data region, a multiple of 256K (default 1G; suffixes K, M, G)",
+    "region_size": "bytes per data region, a multiple of 256K (default 256M; suffixes K, M, G). Sparse on "
+                   "tmpfs, but the verbs transport pins (and so backs) a whole region when it registers it",
+    "meta_size": "bytes of the namespace journal region, set when the filesystem is created (default 256M)",
     "heartbeat_interval": "seconds between heartbeat increments (default 1)",
     "allow_other": "let users other than the mounter access the files (permission checks stay on)",
     "writeback_cache": "let the kernel buffer write() (faster, but write() then acknowledges before the "
@@ -114,8 +117,8 @@ def parse_options(items: list[str]) -> MountOptions:
                     raise ValueError("must be positive")
             elif key in ("port", "dirty_capacity"):
                 setattr(opts, key, int(value))
-            elif key == "region_size":
-                opts.region_size = parse_size(value)
+            elif key in ("region_size", "meta_size"):
+                setattr(opts, key, parse_size(value))
             elif key in ("regiondir", "listen", "fsid", "fsname"):
                 if not eq:
                     raise ValueError("needs a value")
@@ -134,8 +137,9 @@ def parse_options(items: list[str]) -> MountOptions:
             raise QuietError(f"bad value for -o {key}: {value!r} ({e})", EXIT_USAGE) from None
     if opts.dirty_capacity < 4 * (1 << 14):
         raise QuietError(f"-o dirty_capacity must be at least {4 * (1 << 14)}", EXIT_USAGE)
-    if opts.region_size <= 0 or opts.region_size % (256 << 10):
-        raise QuietError("-o region_size must be a positive multiple of 256K", EXIT_USAGE)
+    for key in ("region_size", "meta_size"):
+        if getattr(opts, key) < (1 << 20) or getattr(opts, key) % (256 << 10):
+            raise QuietError(f"-o {key} must be a multiple of 256K, at least 1M", EXIT_USAGE)
     return opts
 
 
@@ -301,7 +305,7 @@ def fresh_regions(region_dir: Path, fsid: str, manifest: Manifest, opts: MountOp
             if parse_region_file_name(entry.name) or entry.name.endswith(".sock"):
                 os.unlink(entry.path)
     region_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    meta = manifest.regions.get(META_REGION_ID, META_REGION_SIZE)
+    meta = manifest.regions.get(META_REGION_ID, opts.meta_size)
     data = {rid: n for rid, n in manifest.regions.items() if rid not in (CTL_REGION_ID, META_REGION_ID)}
     return Filesystem.create_regions(region_dir, fsid, capacity=opts.dirty_capacity,
                                      data_region_size=opts.region_size, meta_size=meta, extra=data)

@@ -31,6 +31,8 @@ def rig(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("transport", ["verbs", "auto"])
 def test_recover_over_verbs(rig: Rig, tmp_path: Path, transport: str) -> None:
+    # Small regions: registering for verbs pins (and so backs) whole regions, and the VM's /dev/shm is small.
+    rig.options = ["region_size=32M", "meta_size=32M", "dirty_capacity=65536"]
     rig.mount(["flush_interval=3600"])
     populate(rig.mountpoint)
     (rig.mountpoint / "big").write_bytes(os.urandom(8 << 20))
