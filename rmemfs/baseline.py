@@ -35,6 +35,8 @@ import socket
 import struct
 import time
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -57,6 +59,7 @@ FOOTER_SIZE = _FOOT.size + 8
 ZERO_PAGE = 0xFFFFFFFFFFFFFFFF
 ZERO_BYTES = bytes(PAGE_SIZE)
 ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_BYTES)
+LOAD_READ_AHEAD = 2          # baseline runs (up to 16 MiB each) read ahead of the checksum loop
 STATE_MOUNTED, STATE_CLEAN = "mounted", "clean"
 
 
@@ -259,32 +262,51 @@ class Backend:
         can fetch them elsewhere, and the live map of the baseline.
         """
         result = LoadResult(LiveMap())
+        digest_of = xxhash.xxh3_64_intdigest
         for info, entries in self.live_entries(manifest):
             path = self.segment_path(info.name)
             fd = os.open(path, os.O_RDONLY)
             try:
-                for run in _runs_by_data(entries):
-                    key0, _, off0 = run[0]
-                    region_id, page0 = key0 >> 48, key0 & 0xFFFFFFFFFFFF
-                    if off0 == ZERO_PAGE:
-                        for key, _, _ in run:
-                            result.live.set(key >> 48, key & 0xFFFFFFFFFFFF, False)
-                        continue
-                    view = region_view(region_id)
-                    dest = view[page0 * PAGE_SIZE:(page0 + len(run)) * PAGE_SIZE]
-                    if len(dest) != len(run) * PAGE_SIZE:
-                        raise CorruptionError(f"{path}: page {page0}+{len(run)} lies outside region {region_id}")
-                    got = os.preadv(fd, [dest], off0)
-                    if got != len(dest):
-                        raise CorruptionError(f"{path}: short read at offset {off0}")
-                    for i, (_key, digest, _off) in enumerate(run):
-                        page = page0 + i
-                        if xxhash.xxh3_64_intdigest(dest[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) != digest:
-                            result.corrupt.append((region_id, page, info.name))
-                        result.live.set(region_id, page, True)
-                    result.bytes += len(dest)
-                    if progress:
-                        progress(len(dest), len(run))
+                # One reader thread keeps LOAD_READ_AHEAD runs in flight (preadv releases the GIL),
+                # so the disk and the page faults of fresh region memory overlap the checksums below.
+                with ThreadPoolExecutor(1, thread_name_prefix="baseline-read") as reader:
+                    pending: deque[tuple[int, int, list[tuple[int, int, int]], memoryview, int, Future[int]]] = deque()
+                    runs = iter(_runs_by_data(entries))
+
+                    def submit() -> bool:
+                        for run in runs:
+                            key0, _, off0 = run[0]
+                            region_id, page0 = key0 >> 48, key0 & 0xFFFFFFFFFFFF
+                            if off0 == ZERO_PAGE:
+                                for key, _, _ in run:
+                                    result.live.set(key >> 48, key & 0xFFFFFFFFFFFF, False)
+                                continue
+                            view = region_view(region_id)
+                            dest = view[page0 * PAGE_SIZE:(page0 + len(run)) * PAGE_SIZE]
+                            if len(dest) != len(run) * PAGE_SIZE:
+                                raise CorruptionError(f"{path}: page {page0}+{len(run)} lies outside region "
+                                                      f"{region_id}")
+                            pending.append((region_id, page0, run, dest, off0,
+                                            reader.submit(os.preadv, fd, [dest], off0)))
+                            return True
+                        return False
+
+                    for _ in range(LOAD_READ_AHEAD):
+                        if not submit():
+                            break
+                    while pending:
+                        region_id, page0, run, dest, off0, done = pending.popleft()
+                        got = done.result()
+                        submit()
+                        if got != len(dest):
+                            raise CorruptionError(f"{path}: short read at offset {off0}")
+                        for i, (_key, digest, _) in enumerate(run):
+                            if digest_of(dest[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) != digest:
+                                result.corrupt.append((region_id, page0 + i, info.name))
+                        result.live.set_range(region_id, page0, len(run))
+                        result.bytes += len(dest)
+                        if progress:
+                            progress(len(dest), len(run))
             finally:
                 os.close(fd)
         return result
@@ -355,6 +377,19 @@ class LiveMap:
         if m[page] != live:
             m[page] = live
             self.count += 1 if live else -1
+
+    def set_range(self, region_id: int, first: int, npages: int) -> None:
+        """Mark pages first..first+npages-1 live; the same as ``set(region_id, page, True)`` for each."""
+        if npages <= 0:
+            return
+        m = self.maps.get(region_id)
+        if m is None:
+            m = self.maps[region_id] = bytearray()
+        end = first + npages
+        if end > len(m):
+            m.extend(bytes(end - len(m) + 4096))
+        self.count += npages - m.count(1, first, end)
+        m[first:end] = b"\x01" * npages
 
     def runs(self) -> list[tuple[int, int, int]]:
         out = []
