@@ -59,6 +59,7 @@ FOOTER_SIZE = _FOOT.size + 8
 ZERO_PAGE = 0xFFFFFFFFFFFFFFFF
 ZERO_BYTES = bytes(PAGE_SIZE)
 ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_BYTES)
+STAGE_BYTES = 4 << 20     # a segment writer's staging buffer
 LOAD_READ_AHEAD = 2          # baseline runs (up to 16 MiB each) read ahead of the checksum loop
 STATE_MOUNTED, STATE_CLEAN = "mounted", "clean"
 
@@ -420,39 +421,66 @@ class SegmentWriter:
         self.index: list[bytes] = []
         self.data_pages = 0
         self.zero_pages = 0
+        self.stage = bytearray(STAGE_BYTES)
+        self.fill = 0
 
     def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view):]
 
-    def add(self, region_id: int, first_page: int, data: memoryview) -> list[bool]:
-        """Append consecutive pages; returns, per page, whether it is non-zero (live)."""
-        live: list[bool] = []
-        start = None   # first page of the pending contiguous non-zero stretch
-        for i in range(len(data) // PAGE_SIZE):
-            page = data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+    def reserve(self, npages: int) -> memoryview:
+        """Room for ``npages`` in the staging buffer, to be filled and then ``commit``ted.
+
+        Pages are staged and written a few MiB at a time, so scattered single
+        pages cost no system call each.
+        """
+        need = npages * PAGE_SIZE
+        if self.fill + need > len(self.stage):
+            self._drain()
+            if need > len(self.stage):
+                self.stage = bytearray(need)
+        return memoryview(self.stage)[self.fill:self.fill + need]
+
+    def commit(self, region_id: int, first_page: int, npages: int) -> list[bool]:
+        """Index the reserved pages just filled; zero pages are dropped from the data. Returns per page
+        whether it is non-zero (live)."""
+        stage, live = self.stage, []
+        src = dst = self.fill
+        view = memoryview(stage)
+        for i in range(npages):
+            page = view[src:src + PAGE_SIZE]
             digest = xxhash.xxh3_64_intdigest(page)
             key = region_id << 48 | (first_page + i)
+            src += PAGE_SIZE
             if digest == ZERO_HASH and page == ZERO_BYTES:
-                if start is not None:
-                    self._write(data[start * PAGE_SIZE:i * PAGE_SIZE])
-                    start = None
                 self.index.append(_ENTRY.pack(key, digest, ZERO_PAGE))
                 self.zero_pages += 1
                 live.append(False)
                 continue
-            if start is None:
-                start = i
+            if dst != src - PAGE_SIZE:
+                stage[dst:dst + PAGE_SIZE] = bytes(page)    # close the gap a zero page left
             self.index.append(_ENTRY.pack(key, digest, self.offset))
             self.offset += PAGE_SIZE
             self.data_pages += 1
+            dst += PAGE_SIZE
             live.append(True)
-        if start is not None:
-            self._write(data[start * PAGE_SIZE:])
+        self.fill = dst
         return live
 
+    def add(self, region_id: int, first_page: int, data: memoryview | bytes) -> list[bool]:
+        """Append consecutive pages given as a buffer."""
+        npages = len(data) // PAGE_SIZE
+        self.reserve(npages)[:] = data
+        return self.commit(region_id, first_page, npages)
+
+    def _drain(self) -> None:
+        if self.fill:
+            self._write(memoryview(self.stage)[:self.fill])
+            self.fill = 0
+
     def finish(self) -> SegmentInfo:
+        self._drain()
         index = b"".join(self.index)
         index_xxh = xxhash.xxh3_64_intdigest(index)
         foot = _FOOT.pack(FOOT_MAGIC, self.offset, len(self.index), self.data_pages, index_xxh, self.head_xxh)

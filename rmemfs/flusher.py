@@ -78,14 +78,14 @@ class Snapshot:
                     self.saved[(region_id, page)] = bytes(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
                     p[page] = 0
 
-    def capture(self, region_id: int, first_page: int, npages: int, out: bytearray) -> memoryview:
-        """Copy pages as of the snapshot into ``out``; returns the filled view."""
+    def capture(self, region_id: int, first_page: int, npages: int, out: memoryview) -> None:
+        """Copy pages as of the snapshot into ``out`` (npages * PAGE_SIZE bytes)."""
         p = self.pending[region_id]
         view = self.regions[region_id].view
         end = first_page + npages
         with self.lock:
             if p.find(0, first_page, end) < 0:
-                out[:npages * PAGE_SIZE] = view[first_page * PAGE_SIZE:end * PAGE_SIZE]
+                out[:] = view[first_page * PAGE_SIZE:end * PAGE_SIZE]
                 p[first_page:end] = bytes(npages)
             else:
                 for i, page in enumerate(range(first_page, end)):
@@ -94,7 +94,6 @@ class Snapshot:
                         p[page] = 0
                     else:
                         out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = self.saved.pop((region_id, page))
-        return memoryview(out)[:npages * PAGE_SIZE]
 
 
 @dataclass(frozen=True)
@@ -233,8 +232,11 @@ class Flusher:
         segments = new_segments if full else prev.segments + new_segments
         live = self.live
         for region_id, first, flags in updates:
-            for i, is_live in enumerate(flags):
-                live.set(region_id, first + i, is_live)
+            if all(flags):
+                live.set_range(region_id, first, len(flags))
+            else:
+                for i, is_live in enumerate(flags):
+                    live.set(region_id, first + i, is_live)
         manifest = next_manifest(prev, generation=generation, regions=regions, segments=segments,
                                  live_pages=live.count, state=state or prev.state)
         try:
@@ -271,15 +273,14 @@ class Flusher:
     def _write_segment(self, snapshot: Snapshot, runs: list[tuple[int, int, int]],
                        generation: int) -> tuple[SegmentInfo, list[tuple[int, int, list[bool]]]]:
         writer = self.backend.new_segment(self.manifest.fsid, self.manifest.epoch, generation)
-        buf = bytearray(BATCH_PAGES * PAGE_SIZE)
         updates: list[tuple[int, int, list[bool]]] = []
         try:
             written = 0
             for region_id, first, n in runs:
                 for chunk in range(first, first + n, BATCH_PAGES):
                     m = min(BATCH_PAGES, first + n - chunk)
-                    updates.append((region_id, chunk, writer.add(region_id, chunk,
-                                                                snapshot.capture(region_id, chunk, m, buf))))
+                    snapshot.capture(region_id, chunk, m, writer.reserve(m))
+                    updates.append((region_id, chunk, writer.commit(region_id, chunk, m)))
                     written += m
                     if written >= BATCH_PAGES:
                         faults.point("flush.segment-partial")

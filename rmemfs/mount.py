@@ -427,8 +427,11 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
     try:
         await flusher.publish(replace(opened.manifest, epoch=opened.epoch, state=STATE_MOUNTED,
                                       owner=session.owner()), expect_epoch=opened.manifest.epoch)
-        if first_flush and fs.tracker.current.count:
-            await flusher.flush()      # a new or recovered filesystem: publish its pages before serving
+        if first_flush and fs.tracker.current.count and opened.how != "recovered":
+            await flusher.flush()      # a new filesystem: publish its first pages before serving
+        # A recovered filesystem mounts first: the pages it fetched are marked on its current list, so
+        # they are as protected as any write (this host's exporter serves them) until the flush
+        # triggered below makes them part of a baseline.
     except FencedError as e:
         raise QuietError(str(e), EXIT_BACKEND) from None
     except OSError as e:
@@ -450,6 +453,8 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
             nursery.start_soon(_signals, session)
             on_ready()
             log.info("mounted %s at %s", fs.fsid, session.mountpoint)
+            if fs.tracker.current.count:
+                flusher.trigger()
             await pyfuse3.main()
             unmounted = True
             flusher.stop()
