@@ -256,9 +256,13 @@ class Backend:
             yield info, live
 
     def load_into(self, manifest: Manifest, region_view: Callable[[int], memoryview],
-                  progress: Callable[[int, int], None] | None = None) -> "LoadResult":
+                  progress: Callable[[int, int], None] | None = None,
+                  region_fd: Callable[[int], int] | None = None) -> "LoadResult":
         """Copy every live page into the regions, reading straight into region memory, and verify it.
 
+        With ``region_fd`` (a descriptor of the region's file), pages move by
+        ``sendfile`` from the segment into the region file inside the kernel:
+        on tmpfs that is about twice as fast as faulting fresh mapped pages in.
         Returns the pages whose checksum failed (left as read) so the caller
         can fetch them elsewhere, and the live map of the baseline.
         """
@@ -287,8 +291,9 @@ class Backend:
                             if len(dest) != len(run) * PAGE_SIZE:
                                 raise CorruptionError(f"{path}: page {page0}+{len(run)} lies outside region "
                                                       f"{region_id}")
-                            pending.append((region_id, page0, run, dest, off0,
-                                            reader.submit(os.preadv, fd, [dest], off0)))
+                            copy = (reader.submit(_sendfile_at, region_fd(region_id), page0 * PAGE_SIZE, fd, off0,
+                                                  len(dest)) if region_fd else reader.submit(os.preadv, fd, [dest], off0))
+                            pending.append((region_id, page0, run, dest, off0, copy))
                             return True
                         return False
 
@@ -334,6 +339,18 @@ class Backend:
                         problems.append(f"{self.segment_path(info.name)}: region {key >> 48} page "
                                         f"{key & 0xFFFFFFFFFFFF} checksum mismatch")
         return problems
+
+
+def _sendfile_at(out_fd: int, out_off: int, in_fd: int, in_off: int, count: int) -> int:
+    """Copy ``count`` bytes between files in the kernel; returns the bytes copied."""
+    os.lseek(out_fd, out_off, os.SEEK_SET)
+    done = 0
+    while done < count:
+        n = os.sendfile(out_fd, in_fd, in_off + done, count - done)
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 @dataclass

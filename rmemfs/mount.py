@@ -267,7 +267,11 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
                 fs = Filesystem.format(regions, fsid, epoch, opts.dirty_capacity)
                 live, how = LiveMap(), "new"
             else:
-                result = backend.load_into(manifest, lambda rid: regions[rid].view)
+                try:
+                    result = backend.load_into(manifest, lambda rid: regions[rid].view,
+                                               region_fd=regions.file_fd)
+                finally:
+                    regions.close_fds()
                 if result.corrupt:
                     region_id, page, seg = result.corrupt[0]
                     raise CorruptionError(f"baseline file {backend.segment_path(seg)} is corrupt (region "

@@ -353,9 +353,12 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
     bar = Progress("baseline", total_pages * PAGE_SIZE, total_pages, progress)
     try:
         loaded: LoadResult = await trio.to_thread.run_sync(
-            lambda: backend.load_into(manifest, lambda rid: regions[rid].view, lambda b, p: bar.update(b, p)))
+            lambda: backend.load_into(manifest, lambda rid: regions[rid].view, lambda b, p: bar.update(b, p),
+                                      region_fd=regions.file_fd))
     except CorruptionError as e:
         raise QuietError(str(e), EXIT_BACKEND) from None
+    finally:
+        regions.close_fds()
     bar.done()
     ph = report.phase("baseline load")
     ph.seconds, ph.bytes, ph.pages = time.monotonic() - t, loaded.bytes, loaded.bytes // PAGE_SIZE
