@@ -246,29 +246,45 @@ class Backend:
 
     def live_entries(self, manifest: Manifest) -> Iterator[tuple[SegmentInfo, list[tuple[int, int, int]]]]:
         """Per segment, newest first, the entries not overridden by a newer segment."""
-        seen: set[int] = set()
-        for info in sorted(manifest.segments, key=lambda s: s.generation, reverse=True):
+        segments = sorted(manifest.segments, key=lambda s: s.generation, reverse=True)
+        seen: dict[int, bytearray] = {}          # region id -> one byte per page already taken
+        for n, info in enumerate(segments):
+            entries = self.read_index(info)
+            if n == 0 and len(segments) == 1:
+                yield info, entries              # nothing can override the only segment
+                continue
             live = []
-            for key, digest, off in self.read_index(info):
-                if key not in seen:
-                    seen.add(key)
-                    live.append((key, digest, off))
+            for entry in entries:
+                region_id, page = entry[0] >> 48, entry[0] & 0xFFFFFFFFFFFF
+                m = seen.get(region_id)
+                if m is None:
+                    m = seen[region_id] = bytearray()
+                if page >= len(m):
+                    m.extend(bytes(page + 1 - len(m) + 65536))
+                if not m[page]:
+                    m[page] = 1
+                    live.append(entry)
             yield info, live
 
     def load_into(self, manifest: Manifest, region_view: Callable[[int], memoryview],
                   progress: Callable[[int, int], None] | None = None,
-                  region_fd: Callable[[int], int] | None = None) -> "LoadResult":
+                  region_fd: Callable[[int], int] | None = None,
+                  skip: dict[int, bytearray] | None = None) -> "LoadResult":
         """Copy every live page into the regions, reading straight into region memory, and verify it.
 
         With ``region_fd`` (a descriptor of the region's file), pages move by
         ``sendfile`` from the segment into the region file inside the kernel:
         on tmpfs that is about twice as fast as faulting fresh mapped pages in.
         Returns the pages whose checksum failed (left as read) so the caller
-        can fetch them elsewhere, and the live map of the baseline.
+        can fetch them elsewhere, and the live map of the baseline. Pages
+        marked in ``skip`` (region id -> one byte per page) are not copied:
+        the caller is writing them from elsewhere, at the same time.
         """
         result = LoadResult(LiveMap())
         digest_of = xxhash.xxh3_64_intdigest
         for info, entries in self.live_entries(manifest):
+            if skip:
+                entries = _without_skipped(entries, skip, result.live)
             path = self.segment_path(info.name)
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -339,6 +355,19 @@ class Backend:
                         problems.append(f"{self.segment_path(info.name)}: region {key >> 48} page "
                                         f"{key & 0xFFFFFFFFFFFF} checksum mismatch")
         return problems
+
+
+def _without_skipped(entries: list[tuple[int, int, int]], skip: dict[int, bytearray],
+                     live: "LiveMap") -> list[tuple[int, int, int]]:
+    kept = []
+    for entry in entries:
+        region_id, page = entry[0] >> 48, entry[0] & 0xFFFFFFFFFFFF
+        m = skip.get(region_id)
+        if m is not None and page < len(m) and m[page]:
+            live.set(region_id, page, entry[2] != ZERO_PAGE)   # still part of the published baseline
+        else:
+            kept.append(entry)
+    return kept
 
 
 def _sendfile_at(out_fd: int, out_off: int, in_fd: int, in_off: int, count: int) -> int:

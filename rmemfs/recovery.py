@@ -347,46 +347,51 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
     except OSError as e:
         raise QuietError(f"cannot allocate regions in {region_dir}: {e}", EXIT_REGIONS) from None
 
-    # 4: baseline.
-    t = time.monotonic()
+    # 4-6: the baseline from the backend and the dirty pages from the source, at the same time:
+    # the pages the lists name are not loaded from the baseline, so the two never touch the same page.
+    plan = fetch_plan(state, []) if state is not None else []
+    skip: dict[int, bytearray] = {}
+    for region_id, first, n in plan:
+        m = skip.setdefault(region_id, bytearray(regions[region_id].pages))
+        m[first:first + n] = b"\x01" * n
+    t_load = time.monotonic()
     total_pages = manifest.live_pages
     bar = Progress("baseline", total_pages * PAGE_SIZE, total_pages, progress)
+    holder: dict[str, LoadResult] = {}
+
+    async def load() -> None:
+        try:
+            holder["loaded"] = await trio.to_thread.run_sync(lambda: backend.load_into(
+                manifest, lambda rid: regions[rid].view, lambda b, p: bar.update(b, p),
+                region_fd=regions.file_fd, skip=skip))
+        except CorruptionError as e:
+            raise QuietError(str(e), EXIT_BACKEND) from None
+        finally:
+            regions.close_fds()
+        bar.done()
+        ph = report.phase("baseline load")
+        ph.seconds = time.monotonic() - t_load
+        ph.bytes = holder["loaded"].bytes
+        ph.pages = ph.bytes // PAGE_SIZE
+
     try:
-        loaded: LoadResult = await trio.to_thread.run_sync(
-            lambda: backend.load_into(manifest, lambda rid: regions[rid].view, lambda b, p: bar.update(b, p),
-                                      region_fd=regions.file_fd))
-    except CorruptionError as e:
-        raise QuietError(str(e), EXIT_BACKEND) from None
-    finally:
-        regions.close_fds()
-    bar.done()
-    ph = report.phase("baseline load")
-    ph.seconds, ph.bytes, ph.pages = time.monotonic() - t, loaded.bytes, loaded.bytes // PAGE_SIZE
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load)
+            if state is not None:
+                await _fetch(state, plan, regions, report, progress)
+    except BaseExceptionGroup as group:
+        raise _first_quiet(group) from None
+    loaded = holder["loaded"]
     report.baseline_bytes, report.baseline_pages = loaded.bytes, loaded.bytes // PAGE_SIZE
     report.corrupt_baseline_pages = len(loaded.corrupt)
     if loaded.corrupt and state is None:
         region_id, page, seg = loaded.corrupt[0]
         raise QuietError(f"baseline file {backend.segment_path(seg)} is corrupt (region {region_id} page {page}, "
                          f"{len(loaded.corrupt)} pages in all) and the source is not used", EXIT_BACKEND)
-
-    # 5-6: dirty pages over the transport, in list order.
-    plan: list[tuple[int, int, int]] = []
-    if state is not None:
-        t = time.monotonic()
-        plan = fetch_plan(state, [(r, p, 1) for r, p, _ in loaded.corrupt])
-        ops = read_ops(plan, state.catalog, regions)
-        for region in regions.regions.values():
-            state.conn.register_local(region.view)
-        nbytes = sum(len(op.dest) for op in ops)
-        bar = Progress("dirty pages", nbytes, nbytes // PAGE_SIZE, progress)
-        try:
-            await state.conn.read_batch(ops, progress=lambda b: bar.update(b))
-        except TransportError as e:
-            raise QuietError(f"reading dirty pages from {report.source}: {e}", EXIT_TRANSPORT) from None
-        bar.done()
-        ph = report.phase("page fetch")
-        ph.seconds, ph.bytes, ph.pages = time.monotonic() - t, nbytes, nbytes // PAGE_SIZE
-        report.dirty_pages_fetched, report.dirty_bytes_fetched = nbytes // PAGE_SIZE, nbytes
+    if loaded.corrupt and state is not None:
+        await _fetch(state, [(r, p, 1) for r, p, _ in loaded.corrupt], regions, report, progress,
+                     phase="corrupt page fetch")
+        plan = plan + [(r, p, 1) for r, p, _ in loaded.corrupt]
 
     # Verify the pages as recovered, before step 7: replay may legitimately write to the regions (freeing
     # orphans appends to the journal, zeroing), which re-reading the source would report as a mismatch.
@@ -415,6 +420,36 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
 
     report.total_seconds = time.monotonic() - t_total
     return Opened(backend, manifest, fs, loaded.live, new_epoch, region_dir, "recovered"), report
+
+
+async def _fetch(state: SourceState, plan: list[tuple[int, int, int]], regions: RegionSet,
+                 report: RecoveryReport, progress: bool | None, phase: str = "page fetch") -> None:
+    """Read the planned pages from the source straight into the new regions, many reads in flight."""
+    t = time.monotonic()
+    ops = read_ops(plan, state.catalog, regions)
+    for region in regions.regions.values():
+        state.conn.register_local(region.view)
+    nbytes = sum(len(op.dest) for op in ops)
+    bar = Progress("dirty pages", nbytes, nbytes // PAGE_SIZE, progress)
+    try:
+        await state.conn.read_batch(ops, progress=lambda b: bar.update(b))
+    except TransportError as e:
+        raise QuietError(f"reading dirty pages from {report.source}: {e}", EXIT_TRANSPORT) from None
+    bar.done()
+    ph = report.phase(phase)
+    ph.seconds, ph.bytes, ph.pages = time.monotonic() - t, nbytes, nbytes // PAGE_SIZE
+    report.dirty_pages_fetched += nbytes // PAGE_SIZE
+    report.dirty_bytes_fetched += nbytes
+
+
+def _first_quiet(group: BaseExceptionGroup) -> BaseException:
+    """The QuietError inside a nursery's exception group (else the group's first exception)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_quiet(exc)
+        if isinstance(exc, QuietError):
+            return exc
+    return group.exceptions[0]
 
 
 def _shaped(manifest: Manifest, regions: dict[int, int]) -> Manifest:
