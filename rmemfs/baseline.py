@@ -60,7 +60,8 @@ ZERO_PAGE = 0xFFFFFFFFFFFFFFFF
 ZERO_BYTES = bytes(PAGE_SIZE)
 ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_BYTES)
 STAGE_BYTES = 4 << 20     # a segment writer's staging buffer
-LOAD_READ_AHEAD = 2          # baseline runs (up to 16 MiB each) read ahead of the checksum loop
+LOAD_READ_AHEAD = 2          # batches of baseline runs read ahead of the checksum loop
+LOAD_BATCH_BYTES = 16 << 20  # bytes per batch handed to the reader thread
 STATE_MOUNTED, STATE_CLEAN = "mounted", "clean"
 
 
@@ -288,13 +289,30 @@ class Backend:
             path = self.segment_path(info.name)
             fd = os.open(path, os.O_RDONLY)
             try:
-                # One reader thread keeps LOAD_READ_AHEAD runs in flight (preadv releases the GIL),
-                # so the disk and the page faults of fresh region memory overlap the checksums below.
+                # One reader thread copies batches of runs (about LOAD_BATCH_BYTES each; the copies release
+                # the GIL) LOAD_READ_AHEAD batches ahead, so the disk and the kernel's copy into fresh region
+                # memory overlap the checksums below. Batching keeps the cost per task low when skipped
+                # pages cut the segment into many short runs.
                 with ThreadPoolExecutor(1, thread_name_prefix="baseline-read") as reader:
-                    pending: deque[tuple[int, int, list[tuple[int, int, int]], memoryview, int, Future[int]]] = deque()
+                    pending: deque[tuple[list[tuple[int, int, list[tuple[int, int, int]], memoryview]],
+                                         Future[list[int]]]] = deque()
                     runs = iter(_runs_by_data(entries))
 
+                    def copy_batch(batch: list[tuple[int, int, list[tuple[int, int, int]], memoryview]]) -> list[int]:
+                        # Skipped pages leave holes in the read pattern, which defeat the kernel's own
+                        # read-ahead: ask for the batch's whole span at once.
+                        start, end = batch[0][2][0][2], batch[-1][2][-1][2] + PAGE_SIZE
+                        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                        out = []
+                        for region_id, page0, run, dest in batch:
+                            off0 = run[0][2]
+                            out.append(_sendfile_at(region_fd(region_id), page0 * PAGE_SIZE, fd, off0, len(dest))
+                                       if region_fd else os.preadv(fd, [dest], off0))
+                        return out
+
                     def submit() -> bool:
+                        batch: list[tuple[int, int, list[tuple[int, int, int]], memoryview]] = []
+                        size = 0
                         for run in runs:
                             key0, _, off0 = run[0]
                             region_id, page0 = key0 >> 48, key0 & 0xFFFFFFFFFFFF
@@ -302,33 +320,35 @@ class Backend:
                                 for key, _, _ in run:
                                     result.live.set(key >> 48, key & 0xFFFFFFFFFFFF, False)
                                 continue
-                            view = region_view(region_id)
-                            dest = view[page0 * PAGE_SIZE:(page0 + len(run)) * PAGE_SIZE]
+                            dest = region_view(region_id)[page0 * PAGE_SIZE:(page0 + len(run)) * PAGE_SIZE]
                             if len(dest) != len(run) * PAGE_SIZE:
                                 raise CorruptionError(f"{path}: page {page0}+{len(run)} lies outside region "
                                                       f"{region_id}")
-                            copy = (reader.submit(_sendfile_at, region_fd(region_id), page0 * PAGE_SIZE, fd, off0,
-                                                  len(dest)) if region_fd else reader.submit(os.preadv, fd, [dest], off0))
-                            pending.append((region_id, page0, run, dest, off0, copy))
-                            return True
-                        return False
+                            batch.append((region_id, page0, run, dest))
+                            size += len(dest)
+                            if size >= LOAD_BATCH_BYTES:
+                                break
+                        if batch:
+                            pending.append((batch, reader.submit(copy_batch, batch)))
+                        return bool(batch)
 
                     for _ in range(LOAD_READ_AHEAD):
                         if not submit():
                             break
                     while pending:
-                        region_id, page0, run, dest, off0, done = pending.popleft()
-                        got = done.result()
+                        batch, done = pending.popleft()
+                        copied = done.result()
                         submit()
-                        if got != len(dest):
-                            raise CorruptionError(f"{path}: short read at offset {off0}")
-                        for i, (_key, digest, _) in enumerate(run):
-                            if digest_of(dest[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) != digest:
-                                result.corrupt.append((region_id, page0 + i, info.name))
-                        result.live.set_range(region_id, page0, len(run))
-                        result.bytes += len(dest)
-                        if progress:
-                            progress(len(dest), len(run))
+                        for (region_id, page0, run, dest), got in zip(batch, copied, strict=True):
+                            if got != len(dest):
+                                raise CorruptionError(f"{path}: short read at offset {run[0][2]}")
+                            for i, (_key, digest, _) in enumerate(run):
+                                if digest_of(dest[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) != digest:
+                                    result.corrupt.append((region_id, page0 + i, info.name))
+                            result.live.set_range(region_id, page0, len(run))
+                            result.bytes += len(dest)
+                            if progress:
+                                progress(len(dest), len(run))
             finally:
                 os.close(fd)
         return result

@@ -21,6 +21,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import trio
 
@@ -383,17 +384,13 @@ class Filesystem:
         if offset >= end:
             return b""
         parts: list[bytes | memoryview] = []
-        pos = offset
-        while pos < end:
-            index, in_ext = divmod(pos, EXTENT_SIZE)
-            n = min(EXTENT_SIZE - in_ext, end - pos)
+        for index, in_ext, n, _pos in _extent_pieces(offset, end):
             loc = inode.extents.get(index)
             if loc is None:
                 parts.append(bytes(n))
             else:
                 start = loc[1] * EXTENT_SIZE + in_ext
                 parts.append(self.regions[loc[0]].view[start:start + n])
-            pos += n
         return b"".join(parts)
 
     def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
@@ -405,10 +402,7 @@ class Filesystem:
         end = offset + len(src)
         if end > (1 << 48):
             raise FsError(errno.EFBIG)
-        pos = offset
-        while pos < end:
-            index, in_ext = divmod(pos, EXTENT_SIZE)
-            n = min(EXTENT_SIZE - in_ext, end - pos)
+        for index, in_ext, n, pos in _extent_pieces(offset, end):
             loc = inode.extents.get(index)
             if loc is None:
                 loc = self.regions.allocate_extent()
@@ -418,7 +412,6 @@ class Filesystem:
             start = loc[1] * EXTENT_SIZE + in_ext
             self.tracker.mark_bytes(loc[0], start, n)
             self.regions[loc[0]].view[start:start + n] = src[pos - offset:pos - offset + n]
-            pos += n
         now = time.time_ns()
         if end > inode.size:
             self._do(rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=end, mtime=now, ctime=now))
@@ -448,6 +441,16 @@ class RoomWaiter:
 
     async def wait_for_room(self) -> None:  # pragma: no cover - interface
         await trio.lowlevel.checkpoint()
+
+
+def _extent_pieces(offset: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """Split a byte range at extent boundaries: (extent index, offset in it, length, file offset)."""
+    pos = offset
+    while pos < end:
+        index, in_ext = divmod(pos, EXTENT_SIZE)
+        n = min(EXTENT_SIZE - in_ext, end - pos)
+        yield index, in_ext, n, pos
+        pos += n
 
 
 def _extent_runs(extents: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

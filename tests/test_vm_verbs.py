@@ -46,32 +46,29 @@ async def test_connect_without_device_is_unavailable() -> None:
         await verbs.connect("127.0.0.1", 1, fsid="x", secret=b"s", timeout=1)
 
 
-@pytest.mark.vm
-@pytest.mark.slow
-def test_verbs_in_vm() -> None:
-    cmd = [str(VM_RUN), "--timeout", "300", "--",
-           ".venv/bin/python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "faulthandler_timeout=120",
-           "tests/vm/inner_verbs.py"]
+def run_in_vm(test_file: str, timeout: int) -> str:
+    """Run an inner pytest file inside the soft-RoCE VM; skip only where QEMU cannot run at all."""
+    cmd = [str(VM_RUN), "--timeout", str(timeout), "--",
+           ".venv/bin/python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o",
+           f"faulthandler_timeout={timeout - 100}", test_file]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if r.returncode == SKIP_RC:
         pytest.skip(r.stderr.strip().splitlines()[-1])
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)
-    assert r.returncode == 0, f"in-VM verbs tests failed (rc {r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
+    assert r.returncode == 0, f"{test_file} failed in the VM (rc {r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
     assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+    return r.stdout
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_verbs_in_vm() -> None:
+    run_in_vm("tests/vm/inner_verbs.py", 300)
 
 
 @pytest.mark.vm
 @pytest.mark.slow
 def test_recovery_over_verbs_in_vm() -> None:
     """Mount, write, SIGKILL, rmemfs-recover --transport verbs and --transport auto, verify: all inside the VM."""
-    cmd = [str(VM_RUN), "--timeout", "400", "--",
-           ".venv/bin/python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "faulthandler_timeout=300",
-           "tests/vm/inner_recovery.py"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if r.returncode == SKIP_RC:
-        pytest.skip(r.stderr.strip().splitlines()[-1])
-    sys.stdout.write(r.stdout)
-    sys.stderr.write(r.stderr)
-    assert r.returncode == 0, f"in-VM recovery failed (rc {r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
-    assert "2 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+    assert "2 passed" in run_in_vm("tests/vm/inner_recovery.py", 400)

@@ -17,7 +17,7 @@ from typing import Callable
 import trio
 
 from ..errors import QuietError
-from ..mount import (EXIT_ERROR, OPTION_HELP, Session, check_environment, check_mountpoint,
+from ..mount import (EXIT_ERROR, OPTION_HELP, MountOptions, Opened, Session, check_environment, check_mountpoint,
                      open_backend, parse_options, serve, start_exporter)
 from .common import run_main, setup_logging
 
@@ -98,6 +98,17 @@ def daemonize_and_run(foreground: bool, work: Callable[[Ready], int],
     os._exit(code)
 
 
+def run_session(opened: Opened, mountpoint: Path, opts: MountOptions, log_file: Path | None, debug: bool,
+                mounted: Callable[[], None]) -> int:
+    """In the (possibly daemonized) serving process: start the exporter, then serve until unmounted."""
+    if log_file:
+        setup_logging(debug, log_file)
+    _proc, port = start_exporter(opened.region_dir, opened.backend.path, opened.fs.fsid, opts,
+                                 log_file.with_name("exporter.log") if log_file else None)
+    session = Session(opened, mountpoint, opts, port)
+    return trio.run(lambda: serve(session, on_ready=mounted))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser("rmemfs", __doc__.splitlines()[0]).parse_args(argv)
 
@@ -110,15 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         opened = open_backend(args.backend.absolute(), opts, mountpoint)
         log_file = args.log or (None if args.foreground else opened.region_dir / "rmemfs.log")
 
-        def work(ready: Ready) -> int:
-            if log_file:
-                setup_logging(args.debug, log_file)
-            _proc, port = start_exporter(opened.region_dir, opened.backend.path, opened.fs.fsid, opts,
-                                         log_file.with_name("exporter.log") if log_file else None)
-            session = Session(opened, mountpoint, opts, port)
-            return trio.run(lambda: serve(session, on_ready=lambda: ready("")))
-
-        return daemonize_and_run(args.foreground, work)
+        return daemonize_and_run(args.foreground, lambda ready: run_session(
+            opened, mountpoint, opts, log_file, args.debug, mounted=lambda: ready("")))
 
     run_main("rmemfs", body)
 

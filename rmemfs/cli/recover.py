@@ -18,10 +18,10 @@ from pathlib import Path
 
 import trio
 
-from ..mount import Session, check_environment, check_mountpoint, parse_options, serve, start_exporter
+from ..mount import check_environment, check_mountpoint, parse_options
 from ..recovery import RecoveryReport, recover, retire_local_source, write_report
 from .common import run_main, setup_logging
-from .mount import Ready, build_parser, daemonize_and_run
+from .mount import Ready, build_parser, daemonize_and_run, run_session
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +74,13 @@ def main(argv: list[str] | None = None) -> None:
                 write_report(args.json, report)
 
         def work(ready: Ready) -> int:
-            if log_file:
-                setup_logging(args.debug, log_file)
-            _proc, port = start_exporter(opened.region_dir, opened.backend.path, opened.fs.fsid, opts,
-                                         log_file.with_name("exporter.log") if log_file else None)
-            session = Session(opened, mountpoint, opts, port)
-
             def mounted() -> None:
                 if local_source:
                     # The new epoch is published: the old memory on this host is fenced and may go.
                     retire_local_source(opts.region_dir(opened.fs.fsid))
                 ready(f"{time.monotonic() - t_mount:.6f}")
 
-            return trio.run(lambda: serve(session, on_ready=mounted))
+            return run_session(opened, mountpoint, opts, log_file, args.debug, mounted)
 
         return daemonize_and_run(args.foreground, work, on_ready=finish)
 
