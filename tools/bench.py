@@ -156,6 +156,13 @@ def unmount(path: Path) -> None:
 
 # --- file workloads (work on any filesystem) ----------------------------------------------
 
+def settle() -> None:
+    """Let the previous target's flush reach the disk first: its writeback would otherwise run, and cost
+    CPU, during the next target's timed run (it made tracking-off look slower than tracking-on)."""
+    os.sync()
+    time.sleep(0.2)
+
+
 def seq_write(path: Path, size: int, block: bytes) -> float:
     """write() in 1 MiB blocks into a truncated file, then close; seconds."""
     t = time.perf_counter()
@@ -464,12 +471,14 @@ class Bench:
                 f = d / "seq.dat"
                 if fs:
                     fs.flush()          # empty dirty lists: every repeat pays for marking
+                settle()
                 s = seq_write(f, size, self.block)
                 seq[name].append(size / s)
                 log(f"write: {name:<24} write() 1 MiB     rep {rep + 1}/{R}: {size / s / MiB:8.0f} MiB/s")
                 if fs:
                     fs.flush()
                 pages = rng.sample(range(size // PAGE), npages)
+                settle()
                 s = mmap_random_write(f, size, pages, page_data)
                 rnd[name].append(npages / s)
                 log(f"write: {name:<24} mmap random 4 KiB rep {rep + 1}/{R}: {npages / s:8.0f} pages/s")
@@ -477,6 +486,7 @@ class Bench:
                 if fs:
                     fs.flush()
                 g = d / "mmap.dat"
+                settle()
                 s = mmap_write(g, size, self.block)
                 mm[name].append(size / s)
                 log(f"write: {name:<24} mmap+memcpy+msync rep {rep + 1}/{R}: {size / s / MiB:8.0f} MiB/s")
