@@ -11,6 +11,8 @@ reads it byte for byte over RDMA, so it only changes with ``CTL_VERSION``::
       [8] capacity (entries per list)            [9] pid of the filesystem process
       [10] clean generation: the baseline generation published at a clean
            unmount (0 while mounted), so a remount can trust these regions
+      [11] heartbeat interval in microseconds, so a failover host knows how
+           long a silent heartbeat must stay silent before the owner counts as dead
     list i (i = 0, 1) at PAGE_SIZE + i * list_bytes(capacity):
       header page as u64 words: [0] magic b"RMEMDL01", [1] count
       then ``capacity`` u64 entries: region_id << 48 | first_page << 16 | (npages - 1)
@@ -46,7 +48,7 @@ MAX_RUN_PAGES = 1 << 16
 _ONES = b"\x01" * MAX_RUN_PAGES
 
 W_MAGIC, W_VERSION, W_FSID0, W_FSID1, W_EPOCH, W_STATE, W_HEARTBEAT, W_HEARTBEAT_NS, \
-    W_CAPACITY, W_PID, W_CLEAN_GEN = range(11)
+    W_CAPACITY, W_PID, W_CLEAN_GEN, W_HEARTBEAT_INTERVAL_US = range(12)
 L_MAGIC, L_COUNT = 0, 1
 
 
@@ -77,6 +79,7 @@ class CtlHeader:
     capacity: int
     pid: int
     clean_generation: int
+    heartbeat_interval_us: int
 
     @property
     def flushing(self) -> int:
@@ -84,7 +87,7 @@ class CtlHeader:
 
 
 def parse_header(page: bytes | memoryview) -> CtlHeader:
-    words = struct.unpack_from("<11Q", page)
+    words = struct.unpack_from("<12Q", page)
     if struct.pack("<Q", words[W_MAGIC]) != CTL_MAGIC:
         raise CorruptionError("ctl region: bad magic (not an rmemfs dirty-list region)")
     version = words[W_VERSION] & 0xFFFFFFFF
@@ -92,7 +95,8 @@ def parse_header(page: bytes | memoryview) -> CtlHeader:
         raise CorruptionError(f"ctl region: unsupported version {version} / page size {words[W_VERSION] >> 32}")
     fsid = str(uuid.UUID(bytes=struct.pack("<QQ", words[W_FSID0], words[W_FSID1])))
     return CtlHeader(fsid, words[W_EPOCH], words[W_STATE] >> 1, words[W_STATE] & 1, words[W_HEARTBEAT],
-                     words[W_HEARTBEAT_NS], words[W_CAPACITY], words[W_PID], words[W_CLEAN_GEN])
+                     words[W_HEARTBEAT_NS], words[W_CAPACITY], words[W_PID], words[W_CLEAN_GEN],
+                     words[W_HEARTBEAT_INTERVAL_US])
 
 
 def list_offset(index: int, capacity: int) -> int:
@@ -235,6 +239,9 @@ class DirtyTracker:
 
     def set_clean_generation(self, generation: int) -> None:
         self._hdr[W_CLEAN_GEN] = generation
+
+    def set_heartbeat_interval(self, seconds: float) -> None:
+        self._hdr[W_HEARTBEAT_INTERVAL_US] = int(seconds * 1e6)
 
     def beat(self) -> None:
         self._hdr[W_HEARTBEAT] += 1

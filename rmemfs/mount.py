@@ -485,6 +485,7 @@ async def _shutdown(session: Session) -> int:
 
 
 async def _heartbeat(fs: Filesystem, interval: float) -> None:
+    fs.tracker.set_heartbeat_interval(interval)
     while True:
         fs.tracker.beat()
         await trio.sleep(interval)

@@ -316,7 +316,9 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
         if check_alive and not dry_run:
             # The heartbeat is read again only before anything is committed, so the
             # wait overlaps the baseline load and the page fetch.
-            state.liveness_deadline = time.monotonic() + max(2.5 * opts.heartbeat_interval, 1.5)
+            # Wait for the source's own interval (recorded in its ctl header), not ours.
+            interval = state.header.heartbeat_interval_us / 1e6 or opts.heartbeat_interval
+            state.liveness_deadline = time.monotonic() + max(2.5 * interval, 1.5)
     try:
         return await _rebuild(backend, fsid, manifest, state, opts, report, dry_run=dry_run, verify=verify,
                               progress=progress, t_total=t_total)

@@ -40,8 +40,10 @@ def test_marks_land_in_exported_memory_and_dedup() -> None:
     t.mark(2, 11, 1)           # already covered: no new entry
     t.mark(2, 12, 2)           # partly new: one entry for the whole run
     t.mark(1, 0, 1)
+    t.set_heartbeat_interval(0.25)
     header = parse_header(bytes(mem[:PAGE_SIZE]))
     assert header.fsid == FSID and header.epoch == 7 and header.pid == 4242 and header.active == 0
+    assert header.heartbeat_interval_us == 250_000
     off = list_offset(header.active, header.capacity)
     count = parse_list_count(bytes(mem[off:off + PAGE_SIZE]), header.capacity)
     entries = list(parse_entries(bytes(mem[off + PAGE_SIZE:off + PAGE_SIZE + count * 8])))
