@@ -41,6 +41,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none vmout $OUT 
 i=0
 while read -r d; do
   [ -n "$d" ] || continue
+  mkdir -p "$R$d" 2>/dev/null   # under a guest tmpfs (/tmp, /run) the mount point must be made first
   mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap rw$i "$R$d" || fail "mounting $d failed"
   i=$((i + 1))
 done <$OUT/rw.list
