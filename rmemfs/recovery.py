@@ -42,7 +42,7 @@ from .errors import BackendError, CorruptionError, QuietError
 from .mount import EXIT_BACKEND, EXIT_REGIONS, MountOptions, Opened, fresh_regions
 from .regions import CTL_REGION_ID, RegionSet
 from .transport import load as load_transport, resolve
-from .transport.base import (AuthError, Catalog, ConnectError, Connection, ReadOp, RegionDesc, RegionRole,
+from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, ReadOp, RegionDesc, RegionRole,
                              TransportError, TransportUnavailable)
 
 log = logging.getLogger(__name__)
@@ -289,8 +289,10 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
         t = time.monotonic()
         try:
             conn, catalog = await connect_source(transport, host, port, fsid, secret, timeout)
+        except FsidMismatch as e:
+            raise QuietError(str(e), EXIT_FSID) from None
         except AuthError as e:
-            raise QuietError(str(e), EXIT_FSID if "mismatch" in str(e) else EXIT_AUTH) from None
+            raise QuietError(str(e), EXIT_AUTH) from None
         except ConnectError as e:
             raise QuietError(f"{e} (use --baseline-only to recover from the baseline alone)",
                              EXIT_UNREACHABLE) from None

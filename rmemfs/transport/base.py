@@ -104,6 +104,10 @@ class AuthError(TransportError):
     """The peer failed the HMAC challenge (wrong secret) or serves another filesystem."""
 
 
+class FsidMismatch(AuthError):
+    """The exporter serves another filesystem than the one asked for."""
+
+
 class RemoteAccessError(TransportError):
     """A read named an unknown rkey or fell outside its region; the connection stays usable."""
 

@@ -91,6 +91,7 @@ from .base import (
     ControlExtension,
     ExportBackend,
     ExportedRegion,
+    FsidMismatch,
     ProgressFn,
     ProtocolError,
     RegionDesc,
@@ -557,7 +558,9 @@ class SoftwareConnection(Connection):
         code, _detail = ERROR_HEAD.unpack_from(payload)
         msg = payload[ERROR_HEAD.size:].decode("utf-8", "replace")
         where = f"{self._where}: {context}{msg}"
-        if code in (Err.FSID_MISMATCH, Err.AUTH_FAILED):
+        if code == Err.FSID_MISMATCH:
+            return FsidMismatch(where)
+        if code == Err.AUTH_FAILED:
             return AuthError(where)
         if code in (Err.UNKNOWN_RKEY, Err.OUT_OF_BOUNDS):
             return RemoteAccessError(where)
