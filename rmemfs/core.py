@@ -411,7 +411,10 @@ class Filesystem:
                 self._do(rec_extent(ino, index, *loc))
             start = loc[1] * EXTENT_SIZE + in_ext
             self.tracker.mark_bytes(loc[0], start, n)
-            self.regions[loc[0]].view[start:start + n] = src[pos - offset:pos - offset + n]
+            region = self.regions[loc[0]]
+            if n >= 16 * PAGE_SIZE:
+                region.prefault(start, n)
+            region.view[start:start + n] = src[pos - offset:pos - offset + n]
         now = time.time_ns()
         if end > inode.size:
             self._do(rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=end, mtime=now, ctime=now))

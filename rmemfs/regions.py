@@ -37,6 +37,7 @@ MAX_REGION_ID = 0xFFFF          # dirty-list entries hold 16 bits of region id
 
 _NAME_RE = re.compile(r"^(ctl|meta|data)-(\d{4,5})\.rgn$")
 TMPFS_MAGIC = 0x01021994
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 def region_file_name(region_id: int) -> str:
@@ -84,6 +85,16 @@ class Region:
         self.length = length
         self.view = memoryview(self.mm)
         self.pages = length // PAGE_SIZE
+        self._populate = True
+
+    def prefault(self, offset: int, length: int) -> None:
+        """Back a range about to be written in one call instead of a page fault per page."""
+        if self._populate:
+            start = offset // PAGE_SIZE * PAGE_SIZE
+            try:
+                self.mm.madvise(MADV_POPULATE_WRITE, start, -(-(offset + length - start) // PAGE_SIZE) * PAGE_SIZE)
+            except OSError:
+                self._populate = False     # kernels before 5.14: fault page by page as usual
 
     def release(self, offset: int, length: int) -> None:
         """Zero a page-aligned range and give its memory back (a hole on tmpfs)."""
