@@ -65,6 +65,11 @@ LOAD_BATCH_BYTES = 16 << 20  # bytes per batch handed to the reader thread
 STATE_MOUNTED, STATE_CLEAN = "mounted", "clean"
 
 
+def split_key(key: int) -> tuple[int, int]:
+    """An index entry's key as (region id, page number)."""
+    return key >> 48, key & 0xFFFFFFFFFFFF
+
+
 def _with_checksum(payload: bytes) -> bytes:
     return payload + b"\nxxh3:" + xxhash.xxh3_64_hexdigest(payload).encode() + b"\n"
 
@@ -256,7 +261,7 @@ class Backend:
                 continue
             live = []
             for entry in entries:
-                region_id, page = entry[0] >> 48, entry[0] & 0xFFFFFFFFFFFF
+                region_id, page = split_key(entry[0])
                 m = seen.get(region_id)
                 if m is None:
                     m = seen[region_id] = bytearray()
@@ -266,6 +271,14 @@ class Backend:
                     m[page] = 1
                     live.append(entry)
             yield info, live
+
+    def live_map(self, manifest: Manifest) -> "LiveMap":
+        """Which pages the published generation holds with non-zero content, from the indexes alone."""
+        live = LiveMap()
+        for _info, entries in self.live_entries(manifest):
+            for key, _digest, off in entries:
+                live.set(*split_key(key), off != ZERO_PAGE)
+        return live
 
     def load_into(self, manifest: Manifest, region_view: Callable[[int], memoryview],
                   progress: Callable[[int, int], None] | None = None,
@@ -315,10 +328,10 @@ class Backend:
                         size = 0
                         for run in runs:
                             key0, _, off0 = run[0]
-                            region_id, page0 = key0 >> 48, key0 & 0xFFFFFFFFFFFF
+                            region_id, page0 = split_key(key0)
                             if off0 == ZERO_PAGE:
                                 for key, _, _ in run:
-                                    result.live.set(key >> 48, key & 0xFFFFFFFFFFFF, False)
+                                    result.live.set(*split_key(key), False)
                                 continue
                             dest = region_view(region_id)[page0 * PAGE_SIZE:(page0 + len(run)) * PAGE_SIZE]
                             if len(dest) != len(run) * PAGE_SIZE:
@@ -372,8 +385,9 @@ class Backend:
                         continue
                     page = os.pread(f.fileno(), PAGE_SIZE, off)
                     if xxhash.xxh3_64_intdigest(page) != digest:
-                        problems.append(f"{self.segment_path(info.name)}: region {key >> 48} page "
-                                        f"{key & 0xFFFFFFFFFFFF} checksum mismatch")
+                        region_id, page_no = split_key(key)
+                        problems.append(f"{self.segment_path(info.name)}: region {region_id} page "
+                                        f"{page_no} checksum mismatch")
         return problems
 
 
@@ -381,7 +395,7 @@ def _without_skipped(entries: list[tuple[int, int, int]], skip: dict[int, bytear
                      live: "LiveMap") -> list[tuple[int, int, int]]:
     kept = []
     for entry in entries:
-        region_id, page = entry[0] >> 48, entry[0] & 0xFFFFFFFFFFFF
+        region_id, page = split_key(entry[0])
         m = skip.get(region_id)
         if m is not None and page < len(m) and m[page]:
             live.set(region_id, page, entry[2] != ZERO_PAGE)   # still part of the published baseline

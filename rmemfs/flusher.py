@@ -247,7 +247,7 @@ class Flusher:
             raise
         except BaseException:
             # Not published: the live map must describe what is published.
-            self.live = await trio.to_thread.run_sync(self._rebuild_live, prev)
+            self.live = await trio.to_thread.run_sync(self.backend.live_map, prev)
             raise
         self.manifest = manifest
         faults.point("flush.published")
@@ -262,13 +262,6 @@ class Flusher:
         log.debug("flushed generation %d: %d pages, %d bytes%s", generation, pages, written,
                   " (full)" if full else "")
         return generation
-
-    def _rebuild_live(self, manifest: Manifest) -> LiveMap:
-        live = LiveMap()
-        for _info, entries in self.backend.live_entries(manifest):
-            for key, _digest, off in entries:
-                live.set(key >> 48, key & 0xFFFFFFFFFFFF, off != 0xFFFFFFFFFFFFFFFF)
-        return live
 
     def _write_segment(self, snapshot: Snapshot, runs: list[tuple[int, int, int]],
                        generation: int) -> tuple[SegmentInfo, list[tuple[int, int, list[bool]]]]:

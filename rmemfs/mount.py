@@ -256,11 +256,7 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
             regions = RegionSet(region_dir, data_region_size=opts.region_size)
             regions.open_existing()
             fs = Filesystem.load(regions, fsid, epoch)
-            live = LiveMap()
-            for _info, entries in backend.live_entries(manifest):
-                for key, _d, off in entries:
-                    live.set(key >> 48, key & 0xFFFFFFFFFFFF, off != 0xFFFFFFFFFFFFFFFF)
-            how = "regions"
+            live, how = backend.live_map(manifest), "regions"
         else:
             regions = fresh_regions(region_dir, fsid, manifest, opts)
             if manifest.generation == 0:
@@ -293,7 +289,7 @@ def _regions_match(region_dir: Path, fsid: str, manifest: Manifest) -> bool:
     try:
         with open(region_dir / "ctl-0000.rgn", "rb") as f:
             header = parse_header(f.read(PAGE_SIZE))
-    except (OSError, CorruptionError, ValueError, Exception):
+    except Exception:   # unreadable, short or foreign: not regions we can trust
         return False
     present = RegionSet(region_dir).existing_files()
     wanted = {rid: n for rid, n in manifest.regions.items() if rid != CTL_REGION_ID}
@@ -416,8 +412,7 @@ def fuse_options(opts: MountOptions) -> set[str]:
     return options
 
 
-async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None,
-                first_flush: bool = True) -> int:
+async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None) -> int:
     """Publish ownership, mount, serve until unmounted, then flush clean. Returns an exit code."""
     import pyfuse3
 
@@ -431,7 +426,7 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
     try:
         await flusher.publish(replace(opened.manifest, epoch=opened.epoch, state=STATE_MOUNTED,
                                       owner=session.owner()), expect_epoch=opened.manifest.epoch)
-        if first_flush and fs.tracker.current.count and opened.how != "recovered":
+        if fs.tracker.current.count and opened.how != "recovered":
             await flusher.flush()      # a new filesystem: publish its first pages before serving
         # A recovered filesystem mounts first: the pages it fetched are marked on its current list, so
         # they are as protected as any write (this host's exporter serves them) until the flush

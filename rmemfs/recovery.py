@@ -4,19 +4,20 @@ The order (US11436112B1; the patent's claim 7 for the list order):
 
 1. connect to the source's exporter and do the registration handshake: it
    registers the filesystem's regions and the dirty-list region and returns
-   their descriptions (a catalog);
-2. check the source is really dead (its heartbeat does not advance) and that
-   its memory belongs to the published epoch;
+   their descriptions (a catalog); read both dirty page lists;
+2. check that its memory belongs to the published epoch;
 3. allocate new regions shaped like the source's;
-4. load the latest baseline generation, verifying every page's checksum;
-5. read both dirty page lists over the transport;
-6. read every listed page over the transport straight into the new regions,
-   the list that was being flushed first and the current list last;
-   contiguous pages are coalesced into one read and many reads are in flight;
-   pages whose baseline copy was corrupt are read from the source too;
-7. replay the journal and check the namespace;
-8. (the caller) publish a new generation under a new epoch, which fences
-   the old source, then mount.
+4. load the latest baseline generation, verifying every page's checksum, and
+   at the same time read every listed page over the transport straight into
+   the new regions, the list that was being flushed first and the current
+   list last; the baseline skips those pages, so the two never write the same
+   page; contiguous pages are coalesced into one read and many reads are in
+   flight; pages whose baseline copy was corrupt are then read from the source;
+5. confirm the source is dead (its heartbeat has not moved for 2.5 of its own
+   intervals; the wait overlaps step 4);
+6. replay the journal and check the namespace;
+7. (the caller) publish a new generation under a new epoch, which fences
+   the old source, mount, then flush the fetched pages into a baseline.
 
 The recovery logic sees only the transport interface (``transport.base``).
 """
@@ -35,7 +36,7 @@ import trio
 import xxhash
 
 from . import PAGE_SIZE
-from .baseline import Backend, LoadResult, Manifest
+from .baseline import ZERO_PAGE, Backend, LoadResult, Manifest, split_key
 from .core import Filesystem
 from .dirty import CtlHeader, decode_entry, list_bytes, list_offset, merge_runs, parse_header, parse_list_count
 from .errors import BackendError, CorruptionError, QuietError
@@ -393,9 +394,9 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
         raise QuietError(f"baseline file {backend.segment_path(seg)} is corrupt (region {region_id} page {page}, "
                          f"{len(loaded.corrupt)} pages in all) and the source is not used", EXIT_BACKEND)
     if loaded.corrupt and state is not None:
-        await _fetch(state, [(r, p, 1) for r, p, _ in loaded.corrupt], regions, report, progress,
-                     phase="corrupt page fetch")
-        plan = plan + [(r, p, 1) for r, p, _ in loaded.corrupt]
+        refetch = merge_runs([(r, p, 1) for r, p, _ in loaded.corrupt])
+        await _fetch(state, refetch, regions, report, progress, phase="corrupt page fetch")
+        plan = plan + refetch
 
     # Verify the pages as recovered, before step 7: replay may legitimately write to the regions (freeing
     # orphans appends to the journal, zeroing), which re-reading the source would report as a mismatch.
@@ -490,8 +491,8 @@ async def _verify(backend: Backend, manifest: Manifest, state: SourceState | Non
     fetched = {(r, p) for r, f, n in plan for p in range(f, f + n)}
     for _info, entries in backend.live_entries(manifest):
         for key, digest, off in entries:
-            region_id, page = key >> 48, key & 0xFFFFFFFFFFFF
-            if off == 0xFFFFFFFFFFFFFFFF or (region_id, page) in fetched:
+            region_id, page = split_key(key)
+            if off == ZERO_PAGE or (region_id, page) in fetched:
                 continue
             data = regions[region_id].view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
             if xxhash.xxh3_64_intdigest(data) != digest:
