@@ -267,22 +267,29 @@ async def test_fsid_mismatch(server):
     await _good_client_works(server)
 
 
-async def test_client_rejects_server_without_secret(nursery):
-    """Mutual auth: a server that does not know the secret is caught by the client."""
-    async def fake_server(task_status=trio.TASK_STATUS_IGNORED):
+async def _fake_exporter(nursery, talk) -> int:
+    """A listener that takes one connection and runs ``talk(sock)`` on it: a scripted, hostile exporter."""
+    async def serve(task_status=trio.TASK_STATUS_IGNORED):
         ls = trio.socket.socket()
         await ls.bind(("127.0.0.1", 0))
         ls.listen()
         task_status.started(ls.getsockname()[1])
         s, _ = await ls.accept()
         with s, ls:
-            await _recv_exact(s, sw.HEADER_SIZE + 32 + len(FSID))
-            await s.send(sw._header(sw.Frame.CHALLENGE, 32, 0) + b"\x02" * 32)
-            await _recv_exact(s, sw.HEADER_SIZE + 32)      # the client's proof; accept it blindly
-            await s.send(sw._header(sw.Frame.WELCOME, 32, 0) + b"\x03" * 32)
-            await trio.sleep(1)
+            await talk(s)
+    return await nursery.start(serve)
 
-    port = await nursery.start(fake_server)
+
+async def test_client_rejects_server_without_secret(nursery):
+    """Mutual auth: a server that does not know the secret is caught by the client."""
+    async def talk(s):
+        await _recv_exact(s, sw.HEADER_SIZE + 32 + len(FSID))
+        await s.send(sw._header(sw.Frame.CHALLENGE, 32, 0) + b"\x02" * 32)
+        await _recv_exact(s, sw.HEADER_SIZE + 32)      # the client's proof; accept it blindly
+        await s.send(sw._header(sw.Frame.WELCOME, 32, 0) + b"\x03" * 32)
+        await trio.sleep(1)
+
+    port = await _fake_exporter(nursery, talk)
     with pytest.raises(AuthError, match="failed mutual authentication"):
         await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=2)
 
@@ -536,22 +543,16 @@ async def test_cancelled_read_breaks_connection_without_hanging(server):
 
 async def test_read_times_out_when_exporter_stops_answering(nursery):
     """An exporter that authenticates and then goes silent: the read fails after ``timeout``."""
-    async def silent_server(task_status=trio.TASK_STATUS_IGNORED):
-        ls = trio.socket.socket()
-        await ls.bind(("127.0.0.1", 0))
-        ls.listen()
-        task_status.started(ls.getsockname()[1])
-        s, _ = await ls.accept()
-        with s, ls:
-            hello = await _recv_exact(s, sw.HEADER_SIZE + 32 + len(FSID))
-            cn, sn = hello[sw.HEADER_SIZE:sw.HEADER_SIZE + 32], b"\x05" * 32
-            await s.send(sw._header(sw.Frame.CHALLENGE, 32, 0) + sn)
-            await _recv_exact(s, sw.HEADER_SIZE + 32)
-            await s.send(sw._header(sw.Frame.WELCOME, 32, 0)
-                         + sw._mac(SECRET, b"rmemfs-software-v1 server", cn, sn, FSID))
-            await trio.sleep(10)
+    async def talk(s):
+        hello = await _recv_exact(s, sw.HEADER_SIZE + 32 + len(FSID))
+        cn, sn = hello[sw.HEADER_SIZE:sw.HEADER_SIZE + 32], b"\x05" * 32
+        await s.send(sw._header(sw.Frame.CHALLENGE, 32, 0) + sn)
+        await _recv_exact(s, sw.HEADER_SIZE + 32)
+        await s.send(sw._header(sw.Frame.WELCOME, 32, 0)
+                     + sw._mac(SECRET, b"rmemfs-software-v1 server", cn, sn, FSID))
+        await trio.sleep(10)
 
-    port = await nursery.start(silent_server)
+    port = await _fake_exporter(nursery, talk)
     c = await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=0.3)
     t0 = time.monotonic()
     with pytest.raises(TransportError, match=rf"127\.0\.0\.1:{port}: no response within 0.3s"):
@@ -561,16 +562,10 @@ async def test_read_times_out_when_exporter_stops_answering(nursery):
 
 
 async def test_client_rejects_garbage_from_server(nursery):
-    async def garbage_server(task_status=trio.TASK_STATUS_IGNORED):
-        ls = trio.socket.socket()
-        await ls.bind(("127.0.0.1", 0))
-        ls.listen()
-        task_status.started(ls.getsockname()[1])
-        s, _ = await ls.accept()
-        with s, ls:
-            await s.send(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-            await trio.sleep(1)
+    async def talk(s):
+        await s.send(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await trio.sleep(1)
 
-    port = await nursery.start(garbage_server)
+    port = await _fake_exporter(nursery, talk)
     with pytest.raises(ProtocolError, match="bad magic"):
         await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=2)
