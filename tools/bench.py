@@ -670,7 +670,7 @@ class Bench:
             th.start()
             time.sleep(0.5)
             t0 = time.perf_counter()
-            fl = fs.flush()
+            fs.flush()
             t1 = time.perf_counter()
             time.sleep(0.3)
             stop.set()
@@ -977,6 +977,13 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     made = []
+
+    def save(fig: Any, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return name
+
     rec = _get(r, "recovery", "fractions")
     if rec:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -994,10 +1001,7 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel("seconds (median)")
         ax.set_title(f"rmemfs recovery of {human(r['recovery']['size_bytes'])} by phase")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "recovery.png", dpi=110)
-        plt.close(fig)
-        made.append("recovery.png")
+        made.append(save(fig, "recovery.png"))
     wt = _get(r, "write", "targets")
     if wt:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -1017,10 +1021,7 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
         a2.set_xticks(list(x), [n.replace("_", "\n", 1) for n in names], fontsize=8)
         a2.set_ylabel("pages/s")
         a2.set_title("random 4 KiB writes through mmap (+msync)")
-        fig.tight_layout()
-        fig.savefig(out / "write.png", dpi=110)
-        plt.close(fig)
-        made.append("write.png")
+        made.append(save(fig, "write.png"))
     fl = r.get("flush")
     if isinstance(fl, dict) and "incremental" in fl:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -1038,10 +1039,7 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel("seconds (median)")
         ax.set_title(f"flush time, {human(fl['size_bytes'])} file")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "flush.png", dpi=110)
-        plt.close(fig)
-        made.append("flush.png")
+        made.append(save(fig, "flush.png"))
     return made
 
 
