@@ -35,11 +35,8 @@ import socket
 import struct
 import time
 import uuid
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import xxhash
 
@@ -60,8 +57,6 @@ ZERO_PAGE = 0xFFFFFFFFFFFFFFFF
 ZERO_BYTES = bytes(PAGE_SIZE)
 ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_BYTES)
 STAGE_BYTES = 4 << 20     # a segment writer's staging buffer
-LOAD_READ_AHEAD = 2          # batches of baseline runs read ahead of the checksum loop
-LOAD_BATCH_BYTES = 16 << 20  # bytes per batch handed to the reader thread
 STATE_MOUNTED, STATE_CLEAN = "mounted", "clean"
 
 
@@ -228,6 +223,10 @@ class Backend:
 
     def read_index(self, info: SegmentInfo) -> list[tuple[int, int, int]]:
         """The entries of a segment, verified against its footer and the manifest."""
+        return list(_ENTRY.iter_unpack(self.read_index_raw(info)[0]))
+
+    def read_index_raw(self, info: SegmentInfo) -> tuple[bytes, int]:
+        """A segment's index as stored (verified), and where its data area ends."""
         path = self.segment_path(info.name)
         try:
             with open(path, "rb") as f:
@@ -242,129 +241,15 @@ class Backend:
                 if (magic != FOOT_MAGIC or foot_xxh != xxhash.xxh3_64_intdigest(foot[:_FOOT.size])
                         or head_xxh != xxhash.xxh3_64_intdigest(head[:_SEG_HEAD.size])):
                     raise CorruptionError(f"{path}: bad header or footer")
+                if index_off + entries * _ENTRY.size + FOOTER_SIZE != size:
+                    raise CorruptionError(f"{path}: index does not end at the footer")
                 f.seek(index_off)
                 raw = f.read(entries * _ENTRY.size)
         except FileNotFoundError:
             raise CorruptionError(f"baseline segment {path} is missing") from None
         if xxhash.xxh3_64_intdigest(raw) != index_xxh or index_xxh != info.index_xxh3:
             raise CorruptionError(f"{path}: index checksum mismatch")
-        return list(_ENTRY.iter_unpack(raw))
-
-    def live_entries(self, manifest: Manifest) -> Iterator[tuple[SegmentInfo, list[tuple[int, int, int]]]]:
-        """Per segment, newest first, the entries not overridden by a newer segment."""
-        segments = sorted(manifest.segments, key=lambda s: s.generation, reverse=True)
-        seen: dict[int, bytearray] = {}          # region id -> one byte per page already taken
-        for n, info in enumerate(segments):
-            entries = self.read_index(info)
-            if n == 0 and len(segments) == 1:
-                yield info, entries              # nothing can override the only segment
-                continue
-            live = []
-            for entry in entries:
-                region_id, page = split_key(entry[0])
-                m = seen.get(region_id)
-                if m is None:
-                    m = seen[region_id] = bytearray()
-                if page >= len(m):
-                    m.extend(bytes(page + 1 - len(m) + 65536))
-                if not m[page]:
-                    m[page] = 1
-                    live.append(entry)
-            yield info, live
-
-    def live_map(self, manifest: Manifest) -> "LiveMap":
-        """Which pages the published generation holds with non-zero content, from the indexes alone."""
-        live = LiveMap()
-        for _info, entries in self.live_entries(manifest):
-            for key, _digest, off in entries:
-                live.set(*split_key(key), off != ZERO_PAGE)
-        return live
-
-    def load_into(self, manifest: Manifest, region_view: Callable[[int], memoryview],
-                  progress: Callable[[int, int], None] | None = None,
-                  region_fd: Callable[[int], int] | None = None,
-                  skip: dict[int, bytearray] | None = None) -> "LoadResult":
-        """Copy every live page into the regions, reading straight into region memory, and verify it.
-
-        With ``region_fd`` (a descriptor of the region's file), pages move by
-        ``sendfile`` from the segment into the region file inside the kernel:
-        on tmpfs that is about twice as fast as faulting fresh mapped pages in.
-        Returns the pages whose checksum failed (left as read) so the caller
-        can fetch them elsewhere, and the live map of the baseline. Pages
-        marked in ``skip`` (region id -> one byte per page) are not copied:
-        the caller is writing them from elsewhere, at the same time.
-        """
-        result = LoadResult(LiveMap())
-        digest_of = xxhash.xxh3_64_intdigest
-        for info, entries in self.live_entries(manifest):
-            if skip:
-                entries = _without_skipped(entries, skip, result.live)
-            path = self.segment_path(info.name)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                # One reader thread copies batches of runs (about LOAD_BATCH_BYTES each; the copies release
-                # the GIL) LOAD_READ_AHEAD batches ahead, so the disk and the kernel's copy into fresh region
-                # memory overlap the checksums below. Batching keeps the cost per task low when skipped
-                # pages cut the segment into many short runs.
-                with ThreadPoolExecutor(1, thread_name_prefix="baseline-read") as reader:
-                    pending: deque[tuple[list[tuple[int, int, list[tuple[int, int, int]], memoryview]],
-                                         Future[list[int]]]] = deque()
-                    runs = iter(_runs_by_data(entries))
-
-                    def copy_batch(batch: list[tuple[int, int, list[tuple[int, int, int]], memoryview]]) -> list[int]:
-                        # Skipped pages leave holes in the read pattern, which defeat the kernel's own
-                        # read-ahead: ask for the batch's whole span at once.
-                        start, end = batch[0][2][0][2], batch[-1][2][-1][2] + PAGE_SIZE
-                        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-                        out = []
-                        for region_id, page0, run, dest in batch:
-                            off0 = run[0][2]
-                            out.append(_sendfile_at(region_fd(region_id), page0 * PAGE_SIZE, fd, off0, len(dest))
-                                       if region_fd else os.preadv(fd, [dest], off0))
-                        return out
-
-                    def submit() -> bool:
-                        batch: list[tuple[int, int, list[tuple[int, int, int]], memoryview]] = []
-                        size = 0
-                        for run in runs:
-                            key0, _, off0 = run[0]
-                            region_id, page0 = split_key(key0)
-                            if off0 == ZERO_PAGE:
-                                for key, _, _ in run:
-                                    result.live.set(*split_key(key), False)
-                                continue
-                            dest = region_view(region_id)[page0 * PAGE_SIZE:(page0 + len(run)) * PAGE_SIZE]
-                            if len(dest) != len(run) * PAGE_SIZE:
-                                raise CorruptionError(f"{path}: page {page0}+{len(run)} lies outside region "
-                                                      f"{region_id}")
-                            batch.append((region_id, page0, run, dest))
-                            size += len(dest)
-                            if size >= LOAD_BATCH_BYTES:
-                                break
-                        if batch:
-                            pending.append((batch, reader.submit(copy_batch, batch)))
-                        return bool(batch)
-
-                    for _ in range(LOAD_READ_AHEAD):
-                        if not submit():
-                            break
-                    while pending:
-                        batch, done = pending.popleft()
-                        copied = done.result()
-                        submit()
-                        for (region_id, page0, run, dest), got in zip(batch, copied, strict=True):
-                            if got != len(dest):
-                                raise CorruptionError(f"{path}: short read at offset {run[0][2]}")
-                            for i, (_key, digest, _) in enumerate(run):
-                                if digest_of(dest[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) != digest:
-                                    result.corrupt.append((region_id, page0 + i, info.name))
-                            result.live.set_range(region_id, page0, len(run))
-                            result.bytes += len(dest)
-                            if progress:
-                                progress(len(dest), len(run))
-            finally:
-                os.close(fd)
-        return result
+        return raw, index_off
 
     def verify(self, manifest: Manifest | None = None) -> list[str]:
         """Check the latest generation end to end; returns the problems found (empty = good)."""
@@ -389,55 +274,6 @@ class Backend:
                         problems.append(f"{self.segment_path(info.name)}: region {region_id} page "
                                         f"{page_no} checksum mismatch")
         return problems
-
-
-def _without_skipped(entries: list[tuple[int, int, int]], skip: dict[int, bytearray],
-                     live: "LiveMap") -> list[tuple[int, int, int]]:
-    kept = []
-    for entry in entries:
-        region_id, page = split_key(entry[0])
-        m = skip.get(region_id)
-        if m is not None and page < len(m) and m[page]:
-            live.set(region_id, page, entry[2] != ZERO_PAGE)   # still part of the published baseline
-        else:
-            kept.append(entry)
-    return kept
-
-
-def _sendfile_at(out_fd: int, out_off: int, in_fd: int, in_off: int, count: int) -> int:
-    """Copy ``count`` bytes between files in the kernel; returns the bytes copied."""
-    os.lseek(out_fd, out_off, os.SEEK_SET)
-    done = 0
-    while done < count:
-        n = os.sendfile(out_fd, in_fd, in_off + done, count - done)
-        if n == 0:
-            break
-        done += n
-    return done
-
-
-@dataclass
-class LoadResult:
-    live: "LiveMap"
-    corrupt: list[tuple[int, int, str]] = field(default_factory=list)
-    bytes: int = 0
-
-
-def _runs_by_data(entries: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
-    """Group entries whose pages and data offsets are both consecutive (one read each)."""
-    run: list[tuple[int, int, int]] = []
-    for entry in entries:
-        if run:
-            key, _, off = run[-1]
-            zero = off == ZERO_PAGE
-            if (entry[0] == key + 1 and len(run) < 4096 and (entry[2] == ZERO_PAGE) == zero
-                    and (zero or entry[2] == off + PAGE_SIZE)):
-                run.append(entry)
-                continue
-            yield run
-        run = [entry]
-    if run:
-        yield run
 
 
 class LiveMap:

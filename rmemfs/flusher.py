@@ -35,6 +35,7 @@ from . import PAGE_SIZE, faults
 from .baseline import Backend, LiveMap, Manifest, SegmentInfo, next_manifest
 from .dirty import merge_runs
 from .errors import FencedError
+from .loader import live_map
 from .regions import CTL_REGION_ID, RegionSet
 
 if TYPE_CHECKING:
@@ -247,7 +248,7 @@ class Flusher:
             raise
         except BaseException:
             # Not published: the live map must describe what is published.
-            self.live = await trio.to_thread.run_sync(self.backend.live_map, prev)
+            self.live = await trio.to_thread.run_sync(live_map, self.backend, prev)
             raise
         self.manifest = manifest
         faults.point("flush.published")

@@ -34,6 +34,7 @@ from .dirty import parse_header
 from .errors import BackendError, CorruptionError, FencedError, QuietError
 from .exporter import DEFAULT_PORT, exporter_alive, stop_exporter
 from .flusher import Flusher
+from .loader import live_map, load, region_file_writer
 from .regions import (CTL_REGION_ID, DEFAULT_DATA_REGION_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
                       check_region_directory, parse_region_file_name)
 
@@ -256,7 +257,7 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
             regions = RegionSet(region_dir, data_region_size=opts.region_size)
             regions.open_existing()
             fs = Filesystem.load(regions, fsid, epoch)
-            live, how = backend.live_map(manifest), "regions"
+            live, how = live_map(backend, manifest), "regions"
         else:
             regions = fresh_regions(region_dir, fsid, manifest, opts)
             if manifest.generation == 0:
@@ -264,8 +265,7 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
                 live, how = LiveMap(), "new"
             else:
                 try:
-                    result = backend.load_into(manifest, lambda rid: regions[rid].view,
-                                               region_fd=regions.file_fd)
+                    result = load(backend, manifest, region_file_writer(regions))
                 finally:
                     regions.close_fds()
                 if result.corrupt:

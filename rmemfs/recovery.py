@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
-import xxhash
 
 from . import PAGE_SIZE
-from .baseline import ZERO_PAGE, Backend, LoadResult, Manifest, split_key
+from .baseline import Backend, Manifest
 from .core import Filesystem
 from .dirty import CtlHeader, decode_entry, list_bytes, list_offset, merge_runs, parse_header, parse_list_count
 from .errors import BackendError, CorruptionError, QuietError
+from .loader import LoadPlan, LoadResult, plan_load, region_file_writer
 from .mount import EXIT_BACKEND, EXIT_REGIONS, MountOptions, Opened, fresh_regions
 from .regions import CTL_REGION_ID, RegionSet
 from .transport import load as load_transport, resolve
@@ -59,6 +59,7 @@ EXIT_NAMESPACE = 26
 EXIT_VERIFY = 27
 
 MAX_READ_PAGES = 256          # coalesce up to 1 MiB per read
+SKIP_LOAD_PAGES = 64          # dirty runs this long are cut out of the baseline load
 
 
 @dataclass
@@ -352,23 +353,26 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
     except OSError as e:
         raise QuietError(f"cannot allocate regions in {region_dir}: {e}", EXIT_REGIONS) from None
 
-    # 4-6: the baseline from the backend and the dirty pages from the source, at the same time:
-    # the pages the lists name are not loaded from the baseline, so the two never touch the same page.
+    # 4-6: the baseline from the backend and the dirty pages from the source. Long dirty runs are cut out
+    # of the load and fetched while it runs; a scattered dirty page is loaded with its neighbours (cutting
+    # it out would cost a read and a write per gap) and fetched over it once the load is done.
     plan = fetch_plan(state, []) if state is not None else []
-    skip: dict[int, bytearray] = {}
-    for region_id, first, n in plan:
-        m = skip.setdefault(region_id, bytearray(regions[region_id].pages))
-        m[first:first + n] = b"\x01" * n
+    fetched = _page_marks(plan, regions)
+    try:
+        load_plan = await trio.to_thread.run_sync(plan_load, backend, manifest, _long_runs(plan, regions))
+    except CorruptionError as e:
+        raise QuietError(str(e), EXIT_BACKEND) from None
+    beside_load, after_load = load_plan.split_covered(plan)
     t_load = time.monotonic()
-    total_pages = manifest.live_pages
-    bar = Progress("baseline", total_pages * PAGE_SIZE, total_pages, progress)
+    bar = Progress("baseline", load_plan.bytes, load_plan.bytes // PAGE_SIZE, progress)
+    fetch_pages = sum(n for _, _, n in plan)
+    fetch_bar = Progress("dirty pages", fetch_pages * PAGE_SIZE, fetch_pages, progress)
     holder: dict[str, LoadResult] = {}
 
     async def load() -> None:
         try:
-            holder["loaded"] = await trio.to_thread.run_sync(lambda: backend.load_into(
-                manifest, lambda rid: regions[rid].view, lambda b, p: bar.update(b, p),
-                region_fd=regions.file_fd, skip=skip))
+            holder["loaded"] = await trio.to_thread.run_sync(lambda: load_plan.copy(
+                backend, region_file_writer(regions), lambda b, p: bar.update(b, p)))
         except CorruptionError as e:
             raise QuietError(str(e), EXIT_BACKEND) from None
         finally:
@@ -383,26 +387,32 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
         async with trio.open_nursery() as nursery:
             nursery.start_soon(load)
             if state is not None:
-                await _fetch(state, plan, regions, report, progress)
+                await _fetch(state, beside_load, regions, report, fetch_bar)
     except BaseExceptionGroup as group:
         raise _first_quiet(group) from None
+    if state is not None:
+        await _fetch(state, after_load, regions, report, fetch_bar)
+        fetch_bar.done()
     loaded = holder["loaded"]
     report.baseline_bytes, report.baseline_pages = loaded.bytes, loaded.bytes // PAGE_SIZE
     report.corrupt_baseline_pages = len(loaded.corrupt)
-    if loaded.corrupt and state is None:
-        region_id, page, seg = loaded.corrupt[0]
+    corrupt = [(r, p, seg) for r, p, seg in loaded.corrupt if r not in fetched or not fetched[r][p]]
+    if corrupt and state is None:
+        region_id, page, seg = corrupt[0]
         raise QuietError(f"baseline file {backend.segment_path(seg)} is corrupt (region {region_id} page {page}, "
-                         f"{len(loaded.corrupt)} pages in all) and the source is not used", EXIT_BACKEND)
-    if loaded.corrupt and state is not None:
-        refetch = merge_runs([(r, p, 1) for r, p, _ in loaded.corrupt])
-        await _fetch(state, refetch, regions, report, progress, phase="corrupt page fetch")
+                         f"{len(corrupt)} pages in all) and the source is not used", EXIT_BACKEND)
+    if corrupt and state is not None:
+        refetch = merge_runs([(r, p, 1) for r, p, _ in corrupt])
+        await _fetch(state, refetch, regions, report, Progress("corrupt pages", len(corrupt) * PAGE_SIZE,
+                                                               len(corrupt), progress), phase="corrupt page fetch")
         plan = plan + refetch
+        fetched = _page_marks(plan, regions)
 
     # Verify the pages as recovered, before step 7: replay may legitimately write to the regions (freeing
     # orphans appends to the journal, zeroing), which re-reading the source would report as a mismatch.
     if verify:
         t = time.monotonic()
-        report.verified_pages = await _verify(backend, manifest, state, plan, regions, loaded)
+        report.verified_pages = await _verify(load_plan, state, plan, regions, fetched)
         report.phase("verify").seconds = time.monotonic() - t
 
     if state is not None and state.liveness_deadline is not None:
@@ -428,23 +438,37 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
 
 
 async def _fetch(state: SourceState, plan: list[tuple[int, int, int]], regions: RegionSet,
-                 report: RecoveryReport, progress: bool | None, phase: str = "page fetch") -> None:
+                 report: RecoveryReport, bar: Progress, phase: str = "page fetch") -> None:
     """Read the planned pages from the source straight into the new regions, many reads in flight."""
     t = time.monotonic()
     ops = read_ops(plan, state.catalog, regions)
     for region in regions.regions.values():
         state.conn.register_local(region.view)
     nbytes = sum(len(op.dest) for op in ops)
-    bar = Progress("dirty pages", nbytes, nbytes // PAGE_SIZE, progress)
     try:
         await state.conn.read_batch(ops, progress=lambda b: bar.update(b))
     except TransportError as e:
         raise QuietError(f"reading dirty pages from {report.source}: {e}", EXIT_TRANSPORT) from None
-    bar.done()
     ph = report.phase(phase)
-    ph.seconds, ph.bytes, ph.pages = time.monotonic() - t, nbytes, nbytes // PAGE_SIZE
+    ph.seconds += time.monotonic() - t
+    ph.bytes += nbytes
+    ph.pages += nbytes // PAGE_SIZE
     report.dirty_pages_fetched += nbytes // PAGE_SIZE
     report.dirty_bytes_fetched += nbytes
+
+
+def _page_marks(runs: list[tuple[int, int, int]], regions: RegionSet) -> dict[int, bytearray]:
+    """One byte per page of each region, 1 where ``runs`` name the page."""
+    marks: dict[int, bytearray] = {}
+    for region_id, first, n in runs:
+        m = marks.setdefault(region_id, bytearray(regions[region_id].pages))
+        m[first:first + n] = b"\x01" * n
+    return marks
+
+
+def _long_runs(runs: list[tuple[int, int, int]], regions: RegionSet) -> dict[int, bytearray]:
+    """Page marks of the runs long enough to be worth cutting out of the baseline load."""
+    return _page_marks([r for r in runs if r[2] >= SKIP_LOAD_PAGES], regions)
 
 
 def _first_quiet(group: BaseExceptionGroup) -> BaseException:
@@ -472,8 +496,8 @@ def _recovery_region_dir(opts: MountOptions, fsid: str, epoch: int) -> Path:
     return chosen.with_name(f"{chosen.name}.e{epoch}")
 
 
-async def _verify(backend: Backend, manifest: Manifest, state: SourceState | None, plan: list[tuple[int, int, int]],
-                  regions: RegionSet, loaded: LoadResult) -> int:
+async def _verify(load_plan: LoadPlan, state: SourceState | None, plan: list[tuple[int, int, int]],
+                  regions: RegionSet, fetched: dict[int, bytearray]) -> int:
     """Re-read every fetched page from the source and every baseline page's checksum; raise on a mismatch."""
     checked = 0
     if state is not None and plan:
@@ -488,17 +512,11 @@ async def _verify(backend: Backend, manifest: Manifest, state: SourceState | Non
                 raise QuietError(f"verify: region {region_id} pages {first}..{first + n - 1} differ from the source",
                                  EXIT_VERIFY)
             checked += n
-    fetched = {(r, p) for r, f, n in plan for p in range(f, f + n)}
-    for _info, entries in backend.live_entries(manifest):
-        for key, digest, off in entries:
-            region_id, page = split_key(key)
-            if off == ZERO_PAGE or (region_id, page) in fetched:
-                continue
-            data = regions[region_id].view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
-            if xxhash.xxh3_64_intdigest(data) != digest:
-                raise QuietError(f"verify: region {region_id} page {page} does not match the baseline", EXIT_VERIFY)
-            checked += 1
-    return checked
+    bad, baseline_pages = load_plan.check_regions(lambda rid: regions[rid].view, exclude=fetched)
+    if bad:
+        raise QuietError(f"verify: region {bad[0][0]} page {bad[0][1]} does not match the baseline "
+                         f"({len(bad)} pages in all)", EXIT_VERIFY)
+    return checked + baseline_pages
 
 
 def retire_local_source(source_region_dir: Path) -> None:

@@ -20,6 +20,7 @@ from rmemfs.baseline import Backend, LiveMap
 from rmemfs.core import Filesystem
 from rmemfs.errors import FsError
 from rmemfs.flusher import Flusher
+from rmemfs.loader import load, view_writer
 from rmemfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO
 from rmemfs.regions import META_REGION_ID, RegionSet
 
@@ -237,7 +238,7 @@ def backend_for(fs: Filesystem, path: Path) -> tuple[Backend, Flusher]:
 
 def baseline_image(backend: Backend, fs: Filesystem) -> dict[int, bytearray]:
     images = {rid: bytearray(r.length) for rid, r in fs.regions.regions.items()}
-    result = backend.load_into(backend.read_manifest(), lambda rid: memoryview(images[rid]))
+    result = load(backend, backend.read_manifest(), view_writer(lambda rid: memoryview(images[rid])))
     assert result.corrupt == []
     return images
 

@@ -16,6 +16,7 @@ from rmemfs.dirty import (DirtyTracker, ListFull, ctl_region_size, decode_entry,
                           merge_runs, parse_entries, parse_header, parse_list_count)
 from rmemfs.errors import CorruptionError, FencedError
 from rmemfs.journal import CHECKPOINT, Journal, read_superblock
+from rmemfs.loader import load, view_writer
 from rmemfs.regions import META_REGION_ID, RegionSet, parse_region_file_name, region_file_name
 
 FSID = str(uuid.UUID(int=0x1234))
@@ -191,7 +192,7 @@ def test_segments_roundtrip_newest_wins_and_zero_pages(tmp_path: Path) -> None:
     m = write_segment(backend, m, 1, {0: page(1), 1: page(2), 5: page(3)})
     m = write_segment(backend, m, 2, {1: page(9), 5: bytes(PAGE_SIZE)})
     region = bytearray(64 * PAGE_SIZE)
-    result = backend.load_into(backend.read_manifest(), lambda rid: memoryview(region))
+    result = load(backend, backend.read_manifest(), view_writer(lambda rid: memoryview(region)))
     assert region[:PAGE_SIZE] == page(1) and region[PAGE_SIZE:2 * PAGE_SIZE] == page(9)
     assert region[5 * PAGE_SIZE:6 * PAGE_SIZE] == bytes(PAGE_SIZE)
     assert result.corrupt == [] and result.live.count == 2
@@ -209,7 +210,7 @@ def test_corrupt_page_is_named_and_reported(tmp_path: Path) -> None:
     problems = backend.verify()
     assert problems and seg.name in problems[0] and "page 3" in problems[0]
     region = bytearray(64 * PAGE_SIZE)
-    result = backend.load_into(m, lambda rid: memoryview(region))
+    result = load(backend, m, view_writer(lambda rid: memoryview(region)))
     assert result.corrupt == [(2, 3, seg.name)]
 
 
@@ -219,7 +220,7 @@ def test_missing_segment_and_bad_manifest_are_named(tmp_path: Path) -> None:
     seg = backend.segment_path(m.segments[0].name)
     seg.unlink()
     with pytest.raises(CorruptionError, match=seg.name):
-        backend.load_into(m, lambda rid: memoryview(bytearray(64 * PAGE_SIZE)))
+        load(backend, m, view_writer(lambda rid: memoryview(bytearray(64 * PAGE_SIZE))))
     raw = backend.manifest_path.read_bytes()
     backend.manifest_path.write_bytes(raw.replace(b'"generation": 1', b'"generation": 9'))
     with pytest.raises(CorruptionError, match="MANIFEST"):
