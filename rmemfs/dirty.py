@@ -33,6 +33,7 @@ import logging
 import struct
 import time
 import uuid
+from array import array
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -176,6 +177,24 @@ class DirtyList:
             self._header[L_COUNT] = count
             page += n
 
+    def extend(self, runs: list[tuple[int, int, int]], region_pages: dict[int, int]) -> None:
+        """Append many runs at once (a recovery marking every page it fetched): the entries are stored
+        in one slice, then the count that covers them, then the dedup map learns of them."""
+        entries = array("Q")
+        for region_id, first, n in runs:
+            entries.extend(encode_entry(region_id, page, min(MAX_RUN_PAGES, first + n - page))
+                           for page in range(first, first + n, MAX_RUN_PAGES))
+        count = self._header[L_COUNT]
+        if count + len(entries) > self.capacity:
+            raise ListFull(f"dirty list {self.index} is full ({self.capacity} entries)")
+        self._entries[count:count + len(entries)] = memoryview(entries)
+        self._header[L_COUNT] = count + len(entries)
+        for region_id, first, n in runs:
+            seen = self._seen.get(region_id)
+            if seen is None:
+                seen = self._seen[region_id] = bytearray(region_pages[region_id])
+            seen[first:first + n] = b"\x01" * n
+
     def runs(self) -> list[tuple[int, int, int]]:
         """The marked runs, merged and sorted: (region_id, first_page, npages)."""
         return merge_runs(decode_entry(e) for e in self._entries[:self.count])
@@ -262,6 +281,14 @@ class DirtyTracker:
             self.preserver.preserve(region_id, first_page, npages)
         if self.enabled:
             self.current.add(region_id, first_page, npages, self.region_pages[region_id])
+
+    def mark_runs(self, runs: list[tuple[int, int, int]]) -> None:
+        """``mark`` for many disjoint runs at once."""
+        if self.preserver is not None:
+            for region_id, first_page, npages in runs:
+                self.preserver.preserve(region_id, first_page, npages)
+        if self.enabled:
+            self.current.extend(runs, self.region_pages)
 
     def mark_bytes(self, region_id: int, offset: int, length: int) -> None:
         first = offset // PAGE_SIZE

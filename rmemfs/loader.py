@@ -26,7 +26,7 @@ import sys
 from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import xxhash
@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 SPAN_BYTES = 8 << 20            # one worker read; also the longest copy run
 SPAN_GAP_BYTES = 256 << 10      # read through a gap this small rather than issue another read
-MAX_RUN_PAGES = SPAN_BYTES // PAGE_SIZE
-LOAD_WORKERS = 2
+LOAD_BUFFERS = 6                # spans in flight, being read, written or checked
+LOAD_LANES = 2                  # writers, each into its own region files
 
 # write(region id, byte offset, data) -> bytes written; called from worker threads.
 RegionWriter = Callable[[int, int, memoryview], int]
@@ -65,6 +65,7 @@ class Span:
     start: int
     end: int
     runs: tuple[CopyRun, ...]
+    lane: int = 0         # which writer copies it into the regions
 
 
 @dataclass
@@ -76,21 +77,50 @@ class LoadResult:
 
 @dataclass
 class LoadPlan:
-    segments: list[SegmentInfo]
-    digests: list[memoryview]             # per segment: the index's digest column, as 'Q'
-    runs: list[CopyRun]
-    live: LiveMap                          # the whole published generation, skipped pages included
-    covered: dict[int, bytearray]          # region id -> 1 for each page a copy run writes
-    bytes: int = 0
+    segments: list[SegmentInfo]            # newest first
+    digests: list[memoryview]              # per segment: the index's digest column, as 'Q'
+    region_pages: dict[int, int]
+    runs: list[CopyRun]                    # in segment order, then data order
+    live: LiveMap                          # the whole published generation, cut pages included
+    covered: dict[int, bytearray] = field(init=False)   # region id -> 1 for each page a copy run writes
+    bytes: int = field(init=False)
+    spans: list[Span] = field(init=False)               # the reads, in the order they are issued
 
-    def spans(self) -> Iterator[Span]:
-        """Runs grouped into reads of at most SPAN_BYTES, in segment order."""
+    def __post_init__(self) -> None:
+        self.covered = {}
+        for run in self.runs:
+            cov = self.covered.get(run.region_id)
+            if cov is None:
+                cov = self.covered[run.region_id] = bytearray(self.region_pages[run.region_id])
+            cov[run.first_page:run.first_page + run.npages] = b"\x01" * run.npages
+        self.bytes = sum(run.npages for run in self.runs) * PAGE_SIZE
+        self.spans = _interleave_lanes(list(self._make_spans()))
+
+    def cut(self, skip: dict[int, bytearray]) -> LoadPlan:
+        """The same plan without the pages marked in ``skip`` (region id -> one byte per page), which the
+        caller writes from elsewhere. They stay in the live map: they are part of the baseline."""
+        runs: list[CopyRun] = []
+        for run in self.runs:
+            marks = skip.get(run.region_id, b"")
+            end = run.first_page + run.npages
+            if run.first_page >= len(marks) or marks.find(1, run.first_page, end) < 0:
+                runs.append(run)
+                continue
+            for a, b in _clear_ranges(marks, run.first_page, end):
+                moved = a - run.first_page
+                runs.append(replace(run, first_page=a, npages=b - a, data_offset=run.data_offset + moved * PAGE_SIZE,
+                                    entry=run.entry + moved))
+        return LoadPlan(self.segments, self.digests, self.region_pages, runs, self.live)
+
+    def _make_spans(self) -> Iterator[Span]:
+        """Runs grouped into reads of at most SPAN_BYTES of one region, in segment order."""
         group: list[CopyRun] = []
         for run in self.runs:
             if group:
                 first, last = group[0], group[-1]
                 end = run.data_offset + run.npages * PAGE_SIZE
-                if (run.segment == first.segment and end - first.data_offset <= SPAN_BYTES
+                if (run.segment == first.segment and run.region_id == first.region_id
+                        and end - first.data_offset <= SPAN_BYTES
                         and run.data_offset - (last.data_offset + last.npages * PAGE_SIZE) <= SPAN_GAP_BYTES):
                     group.append(run)
                     continue
@@ -100,52 +130,70 @@ class LoadPlan:
             yield _span(group)
 
     def split_covered(self, runs: list[tuple[int, int, int]]) -> tuple[list[tuple[int, int, int]],
-                                                                      list[tuple[int, int, int]]]:
-        """Split (region id, first page, count) runs into the parts no copy run writes, and the rest."""
+                                                                      list[tuple[int, tuple[int, int, int]]]]:
+        """Split (region id, first page, count) runs into the parts no copy run writes, and the rest, each
+        tagged with the number of spans that must be copied before it may be written over."""
+        span_of: dict[int, array] = {}
+        for k, span in enumerate(self.spans):
+            for run in span.runs:
+                m = span_of.get(run.region_id)
+                if m is None:
+                    m = span_of[run.region_id] = array("l", [-1]) * len(self.covered[run.region_id])
+                m[run.first_page:run.first_page + run.npages] = array("l", [k]) * run.npages
         free: list[tuple[int, int, int]] = []
-        written: list[tuple[int, int, int]] = []
+        written: list[tuple[int, tuple[int, int, int]]] = []
         for region_id, first, n in runs:
             done = first
             for a, b in _clear_ranges(self.covered.get(region_id, b""), first, first + n):
                 if a > done:
-                    written.append((region_id, done, a - done))
+                    written.append((max(span_of[region_id][done:a]) + 1, (region_id, done, a - done)))
                 free.append((region_id, a, b - a))
                 done = b
             if done < first + n:
-                written.append((region_id, done, first + n - done))
+                written.append((max(span_of[region_id][done:first + n]) + 1, (region_id, done, first + n - done)))
+        written.sort(key=lambda w: w[0])
         return free, written
 
     def copy(self, backend: Backend, write: RegionWriter, progress: Callable[[int, int], None] | None = None,
-             workers: int = LOAD_WORKERS) -> LoadResult:
-        """Copy every planned run into the regions through ``write``, checking each page's XXH3."""
+             spans_done: Callable[[int], None] | None = None) -> LoadResult:
+        """Copy every planned run into the regions through ``write``, checking each page's XXH3.
+
+        ``spans_done(n)`` is called (from this thread) once the first ``n`` spans are in the regions.
+        """
         result = LoadResult(self.live)
-        fds: list[int] = []
+        fds: list[list[int]] = [[] for _ in range(LOAD_LANES)]     # a descriptor per lane: its own read-ahead
         try:
-            for info in self.segments:
-                fd = os.open(backend.segment_path(info.name), os.O_RDONLY)
-                fds.append(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self._copy(backend, fds, write, progress, max(1, workers), result)
+            for lane_fds in fds:
+                for info in self.segments:
+                    fd = os.open(backend.segment_path(info.name), os.O_RDONLY)
+                    lane_fds.append(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            self._copy(backend, fds, write, progress, result, spans_done)
         except FileNotFoundError as e:
             raise CorruptionError(f"baseline segment {e.filename} is missing") from None
         finally:
-            for fd in fds:
+            for fd in (fd for lane_fds in fds for fd in lane_fds):
                 os.close(fd)
         return result
 
-    def _copy(self, backend: Backend, fds: list[int], write: RegionWriter,
-              progress: Callable[[int, int], None] | None, workers: int, result: LoadResult) -> None:
-        free_buffers = [memoryview(mmap.mmap(-1, SPAN_BYTES)) for _ in range(workers + 1)]
+    def _copy(self, backend: Backend, fds: list[list[int]], write: RegionWriter,
+              progress: Callable[[int, int], None] | None, result: LoadResult,
+              spans_done: Callable[[int], None] | None) -> None:
+        # Three stages per span, each on threads of its own: read (the disk), write (the kernel's copy
+        # into region memory; one writer per lane) and checksum (here). Reads run up to LOAD_BUFFERS
+        # spans ahead.
+        free_buffers = [memoryview(mmap.mmap(-1, SPAN_BYTES)) for _ in range(LOAD_BUFFERS)]
 
-        def read_and_write(span: Span, buf: memoryview) -> None:
-            want = span.end - span.start
-            got = 0
+        def read(span: Span, buf: memoryview) -> None:
+            want, got = span.end - span.start, 0
             while got < want:
-                n = os.preadv(fds[span.segment], [buf[got:want]], span.start + got)
+                n = os.preadv(fds[span.lane][span.segment], [buf[got:want]], span.start + got)
                 if n == 0:
                     raise CorruptionError(f"{backend.segment_path(self.segments[span.segment].name)}: "
                                           f"short read at offset {span.start + got}")
                 got += n
+
+        def write_runs(span: Span, buf: memoryview) -> None:
             for run in span.runs:
                 at = run.data_offset - span.start
                 data = buf[at:at + run.npages * PAGE_SIZE]
@@ -153,30 +201,45 @@ class LoadPlan:
                 while done < len(data):
                     done += write(run.region_id, offset + done, data[done:])
 
-        pending: deque[tuple[Span, memoryview, Future[None]]] = deque()
-        spans = iter(self.spans())
-        with ThreadPoolExecutor(workers, thread_name_prefix="baseline-load") as pool:
-            try:
-                def submit() -> None:
-                    span = next(spans, None)
-                    if span is not None:
-                        buf = free_buffers.pop()
-                        pending.append((span, buf, pool.submit(read_and_write, span, buf)))
+        reads: deque[tuple[Span, memoryview, Future[Future[None]]]] = deque()
+        spans = iter(self.spans)
+        writers = [ThreadPoolExecutor(1, thread_name_prefix=f"baseline-write-{lane}") for lane in range(LOAD_LANES)]
+        with ThreadPoolExecutor(1, thread_name_prefix="baseline-read") as reader:
+            def read_then_queue_write(span: Span, buf: memoryview) -> Future[None]:
+                # The reader queues the write itself, so no writer waits on this thread.
+                read(span, buf)
+                return writers[span.lane].submit(write_runs, span, buf)
 
+            def submit_read() -> None:
+                span = next(spans, None)
+                if span is not None:
+                    buf = free_buffers.pop()
+                    reads.append((span, buf, reader.submit(read_then_queue_write, span, buf)))
+
+            try:
                 for _ in range(len(free_buffers)):
-                    submit()
-                while pending:
-                    span, buf, done = pending.popleft()
-                    done.result()
-                    self._check(span, buf, result)
+                    submit_read()
+                copied = 0
+                while reads:
+                    span, buf, done = reads.popleft()
+                    written = done.result()
+                    try:
+                        self._check(span, buf, result)      # while the write runs: both only read buf
+                    finally:
+                        written.result()
+                    copied += 1
+                    if spans_done:
+                        spans_done(copied)
                     free_buffers.append(buf)
-                    submit()
+                    submit_read()
                     if progress:
                         nbytes = sum(r.npages for r in span.runs) * PAGE_SIZE
                         progress(nbytes, nbytes // PAGE_SIZE)
             finally:
-                for _span_, _buf, fut in pending:
+                for _span, _buf, fut in reads:
                     fut.cancel()
+                for pool in writers:
+                    pool.shutdown(cancel_futures=True)
 
     def _check(self, span: Span, buf: memoryview, result: LoadResult) -> None:
         digests = self.digests[span.segment]
@@ -212,23 +275,40 @@ def _page_digests(view: memoryview, start: int, npages: int) -> array:
                                       for p in range(start, start + npages * PAGE_SIZE, PAGE_SIZE)]))
 
 
+def _interleave_lanes(spans: list[Span]) -> list[Span]:
+    """Give the spans of different regions to different writers, and take them in turns.
+
+    A write into a region file holds that file's inode lock, so one writer per
+    file is all the kernel allows; writers on different files copy in parallel.
+    Each lane keeps its spans in segment order, so each is read sequentially.
+    """
+    regions = sorted({span.runs[0].region_id for span in spans})
+    lane_of = {region_id: i % LOAD_LANES for i, region_id in enumerate(regions)}
+    lanes: list[deque[Span]] = [deque() for _ in range(LOAD_LANES)]
+    for span in spans:
+        lane = lane_of[span.runs[0].region_id]
+        lanes[lane].append(replace(span, lane=lane))
+    out: list[Span] = []
+    while any(lanes):
+        for lane in lanes:
+            if lane:
+                out.append(lane.popleft())
+    return out
+
+
 def _span(runs: list[CopyRun]) -> Span:
     last = runs[-1]
     return Span(runs[0].segment, runs[0].data_offset, last.data_offset + last.npages * PAGE_SIZE, tuple(runs))
 
 
-def plan_load(backend: Backend, manifest: Manifest, skip: dict[int, bytearray] | None = None) -> LoadPlan:
-    """Read and verify every segment index of the published generation and plan the copy.
-
-    Pages marked in ``skip`` (region id -> one byte per page) are left out of
-    the copy but stay in the live map: they are in the baseline, the caller
-    just writes them from elsewhere.
-    """
+def plan_load(backend: Backend, manifest: Manifest) -> LoadPlan:
+    """Read and verify every segment index of the published generation and plan its copy."""
     segments = sorted(manifest.segments, key=lambda s: s.generation, reverse=True)
-    pages_of = {rid: length // PAGE_SIZE for rid, length in manifest.regions.items()}
-    seen = {rid: bytearray(n) for rid, n in pages_of.items()}     # 1 = a newer segment has this page
-    plan = LoadPlan(segments, [], [], LiveMap(), {})
-    skip = skip or {}
+    region_pages = {rid: length // PAGE_SIZE for rid, length in manifest.regions.items()}
+    seen = {rid: bytearray(n) for rid, n in region_pages.items()}     # 1 = a newer segment has this page
+    digests: list[memoryview] = []
+    runs: list[CopyRun] = []
+    live = LiveMap()
     for seg_no, info in enumerate(segments):
         raw, data_end = backend.read_index_raw(info)
         words = array("Q", raw)
@@ -236,7 +316,7 @@ def plan_load(backend: Backend, manifest: Manifest, skip: dict[int, bytearray] |
             words.byteswap()                        # the index is little-endian on disk
         q = memoryview(words)
         keys, offsets = q[0::3], q[2::3]
-        plan.digests.append(q[1::3])
+        digests.append(q[1::3])
         path = backend.segment_path(info.name)
         for entry, n, is_data in _stretches(keys, offsets):
             region_id, first = split_key(keys[entry])
@@ -250,15 +330,10 @@ def plan_load(backend: Backend, manifest: Manifest, skip: dict[int, bytearray] |
             if start < PAGE_SIZE or start + n * PAGE_SIZE > data_end:
                 raise CorruptionError(f"{path}: data of region {region_id} page {first} lies outside the segment")
             for a, b in _clear_ranges(taken, first, first + n):
-                plan.live.set_range(region_id, a, b - a)
-                for c, d in _clear_ranges(skip.get(region_id, b""), a, b):
-                    plan.runs.append(CopyRun(seg_no, region_id, c, d - c, start + (c - first) * PAGE_SIZE,
-                                             entry + (c - first)))
-                    cov = plan.covered.setdefault(region_id, bytearray(len(taken)))
-                    cov[c:d] = b"\x01" * (d - c)
-                    plan.bytes += (d - c) * PAGE_SIZE
+                live.set_range(region_id, a, b - a)
+                runs.append(CopyRun(seg_no, region_id, a, b - a, start + (a - first) * PAGE_SIZE, entry + (a - first)))
             taken[first:first + n] = b"\x01" * n
-    return plan
+    return LoadPlan(segments, digests, region_pages, runs, live)
 
 
 def _stretches(keys: memoryview, offsets: memoryview) -> Iterator[tuple[int, int, bool]]:
@@ -276,7 +351,7 @@ def _stretches(keys: memoryview, offsets: memoryview) -> Iterator[tuple[int, int
             last = i + n - 1
             return keys[last] - k0 == n - 1 and offsets[last] - o0 == (n - 1) * PAGE_SIZE
 
-        limit = min(total - i, MAX_RUN_PAGES)
+        limit = min(total - i, SPAN_BYTES // PAGE_SIZE)        # a run fits one read
         good, bad = 1, None
         while good < limit:                       # gallop, then bisect between good and bad
             probe = min(good * 2, limit)

@@ -313,40 +313,56 @@ def fresh_regions(region_dir: Path, fsid: str, manifest: Manifest, opts: MountOp
 
 # --- the exporter process -------------------------------------------------------------
 
-def start_exporter(region_dir: Path, backend_path: Path, fsid: str, opts: MountOptions,
-                   log_file: Path | None) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the exporter in its own session, before FUSE exists, with no inherited descriptors."""
-    cmd = [sys.executable, "-m", "rmemfs.cli.exporter", "--region-dir", str(region_dir), "--backend",
-           str(backend_path), "--listen", opts.listen, "--port", str(opts.port)]
-    if log_file:
-        cmd += ["--log", str(log_file)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            close_fds=True, start_new_session=True)
-    assert proc.stdout is not None and proc.stderr is not None
-    deadline = time.monotonic() + 30
-    os.set_blocking(proc.stdout.fileno(), False)
-    buf = b""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            lines = [ln for ln in proc.stderr.read().decode(errors="replace").splitlines()
-                     if ln.strip() and not ln.startswith((" ", "|", "+"))]
-            raise QuietError(f"exporter failed to start: {lines[-1] if lines else 'exit ' + str(proc.returncode)}",
-                             EXIT_EXPORTER)
-        try:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-        except BlockingIOError:
-            chunk = b""
-        buf += chunk
-        if b"\n" in buf:
-            line = buf.split(b"\n", 1)[0].decode()
-            if line.startswith("READY "):
-                proc.stdout.close()
-                proc.stderr.close()
-                return proc, int(line.split()[1])
-            raise QuietError(f"exporter failed to start: {line}", EXIT_EXPORTER)
-        time.sleep(0.02)
-    proc.kill()
-    raise QuietError("exporter did not become ready within 30 s", EXIT_EXPORTER)
+class ExporterLaunch:
+    """An exporter process, started in its own session before FUSE exists, with no inherited descriptors.
+
+    Starting it is split from waiting for it so that recovery can start it as soon as the new
+    regions exist and let the interpreter start-up overlap the rebuild.
+    """
+
+    def __init__(self, region_dir: Path, backend_path: Path, fsid: str, opts: MountOptions,
+                 log_file: Path | None) -> None:
+        cmd = [sys.executable, "-m", "rmemfs.cli.exporter", "--region-dir", str(region_dir), "--backend",
+               str(backend_path), "--listen", opts.listen, "--port", str(opts.port)]
+        if log_file:
+            cmd += ["--log", str(log_file)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
+
+    def ready(self, timeout: float = 30.0) -> int:
+        """Wait for the exporter's READY line; returns its port. An exporter that dies closes its stdout,
+        which is seen as end of file (waitpid is not used: it only works in the process that started it)."""
+        proc = self.proc
+        assert proc.stdout is not None and proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        os.set_blocking(proc.stdout.fileno(), False)
+        buf = b""
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+            except BlockingIOError:
+                time.sleep(0.005)
+                continue
+            buf += chunk
+            if b"\n" in buf or not chunk:
+                line = buf.split(b"\n", 1)[0].decode(errors="replace")
+                if line.startswith("READY "):
+                    proc.stdout.close()
+                    proc.stderr.close()
+                    return int(line.split()[1])
+                if not line:
+                    lines = [ln for ln in proc.stderr.read().decode(errors="replace").splitlines()
+                             if ln.strip() and not ln.startswith((" ", "|", "+"))]
+                    line = lines[-1] if lines else "it exited"
+                raise QuietError(f"exporter failed to start: {line}", EXIT_EXPORTER)
+        proc.kill()
+        raise QuietError(f"exporter did not become ready within {timeout:.0f} s", EXIT_EXPORTER)
+
+    def abort(self) -> None:
+        """Stop an exporter whose filesystem will not be served after all."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 # --- serving ------------------------------------------------------------------------------

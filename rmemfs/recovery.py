@@ -23,6 +23,7 @@ The recovery logic sees only the transport interface (``transport.base``).
 """
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -30,14 +31,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
 from . import PAGE_SIZE
 from .baseline import Backend, Manifest
 from .core import Filesystem
-from .dirty import CtlHeader, decode_entry, list_bytes, list_offset, merge_runs, parse_header, parse_list_count
+from .dirty import (CtlHeader, ListFull, decode_entry, list_bytes, list_offset, merge_runs, parse_header,
+                    parse_list_count)
 from .errors import BackendError, CorruptionError, QuietError
 from .loader import LoadPlan, LoadResult, plan_load, region_file_writer
 from .mount import EXIT_BACKEND, EXIT_REGIONS, MountOptions, Opened, fresh_regions
@@ -57,6 +59,7 @@ EXIT_TRANSPORT = 24
 EXIT_EPOCH = 25
 EXIT_NAMESPACE = 26
 EXIT_VERIFY = 27
+EXIT_CAPACITY = 28
 
 MAX_READ_PAGES = 256          # coalesce up to 1 MiB per read
 SKIP_LOAD_PAGES = 64          # dirty runs this long are cut out of the baseline load
@@ -122,6 +125,23 @@ class RecoveryReport:
         if self.baseline_only:
             lines.append("  WARNING: baseline only: writes after this generation could not be fetched")
         return "\n".join(lines)
+
+
+class SpanCounter:
+    """How many spans of the baseline load are in the regions; tasks wait for it to pass a mark."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._changed = trio.Event()
+
+    def set(self, value: int) -> None:
+        self.value = max(self.value, value)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_above(self, mark: int) -> None:
+        while self.value <= mark:
+            await self._changed.wait()
 
 
 class Progress:
@@ -240,7 +260,9 @@ def fetch_plan(state: SourceState, extra: list[tuple[int, int, int]]) -> list[tu
     plan: list[tuple[int, int, int]] = []
     for runs in (state.lists.get("flushing", []), state.lists.get("current", []), merge_runs(extra)):
         for region_id, first, n in runs:
-            mark = seen.setdefault(region_id, bytearray(state.catalog.by_id(region_id).length // PAGE_SIZE))
+            mark = seen.get(region_id)
+            if mark is None:
+                mark = seen[region_id] = bytearray(state.catalog.by_id(region_id).length // PAGE_SIZE)
             page, end = first, first + n
             while page < end:
                 if mark[page]:
@@ -266,9 +288,12 @@ def read_ops(plan: list[tuple[int, int, int]], catalog: Catalog, regions: Region
 
 async def recover(backend_path: Path, source: str | None, opts: MountOptions, *, transport: str = "auto",
                   timeout: float = 10.0, dry_run: bool = False, verify: bool = False, baseline_only: bool = False,
-                  check_alive: bool = True, progress: bool | None = None,
-                  report: RecoveryReport | None = None) -> tuple[Opened | None, RecoveryReport]:
-    """Steps 1-7. Returns the rebuilt filesystem (None for a dry run) and the report."""
+                  check_alive: bool = True, progress: bool | None = None, report: RecoveryReport | None = None,
+                  regions_ready: Callable[[Path, str], None] | None = None) -> tuple[Opened | None, RecoveryReport]:
+    """Steps 1-7. Returns the rebuilt filesystem (None for a dry run) and the report.
+
+    ``regions_ready(region dir, fsid)`` is called once the new regions exist (to start their exporter early).
+    """
     from .mount import read_backend
 
     report = report or RecoveryReport(dry_run=dry_run, baseline_only=baseline_only)
@@ -281,59 +306,85 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
     report.fsid = fsid
     report.baseline_generation, report.baseline_time_ns = manifest.generation, manifest.time_ns
     state: SourceState | None = None
+    base_plan: list[LoadPlan] = []
 
-    # 1-2: the source, its catalog, its lists.
-    if not baseline_only:
-        if not source:
-            source = manifest.owner.get("exporter_host") or manifest.owner.get("host")
-        host, port = parse_source(source or "", manifest, opts.port)
-        report.source = f"{host}:{port}"
-        t = time.monotonic()
+    async def plan_baseline() -> None:
         try:
-            conn, catalog = await connect_source(transport, host, port, fsid, secret, timeout)
-        except FsidMismatch as e:
-            raise QuietError(str(e), EXIT_FSID) from None
-        except AuthError as e:
-            raise QuietError(str(e), EXIT_AUTH) from None
-        except ConnectError as e:
-            raise QuietError(f"{e} (use --baseline-only to recover from the baseline alone)",
-                             EXIT_UNREACHABLE) from None
-        except TransportUnavailable as e:
-            raise QuietError(str(e), EXIT_TRANSPORT) from None
-        except TransportError as e:
-            raise QuietError(f"source {host}:{port}: {e}", EXIT_TRANSPORT) from None
-        report.transport = conn.transport
-        try:
-            state = await read_source_state(conn, catalog, report)
-        except TransportError as e:
-            await conn.aclose()
-            raise QuietError(f"reading the dirty lists from {host}:{port}: {e}", EXIT_TRANSPORT) from None
+            base_plan.append(await trio.to_thread.run_sync(plan_load, backend, manifest))
         except CorruptionError as e:
-            await conn.aclose()
-            raise QuietError(f"source {host}:{port}: {e}", EXIT_TRANSPORT) from None
-        if state.header.fsid != fsid:
-            raise QuietError(f"source's dirty lists belong to filesystem {state.header.fsid}, not {fsid}", EXIT_FSID)
-        if state.header.epoch != manifest.epoch:
-            raise QuietError(f"the source's memory belongs to epoch {state.header.epoch}, but the backend is at "
-                             f"epoch {manifest.epoch}: it was already recovered or remounted elsewhere", EXIT_EPOCH)
-        report.phase("connect+lists").seconds = time.monotonic() - t
-        if check_alive and not dry_run:
-            # The heartbeat is read again only before anything is committed, so the
-            # wait overlaps the baseline load and the page fetch.
-            # Wait for the source's own interval (recorded in its ctl header), not ours.
-            interval = state.header.heartbeat_interval_us / 1e6 or opts.heartbeat_interval
-            state.liveness_deadline = time.monotonic() + max(2.5 * interval, 1.5)
+            raise QuietError(str(e), EXIT_BACKEND) from None
+
+    # 1-2: the source, its catalog and its lists, while the baseline's indexes are read and its load planned.
     try:
-        return await _rebuild(backend, fsid, manifest, state, opts, report, dry_run=dry_run, verify=verify,
-                              progress=progress, t_total=t_total)
+        async with trio.open_nursery() as nursery:
+            if not dry_run:
+                nursery.start_soon(plan_baseline)
+            if not baseline_only:
+                state = await open_source(source, transport, manifest, fsid, secret, opts, timeout, report)
+    except BaseExceptionGroup as group:
+        if state is not None:
+            await state.conn.aclose()
+        raise _first_quiet(group) from None
+    if state is not None and check_alive and not dry_run:
+        # The heartbeat is read again only before anything is committed, so the wait overlaps the
+        # baseline load and the page fetch. Wait for the source's own interval (in its ctl header), not ours.
+        interval = state.header.heartbeat_interval_us / 1e6 or opts.heartbeat_interval
+        state.liveness_deadline = time.monotonic() + max(2.5 * interval, 1.5)
+    try:
+        return await _rebuild(backend, fsid, manifest, state, base_plan[0] if base_plan else None, opts, report,
+                              dry_run=dry_run, verify=verify, progress=progress, t_total=t_total,
+                              regions_ready=regions_ready)
     finally:
         if state is not None:
             await state.conn.aclose()
 
 
-async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: SourceState | None, opts: MountOptions,
+async def open_source(source: str | None, transport: str, manifest: Manifest, fsid: str, secret: bytes,
+                      opts: MountOptions, timeout: float, report: RecoveryReport) -> SourceState:
+    """Connect to the source's exporter, do the handshake and read its dirty lists; check whose they are."""
+    if not source:
+        source = manifest.owner.get("exporter_host") or manifest.owner.get("host")
+    host, port = parse_source(source or "", manifest, opts.port)
+    report.source = f"{host}:{port}"
+    t = time.monotonic()
+    try:
+        conn, catalog = await connect_source(transport, host, port, fsid, secret, timeout)
+    except FsidMismatch as e:
+        raise QuietError(str(e), EXIT_FSID) from None
+    except AuthError as e:
+        raise QuietError(str(e), EXIT_AUTH) from None
+    except ConnectError as e:
+        raise QuietError(f"{e} (use --baseline-only to recover from the baseline alone)", EXIT_UNREACHABLE) from None
+    except TransportUnavailable as e:
+        raise QuietError(str(e), EXIT_TRANSPORT) from None
+    except TransportError as e:
+        raise QuietError(f"source {host}:{port}: {e}", EXIT_TRANSPORT) from None
+    report.transport = conn.transport
+    try:
+        state = await read_source_state(conn, catalog, report)
+        if state.header.fsid != fsid:
+            raise QuietError(f"source's dirty lists belong to filesystem {state.header.fsid}, not {fsid}", EXIT_FSID)
+        if state.header.epoch != manifest.epoch:
+            raise QuietError(f"the source's memory belongs to epoch {state.header.epoch}, but the backend is at "
+                             f"epoch {manifest.epoch}: it was already recovered or remounted elsewhere", EXIT_EPOCH)
+    except TransportError as e:
+        await conn.aclose()
+        raise QuietError(f"reading the dirty lists from {host}:{port}: {e}", EXIT_TRANSPORT) from None
+    except CorruptionError as e:
+        await conn.aclose()
+        raise QuietError(f"source {host}:{port}: {e}", EXIT_TRANSPORT) from None
+    except BaseException:
+        await conn.aclose()
+        raise
+    report.phase("connect+lists").seconds = time.monotonic() - t
+    return state
+
+
+async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: SourceState | None,
+                   base_plan: LoadPlan | None, opts: MountOptions,
                    report: RecoveryReport, *, dry_run: bool, verify: bool, progress: bool | None,
-                   t_total: float) -> tuple[Opened | None, RecoveryReport]:
+                   t_total: float, regions_ready: Callable[[Path, str], None] | None
+                   ) -> tuple[Opened | None, RecoveryReport]:
     if dry_run:
         plan = fetch_plan(state, []) if state else []
         report.dirty_pages_fetched = sum(n for _, _, n in plan)
@@ -352,47 +403,61 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
         regions = fresh_regions(region_dir, fsid, _shaped(manifest, shape), opts)
     except OSError as e:
         raise QuietError(f"cannot allocate regions in {region_dir}: {e}", EXIT_REGIONS) from None
+    if regions_ready:
+        regions_ready(region_dir, fsid)
 
     # 4-6: the baseline from the backend and the dirty pages from the source. Long dirty runs are cut out
     # of the load and fetched while it runs; a scattered dirty page is loaded with its neighbours (cutting
     # it out would cost a read and a write per gap) and fetched over it once the load is done.
     plan = fetch_plan(state, []) if state is not None else []
     fetched = _page_marks(plan, regions)
-    try:
-        load_plan = await trio.to_thread.run_sync(plan_load, backend, manifest, _long_runs(plan, regions))
-    except CorruptionError as e:
-        raise QuietError(str(e), EXIT_BACKEND) from None
-    beside_load, after_load = load_plan.split_covered(plan)
+    assert base_plan is not None
+    load_plan = base_plan.cut(_long_runs(plan, regions))
     t_load = time.monotonic()
     bar = Progress("baseline", load_plan.bytes, load_plan.bytes // PAGE_SIZE, progress)
     fetch_pages = sum(n for _, _, n in plan)
     fetch_bar = Progress("dirty pages", fetch_pages * PAGE_SIZE, fetch_pages, progress)
     holder: dict[str, LoadResult] = {}
+    copied = SpanCounter()
 
     async def load() -> None:
+        token = trio.lowlevel.current_trio_token()
         try:
             holder["loaded"] = await trio.to_thread.run_sync(lambda: load_plan.copy(
-                backend, region_file_writer(regions), lambda b, p: bar.update(b, p)))
+                backend, region_file_writer(regions), lambda b, p: bar.update(b, p),
+                spans_done=lambda n: token.run_sync_soon(copied.set, n)))
         except CorruptionError as e:
             raise QuietError(str(e), EXIT_BACKEND) from None
         finally:
             regions.close_fds()
+        copied.set(len(load_plan.spans))
         bar.done()
         ph = report.phase("baseline load")
         ph.seconds = time.monotonic() - t_load
         ph.bytes = holder["loaded"].bytes
         ph.pages = ph.bytes // PAGE_SIZE
 
+    async def fetch() -> None:
+        assert state is not None
+        beside_load, over_load = load_plan.split_covered(plan)
+        await _fetch(state, beside_load, regions, report, fetch_bar)
+        # A page the load writes is fetched once the span that writes it is in, so the two overlap.
+        needs = [need for need, _ in over_load]
+        start = 0
+        while start < len(over_load):
+            await copied.wait_above(needs[start] - 1)
+            end = bisect.bisect_right(needs, copied.value, start)
+            await _fetch(state, [run for _, run in over_load[start:end]], regions, report, fetch_bar)
+            start = end
+        fetch_bar.done()
+
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(load)
             if state is not None:
-                await _fetch(state, beside_load, regions, report, fetch_bar)
+                nursery.start_soon(fetch)
     except BaseExceptionGroup as group:
         raise _first_quiet(group) from None
-    if state is not None:
-        await _fetch(state, after_load, regions, report, fetch_bar)
-        fetch_bar.done()
     loaded = holder["loaded"]
     report.baseline_bytes, report.baseline_pages = loaded.bytes, loaded.bytes // PAGE_SIZE
     report.corrupt_baseline_pages = len(loaded.corrupt)
@@ -426,8 +491,11 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
         fs = Filesystem.load(regions, fsid, new_epoch, fresh_ctl_capacity=opts.dirty_capacity)
     except CorruptionError as e:
         raise QuietError(f"the rebuilt namespace is inconsistent: {e}", EXIT_NAMESPACE) from None
-    for region_id, first, n in plan:
-        fs.tracker.mark(region_id, first, n)
+    try:
+        fs.tracker.mark_runs(plan)
+    except ListFull:
+        raise QuietError(f"the {len(plan)} runs of fetched pages do not fit a dirty list of {opts.dirty_capacity} "
+                         f"entries: recover again with -o dirty_capacity={2 * len(plan)}", EXIT_CAPACITY) from None
     fs.tracker.enabled = opts.tracking
     report.phase("namespace check").seconds = time.monotonic() - t
     report.files = sum(1 for i in fs.ns.inodes.values() if i.entries is None)
@@ -461,7 +529,9 @@ def _page_marks(runs: list[tuple[int, int, int]], regions: RegionSet) -> dict[in
     """One byte per page of each region, 1 where ``runs`` name the page."""
     marks: dict[int, bytearray] = {}
     for region_id, first, n in runs:
-        m = marks.setdefault(region_id, bytearray(regions[region_id].pages))
+        m = marks.get(region_id)
+        if m is None:
+            m = marks[region_id] = bytearray(regions[region_id].pages)
         m[first:first + n] = b"\x01" * n
     return marks
 

@@ -1,22 +1,16 @@
-"""Unit level: the byte formats other hosts depend on (dirty lists, journal, baseline segments)."""
+"""Unit level: the byte formats other hosts depend on (dirty lists, journal; baseline segments: test_unit_baseline)."""
 from __future__ import annotations
 
-import json
-import os
-import struct
 import uuid
 from pathlib import Path
 
 import pytest
-import xxhash
 
 from rmemfs import PAGE_SIZE
-from rmemfs.baseline import Backend, LiveMap, Manifest, next_manifest
 from rmemfs.dirty import (DirtyTracker, ListFull, ctl_region_size, decode_entry, encode_entry, list_offset,
                           merge_runs, parse_entries, parse_header, parse_list_count)
-from rmemfs.errors import CorruptionError, FencedError
+from rmemfs.errors import CorruptionError
 from rmemfs.journal import CHECKPOINT, Journal, read_superblock
-from rmemfs.loader import load, view_writer
 from rmemfs.regions import META_REGION_ID, RegionSet, parse_region_file_name, region_file_name
 
 FSID = str(uuid.UUID(int=0x1234))
@@ -163,116 +157,6 @@ def test_journal_full_raises(journal: Journal) -> None:
             journal.append(5, b"z" * 1000)
 
 
-# --- baseline --------------------------------------------------------------------------
-
-def make_backend(tmp_path: Path) -> tuple[Backend, Manifest]:
-    backend = Backend(tmp_path / "backend")
-    backend.path.mkdir()
-    manifest = backend.create({}, regions={2: 64 * PAGE_SIZE})
-    return backend, manifest
-
-
-def page(fill: int) -> bytes:
-    return bytes([fill]) * PAGE_SIZE
-
-
-def write_segment(backend: Backend, manifest: Manifest, generation: int,
-                  pages: dict[int, bytes]) -> Manifest:
-    w = backend.new_segment(manifest.fsid, manifest.epoch, generation)
-    for p in sorted(pages):
-        w.add(2, p, memoryview(pages[p]))
-    info = w.finish()
-    new = next_manifest(manifest, generation=generation, segments=manifest.segments + (info,))
-    backend.publish(new, expect_epoch=manifest.epoch)
-    return new
-
-
-def test_segments_roundtrip_newest_wins_and_zero_pages(tmp_path: Path) -> None:
-    backend, m = make_backend(tmp_path)
-    m = write_segment(backend, m, 1, {0: page(1), 1: page(2), 5: page(3)})
-    m = write_segment(backend, m, 2, {1: page(9), 5: bytes(PAGE_SIZE)})
-    region = bytearray(64 * PAGE_SIZE)
-    result = load(backend, backend.read_manifest(), view_writer(lambda rid: memoryview(region)))
-    assert region[:PAGE_SIZE] == page(1) and region[PAGE_SIZE:2 * PAGE_SIZE] == page(9)
-    assert region[5 * PAGE_SIZE:6 * PAGE_SIZE] == bytes(PAGE_SIZE)
-    assert result.corrupt == [] and result.live.count == 2
-    assert m.segments[1].data_pages == 1          # the zero page cost no data
-    assert backend.verify() == []
-
-
-def test_corrupt_page_is_named_and_reported(tmp_path: Path) -> None:
-    backend, m = make_backend(tmp_path)
-    m = write_segment(backend, m, 1, {3: page(7)})
-    seg = backend.segment_path(m.segments[0].name)
-    with open(seg, "r+b") as f:
-        f.seek(PAGE_SIZE + 100)
-        f.write(b"\xff")
-    problems = backend.verify()
-    assert problems and seg.name in problems[0] and "page 3" in problems[0]
-    region = bytearray(64 * PAGE_SIZE)
-    result = load(backend, m, view_writer(lambda rid: memoryview(region)))
-    assert result.corrupt == [(2, 3, seg.name)]
-
-
-def test_missing_segment_and_bad_manifest_are_named(tmp_path: Path) -> None:
-    backend, m = make_backend(tmp_path)
-    m = write_segment(backend, m, 1, {3: page(7)})
-    seg = backend.segment_path(m.segments[0].name)
-    seg.unlink()
-    with pytest.raises(CorruptionError, match=seg.name):
-        load(backend, m, view_writer(lambda rid: memoryview(bytearray(64 * PAGE_SIZE))))
-    raw = backend.manifest_path.read_bytes()
-    backend.manifest_path.write_bytes(raw.replace(b'"generation": 1', b'"generation": 9'))
-    with pytest.raises(CorruptionError, match="MANIFEST"):
-        backend.read_manifest()
-
-
-def test_publish_is_fenced_by_a_newer_epoch(tmp_path: Path) -> None:
-    backend, m = make_backend(tmp_path)
-    newer = next_manifest(m, epoch=m.epoch + 1, generation=1)
-    backend.publish(newer, expect_epoch=m.epoch)
-    with pytest.raises(FencedError):
-        backend.publish(next_manifest(m, generation=2), expect_epoch=m.epoch)
-    assert backend.read_manifest().epoch == m.epoch + 1
-
-
-def test_crash_before_publish_leaves_previous_generation(tmp_path: Path) -> None:
-    backend, m = make_backend(tmp_path)
-    m = write_segment(backend, m, 1, {0: page(1)})
-    w = backend.new_segment(m.fsid, m.epoch, 2)
-    w.add(2, 0, memoryview(page(2)))
-    w.finish()                                      # segment written, manifest never published
-    assert backend.read_manifest().generation == 1 and backend.verify() == []
-    assert backend.collect_garbage(backend.read_manifest()) == 1
-
-
-def test_manifest_and_identity_files(tmp_path: Path) -> None:
-    backend, m = make_backend(tmp_path)
-    assert os.stat(backend.path / "secret").st_mode & 0o777 == 0o600
-    assert len(backend.secret()) == 32
-    body, trailer = backend.manifest_path.read_bytes().rstrip(b"\n").rsplit(b"\nxxh3:", 1)
-    assert xxhash.xxh3_64_hexdigest(body).encode() == trailer
-    assert json.loads(body)["fsid"] == backend.fsid() == m.fsid
-
-
-def test_live_map_runs() -> None:
-    live = LiveMap()
-    for p in (1, 2, 3, 7):
-        live.set(4, p, True)
-    live.set(4, 2, False)
-    assert live.runs() == [(4, 1, 1), (4, 3, 1), (4, 7, 1)] and live.count == 3
-
-
-def test_segment_header_is_checked(tmp_path: Path) -> None:
-    backend, m = make_backend(tmp_path)
-    m = write_segment(backend, m, 1, {0: page(1)})
-    seg = backend.segment_path(m.segments[0].name)
-    with open(seg, "r+b") as f:
-        f.write(struct.pack("<8s", b"GARBAGE!"))
-    with pytest.raises(CorruptionError, match="header"):
-        backend.read_index(m.segments[0])
-
-
 def test_contiguous_marks_widen_the_last_entry() -> None:
     t, _ = tracker()
     t.mark(2, 0, 2)
@@ -281,3 +165,18 @@ def test_contiguous_marks_widen_the_last_entry() -> None:
     t.mark(2, 5, 1)            # contiguous with (2, 0, 5) but not the last entry: a new one
     assert t.current.count == 3
     assert t.current.runs() == [(1, 5, 1), (2, 0, 6)]
+
+
+def test_mark_runs_stores_every_run_and_feeds_the_dedup_map() -> None:
+    t, mem = tracker(capacity=8)
+    t.mark_runs([(1, 0, 3), (2, 10, 1), (2, (1 << 16) + 5, (1 << 16) + 2)])   # the last run needs two entries
+    assert t.current.count == 4
+    assert t.current.runs() == [(1, 0, 3), (2, 10, 1), (2, (1 << 16) + 5, (1 << 16) + 2)]
+    assert parse_list_count(bytes(mem[list_offset(t.current.index, 8):][:PAGE_SIZE]), 8) == 4
+    t.mark(2, 10, 1)                                   # already on the list: no new entry
+    assert t.current.count == 4
+    with pytest.raises(ListFull):
+        t.mark_runs([(1, 100 + 2 * i, 1) for i in range(5)])
+    assert t.current.count == 4                        # nothing half-written
+    t.mark(1, 100, 1)                                  # and the refused pages are not taken as marked
+    assert t.current.count == 5

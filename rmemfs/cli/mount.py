@@ -17,8 +17,8 @@ from typing import Callable
 import trio
 
 from ..errors import QuietError
-from ..mount import (EXIT_ERROR, OPTION_HELP, MountOptions, Opened, Session, check_environment, check_mountpoint,
-                     open_backend, parse_options, serve, start_exporter)
+from ..mount import (EXIT_ERROR, OPTION_HELP, ExporterLaunch, MountOptions, Opened, Session, check_environment,
+                     check_mountpoint, open_backend, parse_options, serve)
 from .common import run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -98,13 +98,20 @@ def daemonize_and_run(foreground: bool, work: Callable[[Ready], int],
     os._exit(code)
 
 
+def exporter_log(log_file: Path | None) -> Path | None:
+    return log_file.with_name("exporter.log") if log_file else None
+
+
 def run_session(opened: Opened, mountpoint: Path, opts: MountOptions, log_file: Path | None, debug: bool,
-                mounted: Callable[[], None]) -> int:
-    """In the (possibly daemonized) serving process: start the exporter, then serve until unmounted."""
+                mounted: Callable[[], None], exporter_port: int | None = None) -> int:
+    """In the (possibly daemonized) serving process: start the exporter (unless the caller already did
+    and passes its port), then serve until unmounted."""
     if log_file:
         setup_logging(debug, log_file)
-    _proc, port = start_exporter(opened.region_dir, opened.backend.path, opened.fs.fsid, opts,
-                                 log_file.with_name("exporter.log") if log_file else None)
+    port = exporter_port
+    if port is None:
+        port = ExporterLaunch(opened.region_dir, opened.backend.path, opened.fs.fsid, opts,
+                              exporter_log(log_file)).ready()
     session = Session(opened, mountpoint, opts, port)
     return trio.run(lambda: serve(session, on_ready=mounted))
 

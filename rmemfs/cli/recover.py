@@ -7,7 +7,8 @@ unusable; 15 exporter failed; 20 source unreachable or timed out;
 21 authentication failed (wrong secret); 22 filesystem id mismatch;
 23 the source filesystem is still alive; 24 transport unavailable or failed;
 25 the source's memory belongs to another epoch (already recovered);
-26 the rebuilt namespace is inconsistent; 27 --verify found a mismatch.
+26 the rebuilt namespace is inconsistent; 27 --verify found a mismatch;
+28 the fetched pages do not fit the new dirty list (raise -o dirty_capacity).
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import trio
 
-from ..mount import check_environment, check_mountpoint, parse_options
+from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 at start-up, not on the recovery's clock)
+from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options
 from ..recovery import RecoveryReport, recover, retire_local_source, write_report
 from .common import run_main, setup_logging
-from .mount import Ready, build_parser, daemonize_and_run, run_session
+from .mount import Ready, build_parser, daemonize_and_run, exporter_log, run_session
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +52,36 @@ def main(argv: list[str] | None = None) -> None:
             check_environment()
             check_mountpoint(mountpoint)
         report = RecoveryReport(dry_run=args.dry_run, baseline_only=args.baseline_only)
-        opened, report = trio.run(lambda: recover(
-            args.backend.absolute(), args.source, opts, transport=args.transport, timeout=args.timeout,
-            dry_run=args.dry_run, verify=args.verify, baseline_only=args.baseline_only,
-            check_alive=not args.no_liveness_check, report=report))
+        launched: list[ExporterLaunch] = []
+
+        def log_file_for(region_dir: Path) -> Path | None:
+            return args.log or (None if args.foreground else region_dir / "rmemfs.log")
+
+        def start_exporter(region_dir: Path, fsid: str) -> None:
+            # As soon as the new regions exist, so that its start-up overlaps the rebuild.
+            if region_dir.name != opts.region_dir(fsid).name and "port=" not in ",".join(args.options):
+                opts.port = 0    # a local source's exporter still holds the default port
+            launched.append(ExporterLaunch(region_dir, args.backend.absolute(), fsid, opts,
+                                           exporter_log(log_file_for(region_dir))))
+
+        try:
+            opened, report = trio.run(lambda: recover(
+                args.backend.absolute(), args.source, opts, transport=args.transport, timeout=args.timeout,
+                dry_run=args.dry_run, verify=args.verify, baseline_only=args.baseline_only,
+                check_alive=not args.no_liveness_check, report=report, regions_ready=start_exporter))
+            t_mount = time.monotonic()
+            port = launched[0].ready() if opened is not None else None
+        except BaseException:
+            for launch in launched:
+                launch.abort()
+            raise
         if opened is None:
             print(dry_run_summary(report))
             if args.json:
                 write_report(args.json, report)
             return 0
         local_source = opened.region_dir.name != opts.region_dir(opened.fs.fsid).name
-        if local_source and "port=" not in ",".join(args.options):
-            opts.port = 0    # the old exporter on this host still holds the default port
-        log_file = args.log or (None if args.foreground else opened.region_dir / "rmemfs.log")
-        t_mount = time.monotonic()
+        log_file = log_file_for(opened.region_dir)
 
         def finish(note: str) -> None:
             ph = report.phase("publish+mount")
@@ -75,12 +93,12 @@ def main(argv: list[str] | None = None) -> None:
 
         def work(ready: Ready) -> int:
             def mounted() -> None:
+                ready(f"{time.monotonic() - t_mount:.6f}")
                 if local_source:
                     # The new epoch is published: the old memory on this host is fenced and may go.
                     retire_local_source(opts.region_dir(opened.fs.fsid))
-                ready(f"{time.monotonic() - t_mount:.6f}")
 
-            return run_session(opened, mountpoint, opts, log_file, args.debug, mounted)
+            return run_session(opened, mountpoint, opts, log_file, args.debug, mounted, port)
 
         return daemonize_and_run(args.foreground, work, on_ready=finish)
 
