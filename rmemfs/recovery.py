@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import bisect
 import json
+import mmap
 import logging
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import trio
 
@@ -41,7 +42,7 @@ from .core import Filesystem
 from .dirty import (CtlHeader, ListFull, decode_entry, list_bytes, list_offset, merge_runs, parse_header,
                     parse_list_count)
 from .errors import BackendError, CorruptionError, QuietError
-from .loader import LoadPlan, LoadResult, plan_load, region_file_writer
+from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
 from .mount import EXIT_BACKEND, EXIT_REGIONS, MountOptions, Opened, fresh_regions
 from .regions import CTL_REGION_ID, RegionSet
 from .transport import load as load_transport, resolve
@@ -62,6 +63,8 @@ EXIT_VERIFY = 27
 EXIT_CAPACITY = 28
 
 MAX_READ_PAGES = 256          # coalesce up to 1 MiB per read
+FETCH_BUFFER_BYTES = 8 << 20  # one bounce buffer of fetched pages
+FETCH_BUFFERS = 3             # being read into, and being written out
 SKIP_LOAD_PAGES = 64          # dirty runs this long are cut out of the baseline load
 
 
@@ -276,16 +279,6 @@ def fetch_plan(state: SourceState, extra: list[tuple[int, int, int]]) -> list[tu
     return plan
 
 
-def read_ops(plan: list[tuple[int, int, int]], catalog: Catalog, regions: RegionSet) -> list[ReadOp]:
-    ops = []
-    for region_id, first, n in plan:
-        desc, view = catalog.by_id(region_id), regions[region_id].view
-        for start in range(first, first + n, MAX_READ_PAGES):
-            m = min(MAX_READ_PAGES, first + n - start)
-            ops.append(ReadOp(desc.rkey, start * PAGE_SIZE, view[start * PAGE_SIZE:(start + m) * PAGE_SIZE]))
-    return ops
-
-
 async def recover(backend_path: Path, source: str | None, opts: MountOptions, *, transport: str = "auto",
                   timeout: float = 10.0, dry_run: bool = False, verify: bool = False, baseline_only: bool = False,
                   check_alive: bool = True, progress: bool | None = None, report: RecoveryReport | None = None,
@@ -419,17 +412,17 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
     fetch_bar = Progress("dirty pages", fetch_pages * PAGE_SIZE, fetch_pages, progress)
     holder: dict[str, LoadResult] = {}
     copied = SpanCounter()
+    write = region_file_writer(regions)
+    fetcher = Fetcher(state, write, report) if state is not None else None
 
     async def load() -> None:
         token = trio.lowlevel.current_trio_token()
         try:
             holder["loaded"] = await trio.to_thread.run_sync(lambda: load_plan.copy(
-                backend, region_file_writer(regions), lambda b, p: bar.update(b, p),
+                backend, write, lambda b, p: bar.update(b, p),
                 spans_done=lambda n: token.run_sync_soon(copied.set, n)))
         except CorruptionError as e:
             raise QuietError(str(e), EXIT_BACKEND) from None
-        finally:
-            regions.close_fds()
         copied.set(len(load_plan.spans))
         bar.done()
         ph = report.phase("baseline load")
@@ -438,40 +431,43 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
         ph.pages = ph.bytes // PAGE_SIZE
 
     async def fetch() -> None:
-        assert state is not None
+        assert fetcher is not None
         beside_load, over_load = load_plan.split_covered(plan)
-        await _fetch(state, beside_load, regions, report, fetch_bar)
+        await fetcher.fetch(beside_load, fetch_bar)
         # A page the load writes is fetched once the span that writes it is in, so the two overlap.
         needs = [need for need, _ in over_load]
         start = 0
         while start < len(over_load):
             await copied.wait_above(needs[start] - 1)
             end = bisect.bisect_right(needs, copied.value, start)
-            await _fetch(state, [run for _, run in over_load[start:end]], regions, report, fetch_bar)
+            await fetcher.fetch([run for _, run in over_load[start:end]], fetch_bar)
             start = end
         fetch_bar.done()
 
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(load)
-            if state is not None:
-                nursery.start_soon(fetch)
-    except BaseExceptionGroup as group:
-        raise _first_quiet(group) from None
-    loaded = holder["loaded"]
-    report.baseline_bytes, report.baseline_pages = loaded.bytes, loaded.bytes // PAGE_SIZE
-    report.corrupt_baseline_pages = len(loaded.corrupt)
-    corrupt = [(r, p, seg) for r, p, seg in loaded.corrupt if r not in fetched or not fetched[r][p]]
-    if corrupt and state is None:
-        region_id, page, seg = corrupt[0]
-        raise QuietError(f"baseline file {backend.segment_path(seg)} is corrupt (region {region_id} page {page}, "
-                         f"{len(corrupt)} pages in all) and the source is not used", EXIT_BACKEND)
-    if corrupt and state is not None:
-        refetch = merge_runs([(r, p, 1) for r, p, _ in corrupt])
-        await _fetch(state, refetch, regions, report, Progress("corrupt pages", len(corrupt) * PAGE_SIZE,
-                                                               len(corrupt), progress), phase="corrupt page fetch")
-        plan = plan + refetch
-        fetched = _page_marks(plan, regions)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(load)
+                if fetcher is not None:
+                    nursery.start_soon(fetch)
+        except BaseExceptionGroup as group:
+            raise _first_quiet(group) from None
+        loaded = holder["loaded"]
+        report.baseline_bytes, report.baseline_pages = loaded.bytes, loaded.bytes // PAGE_SIZE
+        report.corrupt_baseline_pages = len(loaded.corrupt)
+        corrupt = [(r, p, seg) for r, p, seg in loaded.corrupt if r not in fetched or not fetched[r][p]]
+        if corrupt and fetcher is None:
+            region_id, page, seg = corrupt[0]
+            raise QuietError(f"baseline file {backend.segment_path(seg)} is corrupt (region {region_id} page "
+                             f"{page}, {len(corrupt)} pages in all) and the source is not used", EXIT_BACKEND)
+        if corrupt and fetcher is not None:
+            refetch = merge_runs([(r, p, 1) for r, p, _ in corrupt])
+            await fetcher.fetch(refetch, Progress("corrupt pages", len(corrupt) * PAGE_SIZE, len(corrupt), progress),
+                                phase="corrupt page fetch")
+            plan = plan + refetch
+            fetched = _page_marks(plan, regions)
+    finally:
+        regions.close_fds()
 
     # Verify the pages as recovered, before step 7: replay may legitimately write to the regions (freeing
     # orphans appends to the journal, zeroing), which re-reading the source would report as a mismatch.
@@ -505,24 +501,79 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
     return Opened(backend, manifest, fs, loaded.live, new_epoch, region_dir, "recovered"), report
 
 
-async def _fetch(state: SourceState, plan: list[tuple[int, int, int]], regions: RegionSet,
-                 report: RecoveryReport, bar: Progress, phase: str = "page fetch") -> None:
-    """Read the planned pages from the source straight into the new regions, many reads in flight."""
-    t = time.monotonic()
-    ops = read_ops(plan, state.catalog, regions)
-    for region in regions.regions.values():
-        state.conn.register_local(region.view)
-    nbytes = sum(len(op.dest) for op in ops)
-    try:
-        await state.conn.read_batch(ops, progress=lambda b: bar.update(b))
-    except TransportError as e:
-        raise QuietError(f"reading dirty pages from {report.source}: {e}", EXIT_TRANSPORT) from None
-    ph = report.phase(phase)
-    ph.seconds += time.monotonic() - t
-    ph.bytes += nbytes
-    ph.pages += nbytes // PAGE_SIZE
-    report.dirty_pages_fetched += nbytes // PAGE_SIZE
-    report.dirty_bytes_fetched += nbytes
+class Fetcher:
+    """Reads planned pages from the source into a few registered bounce buffers, and writes them into
+    the region files from there, one batch being written while the next is read.
+
+    Writing (rather than reading straight into the region mappings) lets the kernel allocate new
+    region memory on its write path, several times cheaper than a page fault per page here, and a
+    verbs transport registers only the bounce buffers: registering whole regions would pin, and so
+    allocate, every page of them.
+    """
+
+    def __init__(self, state: SourceState, write: RegionWriter, report: RecoveryReport) -> None:
+        self.state, self.write, self.report = state, write, report
+        self._return, self._take = trio.open_memory_channel[memoryview](FETCH_BUFFERS)
+        for _ in range(FETCH_BUFFERS):
+            buf = memoryview(mmap.mmap(-1, FETCH_BUFFER_BYTES))
+            state.conn.register_local(buf)
+            self._return.send_nowait(buf)
+
+    async def fetch(self, plan: list[tuple[int, int, int]], bar: Progress, phase: str = "page fetch") -> None:
+        t = time.monotonic()
+        nbytes = sum(n for _, _, n in plan) * PAGE_SIZE
+        try:
+            async with trio.open_nursery() as nursery:
+                for batch in _batches(plan):
+                    buf = await self._take.receive()
+                    ops, at = [], 0
+                    for region_id, first, n in batch:
+                        ops.append(ReadOp(self.state.catalog.by_id(region_id).rkey, first * PAGE_SIZE,
+                                          buf[at:at + n * PAGE_SIZE]))
+                        at += n * PAGE_SIZE
+                    try:
+                        await self.state.conn.read_batch(ops, progress=lambda b: bar.update(b))
+                    except BaseException:
+                        self._return.send_nowait(buf)
+                        raise
+                    nursery.start_soon(self._write_out, batch, buf)
+        except TransportError as e:
+            raise QuietError(f"reading dirty pages from {self.report.source}: {e}", EXIT_TRANSPORT) from None
+        ph = self.report.phase(phase)
+        ph.seconds += time.monotonic() - t
+        ph.bytes += nbytes
+        ph.pages += nbytes // PAGE_SIZE
+        self.report.dirty_pages_fetched += nbytes // PAGE_SIZE
+        self.report.dirty_bytes_fetched += nbytes
+
+    async def _write_out(self, batch: list[tuple[int, int, int]], buf: memoryview) -> None:
+        def write_batch() -> None:
+            at = 0
+            for region_id, first, n in batch:
+                data, written = buf[at:at + n * PAGE_SIZE], 0
+                while written < len(data):
+                    written += self.write(region_id, first * PAGE_SIZE + written, data[written:])
+                at += n * PAGE_SIZE
+        try:
+            await trio.to_thread.run_sync(write_batch)
+        finally:
+            self._return.send_nowait(buf)
+
+
+def _batches(plan: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
+    """The plan's runs cut into reads of at most MAX_READ_PAGES, packed into bounce-buffer loads."""
+    batch: list[tuple[int, int, int]] = []
+    size = 0
+    for region_id, first, n in plan:
+        for start in range(first, first + n, MAX_READ_PAGES):
+            m = min(MAX_READ_PAGES, first + n - start)
+            if size + m * PAGE_SIZE > FETCH_BUFFER_BYTES:
+                yield batch
+                batch, size = [], 0
+            batch.append((region_id, start, m))
+            size += m * PAGE_SIZE
+    if batch:
+        yield batch
 
 
 def _page_marks(runs: list[tuple[int, int, int]], regions: RegionSet) -> dict[int, bytearray]:
