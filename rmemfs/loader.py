@@ -5,17 +5,21 @@ A load is planned from the segment indexes alone, then copied:
 * **plan** (``plan_load``): each segment's index, newest segment first, is cut
   into *copy runs*: consecutive pages of one region stored consecutively in
   one segment, so one read and one write each. A page that a newer segment
-  holds is dropped from the older ones, and pages the caller fills itself
-  (``skip``) are cut out. Runs are found without visiting every entry: keys
-  strictly increase and a data page's offset grows by exactly one page per
-  data entry, so a stretch of entries is one run exactly when its two ends
-  say so, and the longest run from an entry is found by galloping.
-* **copy** (``LoadPlan.copy``): worker threads read *spans* of a segment
-  (nearby runs, read through the small gaps between them) into reusable
-  buffers and write each run into its region (``pwrite`` into the region
-  file: both calls release the GIL), while the calling thread checks the
-  XXH3 of every page in the buffer as it comes back. A page whose checksum
-  fails is left as read and reported, so the caller can fetch it elsewhere.
+  holds is dropped from the older ones. Runs are found without visiting every
+  entry: keys strictly increase and a data page's offset grows by exactly one
+  page per data entry, so a stretch of entries is one run exactly when its two
+  ends say so, and the longest run from an entry is found by galloping.
+  ``LoadPlan.cut`` leaves out pages the caller writes from elsewhere.
+* **spans**: runs of one region close together in a segment are read as one
+  *span* (through the small gaps between them). Spans of different region
+  files go to different *lanes*, taken in turns: a write into a region file
+  holds its inode lock, so one writer per file is all the kernel allows.
+* **copy** (``LoadPlan.copy``): a reader thread reads spans ahead into
+  reusable buffers and hands each to its lane's writer thread, which
+  ``pwrite``s its runs into the region files (both calls release the GIL);
+  meanwhile the calling thread checks the XXH3 of every page in the buffer.
+  A page whose checksum fails is left as read and reported, so the caller can
+  fetch it elsewhere. ``spans_done(n)`` says when the first n spans are in.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from .regions import RegionSet
 
 log = logging.getLogger(__name__)
 
-SPAN_BYTES = 8 << 20            # one worker read; also the longest copy run
+SPAN_BYTES = 8 << 20            # one read; also the longest copy run
 SPAN_GAP_BYTES = 256 << 10      # read through a gap this small rather than issue another read
 LOAD_BUFFERS = 6                # spans in flight, being read, written or checked
 LOAD_LANES = 2                  # writers, each into its own region files

@@ -4,20 +4,31 @@ The order (US11436112B1; the patent's claim 7 for the list order):
 
 1. connect to the source's exporter and do the registration handshake: it
    registers the filesystem's regions and the dirty-list region and returns
-   their descriptions (a catalog); read both dirty page lists;
+   their descriptions (a catalog); read both dirty page lists. Meanwhile the
+   baseline's segment indexes are read and its load is planned (``loader``);
 2. check that its memory belongs to the published epoch;
-3. allocate new regions shaped like the source's;
+3. allocate new regions shaped like the source's (their exporter is started
+   now, so that its start-up overlaps the rest);
 4. load the latest baseline generation, verifying every page's checksum, and
-   at the same time read every listed page over the transport straight into
-   the new regions, the list that was being flushed first and the current
-   list last; the baseline skips those pages, so the two never write the same
-   page; contiguous pages are coalesced into one read and many reads are in
-   flight; pages whose baseline copy was corrupt are then read from the source;
+   read every listed page over the transport, the list that was being flushed
+   first and the current list last (a page both name is read once: the
+   source is frozen). Each fetched page must land after the baseline's copy
+   of it: long dirty runs are cut out of the load and fetched beside it; a
+   scattered dirty page is loaded with its neighbours (cutting it out would
+   cost a read and a write per gap) and fetched over it as soon as the span
+   of the load that writes it is in. Contiguous pages are coalesced into one
+   read, many reads are in flight, and fetched pages go through registered
+   bounce buffers into the region files. Pages whose baseline copy was
+   corrupt are then read from the source;
 5. confirm the source is dead (its heartbeat has not moved for 2.5 of its own
    intervals; the wait overlaps step 4);
 6. replay the journal and check the namespace;
 7. (the caller) publish a new generation under a new epoch, which fences
    the old source, mount, then flush the fetched pages into a baseline.
+
+Which awaits break atomicity: none matters here, as nothing else touches the
+new regions until the mount; the load and the fetch share them, ordered by
+``SpanCounter`` (a fetched page is written only after its span is in).
 
 The recovery logic sees only the transport interface (``transport.base``).
 """
@@ -25,8 +36,8 @@ from __future__ import annotations
 
 import bisect
 import json
-import mmap
 import logging
+import mmap
 import os
 import sys
 import time
