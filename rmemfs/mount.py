@@ -299,10 +299,11 @@ def _regions_match(region_dir: Path, fsid: str, manifest: Manifest) -> bool:
 
 
 def fresh_regions(region_dir: Path, fsid: str, manifest: Manifest, opts: MountOptions) -> RegionSet:
-    """Remove any old region files and create empty ones shaped like the manifest's."""
+    """Remove any old region files and create empty ones shaped like the manifest's. (A stale socket
+    may stay: the next server to bind that name replaces it.)"""
     if region_dir.is_dir():
         for entry in os.scandir(region_dir):
-            if parse_region_file_name(entry.name) or entry.name.endswith(".sock"):
+            if parse_region_file_name(entry.name):
                 os.unlink(entry.path)
     region_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     meta = manifest.regions.get(META_REGION_ID, opts.meta_size)

@@ -296,7 +296,8 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
                   regions_ready: Callable[[Path, str], None] | None = None) -> tuple[Opened | None, RecoveryReport]:
     """Steps 1-7. Returns the rebuilt filesystem (None for a dry run) and the report.
 
-    ``regions_ready(region dir, fsid)`` is called once the new regions exist (to start their exporter early).
+    ``regions_ready(region dir, fsid)`` is called once the new region directory is chosen and exists (to
+    start the exporter of the new regions early); the region files appear in it later.
     """
     from .mount import read_backend
 
@@ -311,6 +312,17 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
     report.baseline_generation, report.baseline_time_ns = manifest.generation, manifest.time_ns
     state: SourceState | None = None
     base_plan: list[LoadPlan] = []
+    region_dir: Path | None = None
+    if not dry_run:
+        # The new regions' exporter starts now, so that its start-up overlaps waiting for the source;
+        # the region files are created once the source's catalog gives their shape.
+        region_dir = _recovery_region_dir(opts, fsid, manifest.epoch + 1)
+        try:
+            region_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise QuietError(f"cannot create the region directory {region_dir}: {e}", EXIT_REGIONS) from None
+        if regions_ready:
+            regions_ready(region_dir, fsid)
 
     async def plan_baseline() -> None:
         try:
@@ -335,9 +347,8 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
         interval = state.header.heartbeat_interval_us / 1e6 or opts.heartbeat_interval
         state.liveness_deadline = time.monotonic() + max(2.5 * interval, 1.5)
     try:
-        return await _rebuild(backend, fsid, manifest, state, base_plan[0] if base_plan else None, opts, report,
-                              dry_run=dry_run, verify=verify, progress=progress, t_total=t_total,
-                              regions_ready=regions_ready)
+        return await _rebuild(backend, fsid, manifest, state, base_plan[0] if base_plan else None, region_dir,
+                              opts, report, dry_run=dry_run, verify=verify, progress=progress, t_total=t_total)
     finally:
         if state is not None:
             await state.conn.aclose()
@@ -385,10 +396,9 @@ async def open_source(source: str | None, transport: str, manifest: Manifest, fs
 
 
 async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: SourceState | None,
-                   base_plan: LoadPlan | None, opts: MountOptions,
+                   base_plan: LoadPlan | None, region_dir: Path | None, opts: MountOptions,
                    report: RecoveryReport, *, dry_run: bool, verify: bool, progress: bool | None,
-                   t_total: float, regions_ready: Callable[[Path, str], None] | None
-                   ) -> tuple[Opened | None, RecoveryReport]:
+                   t_total: float) -> tuple[Opened | None, RecoveryReport]:
     if dry_run:
         plan = fetch_plan(state, []) if state else []
         report.dirty_pages_fetched = sum(n for _, _, n in plan)
@@ -399,7 +409,7 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
     # 3: new regions, shaped like the source's (it may have grown since the baseline).
     new_epoch = manifest.epoch + 1
     report.new_epoch = new_epoch
-    region_dir = _recovery_region_dir(opts, fsid, new_epoch)
+    assert region_dir is not None
     shape = dict(manifest.regions)
     if state is not None:
         shape.update({r.region_id: r.length for r in state.catalog.regions if r.role is not RegionRole.CTL})
@@ -407,8 +417,6 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
         regions = fresh_regions(region_dir, fsid, _shaped(manifest, shape), opts)
     except OSError as e:
         raise QuietError(f"cannot allocate regions in {region_dir}: {e}", EXIT_REGIONS) from None
-    if regions_ready:
-        regions_ready(region_dir, fsid)
 
     # 4-6: the baseline from the backend and the dirty pages from the source. Long dirty runs are cut out
     # of the load and fetched while it runs; a scattered dirty page is loaded with its neighbours (cutting
