@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import sys
 import time
 import uuid
 from array import array
@@ -113,9 +114,12 @@ def parse_list_count(header_page: bytes | memoryview, capacity: int) -> int:
     return count
 
 
-def parse_entries(raw: bytes | memoryview) -> Iterator[tuple[int, int, int]]:
-    for (entry,) in struct.iter_unpack("<Q", raw):
-        yield decode_entry(entry)
+def parse_entries(raw: bytes | memoryview) -> list[tuple[int, int, int]]:
+    """Stored entries (little-endian words) as (region id, first page, npages); decode_entry, inlined."""
+    words = array("Q", bytes(raw))
+    if sys.byteorder != "little":
+        words.byteswap()
+    return [(e >> 48, (e >> 16) & 0xFFFFFFFF, (e & 0xFFFF) + 1) for e in words]
 
 
 class PagePreserver(Protocol):
@@ -180,10 +184,12 @@ class DirtyList:
     def extend(self, runs: list[tuple[int, int, int]], region_pages: dict[int, int]) -> None:
         """Append many runs at once (a recovery marking every page it fetched): the entries are stored
         in one slice, then the count that covers them, then the dedup map learns of them."""
-        entries = array("Q")
+        entries = array("Q", [region_id << 48 | first << 16 | (n - 1) for region_id, first, n in runs
+                              if n <= MAX_RUN_PAGES])            # encode_entry, inlined: one entry per run
         for region_id, first, n in runs:
-            entries.extend(encode_entry(region_id, page, min(MAX_RUN_PAGES, first + n - page))
-                           for page in range(first, first + n, MAX_RUN_PAGES))
+            if n > MAX_RUN_PAGES:
+                entries.extend(encode_entry(region_id, page, min(MAX_RUN_PAGES, first + n - page))
+                               for page in range(first, first + n, MAX_RUN_PAGES))
         count = self._header[L_COUNT]
         if count + len(entries) > self.capacity:
             raise ListFull(f"dirty list {self.index} is full ({self.capacity} entries)")

@@ -50,7 +50,7 @@ import trio
 from . import PAGE_SIZE
 from .baseline import Backend, Manifest
 from .core import Filesystem
-from .dirty import (CtlHeader, ListFull, decode_entry, list_bytes, list_offset, merge_runs, parse_header,
+from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_header,
                     parse_list_count)
 from .errors import BackendError, CorruptionError, QuietError
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
@@ -236,17 +236,18 @@ async def read_source_state(conn: Connection, catalog: Catalog, report: Recovery
             raise CorruptionError(f"dirty list {index} lies outside the ctl region ({ctl.length} bytes)")
         count = parse_list_count(await _read_exact(conn, ctl, off, PAGE_SIZE), header.capacity)
         raw = await _read_exact(conn, ctl, off + PAGE_SIZE, count * 8) if count else bytearray()
-        runs = []
-        for i in range(count):
-            region_id, first, n = decode_entry(int.from_bytes(raw[i * 8:i * 8 + 8], "little"))
+        runs = parse_entries(raw)
+        bad = [i for i, (region_id, first, n) in enumerate(runs) if first + n > sizes.get(region_id, 0)]
+        for i in bad:
+            region_id, first, n = runs[i]
             pages = sizes.get(region_id)
-            if pages is None or first + n > pages:
-                what = ("region does not exist" if pages is None else f"region has {pages} pages")
-                msg = f"{label} list entry {i}: region {region_id} pages {first}..{first + n - 1} ({what})"
-                log.warning("rejected dirty-list entry: %s", msg)
-                report.rejected_entries.append(msg)
-                continue
-            runs.append((region_id, first, n))
+            what = ("region does not exist" if pages is None else f"region has {pages} pages")
+            msg = f"{label} list entry {i}: region {region_id} pages {first}..{first + n - 1} ({what})"
+            log.warning("rejected dirty-list entry: %s", msg)
+            report.rejected_entries.append(msg)
+        if bad:
+            rejected = set(bad)
+            runs = [run for i, run in enumerate(runs) if i not in rejected]
         lists[label] = merge_runs(runs)
         report.dirty_pages_listed[label] = sum(n for _, _, n in lists[label])
     return SourceState(conn, catalog, header, lists)
@@ -532,6 +533,7 @@ class Fetcher:
 
     def __init__(self, state: SourceState, write: RegionWriter, report: RecoveryReport) -> None:
         self.state, self.write, self.report = state, write, report
+        self._rkeys = {desc.region_id: desc.rkey for desc in state.catalog.regions}
         self._return, self._take = trio.open_memory_channel[memoryview](FETCH_BUFFERS)
         for _ in range(FETCH_BUFFERS):
             buf = memoryview(mmap.mmap(-1, FETCH_BUFFER_BYTES))
@@ -547,8 +549,7 @@ class Fetcher:
                     buf = await self._take.receive()
                     ops, at = [], 0
                     for region_id, first, n in batch:
-                        ops.append(ReadOp(self.state.catalog.by_id(region_id).rkey, first * PAGE_SIZE,
-                                          buf[at:at + n * PAGE_SIZE]))
+                        ops.append(ReadOp(self._rkeys[region_id], first * PAGE_SIZE, buf[at:at + n * PAGE_SIZE]))
                         at += n * PAGE_SIZE
                     try:
                         await self.state.conn.read_batch(ops, progress=lambda b: bar.update(b))

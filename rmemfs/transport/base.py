@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Awaitable, Callable, Sequence
 
 from ..errors import RmemfsError
@@ -60,11 +61,12 @@ class Catalog:
     transport: str
     regions: tuple[RegionDesc, ...]
 
+    @cached_property
+    def _index(self) -> dict[int, RegionDesc]:
+        return {r.region_id: r for r in self.regions}
+
     def by_id(self, region_id: int) -> RegionDesc:
-        for r in self.regions:
-            if r.region_id == region_id:
-                return r
-        raise KeyError(region_id)
+        return self._index[region_id]
 
     def with_role(self, role: RegionRole) -> list[RegionDesc]:
         return [r for r in self.regions if r.role is role]
