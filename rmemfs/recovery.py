@@ -419,62 +419,15 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
     except OSError as e:
         raise QuietError(f"cannot allocate regions in {region_dir}: {e}", EXIT_REGIONS) from None
 
-    # 4-6: the baseline from the backend and the dirty pages from the source. Long dirty runs are cut out
-    # of the load and fetched while it runs; a scattered dirty page is loaded with its neighbours (cutting
-    # it out would cost a read and a write per gap) and fetched over it once the load is done.
+    # 4-6: the baseline from the backend and the dirty pages from the source, at the same time.
     plan = fetch_plan(state, []) if state is not None else []
-    fetched = _page_marks(plan, regions)
     assert base_plan is not None
     load_plan = base_plan.cut(_long_runs(plan, regions))
-    t_load = time.monotonic()
-    bar = Progress("baseline", load_plan.bytes, load_plan.bytes // PAGE_SIZE, progress)
-    fetch_pages = sum(n for _, _, n in plan)
-    fetch_bar = Progress("dirty pages", fetch_pages * PAGE_SIZE, fetch_pages, progress)
-    holder: dict[str, LoadResult] = {}
-    copied = SpanCounter()
     write = region_file_writer(regions)
     fetcher = Fetcher(state, write, report) if state is not None else None
-
-    async def load() -> None:
-        token = trio.lowlevel.current_trio_token()
-        try:
-            holder["loaded"] = await trio.to_thread.run_sync(lambda: load_plan.copy(
-                backend, write, lambda b, p: bar.update(b, p),
-                spans_done=lambda n: token.run_sync_soon(copied.set, n)))
-        except CorruptionError as e:
-            raise QuietError(str(e), EXIT_BACKEND) from None
-        copied.set(len(load_plan.spans))
-        bar.done()
-        ph = report.phase("baseline load")
-        ph.seconds = time.monotonic() - t_load
-        ph.bytes = holder["loaded"].bytes
-        ph.pages = ph.bytes // PAGE_SIZE
-
-    async def fetch() -> None:
-        assert fetcher is not None
-        beside_load, over_load = load_plan.split_covered(plan)
-        await fetcher.fetch(beside_load, fetch_bar)
-        # A page the load writes is fetched once the span that writes it is in, so the two overlap.
-        needs = [need for need, _ in over_load]
-        start = 0
-        while start < len(over_load):
-            await copied.wait_above(needs[start] - 1)
-            end = bisect.bisect_right(needs, copied.value, start)
-            await fetcher.fetch([run for _, run in over_load[start:end]], fetch_bar)
-            start = end
-        fetch_bar.done()
-
     try:
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(load)
-                if fetcher is not None:
-                    nursery.start_soon(fetch)
-        except BaseExceptionGroup as group:
-            raise _first_quiet(group) from None
-        loaded = holder["loaded"]
-        report.baseline_bytes, report.baseline_pages = loaded.bytes, loaded.bytes // PAGE_SIZE
-        report.corrupt_baseline_pages = len(loaded.corrupt)
+        loaded = await _load_and_fetch(backend, load_plan, write, fetcher, plan, report, progress)
+        fetched = _page_marks(plan, regions)
         corrupt = [(r, p, seg) for r, p, seg in loaded.corrupt if r not in fetched or not fetched[r][p]]
         if corrupt and fetcher is None:
             region_id, page, seg = corrupt[0]
@@ -519,6 +472,62 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
 
     report.total_seconds = time.monotonic() - t_total
     return Opened(backend, manifest, fs, loaded.live, new_epoch, region_dir, "recovered"), report
+
+
+async def _load_and_fetch(backend: Backend, load_plan: LoadPlan, write: RegionWriter, fetcher: Fetcher | None,
+                          plan: list[tuple[int, int, int]], report: RecoveryReport,
+                          progress: bool | None) -> LoadResult:
+    """Copy the baseline into the regions while the planned pages are fetched over it.
+
+    Long dirty runs were cut out of ``load_plan``, so they are fetched beside the load. A scattered
+    dirty page is loaded with its neighbours (cutting it out would cost a read and a write per gap)
+    and fetched over its baseline copy as soon as the span of the load that writes it is in.
+    """
+    t_load = time.monotonic()
+    bar = Progress("baseline", load_plan.bytes, load_plan.bytes // PAGE_SIZE, progress)
+    fetch_pages = sum(n for _, _, n in plan)
+    fetch_bar = Progress("dirty pages", fetch_pages * PAGE_SIZE, fetch_pages, progress)
+    copied = SpanCounter()
+    holder: list[LoadResult] = []
+
+    async def load() -> None:
+        token = trio.lowlevel.current_trio_token()
+        try:
+            holder.append(await trio.to_thread.run_sync(lambda: load_plan.copy(
+                backend, write, lambda b, p: bar.update(b, p),
+                spans_done=lambda n: token.run_sync_soon(copied.set, n))))
+        except CorruptionError as e:
+            raise QuietError(str(e), EXIT_BACKEND) from None
+        copied.set(len(load_plan.spans))
+        bar.done()
+        ph = report.phase("baseline load")
+        ph.seconds = time.monotonic() - t_load
+        ph.bytes = holder[0].bytes
+        ph.pages = ph.bytes // PAGE_SIZE
+
+    async def fetch(fetcher: Fetcher) -> None:
+        beside_load, over_load = load_plan.split_covered(plan)
+        await fetcher.fetch(beside_load, fetch_bar)
+        needs = [need for need, _ in over_load]
+        start = 0
+        while start < len(over_load):
+            await copied.wait_above(needs[start] - 1)
+            end = bisect.bisect_right(needs, copied.value, start)
+            await fetcher.fetch([run for _, run in over_load[start:end]], fetch_bar)
+            start = end
+        fetch_bar.done()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load)
+            if fetcher is not None:
+                nursery.start_soon(fetch, fetcher)
+    except BaseExceptionGroup as group:
+        raise _first_quiet(group) from None
+    loaded = holder[0]
+    report.baseline_bytes, report.baseline_pages = loaded.bytes, loaded.bytes // PAGE_SIZE
+    report.corrupt_baseline_pages = len(loaded.corrupt)
+    return loaded
 
 
 class Fetcher:
