@@ -95,8 +95,13 @@ def main(argv: list[str] | None = None) -> None:
             def mounted() -> None:
                 ready(f"{time.monotonic() - t_mount:.6f}")
                 if local_source:
-                    # The new epoch is published: the old memory on this host is fenced and may go.
-                    retire_local_source(opts.region_dir(opened.fs.fsid))
+                    # The new epoch is published: the old memory on this host is fenced and may go. This
+                    # runs in the serving daemon, after the mount is reported: a failure here must not end it.
+                    old = opts.region_dir(opened.fs.fsid)
+                    try:
+                        retire_local_source(old)
+                    except Exception as e:
+                        log.warning("could not retire the old regions in %s (%s): remove them by hand", old, e)
 
             return run_session(opened, mountpoint, opts, log_file, args.debug, mounted, port)
 
