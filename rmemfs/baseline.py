@@ -60,6 +60,15 @@ STAGE_BYTES = 4 << 20     # a segment writer's staging buffer
 STATE_MOUNTED, STATE_CLEAN = "mounted", "clean"
 
 
+def segment_name(epoch: int, generation: int) -> str:
+    return f"seg-{epoch:06d}-{generation:010d}.rseg"
+
+
+def segment_epoch(name: str) -> int:
+    """The epoch of the owner that wrote a segment, from its name."""
+    return int(name.split("-")[1])
+
+
 def split_key(key: int) -> tuple[int, int]:
     """An index entry's key as (region id, page number)."""
     return key >> 48, key & 0xFFFFFFFFFFFF
@@ -325,7 +334,7 @@ class SegmentWriter:
 
     def __init__(self, backend: Backend, fsid: str, epoch: int, generation: int) -> None:
         self.backend = backend
-        self.name = f"seg-{epoch:06d}-{generation:010d}.rseg"
+        self.name = segment_name(epoch, generation)
         self.generation = generation
         self.tmp = backend.segdir / f".{self.name}.tmp"
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

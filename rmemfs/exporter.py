@@ -27,7 +27,9 @@ from typing import Any
 import trio
 
 from . import PAGE_SIZE, control
+from .baseline import STATE_CLEAN, Backend, segment_epoch
 from .dirty import parse_header
+from .errors import CorruptionError
 from .durable import atomic_write
 from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
 from .transport import export_backend, load as load_transport
@@ -203,6 +205,40 @@ def stop_exporter(region_dir: Path, timeout: float = 10.0) -> None:
             os.kill(info["pid"], signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def retire(region_dir: Path) -> None:
+    """Stop the exporter of a region directory and free its memory (remove the directory)."""
+    stop_exporter(region_dir)
+    for entry in os.scandir(region_dir):
+        os.unlink(entry.path)
+    os.rmdir(region_dir)
+
+
+def why_still_needed(backend: Backend, region_dir: Path) -> str | None:
+    """Why the memory in ``region_dir`` must not be freed yet, or None when nothing in it is the only
+    copy of anything: the backend has moved to a newer owner that has published a baseline of its own,
+    or this memory was unmounted cleanly into the published generation."""
+    ctl = region_dir / "ctl-0000.rgn"
+    try:
+        with open(ctl, "rb") as f:
+            header = parse_header(f.read(PAGE_SIZE))
+    except FileNotFoundError:
+        return f"{region_dir} holds no rmemfs regions"
+    except (OSError, CorruptionError) as e:
+        return f"cannot read {ctl}: {e}"
+    manifest = backend.read_manifest()
+    if header.fsid != manifest.fsid:
+        return f"{region_dir} holds filesystem {header.fsid}, the backend holds {manifest.fsid}"
+    if manifest.epoch <= header.epoch:
+        if manifest.state == STATE_CLEAN and header.clean_generation == manifest.generation:
+            return None
+        return (f"this memory (epoch {header.epoch}) still owns the filesystem and may hold the only copy of "
+                f"recent writes: recover it with rmemfs-recover first")
+    if not any(segment_epoch(s.name) > header.epoch for s in manifest.segments):
+        return (f"the new owner (epoch {manifest.epoch}) has not published a baseline of its own yet: "
+                f"retry after its first flush")
+    return None
 
 
 def _is_zombie(pid: int) -> bool:

@@ -38,7 +38,6 @@ import bisect
 import json
 import logging
 import mmap
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -667,15 +666,6 @@ async def _verify(load_plan: LoadPlan, state: SourceState | None, plan: list[tup
         raise QuietError(f"verify: region {bad[0][0]} page {bad[0][1]} does not match the baseline "
                          f"({len(bad)} pages in all)", EXIT_VERIFY)
     return checked + baseline_pages
-
-
-def retire_local_source(source_region_dir: Path) -> None:
-    """After a recovery on the same host: stop the old exporter and free its memory."""
-    from .exporter import stop_exporter
-    stop_exporter(source_region_dir)
-    for entry in os.scandir(source_region_dir):
-        os.unlink(entry.path)
-    os.rmdir(source_region_dir)
 
 
 def write_report(path: Path, report: RecoveryReport) -> None:

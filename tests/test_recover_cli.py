@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Rig, cli, run
+from harness import Rig, alive, cli, exporter_pid, run, wait_gone
 from rmemfs import PAGE_SIZE
 from rmemfs.dirty import encode_entry, list_offset, parse_header
 from test_mount_lifecycle import digest_tree, one_line_error, populate
@@ -169,3 +169,20 @@ def test_full_recovery_report(crashed: Rig, tmp_path: Path) -> None:
     assert digest_tree(crashed.mountpoint) == crashed.want  # type: ignore[attr-defined]
     manifest = crashed.manifest()
     assert manifest.state == "mounted" and manifest.epoch == doc["new_epoch"]
+
+
+def test_failed_host_memory_is_retired_once_the_new_owner_has_flushed(crashed: Rig) -> None:
+    old_dir = crashed.regiondir
+    exporter = exporter_pid(old_dir)
+    retire = cli("ctl") + ["exporter", "--backend", str(crashed.backend), "--regiondir", str(old_dir), "--retire"]
+    one_line_error(run(retire), 6, "rmemfs-recover")           # it still owns the filesystem: refused
+    assert alive(exporter) and (old_dir / "ctl-0000.rgn").exists()
+    # Recover as another host would, into a region directory of its own (so this one is not retired).
+    crashed.recover("--no-liveness-check", extra=["port=0"], regiondir=Path(f"{old_dir}-hostB"))
+    assert alive(exporter)
+    crashed.flush()                                            # the new owner's first baseline is published
+    proc = run(retire)
+    assert proc.returncode == 0 and "retired" in proc.stdout, proc.stderr
+    wait_gone(exporter)
+    assert not old_dir.exists()
+    assert digest_tree(crashed.mountpoint) == crashed.want  # type: ignore[attr-defined]

@@ -12,8 +12,11 @@ import xxhash
 from hypothesis import given, settings, strategies as st
 
 from rmemfs import PAGE_SIZE, loader
-from rmemfs.baseline import _ENTRY, _FOOT, FOOTER_SIZE, Backend, LiveMap, Manifest, next_manifest
+from rmemfs.baseline import (_ENTRY, _FOOT, FOOTER_SIZE, STATE_CLEAN, STATE_MOUNTED, Backend, LiveMap, Manifest,
+                             next_manifest)
+from rmemfs.dirty import DirtyTracker, ctl_region_size
 from rmemfs.errors import CorruptionError, FencedError
+from rmemfs.exporter import why_still_needed
 from rmemfs.loader import load, plan_load, view_writer
 
 REGION_PAGES = 64
@@ -285,3 +288,43 @@ def test_spans_read_through_small_gaps_and_take_turns_between_regions(tmp_path: 
     assert len(plan.spans) == 3                             # but one read per region: the gaps are tiny
     assert [span.lane for span in plan.spans] == [0, 1, 0]
     assert [span.runs[0].region_id for span in plan.spans] == [2, 3, 4]
+
+
+# --- when a failed host's memory may go ---------------------------------------------------
+
+def test_memory_is_needed_until_a_newer_owner_publishes_its_own_baseline(tmp_path: Path) -> None:
+    backend, m = make_backend(tmp_path)
+    m = write_segment(backend, m, 1, {0: page(1)})
+    region_dir = tmp_path / "regions"
+    region_dir.mkdir()
+    mem = bytearray(ctl_region_size(1 << 14))
+    tracker = DirtyTracker(memoryview(mem), 1 << 14)
+    tracker.format(m.fsid, m.epoch, os.getpid())
+    (region_dir / "ctl-0000.rgn").write_bytes(mem)
+    assert "rmemfs-recover" in (why_still_needed(backend, region_dir) or "")       # it is still the owner
+    newer = next_manifest(m, epoch=m.epoch + 1, generation=2, state=STATE_MOUNTED)
+    backend.publish(newer, expect_epoch=m.epoch)                                    # recovered elsewhere...
+    assert "first flush" in (why_still_needed(backend, region_dir) or "")          # ...but nothing flushed
+    w = backend.new_segment(m.fsid, newer.epoch, 3)
+    w.add(2, 1, memoryview(page(2)))
+    backend.publish(next_manifest(newer, generation=3, segments=newer.segments + (w.finish(),)),
+                    expect_epoch=newer.epoch)
+    assert why_still_needed(backend, region_dir) is None
+    assert "no rmemfs regions" in (why_still_needed(backend, tmp_path) or "")
+
+
+def test_memory_of_a_clean_unmount_is_not_needed(tmp_path: Path) -> None:
+    backend, m = make_backend(tmp_path)
+    m = write_segment(backend, m, 1, {0: page(1)})
+    backend.publish(next_manifest(m, state=STATE_CLEAN), expect_epoch=m.epoch)
+    region_dir = tmp_path / "regions"
+    region_dir.mkdir()
+    mem = bytearray(ctl_region_size(1 << 14))
+    tracker = DirtyTracker(memoryview(mem), 1 << 14)
+    tracker.format(m.fsid, m.epoch, os.getpid())
+    tracker.set_clean_generation(m.generation)
+    (region_dir / "ctl-0000.rgn").write_bytes(mem)
+    assert why_still_needed(backend, region_dir) is None
+    tracker.set_clean_generation(m.generation - 1)            # regions of an older generation than published
+    (region_dir / "ctl-0000.rgn").write_bytes(mem)
+    assert why_still_needed(backend, region_dir) is not None

@@ -3,10 +3,13 @@
   rmemfs-ctl flush MOUNTPOINT          flush a baseline now and wait for it to be published
   rmemfs-ctl stats MOUNTPOINT [--json] dirty pages per list, last generation, flush figures, regions
   rmemfs-ctl verify --backend DIR      check the latest baseline against its checksums
-  rmemfs-ctl exporter --backend DIR [--stop]  status of this host's exporter for that filesystem (or stop it)
+  rmemfs-ctl exporter --backend DIR [--stop | --retire]
+                                       status of this host's exporter for that filesystem; or stop it;
+                                       or, once another host owns the filesystem, stop it and free its memory
 
 Exit codes: 0 success; 1 unexpected error; 2 usage; 3 not an rmemfs mount or not
-reachable; 4 the flush failed; 5 verify found problems; 10 backend unreadable.
+reachable; 4 the flush failed; 5 verify found problems; 6 --retire refused (the
+memory may still be needed; the message says why); 10 backend unreadable.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any
 from .. import control
 from ..baseline import Backend
 from ..errors import BackendError, CorruptionError, QuietError
-from ..exporter import SOCKET_NAME, stop_exporter
+from ..exporter import SOCKET_NAME, retire, stop_exporter, why_still_needed
 from ..fs import CONTROL_XATTR
 from .common import run_main
 
@@ -83,8 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     sp = sub.add_parser("exporter", help="status of this host's exporter for a backend's filesystem")
     sp.add_argument("--backend", type=Path, required=True)
     sp.add_argument("--regiondir", type=Path, help="region directory (default /dev/shm/rmemfs-<fsid>)")
-    sp.add_argument("--stop", action="store_true",
-                    help="stop it (e.g. on a failed host once another host has recovered the filesystem)")
+    act = sp.add_mutually_exclusive_group()
+    act.add_argument("--stop", action="store_true", help="stop it; its region files (the memory) stay")
+    act.add_argument("--retire", action="store_true",
+                     help="on a failed host, once another host has recovered the filesystem and published a "
+                          "baseline of its own: stop the exporter and free the memory (refused before that)")
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -117,6 +123,16 @@ def main(argv: list[str] | None = None) -> None:
             except (BackendError, CorruptionError) as e:
                 raise QuietError(str(e), 10) from None
             regiondir = args.regiondir or Path(f"/dev/shm/rmemfs-{fsid}")
+            if args.retire:
+                try:
+                    reason = why_still_needed(Backend(args.backend), regiondir)
+                except (BackendError, CorruptionError) as e:
+                    raise QuietError(str(e), 10) from None
+                if reason:
+                    raise QuietError(f"not retiring {regiondir}: {reason}", 6)
+                retire(regiondir)
+                print(f"retired {regiondir}: exporter stopped, memory freed")
+                return 0
             if args.stop:
                 stop_exporter(regiondir)
                 print(f"exporter of {regiondir} stopped")

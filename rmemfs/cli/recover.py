@@ -21,7 +21,8 @@ import trio
 
 from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 at start-up, not on the recovery's clock)
 from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options
-from ..recovery import RecoveryReport, recover, retire_local_source, write_report
+from ..exporter import retire
+from ..recovery import RecoveryReport, recover, write_report
 from .common import run_main, setup_logging
 from .mount import Ready, build_parser, daemonize_and_run, exporter_log, run_session
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                     # runs in the serving daemon, after the mount is reported: a failure here must not end it.
                     old = opts.region_dir(opened.fs.fsid)
                     try:
-                        retire_local_source(old)
+                        retire(old)
                     except Exception as e:
                         log.warning("could not retire the old regions in %s (%s): remove them by hand", old, e)
 
