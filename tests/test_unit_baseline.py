@@ -328,3 +328,14 @@ def test_memory_of_a_clean_unmount_is_not_needed(tmp_path: Path) -> None:
     tracker.set_clean_generation(m.generation - 1)            # regions of an older generation than published
     (region_dir / "ctl-0000.rgn").write_bytes(mem)
     assert why_still_needed(backend, region_dir) is not None
+
+
+def test_segment_shrinking_under_the_load_is_a_named_short_read(tmp_path: Path) -> None:
+    backend, m = make_backend(tmp_path)
+    m = write_segment(backend, m, 1, {p: page(p + 1) for p in range(20)})
+    plan = plan_load(backend, m)
+    seg = backend.segment_path(m.segments[0].name)
+    os.truncate(seg, 5 * PAGE_SIZE)                      # after the plan was made from its index
+    region = images(m)[2]
+    with pytest.raises(CorruptionError, match=f"{seg.name}.*short read"):
+        plan.copy(backend, view_writer(lambda rid: memoryview(region)))
