@@ -5,10 +5,11 @@ The order (US11436112B1; the patent's claim 7 for the list order):
 1. connect to the source's exporter and do the registration handshake: it
    registers the filesystem's regions and the dirty-list region and returns
    their descriptions (a catalog); read both dirty page lists. Meanwhile the
-   baseline's segment indexes are read and its load is planned (``loader``);
+   baseline's segment indexes are read and its load is planned (``loader``),
+   and the exporter of the new region directory starts (its interpreter
+   start-up overlaps the wait);
 2. check that its memory belongs to the published epoch;
-3. allocate new regions shaped like the source's (their exporter is started
-   now, so that its start-up overlaps the rest);
+3. allocate new regions shaped like the source's;
 4. load the latest baseline generation, verifying every page's checksum, and
    read every listed page over the transport, the list that was being flushed
    first and the current list last (a page both name is read once: the
