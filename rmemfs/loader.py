@@ -81,6 +81,8 @@ class LoadResult:
 
 @dataclass
 class LoadPlan:
+    """How one published generation is copied into regions: its runs, spans and live map."""
+
     segments: list[SegmentInfo]            # newest first
     digests: list[memoryview]              # per segment: the index's digest column, as 'Q'
     region_pages: dict[int, int]
