@@ -112,6 +112,9 @@ class Filesystem:
             tracker.take_ownership(epoch, os.getpid())
         fs = cls(regions, tracker, fsid)
         fs.replay()
+        # A recovery fetches the pages of extents freed since the baseline (their release marked them):
+        # zeros now, but memory. Free extents are holes after any load.
+        regions.punch_free_extents()
         return fs
 
     def replay(self) -> None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import PAGE_SIZE, faults
-from .baseline import Backend, LiveMap, Manifest, SegmentInfo, next_manifest
+from .baseline import ZERO_BYTES, Backend, LiveMap, Manifest, SegmentInfo, next_manifest
 from .dirty import merge_runs
 from .errors import FencedError
 from .loader import live_map
@@ -54,18 +54,27 @@ class Snapshot:
 
     The event loop calls ``preserve`` before changing pages; the flush thread
     calls ``capture``. A page is copied exactly once, by whichever comes first.
+    Pages in free extents are zeros and are never read: reading a punched-out
+    page through the mapping would allocate it again.
     """
 
     def __init__(self, runs: list[tuple[int, int, int]], regions: RegionSet) -> None:
         self.regions = regions
         self.lock = threading.Lock()
         self.pending: dict[int, bytearray] = {}
+        self.zero: dict[int, bytearray] = {}
         self.saved: dict[tuple[int, int], bytes] = {}
         for region_id, first, n in runs:
             p = self.pending.get(region_id)
             if p is None:
                 p = self.pending[region_id] = bytearray(regions[region_id].pages)
             p[first:first + n] = b"\x01" * n
+            for a, b in regions.free_page_ranges(region_id, first, n):
+                z = self.zero.get(region_id)
+                if z is None:
+                    z = self.zero[region_id] = bytearray(regions[region_id].pages)
+                z[a:b] = b"\x01" * (b - a)
+                p[a:b] = bytes(b - a)
 
     def preserve(self, region_id: int, first_page: int, npages: int) -> None:
         p = self.pending.get(region_id)
@@ -82,17 +91,22 @@ class Snapshot:
     def capture(self, region_id: int, first_page: int, npages: int, out: memoryview) -> None:
         """Copy pages as of the snapshot into ``out`` (npages * PAGE_SIZE bytes)."""
         p = self.pending[region_id]
+        z = self.zero.get(region_id, b"")
         view = self.regions[region_id].view
         end = first_page + npages
         with self.lock:
             if p.find(0, first_page, end) < 0:
                 out[:] = view[first_page * PAGE_SIZE:end * PAGE_SIZE]
                 p[first_page:end] = bytes(npages)
+            elif end <= len(z) and z.find(0, first_page, end) < 0:
+                out[:] = bytes(len(out))             # a freed file: zeros, without reading them
             else:
                 for i, page in enumerate(range(first_page, end)):
                     if p[page]:
                         out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
                         p[page] = 0
+                    elif page < len(z) and z[page]:
+                        out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = ZERO_BYTES
                     else:
                         out[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = self.saved.pop((region_id, page))
 

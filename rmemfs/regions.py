@@ -20,6 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from . import PAGE_SIZE
 from .transport.base import RegionRole
@@ -103,6 +104,13 @@ class Region:
         except OSError:
             # Not every DAX mount supports hole punching; zeroing keeps the semantics.
             self.view[offset:offset + length] = bytes(length)
+
+    def punch(self, offset: int, length: int) -> None:
+        """Give the memory of a page-aligned range back, if the mount can (best effort: no zeroing)."""
+        try:
+            self.mm.madvise(mmap.MADV_REMOVE, offset, length)
+        except OSError:
+            pass
 
     def close(self) -> None:
         try:
@@ -206,6 +214,32 @@ class RegionSet:
         if bool(table[ext]) != used:
             table[ext] = used
             self._free_extents += -1 if used else 1
+
+    def punch_free_extents(self) -> None:
+        """Give back the memory of every free extent (its pages are zeros, or about to be unused)."""
+        for region_id, used in self._used.items():
+            ext = used.find(0)
+            while ext >= 0:
+                end = used.find(1, ext)
+                end = len(used) if end < 0 else end
+                self.regions[region_id].punch(ext * EXTENT_SIZE, (end - ext) * EXTENT_SIZE)
+                ext = used.find(0, end)
+
+    def free_page_ranges(self, region_id: int, first: int, npages: int) -> Iterator[tuple[int, int]]:
+        """[a, b) page ranges within first..first+npages-1 that lie in free extents. A free extent's
+        pages are zeros (released extents are punched out, unused ones never written)."""
+        used = self._used.get(region_id)
+        if used is None or npages <= 0:
+            return
+        ext, stop = first // EXTENT_PAGES, (first + npages - 1) // EXTENT_PAGES + 1
+        while ext < stop:
+            free = used.find(0, ext, stop)
+            if free < 0:
+                return
+            end = used.find(1, free, stop)
+            end = stop if end < 0 else end
+            yield max(first, free * EXTENT_PAGES), min(first + npages, end * EXTENT_PAGES)
+            ext = end
 
     def extent_offset(self, ext: int) -> int:
         return ext * EXTENT_SIZE

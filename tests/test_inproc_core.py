@@ -22,7 +22,7 @@ from rmemfs.errors import FsError
 from rmemfs.flusher import Flusher
 from rmemfs.loader import load, view_writer
 from rmemfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO
-from rmemfs.regions import META_REGION_ID, RegionSet
+from rmemfs.regions import EXTENT_SIZE, META_REGION_ID, RegionSet
 
 REG = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
@@ -328,3 +328,22 @@ async def test_full_backend_keeps_marks_and_retries(fs: Filesystem, tiny_backend
     region_id, ext = f.extents[0]
     assert bytes(images[region_id][ext * 64 * PAGE_SIZE:ext * 64 * PAGE_SIZE + 100]) == payload[:100]
     assert backend.verify() == []
+
+
+async def test_flush_records_freed_pages_as_zeros_without_bringing_their_memory_back(
+        fs: Filesystem, tmp_path: Path) -> None:
+    backend, flusher = backend_for(fs, tmp_path / "b")
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, os.urandom(40 * EXTENT_SIZE))
+    await flusher.flush()
+    resident = fs.regions.stats().resident_bytes
+    region_id, ext = f.extents[0]
+    fs.unlink(ROOT_INO, b"f", directory=False)
+    fs.forget(f.ino, f.lookups)                          # the kernel's last reference: freed now
+    assert f.ino not in fs.ns.inodes
+    freed = fs.regions.stats().resident_bytes
+    assert freed <= resident - 39 * EXTENT_SIZE          # (the journal grew by a page or two)
+    await flusher.flush()                               # writes the freed pages as zero pages
+    assert fs.regions.stats().resident_bytes == freed   # without reading them back into memory
+    images = baseline_image(backend, fs)
+    assert bytes(images[region_id][ext * EXTENT_SIZE:(ext + 40) * EXTENT_SIZE]) == bytes(40 * EXTENT_SIZE)
