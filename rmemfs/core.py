@@ -405,6 +405,9 @@ class Filesystem:
         end = offset + len(src)
         if end > (1 << 48):
             raise FsError(errno.EFBIG)
+        # Pieces that lie back to back in one region (extents are mostly allocated in order) are copied
+        # with one call; every piece is marked before any of its bytes are copied.
+        run: list[int] = []                      # [region id, region offset, source offset, length]
         for index, in_ext, n, pos in _extent_pieces(offset, end):
             loc = inode.extents.get(index)
             if loc is None:
@@ -414,16 +417,28 @@ class Filesystem:
                 self._do(rec_extent(ino, index, *loc))
             start = loc[1] * EXTENT_SIZE + in_ext
             self.tracker.mark_bytes(loc[0], start, n)
-            region = self.regions[loc[0]]
-            if n >= 16 * PAGE_SIZE:
-                region.prefault(start, n)
-            region.view[start:start + n] = src[pos - offset:pos - offset + n]
+            if run and run[0] == loc[0] and run[1] + run[3] == start:
+                run[3] += n
+            else:
+                if run:
+                    self._copy_in(run, src)
+                run = [loc[0], start, pos - offset, n]
+        if run:
+            self._copy_in(run, src)
         now = time.time_ns()
         if end > inode.size:
             self._do(rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=end, mtime=now, ctime=now))
         else:
             self._do(rec_setattr(ino, SET_MTIME | SET_CTIME, mtime=now, ctime=now))
         return len(src)
+
+    def _copy_in(self, run: list[int], src: memoryview) -> None:
+        region_id, start, at, n = run
+        region = self.regions[region_id]
+        if n >= 16 * PAGE_SIZE:
+            region.write(start, src[at:at + n])
+        else:
+            region.view[start:start + n] = src[at:at + n]
 
     # --- observability ------------------------------------------------------------------
     def statistics(self) -> CoreStats:

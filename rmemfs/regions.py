@@ -38,7 +38,6 @@ MAX_REGION_ID = 0xFFFF          # dirty-list entries hold 16 bits of region id
 
 _NAME_RE = re.compile(r"^(ctl|meta|data)-(\d{4,5})\.rgn$")
 TMPFS_MAGIC = 0x01021994
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 def region_file_name(region_id: int) -> str:
@@ -81,21 +80,21 @@ class Region:
             elif os.fstat(fd).st_size != length:
                 raise ValueError(f"{path}: size {os.fstat(fd).st_size} != expected {length}")
             self.mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self.fd = fd
         self.length = length
         self.view = memoryview(self.mm)
         self.pages = length // PAGE_SIZE
-        self._populate = True
 
-    def prefault(self, offset: int, length: int) -> None:
-        """Back a range about to be written in one call instead of a page fault per page."""
-        if self._populate:
-            start = offset // PAGE_SIZE * PAGE_SIZE
-            try:
-                self.mm.madvise(MADV_POPULATE_WRITE, start, -(-(offset + length - start) // PAGE_SIZE) * PAGE_SIZE)
-            except OSError:
-                self._populate = False     # kernels before 5.14: fault page by page as usual
+    def write(self, offset: int, data: memoryview) -> None:
+        """Copy a large piece in through the region's file: the kernel allocates new pages on its write
+        path, several times cheaper here than faulting them into the mapping (even with
+        MADV_POPULATE_WRITE, which measured 0.8 s per GiB against 0.37 s)."""
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
 
     def release(self, offset: int, length: int) -> None:
         """Zero a page-aligned range and give its memory back (a hole on tmpfs)."""
@@ -113,6 +112,9 @@ class Region:
             pass
 
     def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         try:
             self.view.release()
             self.mm.close()
