@@ -18,7 +18,7 @@ Sections (each figure is measured ``--repeat`` times; median, min and max are ke
    plus sending the dirty bytes over a raw loopback socket; and 10,000 small
    files with a few dirty pages;
 4. transport: tools/bench_transport.py (software transport vs a raw socket);
-5. footprint: RSS of the filesystem and exporter processes, dirty-list bytes.
+5. footprint: region memory, RSS of the filesystem and exporter processes, dirty-list bytes.
 
 Writes DIR/report.json (every figure with its unit) and PNG plots, and prints
 a table with the ratios against the targets. Needs root and /dev/fuse.
@@ -552,6 +552,7 @@ class Bench:
                     "data_bytes": size,
                     "fs_process_empty": mem_empty["fs"], "exporter_process_empty": mem_empty["exporter"],
                     "fs_process": proc_mem(fs.pid()), "exporter_process": proc_mem(fs.exporter_pid()),
+                    "region_resident_bytes": st["region_resident_bytes"],
                     "dirty_list_entries_sequential": st["dirty_current_entries"],
                     "dirty_list_pages_sequential": st["dirty_current_pages"],
                 }
@@ -623,6 +624,7 @@ class Bench:
         gib = size / GiB
         fsm, exm = footprint["fs_process"], footprint["exporter_process"]
         footprint["per_GiB"] = {
+            "region_resident_bytes": footprint["region_resident_bytes"] / gib,
             "fs_rss_bytes": fsm.get("VmRSS", 0) / gib,
             "fs_rss_anon_bytes": fsm.get("RssAnon", 0) / gib,
             "fs_rss_growth_bytes": (fsm.get("VmRSS", 0) - footprint["fs_process_empty"].get("VmRSS", 0)) / gib,
@@ -958,6 +960,7 @@ def table(r: dict[str, Any]) -> str:
     if "per_GiB" in fp:
         g = fp["per_GiB"]
         lines.append("footprint per GiB of file data")
+        lines.append(f"  region memory (the region files' allocated pages) {human(g['region_resident_bytes'])}")
         lines.append(f"  fs process RSS {human(g['fs_rss_bytes'])} (anon {human(g['fs_rss_anon_bytes'])}, anon growth "
                      f"{human(g['fs_rss_anon_growth_bytes'])}, RSS growth {human(g['fs_rss_growth_bytes'])}); exporter RSS {human(g['exporter_rss_bytes'])} "
                      f"(anon {human(g['exporter_rss_anon_bytes'])})")
