@@ -404,8 +404,8 @@ class Session:
             generation = await self.flusher.flush()
             return {"ok": True, "generation": generation}
         if op == "stats":
-            return {"ok": True, "fsid": self.opened.fs.fsid, "epoch": self.opened.epoch,
-                    "mountpoint": str(self.mountpoint), "core": self.opened.fs.statistics().__dict__,
+            return {"ok": True, "fsid": self.opened.fs.fsid, "epoch": self.opened.epoch, "pid": os.getpid(),
+                    "backend": str(self.opened.backend.path), "mountpoint": str(self.mountpoint), "core": self.opened.fs.statistics().__dict__,
                     "flush": self.flusher.statistics().__dict__, "requests": dict(self.requests),
                     "heartbeat": self.opened.fs.tracker.header().heartbeat}
         raise ValueError(f"unknown request {op!r}")

@@ -213,3 +213,18 @@ def test_bad_options(rig: Rig) -> None:
     one_line_error(run(mount_cmd(rig, opts="bogus=1")), 2, "bogus")
     one_line_error(run(mount_cmd(rig, opts="flush_interval=abc")), 2, "flush_interval")
     assert sys.executable
+
+
+def test_ctl_umount_returns_only_once_the_final_baseline_is_published(rig: Rig) -> None:
+    rig.mount(["flush_interval=3600"])
+    with open(rig.mountpoint / "big", "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))              # 64 MiB the final flush has to write
+    want = digest_tree(rig.mountpoint)
+    pid = rig.daemon_pid()
+    proc = run(cli("ctl") + ["umount", str(rig.mountpoint)])
+    assert proc.returncode == 0 and "final baseline generation" in proc.stdout, proc.stderr
+    assert not alive(pid) and rig.manifest().state == "clean"   # at once: no waiting here
+    one_line_error(run(cli("ctl") + ["umount", str(rig.mountpoint)]), 3, "not the root of an rmemfs mount")
+    rig.mount()
+    assert digest_tree(rig.mountpoint) == want

@@ -1,6 +1,7 @@
 """rmemfs-ctl: control and inspect a mounted rmemfs, and verify a backend.
 
   rmemfs-ctl flush MOUNTPOINT          flush a baseline now and wait for it to be published
+  rmemfs-ctl umount MOUNTPOINT         unmount, and wait until the final baseline is published
   rmemfs-ctl stats MOUNTPOINT [--json] dirty pages per list, last generation, flush figures, regions
   rmemfs-ctl verify --backend DIR      check the latest baseline against its checksums
   rmemfs-ctl exporter --backend DIR [--stop | --retire]
@@ -8,8 +9,9 @@
                                        or, once another host owns the filesystem, stop it and free its memory
 
 Exit codes: 0 success; 1 unexpected error; 2 usage; 3 not an rmemfs mount or not
-reachable; 4 the flush failed; 5 verify found problems; 6 --retire refused (the
-memory may still be needed; the message says why); 10 backend unreadable.
+reachable; 4 the flush (for umount: the final flush) failed or did not finish in
+time; 5 verify found problems; 6 --retire refused (the memory may still be needed;
+the message says why); 7 the unmount was refused (busy); 10 backend unreadable.
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ import argparse
 import errno
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from .. import control
-from ..baseline import Backend
+from ..baseline import STATE_CLEAN, Backend
 from ..errors import BackendError, CorruptionError, QuietError
 from ..exporter import SOCKET_NAME, retire, stop_exporter, why_still_needed
 from ..fs import CONTROL_XATTR
@@ -71,6 +74,39 @@ def format_stats(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def unmount_and_wait(mountpoint: Path, timeout: float) -> None:
+    """Unmount, then wait for the daemon to publish its final (clean) baseline and exit: only then may
+    the host go down without a recovery."""
+    info = ask(mountpoint, {"op": "stats"})
+    pid, backend = int(info["pid"]), Backend(Path(info["backend"]))
+    proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
+        raise QuietError(f"cannot unmount {mountpoint}: {why}", 7)
+    deadline = time.monotonic() + timeout
+    while _running(pid):
+        if time.monotonic() > deadline:
+            raise QuietError(f"{mountpoint} is unmounted, but its final flush (pid {pid}) did not finish within "
+                             f"{timeout:g} s; it goes on in the background", 4)
+        time.sleep(0.05)
+    try:
+        manifest = backend.read_manifest()
+    except (BackendError, CorruptionError) as e:
+        raise QuietError(str(e), 10) from None
+    if manifest.state != STATE_CLEAN or manifest.owner.get("pid") != pid:
+        raise QuietError(f"the final flush of {mountpoint} did not complete (see the log in its region directory): "
+                         f"the backend stays marked in use; recover it with rmemfs-recover", 4)
+    print(f"unmounted {mountpoint}: final baseline generation {manifest.generation} published")
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="rmemfs-ctl", description=__doc__.splitlines()[0],
                                 epilog="\n".join(__doc__.splitlines()[2:]),
@@ -81,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     sp = sub.add_parser("stats", help="print statistics")
     sp.add_argument("mountpoint", type=Path)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = sub.add_parser("umount", help="unmount, and wait until the final baseline is published "
+                                       "(fusermount3 -u returns before that)")
+    sp.add_argument("mountpoint", type=Path)
+    sp.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the final flush (default 600)")
     sp = sub.add_parser("verify", help="verify the backend's latest baseline")
     sp.add_argument("--backend", type=Path, required=True)
     sp = sub.add_parser("exporter", help="status of this host's exporter for a backend's filesystem")
@@ -100,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
             if not reply.get("ok"):
                 raise QuietError(f"flush failed: {reply.get('error')}", 4)
             print(f"published generation {reply['generation']} in {(time.monotonic() - t) * 1000:.1f} ms")
+        elif args.command == "umount":
+            unmount_and_wait(args.mountpoint.absolute(), args.timeout)
         elif args.command == "stats":
             reply = ask(args.mountpoint, {"op": "stats"})
             print(json.dumps(reply, indent=1) if args.json else format_stats(reply))
