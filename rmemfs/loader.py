@@ -47,8 +47,8 @@ SPAN_GAP_BYTES = 256 << 10      # read through a gap this small rather than issu
 LOAD_BUFFERS = 6                # spans in flight, being read, written or checked
 LOAD_LANES = 2                  # writers, each into its own region files
 
-# write(region id, byte offset, data) -> bytes written; called from worker threads.
-RegionWriter = Callable[[int, int, memoryview], int]
+# write(region id, byte offset, data): stores all of data; called from worker threads.
+RegionWriter = Callable[[int, int, memoryview], None]
 
 
 @dataclass(frozen=True)
@@ -202,10 +202,7 @@ class LoadPlan:
         def write_runs(span: Span, buf: memoryview) -> None:
             for run in span.runs:
                 at = run.data_offset - span.start
-                data = buf[at:at + run.npages * PAGE_SIZE]
-                done, offset = 0, run.first_page * PAGE_SIZE
-                while done < len(data):
-                    done += write(run.region_id, offset + done, data[done:])
+                write(run.region_id, run.first_page * PAGE_SIZE, buf[at:at + run.npages * PAGE_SIZE])
 
         reads: deque[tuple[Span, memoryview, Future[Future[None]]]] = deque()
         spans = iter(self.spans)
@@ -403,17 +400,14 @@ def live_map(backend: Backend, manifest: Manifest) -> LiveMap:
 
 
 def region_file_writer(regions: RegionSet) -> RegionWriter:
-    """A RegionWriter into the region files: the kernel copies, and the GIL is released meanwhile."""
-    fds = {region_id: regions.file_fd(region_id) for region_id in regions.regions}   # workers only look up
-
-    def write(region_id: int, offset: int, data: memoryview) -> int:
-        return os.pwrite(fds[region_id], data, offset)
+    """A RegionWriter into the region files (``Region.write``: the kernel copies, the GIL is released)."""
+    def write(region_id: int, offset: int, data: memoryview) -> None:
+        regions[region_id].write(offset, data)
     return write
 
 
 def view_writer(view_of: Callable[[int], memoryview]) -> RegionWriter:
     """A RegionWriter into memory views (in-process tests)."""
-    def write(region_id: int, offset: int, data: memoryview) -> int:
+    def write(region_id: int, offset: int, data: memoryview) -> None:
         view_of(region_id)[offset:offset + len(data)] = data
-        return len(data)
     return write

@@ -264,10 +264,7 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
                 fs = Filesystem.format(regions, fsid, epoch, opts.dirty_capacity)
                 live, how = LiveMap(), "new"
             else:
-                try:
-                    result = load(backend, manifest, region_file_writer(regions))
-                finally:
-                    regions.close_fds()
+                result = load(backend, manifest, region_file_writer(regions))
                 if result.corrupt:
                     region_id, page, seg = result.corrupt[0]
                     raise CorruptionError(f"baseline file {backend.segment_path(seg)} is corrupt (region "

@@ -425,22 +425,19 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
     load_plan = base_plan.cut(_long_runs(plan, regions))
     write = region_file_writer(regions)
     fetcher = Fetcher(state, write, report) if state is not None else None
-    try:
-        loaded = await _load_and_fetch(backend, load_plan, write, fetcher, plan, report, progress)
+    loaded = await _load_and_fetch(backend, load_plan, write, fetcher, plan, report, progress)
+    fetched = _page_marks(plan, regions)
+    corrupt = [(r, p, seg) for r, p, seg in loaded.corrupt if r not in fetched or not fetched[r][p]]
+    if corrupt and fetcher is None:
+        region_id, page, seg = corrupt[0]
+        raise QuietError(f"baseline file {backend.segment_path(seg)} is corrupt (region {region_id} page "
+                         f"{page}, {len(corrupt)} pages in all) and the source is not used", EXIT_BACKEND)
+    if corrupt and fetcher is not None:
+        refetch = merge_runs([(r, p, 1) for r, p, _ in corrupt])
+        await fetcher.fetch(refetch, Progress("corrupt pages", len(corrupt) * PAGE_SIZE, len(corrupt), progress),
+                            phase="corrupt page fetch")
+        plan = plan + refetch
         fetched = _page_marks(plan, regions)
-        corrupt = [(r, p, seg) for r, p, seg in loaded.corrupt if r not in fetched or not fetched[r][p]]
-        if corrupt and fetcher is None:
-            region_id, page, seg = corrupt[0]
-            raise QuietError(f"baseline file {backend.segment_path(seg)} is corrupt (region {region_id} page "
-                             f"{page}, {len(corrupt)} pages in all) and the source is not used", EXIT_BACKEND)
-        if corrupt and fetcher is not None:
-            refetch = merge_runs([(r, p, 1) for r, p, _ in corrupt])
-            await fetcher.fetch(refetch, Progress("corrupt pages", len(corrupt) * PAGE_SIZE, len(corrupt), progress),
-                                phase="corrupt page fetch")
-            plan = plan + refetch
-            fetched = _page_marks(plan, regions)
-    finally:
-        regions.close_fds()
 
     # Verify the pages as recovered, before step 7: replay may legitimately write to the regions (freeing
     # orphans appends to the journal, zeroing), which re-reading the source would report as a mismatch.
@@ -579,9 +576,7 @@ class Fetcher:
         def write_batch() -> None:
             at = 0
             for region_id, first, n in batch:
-                data, written = buf[at:at + n * PAGE_SIZE], 0
-                while written < len(data):
-                    written += self.write(region_id, first * PAGE_SIZE + written, data[written:])
+                self.write(region_id, first * PAGE_SIZE, buf[at:at + n * PAGE_SIZE])
                 at += n * PAGE_SIZE
         try:
             await trio.to_thread.run_sync(write_batch)

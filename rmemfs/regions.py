@@ -91,7 +91,8 @@ class Region:
     def write(self, offset: int, data: memoryview) -> None:
         """Copy a large piece in through the region's file: the kernel allocates new pages on its write
         path, several times cheaper here than faulting them into the mapping (even with
-        MADV_POPULATE_WRITE, which measured 0.8 s per GiB against 0.37 s)."""
+        MADV_POPULATE_WRITE, which measured 0.8 s per GiB against 0.37 s). Thread-safe, and the GIL is
+        released while the kernel copies."""
         done = 0
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], offset + done)
@@ -140,7 +141,6 @@ class RegionSet:
         self.regions: dict[int, Region] = {}
         self._used: dict[int, bytearray] = {}   # data region id -> one byte per extent (1 = used)
         self._free_extents = 0
-        self._fds: dict[int, int] = {}
 
     # --- lifecycle -----------------------------------------------------
     def existing_files(self) -> dict[int, int]:
@@ -174,18 +174,6 @@ class RegionSet:
         for region in self.regions.values():
             region.close()
         self.regions.clear()
-        self.close_fds()
-
-    def file_fd(self, region_id: int) -> int:
-        """A read-write descriptor of a region's file (for in-kernel copies into it), cached."""
-        if region_id not in self._fds:
-            self._fds[region_id] = os.open(self.regions[region_id].path, os.O_RDWR)
-        return self._fds[region_id]
-
-    def close_fds(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
     def __getitem__(self, region_id: int) -> Region:
         return self.regions[region_id]
