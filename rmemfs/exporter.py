@@ -191,15 +191,8 @@ def stop_exporter(region_dir: Path, timeout: float = 10.0) -> None:
     except (OSError, ValueError):
         pass
     if info and info.get("pid"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(info["pid"], 0)
-            except ProcessLookupError:
-                return
-            if _is_zombie(info["pid"]):
-                return
-            time.sleep(0.05)
+        if wait_exited(info["pid"], timeout):
+            return
         log.warning("exporter pid %d did not exit; killing it", info["pid"])
         try:
             os.kill(info["pid"], signal.SIGKILL)
@@ -241,9 +234,20 @@ def why_still_needed(backend: Backend, region_dir: Path) -> str | None:
     return None
 
 
-def _is_zombie(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process; one that exited but was not reaped (a zombie) is not."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
-        return True
+        return False
+
+
+def wait_exited(pid: int, timeout: float, poll: float = 0.05) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to exit; whether it did."""
+    deadline = time.monotonic() + timeout
+    while process_running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+    return True

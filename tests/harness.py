@@ -12,12 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rmemfs.baseline import Backend
+from rmemfs.exporter import process_running, wait_exited
 from rmemfs.mount import is_mounted
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,25 +126,12 @@ class Rig:
 
 
 def wait_gone(pid: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return
-        except OSError:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"pid {pid} still running after {timeout} s")
+    if not wait_exited(pid, timeout, poll=0.02):
+        raise AssertionError(f"pid {pid} still running after {timeout} s")
 
 
 def exporter_pid(regiondir: Path) -> int:
     return int(json.loads((regiondir / "exporter.json").read_text())["pid"])
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+alive = process_running

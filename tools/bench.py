@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from rmemfs import control  # noqa: E402
+from rmemfs.exporter import wait_exited  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4096
@@ -130,16 +131,7 @@ def proc_mem(pid: int) -> dict[str, int]:
 
 
 def wait_gone(pid: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return
-        except (ProcessLookupError, OSError):
-            return
-        time.sleep(0.05)
+    wait_exited(pid, timeout)
 
 
 def is_mounted(path: Path) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 from .. import control
 from ..baseline import STATE_CLEAN, Backend
 from ..errors import BackendError, CorruptionError, QuietError
-from ..exporter import SOCKET_NAME, retire, stop_exporter, why_still_needed
+from ..exporter import SOCKET_NAME, retire, stop_exporter, wait_exited, why_still_needed
 from ..fs import CONTROL_XATTR
 from .common import run_main
 
@@ -83,12 +83,9 @@ def unmount_and_wait(mountpoint: Path, timeout: float) -> None:
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
         raise QuietError(f"cannot unmount {mountpoint}: {why}", 7)
-    deadline = time.monotonic() + timeout
-    while _running(pid):
-        if time.monotonic() > deadline:
-            raise QuietError(f"{mountpoint} is unmounted, but its final flush (pid {pid}) did not finish within "
-                             f"{timeout:g} s; it goes on in the background", 4)
-        time.sleep(0.05)
+    if not wait_exited(pid, timeout):
+        raise QuietError(f"{mountpoint} is unmounted, but its final flush (pid {pid}) did not finish within "
+                         f"{timeout:g} s; it goes on in the background", 4)
     try:
         manifest = backend.read_manifest()
     except (BackendError, CorruptionError) as e:
@@ -97,14 +94,6 @@ def unmount_and_wait(mountpoint: Path, timeout: float) -> None:
         raise QuietError(f"the final flush of {mountpoint} did not complete (see the log in its region directory): "
                          f"the backend stays marked in use; recover it with rmemfs-recover", 4)
     print(f"unmounted {mountpoint}: final baseline generation {manifest.generation} published")
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> None:
