@@ -40,6 +40,7 @@ from typing import Iterator, Protocol
 
 from . import PAGE_SIZE
 from .errors import CorruptionError
+from .regions import mark_pages
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +197,7 @@ class DirtyList:
         self._entries[count:count + len(entries)] = memoryview(entries)
         self._header[L_COUNT] = count + len(entries)
         for region_id, first, n in runs:
-            seen = self._seen.get(region_id)
-            if seen is None:
-                seen = self._seen[region_id] = bytearray(region_pages[region_id])
-            seen[first:first + n] = b"\x01" * n
+            mark_pages(self._seen, region_id, first, n, region_pages[region_id])
 
     def runs(self) -> list[tuple[int, int, int]]:
         """The marked runs, merged and sorted: (region_id, first_page, npages)."""

@@ -36,7 +36,7 @@ from .baseline import ZERO_BYTES, Backend, LiveMap, Manifest, SegmentInfo, next_
 from .dirty import merge_runs
 from .errors import FencedError
 from .loader import live_map
-from .regions import CTL_REGION_ID, RegionSet
+from .regions import CTL_REGION_ID, RegionSet, mark_pages
 
 if TYPE_CHECKING:
     from .core import Filesystem
@@ -65,16 +65,11 @@ class Snapshot:
         self.zero: dict[int, bytearray] = {}
         self.saved: dict[tuple[int, int], bytes] = {}
         for region_id, first, n in runs:
-            p = self.pending.get(region_id)
-            if p is None:
-                p = self.pending[region_id] = bytearray(regions[region_id].pages)
-            p[first:first + n] = b"\x01" * n
+            pages = regions[region_id].pages
+            mark_pages(self.pending, region_id, first, n, pages)
             for a, b in regions.free_page_ranges(region_id, first, n):
-                z = self.zero.get(region_id)
-                if z is None:
-                    z = self.zero[region_id] = bytearray(regions[region_id].pages)
-                z[a:b] = b"\x01" * (b - a)
-                p[a:b] = bytes(b - a)
+                mark_pages(self.zero, region_id, a, b - a, pages)
+                self.pending[region_id][a:b] = bytes(b - a)
 
     def preserve(self, region_id: int, first_page: int, npages: int) -> None:
         p = self.pending.get(region_id)

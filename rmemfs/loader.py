@@ -38,7 +38,7 @@ import xxhash
 from . import PAGE_SIZE
 from .baseline import ZERO_PAGE, Backend, LiveMap, Manifest, SegmentInfo, split_key
 from .errors import CorruptionError
-from .regions import RegionSet
+from .regions import RegionSet, mark_pages
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,7 @@ class LoadPlan:
     def __post_init__(self) -> None:
         self.covered = {}
         for run in self.runs:
-            cov = self.covered.get(run.region_id)
-            if cov is None:
-                cov = self.covered[run.region_id] = bytearray(self.region_pages[run.region_id])
-            cov[run.first_page:run.first_page + run.npages] = b"\x01" * run.npages
+            mark_pages(self.covered, run.region_id, run.first_page, run.npages, self.region_pages[run.region_id])
         self.bytes = sum(run.npages for run in self.runs) * PAGE_SIZE
         self.spans = _interleave_lanes(list(self._make_spans()))
 

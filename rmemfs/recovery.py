@@ -55,7 +55,7 @@ from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, pa
 from .errors import BackendError, CorruptionError, QuietError
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
 from .mount import EXIT_BACKEND, EXIT_REGIONS, MountOptions, Opened, fresh_regions
-from .regions import CTL_REGION_ID, RegionSet
+from .regions import CTL_REGION_ID, RegionSet, mark_pages
 from .transport import load as load_transport, resolve
 from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, ReadOp, RegionDesc, RegionRole,
                              TransportError, TransportUnavailable)
@@ -604,10 +604,7 @@ def _page_marks(runs: list[tuple[int, int, int]], regions: RegionSet) -> dict[in
     """One byte per page of each region, 1 where ``runs`` name the page."""
     marks: dict[int, bytearray] = {}
     for region_id, first, n in runs:
-        m = marks.get(region_id)
-        if m is None:
-            m = marks[region_id] = bytearray(regions[region_id].pages)
-        m[first:first + n] = b"\x01" * n
+        mark_pages(marks, region_id, first, n, regions[region_id].pages)
     return marks
 
 

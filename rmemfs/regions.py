@@ -40,6 +40,15 @@ _NAME_RE = re.compile(r"^(ctl|meta|data)-(\d{4,5})\.rgn$")
 TMPFS_MAGIC = 0x01021994
 
 
+def mark_pages(maps: dict[int, bytearray], region_id: int, first: int, npages: int, region_pages: int) -> None:
+    """Set pages first..first+npages-1 in a region's one-byte-per-page map, creating the map (region_pages
+    long, all zeros) on first use."""
+    m = maps.get(region_id)
+    if m is None:
+        m = maps[region_id] = bytearray(region_pages)
+    m[first:first + npages] = b"\x01" * npages
+
+
 def region_file_name(region_id: int) -> str:
     role = role_of(region_id)
     return f"{role.value}-{region_id:04d}.rgn"
