@@ -36,11 +36,12 @@ import time
 import uuid
 from array import array
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Protocol
 
 from . import PAGE_SIZE
 from .errors import CorruptionError
-from .regions import mark_pages
+from .regions import CTL_REGION_ID, mark_pages, region_file_name
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,12 @@ def parse_list_count(header_page: bytes | memoryview, capacity: int) -> int:
     if count > capacity:
         raise CorruptionError(f"dirty list: count {count} exceeds capacity {capacity}")
     return count
+
+
+def read_ctl_header(region_dir: Path) -> CtlHeader:
+    """The header of the ctl region file in ``region_dir`` (raises OSError or CorruptionError)."""
+    with open(region_dir / region_file_name(CTL_REGION_ID), "rb") as f:
+        return parse_header(f.read(PAGE_SIZE))
 
 
 def parse_entries(raw: bytes | memoryview) -> list[tuple[int, int, int]]:

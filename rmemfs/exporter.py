@@ -28,7 +28,7 @@ import trio
 
 from . import PAGE_SIZE, control
 from .baseline import STATE_CLEAN, Backend, segment_epoch
-from .dirty import parse_header
+from .dirty import parse_header, read_ctl_header
 from .errors import CorruptionError
 from .durable import atomic_write
 from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
@@ -212,14 +212,12 @@ def why_still_needed(backend: Backend, region_dir: Path) -> str | None:
     """Why the memory in ``region_dir`` must not be freed yet, or None when nothing in it is the only
     copy of anything: the backend has moved to a newer owner that has published a baseline of its own,
     or this memory was unmounted cleanly into the published generation."""
-    ctl = region_dir / "ctl-0000.rgn"
     try:
-        with open(ctl, "rb") as f:
-            header = parse_header(f.read(PAGE_SIZE))
+        header = read_ctl_header(region_dir)
     except FileNotFoundError:
         return f"{region_dir} holds no rmemfs regions"
     except (OSError, CorruptionError) as e:
-        return f"cannot read {ctl}: {e}"
+        return f"cannot read the ctl region in {region_dir}: {e}"
     manifest = backend.read_manifest()
     if header.fsid != manifest.fsid:
         return f"{region_dir} holds filesystem {header.fsid}, the backend holds {manifest.fsid}"

@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 import trio
 
-from . import PAGE_SIZE, control
+from . import control
 from .baseline import STATE_CLEAN, STATE_MOUNTED, Backend, LiveMap, Manifest, owner_info
 from .core import DEFAULT_DIRTY_CAPACITY, Filesystem, RoomWaiter
-from .dirty import parse_header
+from .dirty import read_ctl_header
 from .errors import BackendError, CorruptionError, FencedError, QuietError
 from .exporter import DEFAULT_PORT, exporter_alive, stop_exporter
 from .flusher import Flusher
@@ -284,8 +284,7 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
 def _regions_match(region_dir: Path, fsid: str, manifest: Manifest) -> bool:
     """Region files left by a clean unmount of exactly the published generation."""
     try:
-        with open(region_dir / "ctl-0000.rgn", "rb") as f:
-            header = parse_header(f.read(PAGE_SIZE))
+        header = read_ctl_header(region_dir)
     except Exception:   # unreadable, short or foreign: not regions we can trust
         return False
     present = RegionSet(region_dir).existing_files()

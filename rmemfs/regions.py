@@ -108,18 +108,17 @@ class Region:
 
     def release(self, offset: int, length: int) -> None:
         """Zero a page-aligned range and give its memory back (a hole on tmpfs)."""
-        try:
-            self.mm.madvise(mmap.MADV_REMOVE, offset, length)
-        except OSError:
+        if not self.punch(offset, length):
             # Not every DAX mount supports hole punching; zeroing keeps the semantics.
             self.view[offset:offset + length] = bytes(length)
 
-    def punch(self, offset: int, length: int) -> None:
-        """Give the memory of a page-aligned range back, if the mount can (best effort: no zeroing)."""
+    def punch(self, offset: int, length: int) -> bool:
+        """Give the memory of a page-aligned range back, if the mount can; whether it could."""
         try:
             self.mm.madvise(mmap.MADV_REMOVE, offset, length)
+            return True
         except OSError:
-            pass
+            return False
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -98,6 +98,11 @@ def daemonize_and_run(foreground: bool, work: Callable[[Ready], int],
     os._exit(code)
 
 
+def daemon_log(args: argparse.Namespace, region_dir: Path) -> Path | None:
+    """--log, else stderr in the foreground, else rmemfs.log in the region directory."""
+    return args.log or (None if args.foreground else region_dir / "rmemfs.log")
+
+
 def exporter_log(log_file: Path | None) -> Path | None:
     return log_file.with_name("exporter.log") if log_file else None
 
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         mountpoint = args.mountpoint.absolute()
         check_mountpoint(mountpoint)
         opened = open_backend(args.backend.absolute(), opts, mountpoint)
-        log_file = args.log or (None if args.foreground else opened.region_dir / "rmemfs.log")
+        log_file = daemon_log(args, opened.region_dir)
 
         return daemonize_and_run(args.foreground, lambda ready: run_session(
             opened, mountpoint, opts, log_file, args.debug, mounted=lambda: ready("")))

@@ -24,7 +24,7 @@ from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_o
 from ..exporter import retire
 from ..recovery import RecoveryReport, recover, write_report
 from .common import run_main, setup_logging
-from .mount import Ready, build_parser, daemonize_and_run, exporter_log, run_session
+from .mount import Ready, build_parser, daemon_log, daemonize_and_run, exporter_log, run_session
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,12 @@ def main(argv: list[str] | None = None) -> None:
         report = RecoveryReport(dry_run=args.dry_run, baseline_only=args.baseline_only)
         launched: list[ExporterLaunch] = []
 
-        def log_file_for(region_dir: Path) -> Path | None:
-            return args.log or (None if args.foreground else region_dir / "rmemfs.log")
-
         def start_exporter(region_dir: Path, fsid: str) -> None:
             # As soon as the new regions exist, so that its start-up overlaps the rebuild.
             if region_dir.name != opts.region_dir(fsid).name and "port=" not in ",".join(args.options):
                 opts.port = 0    # a local source's exporter still holds the default port
             launched.append(ExporterLaunch(region_dir, args.backend.absolute(), fsid, opts,
-                                           exporter_log(log_file_for(region_dir))))
+                                           exporter_log(daemon_log(args, region_dir))))
 
         try:
             opened, report = trio.run(lambda: recover(
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                 write_report(args.json, report)
             return 0
         local_source = opened.region_dir.name != opts.region_dir(opened.fs.fsid).name
-        log_file = log_file_for(opened.region_dir)
+        log_file = daemon_log(args, opened.region_dir)
 
         def finish(note: str) -> None:
             ph = report.phase("publish+mount")
