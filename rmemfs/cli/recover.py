@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         launched: list[ExporterLaunch] = []
 
         def start_exporter(region_dir: Path, fsid: str) -> None:
-            # As soon as the new regions exist, so that its start-up overlaps the rebuild.
+            # As soon as the new region directory is chosen, so that its start-up overlaps the rebuild.
             if region_dir.name != opts.region_dir(fsid).name and "port=" not in ",".join(args.options):
                 opts.port = 0    # a local source's exporter still holds the default port
             launched.append(ExporterLaunch(region_dir, args.backend.absolute(), fsid, opts,
