@@ -161,6 +161,20 @@ def _mac(secret: bytes, label: bytes, cn: bytes, sn: bytes, fsid: str) -> bytes:
     return hmac.new(secret, label + cn + sn + fsid.encode(), hashlib.sha256).digest()
 
 
+def _advance(bufs: list[Any], i: int, n: int) -> int:
+    """After a gathered send or scattered receive of ``n`` bytes from ``bufs[i:]``: the index of the first
+    buffer not yet complete, with a partly done one cut down to its rest."""
+    while n:
+        size = len(bufs[i])
+        if n >= size:
+            n -= size
+            i += 1
+        else:
+            bufs[i] = memoryview(bufs[i])[n:]
+            n = 0
+    return i
+
+
 def _header(ftype: Frame, length: int, req_id: int) -> bytes:
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, ftype, length, req_id)
 
@@ -310,15 +324,7 @@ class _ServerConn:
         bufs = [b for b in bufs if len(b)]
         i = 0
         while i < len(bufs):
-            sent = await self.sock.sendmsg(bufs[i:i + _IOV_MAX])
-            while sent:
-                n = len(bufs[i])
-                if sent >= n:
-                    sent -= n
-                    i += 1
-                else:
-                    bufs[i] = memoryview(bufs[i])[sent:]
-                    sent = 0
+            i = _advance(bufs, i, await self.sock.sendmsg(bufs[i:i + _IOV_MAX]))
 
     async def send_frame(self, ftype: Frame, req_id: int, payload: bytes = b"") -> None:
         await self.send([_header(ftype, len(payload), req_id), payload])
@@ -653,14 +659,7 @@ class SoftwareConnection(Connection):
             n = self._sock.recvmsg_into(bufs[i:i + _IOV_MAX], 0, socket.MSG_WAITALL)[0]
             if n == 0:
                 raise TransportError(f"{self._where}: connection closed by the exporter mid-read")
-            while n:
-                ln = len(bufs[i])
-                if n >= ln:
-                    n -= ln
-                    i += 1
-                else:
-                    bufs[i] = bufs[i][n:]
-                    n = 0
+            i = _advance(bufs, i, n)
 
     def _read_sync(self, ops: Sequence[Any], progress: ProgressFn | None) -> None:
         plan = self._plan(ops)
