@@ -6,6 +6,7 @@ directory and exporter port.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -37,10 +38,34 @@ def run(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 
     return proc
 
 
+# Ports for test daemons come from below the kernel's ephemeral range (32768-60999 by default), so no
+# outgoing connection is handed one between our check and the daemon's bind, and each is reserved across
+# parallel test processes by a lock file held for this process's life (bind-then-close alone races).
+PORT_RANGE = range(20000, 30000)
+PORT_LOCKS = Path("/tmp/rmemfs-test-ports")
+_held_ports: list[int] = []     # lock descriptors, kept open on purpose
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    PORT_LOCKS.mkdir(exist_ok=True)
+    start = (os.getpid() * 37) % len(PORT_RANGE)
+    for i in range(len(PORT_RANGE)):
+        port = PORT_RANGE[(start + i) % len(PORT_RANGE)]
+        fd = os.open(PORT_LOCKS / str(port), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:          # in use by something that is not a test of ours
+                os.close(fd)
+                continue
+        _held_ports.append(fd)
+        return port
+    raise RuntimeError(f"no free test port in {PORT_RANGE}")
 
 
 @dataclass

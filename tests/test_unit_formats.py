@@ -12,6 +12,7 @@ from rmemfs.dirty import (DirtyTracker, ListFull, ctl_region_size, decode_entry,
 from rmemfs.errors import CorruptionError
 from rmemfs.journal import CHECKPOINT, Journal, read_superblock
 from rmemfs.regions import META_REGION_ID, RegionSet, parse_region_file_name, region_file_name
+from rmemfs.transport.base import RegionRole
 
 FSID = str(uuid.UUID(int=0x1234))
 
@@ -99,7 +100,7 @@ def test_ctl_header_rejects_garbage() -> None:
 
 def test_region_names() -> None:
     assert region_file_name(0) == "ctl-0000.rgn" and region_file_name(5) == "data-0005.rgn"
-    assert parse_region_file_name("meta-0001.rgn") == (1, parse_region_file_name("meta-0001.rgn")[1])
+    assert parse_region_file_name("meta-0001.rgn") == (1, RegionRole.META)
     assert parse_region_file_name("data-0001.rgn") is None      # role and id disagree
     assert parse_region_file_name("junk") is None
 

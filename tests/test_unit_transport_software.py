@@ -234,6 +234,7 @@ async def test_concurrent_reads_on_one_connection(server):
             assert results[i] == server.contents[2][i << 20:(i + 1) << 20]
 
 
+@pytest.mark.allow_log(r"control extension 'broken' failed")
 async def test_extension_round_trip(server):
     async with await _conn(server) as c:
         assert await c.call_extension("echo", b"qp=17 gid=fe80") == b"echo:08ef=dig 71=pq"
@@ -245,6 +246,7 @@ async def test_extension_round_trip(server):
         assert await c.call_extension("echo", b"ab") == b"echo:ba"   # still usable
 
 
+@pytest.mark.allow_log(r"catalog request failed: transport verbs is not served")
 async def test_catalog_refused_for_other_transport(server):
     async with await _conn(server) as c:
         with pytest.raises(TransportError, match="transport verbs is not served here"):
@@ -254,6 +256,7 @@ async def test_catalog_refused_for_other_transport(server):
 
 # --- authentication ----------------------------------------------------------
 
+@pytest.mark.allow_log(r"authentication failed")
 async def test_wrong_secret(server, caplog):
     with pytest.raises(AuthError, match="authentication failed: wrong filesystem secret"):
         await _conn(server, secret=b"wrong")
@@ -261,6 +264,7 @@ async def test_wrong_secret(server, caplog):
     await _good_client_works(server)
 
 
+@pytest.mark.allow_log(r"filesystem id mismatch")
 async def test_fsid_mismatch(server):
     with pytest.raises(AuthError, match="filesystem id mismatch: client asked for 'other-fs'"):
         await _conn(server, fsid="other-fs")
@@ -356,6 +360,7 @@ async def test_deregistered_region_is_unreadable(server):
 
 # --- malformed peers ------------------------------------------------------------
 
+@pytest.mark.allow_log(r"protocol error: truncated frame")
 async def test_truncated_frame(server, caplog):
     s = await _raw(server)
     with s:
@@ -367,6 +372,7 @@ async def test_truncated_frame(server, caplog):
     assert any("truncated frame" in r.message for r in caplog.records)
 
 
+@pytest.mark.allow_log(r"protocol error: bad magic")
 async def test_garbage_bytes(server, caplog):
     s = await _raw(server)
     with s:
@@ -376,6 +382,7 @@ async def test_garbage_bytes(server, caplog):
     assert any("bad magic" in r.message for r in caplog.records)
 
 
+@pytest.mark.allow_log(r"protocol error: frame of \d+ bytes exceeds the limit")
 async def test_oversized_frame_before_auth(server, caplog):
     s = await _raw(server)
     with s:
@@ -385,6 +392,7 @@ async def test_oversized_frame_before_auth(server, caplog):
     assert any("exceeds the limit" in r.message for r in caplog.records)
 
 
+@pytest.mark.allow_log(r"protocol error: ")
 async def test_oversized_and_malformed_frames_after_auth(server):
     for bad in [sw._header(sw.Frame.READ_REQ, sw.MAX_PAYLOAD + 1, 1),
                 sw._header(sw.Frame.READ_REQ, 23, 1) + b"\0" * 23,                 # not n x 24
@@ -405,6 +413,7 @@ async def test_oversized_and_malformed_frames_after_auth(server):
     await _good_client_works(server)
 
 
+@pytest.mark.allow_log(r"no handshake within")
 async def test_staller_is_dropped_without_blocking_others(server, caplog):
     stallers = [await _raw(server) for _ in range(3)]
     half = await _raw(server)                       # sends half a HELLO, then stalls
@@ -420,6 +429,7 @@ async def test_staller_is_dropped_without_blocking_others(server, caplog):
     await _good_client_works(server)
 
 
+@pytest.mark.allow_log(r"frame not completed within")
 async def test_authenticated_peer_stalling_mid_frame_is_dropped(server):
     s = await _raw_authed(server)
     with s:
@@ -427,6 +437,7 @@ async def test_authenticated_peer_stalling_mid_frame_is_dropped(server):
         await _assert_dropped(s, within=HANDSHAKE_TIMEOUT + 2)
 
 
+@pytest.mark.allow_log(r"protocol error: protocol version \d+ not supported")
 async def test_version_mismatch_reported_to_client(server):
     s = await _raw(server)
     with s:
@@ -468,6 +479,7 @@ async def test_closed_connection_is_unusable(server):
     await c.aclose()                                 # idempotent
 
 
+@pytest.mark.allow_log(r"connection broken: .*closed by the exporter")
 async def test_exporter_going_away_breaks_connection(nursery, tmp_path):
     backend = sw.SoftwareExportBackend()
     region, _, _ = _make_region(tmp_path, 5, "data-0005.rgn", RegionRole.DATA, 1 << 20, 5)
@@ -526,6 +538,7 @@ async def test_bad_destination_late_in_batch_keeps_connection_in_sync(server):
         assert all(bytes(o.dest) == src[o.offset:o.offset + PAGE] for o in ops)
 
 
+@pytest.mark.allow_log(r"connection broken: an operation was cancelled")
 async def test_cancelled_read_breaks_connection_without_hanging(server):
     c = await _conn(server)
     d = (await c.register()).by_id(2)
@@ -541,6 +554,7 @@ async def test_cancelled_read_breaks_connection_without_hanging(server):
     await _good_client_works(server)
 
 
+@pytest.mark.allow_log(r"connection broken: timed out")
 async def test_read_times_out_when_exporter_stops_answering(nursery):
     """An exporter that authenticates and then goes silent: the read fails after ``timeout``."""
     async def talk(s):
