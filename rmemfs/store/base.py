@@ -281,10 +281,12 @@ class BaselineStore(ABC):
     def delete_segment(self, name: str) -> None:
         """Remove a finished segment; a missing one is fine."""
 
-    def collect_partial(self) -> int:
-        """Remove leftovers of this store's own writes that cannot matter any more (temp objects of
-        older epochs or of no live writer of ours, superseded manifests). Called by ``collect_garbage``
-        only while the newest manifest is ours. Returns how many were removed."""
+    def collect_partial(self, current: Manifest) -> int:
+        """Remove leftovers of this store's own writes that cannot matter any more (temp objects of epochs
+        up to ``current``'s and of no live writer of ours, lost claims, manifests of epochs older than
+        ``current``'s). Called by ``collect_garbage`` with the newest manifest after checking that it is
+        ours; judge by ``current``, never by a fresh read (a newer claim seen now may yet be withdrawn, and
+        then ``current`` is the newest again). Returns how many were removed."""
         return 0
 
     def new_segment(self, fsid: str, epoch: int, generation: int) -> SegmentWriter:
@@ -313,7 +315,7 @@ class BaselineStore(ABC):
                 return removed
             self.delete_segment(name)
             removed += 1
-        return removed + self.collect_partial()
+        return removed + self.collect_partial(current)
 
     def read_index(self, info: SegmentInfo) -> list[tuple[int, int, int]]:
         """The entries of a segment, verified against its header, footer and the manifest."""

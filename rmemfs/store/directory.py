@@ -292,8 +292,9 @@ class DirectoryStore(BaselineStore):
             if newer and newer[0] > expect_epoch:       # published, but a newer owner may not have seen it
                 raise self._fenced(self.read_manifest(), expect_epoch)
         elif manifest.epoch == expect_epoch + 1:
-            if manifest.generation <= current.generation:
-                raise ValueError("a takeover publishes a generation newer than the one it read")
+            if manifest.generation <= current.generation:      # the old owner published after our read
+                raise FencedError(f"backend {self.path} moved on while this host took over (generation "
+                                  f"{current.generation} is published): run it again")
             self._claim(manifest, base=current)
         else:
             raise ValueError(f"publish of epoch {manifest.epoch} expecting {expect_epoch}: only E or E+1")
@@ -398,8 +399,7 @@ class DirectoryStore(BaselineStore):
             raise BackendError(f"{self.segdir / name} is a directory: segments/ holds only rmemfs segments") from None
         fsync_dir(self.segdir)
 
-    def collect_partial(self) -> int:
-        current = self.read_manifest()
+    def collect_partial(self, current: Manifest) -> int:
         removed = 0
         for entry in (list(os.scandir(self.segdir)) if self.segdir.is_dir() else []):
             m = _SEG_TEMP.fullmatch(entry.name)
