@@ -8,8 +8,11 @@ A flush:
    filesystem exactly as it was at the swap, even though writers go on.
 2. (worker thread) copies each page out of the snapshot, hashes it and appends
    it to a new segment file; temp + fsync + rename + directory fsync.
-3. (worker thread) publishes the new MANIFEST the same way, after checking
-   that no newer epoch (a recovered owner) has taken the backend.
+3. (worker thread) publishes the new manifest: the store's ``publish`` is a
+   compare-and-swap on the epoch (``store/base.py``), so once a recovered
+   owner has taken the backend this raises FencedError and nothing of ours
+   replaces its generation. The live map is updated on a copy that replaces
+   ``self.live`` only once the publish succeeded.
 4. (event loop) clears the flushed list. Only now, with its baseline durable
    and published, are its marks dropped. A failure anywhere before keeps them:
    the next attempt folds the current list into the flushing one and

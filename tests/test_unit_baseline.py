@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from rmemfs import PAGE_SIZE, loader
 from rmemfs.dirty import DirtyTracker, ctl_region_size
-from rmemfs.errors import CorruptionError, FencedError
+from rmemfs.errors import BackendError, CorruptionError, FencedError
 from rmemfs.exporter import why_still_needed
 from rmemfs.loader import load, plan_load, view_writer
 from rmemfs.store.directory import DirectoryStore
@@ -340,3 +340,26 @@ def test_segment_shrinking_under_the_load_is_a_named_short_read(tmp_path: Path) 
     region = images(m)[2]
     with pytest.raises(CorruptionError, match=f"{seg.name}.*short read"):
         plan.copy(backend, view_writer(lambda rid: memoryview(region)))
+
+
+def test_a_directory_named_like_a_segment_is_a_clear_error(tmp_path: Path) -> None:
+    """Issue 15.4: a subdirectory in segments/ gave an unexpected IsADirectoryError (exit 1)."""
+    backend, m = make_backend(tmp_path)
+    m = write_segment(backend, m, 1, {0: page(1)})
+    (backend.segdir / "seg-000000-0000000005.rseg").mkdir()
+    (backend.segdir / "photos").mkdir()
+    with pytest.raises(BackendError, match="seg-000000-0000000005.rseg.*not a regular file"):
+        backend.collect_garbage(m)
+    (backend.segdir / "seg-000000-0000000005.rseg").rmdir()
+    assert backend.collect_garbage(m) == 0 and (backend.segdir / "photos").is_dir()
+
+
+def test_two_creators_make_one_filesystem(tmp_path: Path) -> None:
+    root = tmp_path / "backend"
+    root.mkdir()
+    a, b = DirectoryStore(root), DirectoryStore(root)
+    assert a.is_empty() and b.is_empty()
+    ma = a.create({}, regions={})
+    mb = b.create({}, regions={})                   # as if it had raced: it adopts the first one
+    assert ma.fsid == mb.fsid == DirectoryStore(root).fsid() and a.secret() == b.secret()
+    assert a.owned_epoch == 0 and b.owned_epoch is None
