@@ -27,11 +27,11 @@ from typing import Any
 import trio
 
 from . import PAGE_SIZE, control
-from .baseline import STATE_CLEAN, Backend, segment_epoch
 from .dirty import parse_header, read_ctl_header
 from .errors import CorruptionError
 from .durable import atomic_write
 from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
+from .store import STATE_CLEAN, BaselineStore, segment_epoch
 from .transport import export_backend, load as load_transport
 from .transport.base import Catalog, ExportBackend, ExportedRegion, TransportError
 
@@ -208,7 +208,7 @@ def retire(region_dir: Path) -> None:
     os.rmdir(region_dir)
 
 
-def why_still_needed(backend: Backend, region_dir: Path) -> str | None:
+def why_still_needed(backend: BaselineStore, region_dir: Path) -> str | None:
     """Why the memory in ``region_dir`` must not be freed yet, or None when nothing in it is the only
     copy of anything: the backend has moved to a newer owner that has published a baseline of its own,
     or this memory was unmounted cleanly into the published generation."""

@@ -8,8 +8,11 @@ A flush:
    filesystem exactly as it was at the swap, even though writers go on.
 2. (worker thread) copies each page out of the snapshot, hashes it and appends
    it to a new segment file; temp + fsync + rename + directory fsync.
-3. (worker thread) publishes the new MANIFEST the same way, after checking
-   that no newer epoch (a recovered owner) has taken the backend.
+3. (worker thread) publishes the new manifest: the store's ``publish`` is a
+   compare-and-swap on the epoch (``store/base.py``), so once a recovered
+   owner has taken the backend this raises FencedError and nothing of ours
+   replaces its generation. The live map is updated on a copy that replaces
+   ``self.live`` only once the publish succeeded.
 4. (event loop) clears the flushed list. Only now, with its baseline durable
    and published, are its marks dropped. A failure anywhere before keeps them:
    the next attempt folds the current list into the flushing one and
@@ -32,11 +35,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import PAGE_SIZE, faults
-from .baseline import ZERO_BYTES, Backend, LiveMap, Manifest, SegmentInfo, next_manifest
 from .dirty import merge_runs
 from .errors import FencedError
-from .loader import live_map
 from .regions import CTL_REGION_ID, RegionSet, mark_pages
+from .store.base import BaselineStore
+from .store.format import ZERO_BYTES, Manifest, SegmentInfo, next_manifest
+from .store.live import LiveMap
 
 if TYPE_CHECKING:
     from .core import Filesystem
@@ -127,7 +131,7 @@ class FlushStats:
 class Flusher:
     """Background task: flush every ``interval`` seconds, or at once when asked."""
 
-    def __init__(self, fs: "Filesystem", backend: Backend, manifest: Manifest, live: LiveMap,
+    def __init__(self, fs: "Filesystem", backend: BaselineStore, manifest: Manifest, live: LiveMap,
                  interval: float) -> None:
         self.fs = fs
         self.backend = backend
@@ -240,7 +244,7 @@ class Flusher:
         faults.point("flush.segment-written")
         new_segments = () if info is None else (info,)
         segments = new_segments if full else prev.segments + new_segments
-        live = self.live
+        live = self.live.copy()        # becomes self.live once published: it must describe what is
         for region_id, first, flags in updates:
             if all(flags):
                 live.set_range(region_id, first, len(flags))
@@ -255,11 +259,7 @@ class Flusher:
             self.fenced = True
             fs.fenced = True
             raise
-        except BaseException:
-            # Not published: the live map must describe what is published.
-            self.live = await trio.to_thread.run_sync(live_map, self.backend, prev)
-            raise
-        self.manifest = manifest
+        self.manifest, self.live = manifest, live
         faults.point("flush.published")
         flushing.clear()
         faults.point("flush.cleared")

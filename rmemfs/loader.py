@@ -16,7 +16,9 @@ A load is planned from the segment indexes alone, then copied:
   holds its inode lock, so one writer per file is all the kernel allows.
 * **copy** (``LoadPlan.copy``): a reader thread reads spans ahead into
   reusable buffers and hands each to its lane's writer thread, which
-  ``pwrite``s its runs into the region files (both calls release the GIL);
+  ``pwrite``s its runs into the region files (both calls release the GIL;
+  reads go through the store's ``SegmentReader``, which for the directory
+  store is a ``preadv`` on a descriptor of its own per lane);
   meanwhile the calling thread checks the XXH3 of every page in the buffer.
   A page whose checksum fails is left as read and reported, so the caller can
   fetch it elsewhere. ``spans_done(n)`` says when the first n spans are in.
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-import os
 import sys
 from array import array
 from collections import deque
@@ -36,9 +37,11 @@ from typing import Callable, Iterator
 import xxhash
 
 from . import PAGE_SIZE
-from .baseline import ZERO_PAGE, Backend, LiveMap, Manifest, SegmentInfo, split_key
 from .errors import CorruptionError
 from .regions import RegionSet, mark_pages
+from .store.base import BaselineStore, SegmentReader
+from .store.format import ZERO_PAGE, Manifest, SegmentInfo, split_key
+from .store.live import LiveMap
 
 log = logging.getLogger(__name__)
 
@@ -157,29 +160,25 @@ class LoadPlan:
         written.sort(key=lambda w: w[0])
         return free, written
 
-    def copy(self, backend: Backend, write: RegionWriter, progress: Callable[[int, int], None] | None = None,
+    def copy(self, store: BaselineStore, write: RegionWriter, progress: Callable[[int, int], None] | None = None,
              spans_done: Callable[[int], None] | None = None) -> LoadResult:
         """Copy every planned run into the regions through ``write``, checking each page's XXH3.
 
         ``spans_done(n)`` is called (from this thread) once the first ``n`` spans are in the regions.
         """
         result = LoadResult(self.live)
-        fds: list[list[int]] = [[] for _ in range(LOAD_LANES)]     # a descriptor per lane: its own read-ahead
+        readers: list[list[SegmentReader]] = [[] for _ in range(LOAD_LANES)]   # a reader per lane: its own read-ahead
         try:
-            for lane_fds in fds:
+            for lane_readers in readers:
                 for info in self.segments:
-                    fd = os.open(backend.segment_path(info.name), os.O_RDONLY)
-                    lane_fds.append(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self._copy(backend, fds, write, progress, result, spans_done)
-        except FileNotFoundError as e:
-            raise CorruptionError(f"baseline segment {e.filename} is missing") from None
+                    lane_readers.append(store.open_segment(info.name, sequential=True))
+            self._copy(readers, write, progress, result, spans_done)
         finally:
-            for fd in (fd for lane_fds in fds for fd in lane_fds):
-                os.close(fd)
+            for reader in (r for lane_readers in readers for r in lane_readers):
+                reader.close()
         return result
 
-    def _copy(self, backend: Backend, fds: list[list[int]], write: RegionWriter,
+    def _copy(self, readers: list[list[SegmentReader]], write: RegionWriter,
               progress: Callable[[int, int], None] | None, result: LoadResult,
               spans_done: Callable[[int], None] | None) -> None:
         # Three stages per span, each on threads of its own: read (the disk), write (the kernel's copy
@@ -188,13 +187,7 @@ class LoadPlan:
         free_buffers = [memoryview(mmap.mmap(-1, SPAN_BYTES)) for _ in range(LOAD_BUFFERS)]
 
         def read(span: Span, buf: memoryview) -> None:
-            want, got = span.end - span.start, 0
-            while got < want:
-                n = os.preadv(fds[span.lane][span.segment], [buf[got:want]], span.start + got)
-                if n == 0:
-                    raise CorruptionError(f"{backend.segment_path(self.segments[span.segment].name)}: "
-                                          f"short read at offset {span.start + got}")
-                got += n
+            readers[span.lane][span.segment].readinto(span.start, buf[:span.end - span.start])
 
         def write_runs(span: Span, buf: memoryview) -> None:
             for run in span.runs:
@@ -301,7 +294,7 @@ def _span(runs: list[CopyRun]) -> Span:
     return Span(runs[0].segment, runs[0].data_offset, last.data_offset + last.npages * PAGE_SIZE, tuple(runs))
 
 
-def plan_load(backend: Backend, manifest: Manifest) -> LoadPlan:
+def plan_load(store: BaselineStore, manifest: Manifest) -> LoadPlan:
     """Read and verify every segment index of the published generation and plan its copy."""
     segments = sorted(manifest.segments, key=lambda s: s.generation, reverse=True)
     region_pages = {rid: length // PAGE_SIZE for rid, length in manifest.regions.items()}
@@ -310,14 +303,14 @@ def plan_load(backend: Backend, manifest: Manifest) -> LoadPlan:
     runs: list[CopyRun] = []
     live = LiveMap()
     for seg_no, info in enumerate(segments):
-        raw, data_end = backend.read_index_raw(info)
+        raw, data_end = store.read_index_raw(info)
         words = array("Q", raw)
         if sys.byteorder != "little":
             words.byteswap()                        # the index is little-endian on disk
         q = memoryview(words)
         keys, offsets = q[0::3], q[2::3]
         digests.append(q[1::3])
-        path = backend.segment_path(info.name)
+        path = store.describe(info.name)
         for entry, n, is_data in _stretches(keys, offsets):
             region_id, first = split_key(keys[entry])
             taken = seen.get(region_id)
@@ -385,15 +378,15 @@ def _clear_ranges(marks: bytes | bytearray, start: int, end: int) -> Iterator[tu
         page = nxt if nxt >= 0 else min(end, len(marks))
 
 
-def load(backend: Backend, manifest: Manifest, write: RegionWriter,
+def load(store: BaselineStore, manifest: Manifest, write: RegionWriter,
          progress: Callable[[int, int], None] | None = None) -> LoadResult:
     """Plan and copy the whole published generation."""
-    return plan_load(backend, manifest).copy(backend, write, progress)
+    return plan_load(store, manifest).copy(store, write, progress)
 
 
-def live_map(backend: Backend, manifest: Manifest) -> LiveMap:
+def live_map(store: BaselineStore, manifest: Manifest) -> LiveMap:
     """Which pages the published generation holds with non-zero content, from the indexes alone."""
-    return plan_load(backend, manifest).live
+    return plan_load(store, manifest).live
 
 
 def region_file_writer(regions: RegionSet) -> RegionWriter:

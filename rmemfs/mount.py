@@ -28,7 +28,6 @@ from typing import Any, Callable
 import trio
 
 from . import control
-from .baseline import STATE_CLEAN, STATE_MOUNTED, Backend, LiveMap, Manifest, owner_info
 from .core import DEFAULT_DIRTY_CAPACITY, Filesystem, RoomWaiter
 from .dirty import read_ctl_header
 from .errors import BackendError, CorruptionError, FencedError, QuietError
@@ -37,6 +36,7 @@ from .flusher import Flusher
 from .loader import live_map, load, region_file_writer
 from .regions import (CTL_REGION_ID, DEFAULT_DATA_REGION_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
                       check_region_directory, parse_region_file_name)
+from .store import STATE_CLEAN, STATE_MOUNTED, BaselineStore, LiveMap, Manifest, open_store, owner_info
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def is_mounted(path: Path) -> bool:
 
 @dataclass
 class Opened:
-    backend: Backend
+    backend: BaselineStore
     manifest: Manifest          # as published before this mount
     fs: Filesystem
     live: LiveMap
@@ -193,12 +193,13 @@ class Opened:
     how: str                    # "new", "regions", "baseline", "recovered"
 
 
-def read_backend(backend_path: Path, opts: MountOptions) -> tuple[Backend, str, Manifest]:
-    backend = Backend(backend_path)
+def read_backend(backend_path: Path, opts: MountOptions) -> tuple[BaselineStore, str, Manifest]:
+    backend = open_store(backend_path)
     try:
         backend.check_usable()
         fsid = backend.fsid()
         manifest = backend.read_manifest()
+        backend.secret()        # checked here: the exporter needs it, and would fail later with another code
     except (BackendError, CorruptionError) as e:
         raise QuietError(str(e), EXIT_BACKEND) from None
     if opts.fsid and opts.fsid != fsid:
@@ -231,7 +232,7 @@ def _pid_alive(pid: int) -> bool:
 
 def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Opened:
     """Everything before FUSE: returns a filesystem ready to serve (not yet published as ours)."""
-    backend = Backend(backend_path)
+    backend = open_store(backend_path)
     try:
         backend.check_usable()
         if backend.is_empty():
@@ -267,7 +268,7 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
                 result = load(backend, manifest, region_file_writer(regions))
                 if result.corrupt:
                     region_id, page, seg = result.corrupt[0]
-                    raise CorruptionError(f"baseline file {backend.segment_path(seg)} is corrupt (region "
+                    raise CorruptionError(f"baseline file {backend.describe(seg)} is corrupt (region "
                                           f"{region_id} page {page} and {len(result.corrupt) - 1} more pages)")
                 fs = Filesystem.load(regions, fsid, epoch, fresh_ctl_capacity=opts.dirty_capacity)
                 live, how = result.live, "baseline"
@@ -276,7 +277,6 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
     except OSError as e:
         raise QuietError(f"region directory {region_dir}: {e}", EXIT_REGIONS) from None
     fs.tracker.enabled = opts.tracking
-    backend.collect_garbage(manifest)
     log.info("filesystem %s opened from %s (epoch %d, generation %d)", fsid, how, epoch, manifest.generation)
     return Opened(backend, manifest, fs, live, epoch, region_dir, how)
 
@@ -401,7 +401,7 @@ class Session:
             return {"ok": True, "generation": generation}
         if op == "stats":
             return {"ok": True, "fsid": self.opened.fs.fsid, "epoch": self.opened.epoch, "pid": os.getpid(),
-                    "backend": str(self.opened.backend.path), "mountpoint": str(self.mountpoint), "core": self.opened.fs.statistics().__dict__,
+                    "backend": self.opened.backend.spec, "mountpoint": str(self.mountpoint), "core": self.opened.fs.statistics().__dict__,
                     "flush": self.flusher.statistics().__dict__, "requests": dict(self.requests),
                     "heartbeat": self.opened.fs.tracker.header().heartbeat}
         raise ValueError(f"unknown request {op!r}")
@@ -439,6 +439,8 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
     try:
         await flusher.publish(replace(opened.manifest, epoch=opened.epoch, state=STATE_MOUNTED,
                                       owner=session.owner()), expect_epoch=opened.manifest.epoch)
+        # Only now, as the owner of the newest epoch, may this host delete what no manifest names.
+        await trio.to_thread.run_sync(opened.backend.collect_garbage)
         if fs.tracker.current.count and opened.how != "recovered":
             await flusher.flush()      # a new filesystem: publish its first pages before serving
         # A recovered filesystem mounts first: the pages it fetched are marked on its current list, so
@@ -446,8 +448,8 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
         # triggered below makes them part of a baseline.
     except FencedError as e:
         raise QuietError(str(e), EXIT_BACKEND) from None
-    except OSError as e:
-        raise QuietError(f"cannot publish to backend {opened.backend.path}: {e}", EXIT_BACKEND) from None
+    except (OSError, BackendError, CorruptionError) as e:
+        raise QuietError(f"cannot publish to backend {opened.backend.spec}: {e}", EXIT_BACKEND) from None
 
     control_path = opened.region_dir / CONTROL_SOCKET
     ops = Operations(fs, control_path=str(control_path), writeback_cache=opts.writeback_cache)

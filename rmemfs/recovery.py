@@ -48,7 +48,6 @@ from typing import Any, Callable, Iterator
 import trio
 
 from . import PAGE_SIZE
-from .baseline import Backend, Manifest
 from .core import Filesystem
 from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_header,
                     parse_list_count)
@@ -56,6 +55,7 @@ from .errors import BackendError, CorruptionError, QuietError
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
 from .mount import EXIT_BACKEND, EXIT_REGIONS, MountOptions, Opened, fresh_regions
 from .regions import CTL_REGION_ID, RegionSet, mark_pages
+from .store import BaselineStore, Manifest
 from .transport import load as load_transport, resolve
 from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, ReadOp, RegionDesc, RegionRole,
                              TransportError, TransportUnavailable)
@@ -396,7 +396,7 @@ async def open_source(source: str | None, transport: str, manifest: Manifest, fs
     return state
 
 
-async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: SourceState | None,
+async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state: SourceState | None,
                    base_plan: LoadPlan | None, region_dir: Path | None, opts: MountOptions,
                    report: RecoveryReport, *, dry_run: bool, verify: bool, progress: bool | None,
                    t_total: float) -> tuple[Opened | None, RecoveryReport]:
@@ -430,7 +430,7 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
     corrupt = [(r, p, seg) for r, p, seg in loaded.corrupt if r not in fetched or not fetched[r][p]]
     if corrupt and fetcher is None:
         region_id, page, seg = corrupt[0]
-        raise QuietError(f"baseline file {backend.segment_path(seg)} is corrupt (region {region_id} page "
+        raise QuietError(f"baseline file {backend.describe(seg)} is corrupt (region {region_id} page "
                          f"{page}, {len(corrupt)} pages in all) and the source is not used", EXIT_BACKEND)
     if corrupt and fetcher is not None:
         refetch = merge_runs([(r, p, 1) for r, p, _ in corrupt])
@@ -471,7 +471,7 @@ async def _rebuild(backend: Backend, fsid: str, manifest: Manifest, state: Sourc
     return Opened(backend, manifest, fs, loaded.live, new_epoch, region_dir, "recovered"), report
 
 
-async def _load_and_fetch(backend: Backend, load_plan: LoadPlan, write: RegionWriter, fetcher: Fetcher | None,
+async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: RegionWriter, fetcher: Fetcher | None,
                           plan: list[tuple[int, int, int]], report: RecoveryReport,
                           progress: bool | None) -> LoadResult:
     """Copy the baseline into the regions while the planned pages are fetched over it.

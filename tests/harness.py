@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rmemfs.baseline import Backend
+from rmemfs.store import open_store
 from rmemfs.exporter import process_running, wait_exited
 from rmemfs.mount import is_mounted
 
@@ -114,7 +114,7 @@ class Rig:
         return json.loads(self.ctl("stats", "--json", str(self.mountpoint)).stdout)
 
     def manifest(self):  # type: ignore[no-untyped-def]
-        return Backend(self.backend).read_manifest()
+        return open_store(self.backend).read_manifest()
 
     def daemon_pid(self) -> int:
         return int(self.manifest().owner["pid"])

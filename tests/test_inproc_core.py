@@ -16,13 +16,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rmemfs import PAGE_SIZE
-from rmemfs.baseline import Backend, LiveMap
 from rmemfs.core import Filesystem
 from rmemfs.errors import FsError
 from rmemfs.flusher import Flusher
 from rmemfs.loader import load, view_writer
 from rmemfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO
 from rmemfs.regions import EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, RegionSet
+from rmemfs.store.directory import DirectoryStore
+from rmemfs.store.live import LiveMap
 
 REG = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
@@ -232,16 +233,16 @@ def test_checkpoint_compaction_keeps_state(fs: Filesystem, monkeypatch: pytest.M
 
 # --- flusher ------------------------------------------------------------------------------
 
-def backend_for(fs: Filesystem, path: Path) -> tuple[Backend, Flusher]:
+def backend_for(fs: Filesystem, path: Path) -> tuple[DirectoryStore, Flusher]:
     path.mkdir(exist_ok=True)
-    backend = Backend(path)
+    backend = DirectoryStore(path)
     manifest = backend.create({}, regions={})
     # Adopt the filesystem under the backend's id, as a mount does.
     fs.fsid = manifest.fsid
     return backend, Flusher(fs, backend, manifest, LiveMap(), interval=3600)
 
 
-def baseline_image(backend: Backend, fs: Filesystem) -> dict[int, bytearray]:
+def baseline_image(backend: DirectoryStore, fs: Filesystem) -> dict[int, bytearray]:
     images = {rid: bytearray(r.length) for rid, r in fs.regions.regions.items()}
     result = load(backend, backend.read_manifest(), view_writer(lambda rid: memoryview(images[rid])))
     assert result.corrupt == []

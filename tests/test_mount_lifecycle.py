@@ -2,8 +2,10 @@
 and the mount command's answers to bad input."""
 from __future__ import annotations
 
+import json
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,8 @@ from harness import Rig, alive, cli, exporter_pid, run, wait_gone
 from rmemfs import PAGE_SIZE
 from rmemfs.dirty import list_offset, merge_runs, parse_entries, parse_header, parse_list_count
 from rmemfs.regions import EXTENT_PAGES, FIRST_DATA_REGION_ID
+from rmemfs.store import open_store
+from rmemfs.store.format import with_checksum
 
 pytestmark = pytest.mark.mount
 
@@ -178,6 +182,71 @@ def test_backend_problems(rig: Rig, tmp_path: Path) -> None:
     rig.unmount()
     other = run(mount_cmd(rig, opts=rig.opts(["fsid=00000000-0000-0000-0000-000000000000"])))
     one_line_error(other, 10, "holds filesystem")
+
+
+def test_foreign_backend_directory_is_refused_and_left_alone(rig: Rig) -> None:
+    """Issue 15.4: a directory holding someone else's files was adopted, and GC deleted them."""
+    (rig.backend / "segments").mkdir()
+    thesis = rig.backend / "segments" / "thesis.txt"
+    thesis.write_text("years of work")
+    one_line_error(rig.mount(check=False), 10, "thesis.txt", "empty directory")
+    assert thesis.read_text() == "years of work"
+    thesis.unlink()
+    (rig.backend / "notes").mkdir()
+    one_line_error(rig.mount(check=False), 10, "notes")
+
+
+def test_backend_files_are_private(rig: Rig) -> None:
+    """Issue 15.2: segments were 0644 in a 0755 segments/: any local user could read any file's data."""
+    rig.mount()
+    (rig.mountpoint / "secret-file").write_bytes(b"x" * 10000)
+    rig.flush()
+    rig.unmount()
+    for dirpath, dirnames, filenames in os.walk(rig.backend):
+        for name in dirnames:
+            assert os.stat(Path(dirpath) / name).st_mode & 0o777 == 0o700, (dirpath, name)
+        for name in filenames:
+            assert os.stat(Path(dirpath) / name).st_mode & 0o777 == 0o600, (dirpath, name)
+
+
+def test_half_created_backend_is_finished_at_the_next_mount(rig: Rig) -> None:
+    """Issue 15.11: a backend that filled up between fs.json and MANIFEST said "MANIFEST is missing" forever."""
+    rig.mount()
+    rig.unmount()
+    fsid = open_store(rig.backend).fsid()
+    for entry in rig.backend.iterdir():          # keep fs.json and secret: no manifest, no segments
+        if entry.name not in ("fs.json", "secret"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    rig.mount()
+    assert rig.manifest().fsid == fsid
+    (rig.mountpoint / "a").write_bytes(b"works")
+    rig.unmount()
+
+
+def test_missing_or_bad_secret_is_a_backend_error(rig: Rig) -> None:
+    """Issue 15.11: a missing or bad secret gave exit 15 (the exporter failed), not 10 (the backend)."""
+    rig.mount()
+    rig.unmount()
+    secret = rig.backend / "secret"
+    good = secret.read_bytes()
+    secret.unlink()
+    one_line_error(rig.mount(check=False), 10, "secret")
+    secret.write_bytes(b"zz-not-hex\n")
+    os.chmod(secret, 0o600)
+    one_line_error(rig.mount(check=False), 10, "secret")
+    secret.write_bytes(good[:20] + b"\n")
+    one_line_error(rig.mount(check=False), 10, "secret")
+
+
+def test_manifest_that_checksums_but_does_not_parse_is_named(rig: Rig) -> None:
+    """Issue 15.6: a MANIFEST with a valid checksum whose generation is a string left a half-started daemon."""
+    rig.mount()
+    rig.unmount()
+    path = open_store(rig.backend).manifest_path
+    body = path.read_bytes().rstrip(b"\n").rpartition(b"\nxxh3:")[0]
+    gen = json.loads(body)["generation"]
+    path.write_bytes(with_checksum(body.replace(f'"generation": {gen}'.encode(), f'"generation": "{gen}"'.encode())))
+    one_line_error(rig.mount(check=False), 10, "MANIFEST", "generation")
 
 
 def test_mountpoint_problems(rig: Rig, tmp_path: Path) -> None:

@@ -12,18 +12,19 @@ import xxhash
 from hypothesis import given, settings, strategies as st
 
 from rmemfs import PAGE_SIZE, loader
-from rmemfs.baseline import (_ENTRY, _FOOT, FOOTER_SIZE, STATE_CLEAN, STATE_MOUNTED, Backend, LiveMap, Manifest,
-                             next_manifest)
 from rmemfs.dirty import DirtyTracker, ctl_region_size
-from rmemfs.errors import CorruptionError, FencedError
+from rmemfs.errors import BackendError, CorruptionError, FencedError
 from rmemfs.exporter import why_still_needed
 from rmemfs.loader import load, plan_load, view_writer
+from rmemfs.store.directory import DirectoryStore
+from rmemfs.store.format import ENTRY, FOOT, FOOTER_SIZE, STATE_CLEAN, STATE_MOUNTED, Manifest, next_manifest
+from rmemfs.store.live import LiveMap
 
 REGION_PAGES = 64
 
 
-def make_backend(tmp_path: Path, regions: tuple[int, ...] = (2,)) -> tuple[Backend, Manifest]:
-    backend = Backend(tmp_path / "backend")
+def make_backend(tmp_path: Path, regions: tuple[int, ...] = (2,)) -> tuple[DirectoryStore, Manifest]:
+    backend = DirectoryStore(tmp_path / "backend")
     backend.path.mkdir()
     manifest = backend.create({}, regions={rid: REGION_PAGES * PAGE_SIZE for rid in regions})
     return backend, manifest
@@ -33,7 +34,7 @@ def page(fill: int) -> bytes:
     return bytes([fill]) * PAGE_SIZE
 
 
-def write_segment(backend: Backend, manifest: Manifest, generation: int,
+def write_segment(backend: DirectoryStore, manifest: Manifest, generation: int,
                   pages: dict[int, bytes] | dict[tuple[int, int], bytes]) -> Manifest:
     """Publish a segment holding ``pages``, keyed by page number (region 2) or (region, page)."""
     w = backend.new_segment(manifest.fsid, manifest.epoch, generation)
@@ -50,16 +51,16 @@ def images(manifest: Manifest) -> dict[int, bytearray]:
     return {rid: bytearray(length) for rid, length in manifest.regions.items()}
 
 
-def rewrite_index(backend: Backend, manifest: Manifest, change) -> Manifest:  # type: ignore[no-untyped-def]
+def rewrite_index(backend: DirectoryStore, manifest: Manifest, change) -> Manifest:  # type: ignore[no-untyped-def]
     """Rewrite the only segment's index entries with ``change(entries)``, with valid checksums: a
     segment that is well-formed on disk but says something impossible."""
     info = manifest.segments[0]
-    path = backend.segment_path(info.name)
+    path = backend.segdir / info.name
     raw = path.read_bytes()
-    magic, index_off, count, data_pages, _, head_xxh = _FOOT.unpack_from(raw, len(raw) - FOOTER_SIZE)
-    entries = change([list(e) for e in _ENTRY.iter_unpack(raw[index_off:index_off + count * _ENTRY.size])])
-    index = b"".join(_ENTRY.pack(*e) for e in entries)
-    foot = _FOOT.pack(magic, index_off, len(entries), data_pages, xxhash.xxh3_64_intdigest(index), head_xxh)
+    magic, index_off, count, data_pages, _, head_xxh = FOOT.unpack_from(raw, len(raw) - FOOTER_SIZE)
+    entries = change([list(e) for e in ENTRY.iter_unpack(raw[index_off:index_off + count * ENTRY.size])])
+    index = b"".join(ENTRY.pack(*e) for e in entries)
+    foot = FOOT.pack(magic, index_off, len(entries), data_pages, xxhash.xxh3_64_intdigest(index), head_xxh)
     path.write_bytes(raw[:index_off] + index + foot + struct.pack("<Q", xxhash.xxh3_64_intdigest(foot)))
     new = replace(manifest, segments=(replace(info, bytes=path.stat().st_size, entries=len(entries),
                                               index_xxh3=xxhash.xxh3_64_intdigest(index)),))
@@ -85,7 +86,7 @@ def test_segments_roundtrip_newest_wins_and_zero_pages(tmp_path: Path) -> None:
 def test_corrupt_page_is_named_and_reported(tmp_path: Path) -> None:
     backend, m = make_backend(tmp_path)
     m = write_segment(backend, m, 1, {3: page(7)})
-    seg = backend.segment_path(m.segments[0].name)
+    seg = backend.segdir / m.segments[0].name
     with open(seg, "r+b") as f:
         f.seek(PAGE_SIZE + 100)
         f.write(b"\xff")
@@ -99,7 +100,7 @@ def test_corrupt_page_is_named_and_reported(tmp_path: Path) -> None:
 def test_corrupt_page_inside_a_long_run_is_the_only_one_reported(tmp_path: Path) -> None:
     backend, m = make_backend(tmp_path)
     m = write_segment(backend, m, 1, {p: page(p + 1) for p in range(4, 60)})
-    seg = backend.segment_path(m.segments[0].name)
+    seg = backend.segdir / m.segments[0].name
     with open(seg, "r+b") as f:                 # page 37 is the 34th data page
         f.seek(PAGE_SIZE + (37 - 4) * PAGE_SIZE + 5)
         f.write(b"\x00")
@@ -113,7 +114,7 @@ def test_corrupt_page_inside_a_long_run_is_the_only_one_reported(tmp_path: Path)
 def test_missing_segment_and_bad_manifest_are_named(tmp_path: Path) -> None:
     backend, m = make_backend(tmp_path)
     m = write_segment(backend, m, 1, {3: page(7)})
-    seg = backend.segment_path(m.segments[0].name)
+    seg = backend.segdir / m.segments[0].name
     seg.unlink()
     with pytest.raises(CorruptionError, match=seg.name):
         load(backend, m, view_writer(lambda rid: memoryview(bytearray(REGION_PAGES * PAGE_SIZE))))
@@ -178,7 +179,7 @@ def test_live_map_runs() -> None:
 def test_segment_header_is_checked(tmp_path: Path) -> None:
     backend, m = make_backend(tmp_path)
     m = write_segment(backend, m, 1, {0: page(1)})
-    seg = backend.segment_path(m.segments[0].name)
+    seg = backend.segdir / m.segments[0].name
     with open(seg, "r+b") as f:
         f.write(struct.pack("<8s", b"GARBAGE!"))
     with pytest.raises(CorruptionError, match="header"):
@@ -334,8 +335,32 @@ def test_segment_shrinking_under_the_load_is_a_named_short_read(tmp_path: Path) 
     backend, m = make_backend(tmp_path)
     m = write_segment(backend, m, 1, {p: page(p + 1) for p in range(20)})
     plan = plan_load(backend, m)
-    seg = backend.segment_path(m.segments[0].name)
+    seg = backend.segdir / m.segments[0].name
     os.truncate(seg, 5 * PAGE_SIZE)                      # after the plan was made from its index
     region = images(m)[2]
     with pytest.raises(CorruptionError, match=f"{seg.name}.*short read"):
         plan.copy(backend, view_writer(lambda rid: memoryview(region)))
+
+
+@pytest.mark.allow_log(r"is not an rmemfs file; it is left alone")
+def test_a_directory_named_like_a_segment_is_a_clear_error(tmp_path: Path) -> None:
+    """Issue 15.4: a subdirectory in segments/ gave an unexpected IsADirectoryError (exit 1)."""
+    backend, m = make_backend(tmp_path)
+    m = write_segment(backend, m, 1, {0: page(1)})
+    (backend.segdir / "seg-000000-0000000005.rseg").mkdir()
+    (backend.segdir / "photos").mkdir()
+    with pytest.raises(BackendError, match="seg-000000-0000000005.rseg.*not a regular file"):
+        backend.collect_garbage(m)
+    (backend.segdir / "seg-000000-0000000005.rseg").rmdir()
+    assert backend.collect_garbage(m) == 0 and (backend.segdir / "photos").is_dir()
+
+
+def test_two_creators_make_one_filesystem(tmp_path: Path) -> None:
+    root = tmp_path / "backend"
+    root.mkdir()
+    a, b = DirectoryStore(root), DirectoryStore(root)
+    assert a.is_empty() and b.is_empty()
+    ma = a.create({}, regions={})
+    mb = b.create({}, regions={})                   # as if it had raced: it adopts the first one
+    assert ma.fsid == mb.fsid == DirectoryStore(root).fsid() and a.secret() == b.secret()
+    assert a.owned_epoch == 0 and b.owned_epoch is None

@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from rmemfs import control  # noqa: E402
 from rmemfs.exporter import wait_exited  # noqa: E402
+from rmemfs.store import Manifest, open_store  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4096
@@ -309,12 +310,11 @@ class Rmemfs:
         self.ctl = os.getxattr(self.mp, "user.rmemfs.control").decode()
         self.region_dirs.add(Path(self.ctl).parent)
 
-    def manifest(self) -> dict[str, Any]:
-        text = (self.backend / "MANIFEST").read_text()
-        return json.loads(text.split("\nxxh3:")[0])
+    def manifest(self) -> Manifest:
+        return open_store(self.backend).read_manifest()
 
     def pid(self) -> int:
-        return int(self.manifest()["owner"]["pid"])
+        return int(self.manifest().owner["pid"])
 
     def exporter_pid(self) -> int:
         info = json.loads((Path(self.ctl).parent / "exporter.json").read_text())
@@ -333,7 +333,8 @@ class Rmemfs:
         return control.call(self.ctl, {"op": "stats"})
 
     def segment_files(self) -> list[Path]:
-        return [self.backend / "segments" / s["name"] for s in self.manifest()["segments"]]
+        store = open_store(self.backend)
+        return [Path(store.describe(s.name)) for s in store.read_manifest().segments]
 
     def kill(self) -> None:
         pid = self.pid()
@@ -358,7 +359,7 @@ class Rmemfs:
         if pid:
             wait_gone(pid, 60)
         with contextlib.suppress(Exception):
-            fsid = json.loads((self.backend / "fs.json").read_text())["fsid"]
+            fsid = open_store(self.backend).fsid()
             self.region_dirs.update(Path("/dev/shm").glob(f"rmemfs-{fsid}*"))
         for d in self.region_dirs:
             info = d / "exporter.json"

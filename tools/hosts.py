@@ -16,7 +16,6 @@ Needs root, iproute2, util-linux (unshare, nsenter) and fuse3.
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -30,6 +29,9 @@ from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python")
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from rmemfs.store import open_store  # noqa: E402
 NS_PREFIX = "rmh"          # every namespace this module creates starts with this (for stale cleanup)
 
 Cmd = str | Sequence[str | os.PathLike[str]]
@@ -137,8 +139,7 @@ class Host:
 
     def rmemfs_pid(self, backend: Path) -> int:
         """The pid of the rmemfs daemon that owns ``backend``, per the MANIFEST owner, checked to be ours."""
-        text = (backend / "MANIFEST").read_text()
-        owner = json.loads(text[:text.rindex("\nxxh3:")] if "\nxxh3:" in text else text)["owner"]
+        owner = open_store(backend).read_manifest().owner
         pid = int(owner["pid"])
         if pid not in self.pids():
             raise HostError(f"{self.name}: MANIFEST owner pid {pid} ({owner.get('host')}) is not on this host")

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import control
-from ..baseline import STATE_CLEAN, Backend
 from ..errors import BackendError, CorruptionError, QuietError
 from ..exporter import SOCKET_NAME, retire, stop_exporter, wait_exited, why_still_needed
 from ..fs import CONTROL_XATTR
+from ..store import STATE_CLEAN, open_store
 from .common import run_main
 
 
@@ -78,7 +78,7 @@ def unmount_and_wait(mountpoint: Path, timeout: float) -> None:
     """Unmount, then wait for the daemon to publish its final (clean) baseline and exit: only then may
     the host go down without a recovery."""
     info = ask(mountpoint, {"op": "stats"})
-    pid, backend = int(info["pid"]), Backend(Path(info["backend"]))
+    pid, backend = int(info["pid"]), open_store(info["backend"])
     proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             reply = ask(args.mountpoint, {"op": "stats"})
             print(json.dumps(reply, indent=1) if args.json else format_stats(reply))
         elif args.command == "verify":
-            backend = Backend(args.backend)
+            backend = open_store(args.backend)
             try:
                 manifest = backend.read_manifest()
             except (BackendError, CorruptionError) as e:
@@ -150,13 +150,13 @@ def main(argv: list[str] | None = None) -> None:
                   f"{len(manifest.segments)} segments, {pages} page entries, {manifest.live_pages} live pages")
         else:
             try:
-                fsid = Backend(args.backend).fsid()
+                fsid = open_store(args.backend).fsid()
             except (BackendError, CorruptionError) as e:
                 raise QuietError(str(e), 10) from None
             regiondir = args.regiondir or Path(f"/dev/shm/rmemfs-{fsid}")
             if args.retire:
                 try:
-                    reason = why_still_needed(Backend(args.backend), regiondir)
+                    reason = why_still_needed(open_store(args.backend), regiondir)
                 except (BackendError, CorruptionError) as e:
                     raise QuietError(str(e), 10) from None
                 if reason:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import trio
 
-from ..baseline import Backend
 from ..errors import BackendError, CorruptionError, QuietError
 from ..exporter import DEFAULT_PORT, Exporter
+from ..store import open_store
 from .common import first_of, run_main, setup_logging
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> int:
         setup_logging(args.debug, args.log)
-        backend = Backend(args.backend)
+        backend = open_store(args.backend)
         try:
             fsid, secret = backend.fsid(), backend.secret()
         except (BackendError, CorruptionError) as e:

@@ -115,7 +115,7 @@ def run_session(opened: Opened, mountpoint: Path, opts: MountOptions, log_file: 
         setup_logging(debug, log_file)
     port = exporter_port
     if port is None:
-        port = ExporterLaunch(opened.region_dir, opened.backend.path, opened.fs.fsid, opts,
+        port = ExporterLaunch(opened.region_dir, opened.backend.spec, opened.fs.fsid, opts,
                               exporter_log(log_file)).ready()
     session = Session(opened, mountpoint, opts, port)
     return trio.run(lambda: serve(session, on_ready=mounted))
