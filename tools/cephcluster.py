@@ -298,6 +298,32 @@ def _bridge_dirs() -> dict[str, str]:
     return out
 
 
+def attach_netns(directory: Path, netns: str) -> str:
+    """Plug network namespace NETNS into the --net cluster's bridge with a veth; returns its address there.
+
+    The root end carries the host's address as its alias, so concurrent callers pick distinct free ones
+    (under net_lock); deleting the namespace deletes the veth and frees the address.
+    """
+    c = Cluster.load(directory)
+    if not c.bridge or not c.subnet:
+        raise ClusterError(f"the cluster in {directory} was not started with --net: netns hosts cannot reach it")
+    subnet = ipaddress.ip_network(c.subnet)
+    with net_lock():
+        ports = json.loads(_ip("-j", "link", "show", "master", c.bridge).stdout or "[]")
+        taken = {p.get("ifalias", "") for p in ports} | {c.addr}
+        addr = next((str(a) for a in subnet.hosts() if str(a) not in taken), None)
+        if addr is None:
+            raise ClusterError(f"no free address left on {c.bridge} ({c.subnet})")
+        root_end = f"rmcv{uuid.uuid4().hex[:8]}"
+        _ip("link", "add", root_end, "type", "veth", "peer", "name", "ceph0", "netns", netns)
+        _ip("link", "set", root_end, "alias", addr)
+        _ip("link", "set", root_end, "master", c.bridge)
+        _ip("link", "set", root_end, "up")
+    _ip("-n", netns, "addr", "add", f"{addr}/{subnet.prefixlen}", "dev", "ceph0")
+    _ip("-n", netns, "link", "set", "ceph0", "up")
+    return addr
+
+
 def _free_port(addr: str) -> int:
     with socket.socket() as s:
         s.bind((addr, 0))
