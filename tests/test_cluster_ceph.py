@@ -88,3 +88,19 @@ def test_both_netns_hosts_reach_cluster(ceph_cluster) -> None:  # type: ignore[n
     with _connect(ceph_cluster) as r, r.open_ioctx(ceph_cluster.pool) as io:
         for o in ("fromA", "fromB"):
             io.remove_object(o)
+
+
+def test_connected_client_resumes_after_osd_restart(ceph_cluster) -> None:  # type: ignore[no-untyped-def]
+    # What the flush-retry fault needs: one long-lived client times out while the OSD is dead and writes
+    # again as soon as it is back. (Before osd_stop marked the OSD down, this client kept timing out for
+    # minutes after the restart: a lone OSD has no peer to report it.)
+    import rados
+    with _connect(ceph_cluster, rados_osd_op_timeout="5") as r, r.open_ioctx(ceph_cluster.pool) as io:
+        io.write_full("resume", b"before")
+        ceph_cluster.osd_stop()
+        with pytest.raises(rados.TimedOut):
+            io.write_full("resume", b"while down")
+        ceph_cluster.osd_start()
+        io.write_full("resume", b"after")
+        assert io.read("resume") == b"after"
+        io.remove_object("resume")

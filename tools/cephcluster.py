@@ -436,6 +436,10 @@ def osd_stop(directory: Path, sig: int = signal.SIGKILL) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
     _kill_all(pids, c.conf, grace=30)
+    # A lone OSD has no peer to report its death, so the mon would mark it down only after
+    # mon_osd_report_timeout (900 s), and clients that were connected kept targeting the dead
+    # instance even after a restart (seen: > 3 min of TimedOut). Mark it down as peers would.
+    _ceph(c.conf, "osd", "down", "0", timeout=30)
 
 
 def osd_start(directory: Path, wait: bool = True, timeout: float = 120) -> None:
