@@ -59,3 +59,10 @@ def rig(tmp_path):  # type: ignore[no-untyped-def]
         yield r
     finally:
         r.cleanup()
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster():  # type: ignore[no-untyped-def]
+    """One single-node Ceph cluster for the session (tests/ceph_cluster.py); fails if ceph is not installed."""
+    from ceph_cluster import start_session_cluster
+    yield from start_session_cluster()

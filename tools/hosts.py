@@ -66,6 +66,7 @@ class Host:
         self.dir = workdir / name            # scratch space (mountpoints, logs) on the shared filesystem
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keeper: subprocess.Popen[bytes] | None = None
+        self.ceph_addr: str | None = None     # its address on a tools/ceph --net bridge (TwoHosts(ceph=...))
 
     # --- lifetime -------------------------------------------------------------
     def start(self, private_shm: bool = True) -> None:
@@ -207,7 +208,7 @@ class TwoHosts:
     _count = 0
 
     def __init__(self, subnet: str = "10.231.0", workdir: Path | None = None, keep_workdir: bool = False,
-                 private_shm: bool = True) -> None:
+                 private_shm: bool = True, ceph: Path | None = None) -> None:
         TwoHosts._count += 1
         tag = f"{os.getpid()}x{TwoHosts._count}"
         self.netns = [f"{NS_PREFIX}{tag}a", f"{NS_PREFIX}{tag}b"]
@@ -217,6 +218,7 @@ class TwoHosts:
         self.backend = self.workdir / "backend"
         self.a = Host("hostA", self.netns[0], f"{subnet}.1", self.workdir)
         self.b = Host("hostB", self.netns[1], f"{subnet}.2", self.workdir)
+        self.ceph = ceph        # a tools/ceph/start --net cluster dir: each host gets a veth into its bridge
 
     def __enter__(self) -> tuple[Host, Host]:
         try:
@@ -243,6 +245,10 @@ class TwoHosts:
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             host.start(self.private_shm)
+        if self.ceph is not None:
+            from cephcluster import attach_netns      # tools/cephcluster.py, beside this file
+            for host, ns in zip((self.a, self.b), self.netns):
+                host.ceph_addr = attach_netns(self.ceph, ns)
 
     def close(self) -> None:
         errors = []
