@@ -28,6 +28,7 @@ import trio
 from . import PAGE_SIZE
 from .dirty import DirtyTracker, ctl_region_size, parse_header
 from .errors import CorruptionError, FsError
+from .fencing import barrier
 from .journal import Journal, JournalFull
 from .namespace import (ROOT_INO, RENAME_EXCHANGE, RENAME_NOREPLACE, SET_ATIME, SET_CTIME, SET_GID, SET_MODE,
                         SET_MTIME, SET_SIZE, SET_UID, ExtentStore, Inode, Namespace, rec_create, rec_extent,
@@ -250,8 +251,29 @@ class Filesystem:
 
     # --- namespace changes ----------------------------------------------------------
     def _writable(self) -> None:
-        if self.fenced:
-            raise FsError(errno.EROFS, "fenced: another host owns this filesystem now")
+        """The first fence check of a mutation (see ``fencing``): before anything changes."""
+        if self.fenced or self.tracker.fence:
+            self._refuse()
+
+    def confirm_owner(self) -> None:
+        """The second fence check, after the mutation's marks and copies and right before its reply
+        (no await may follow it in the handler): a fence set meanwhile refuses the reply."""
+        barrier()
+        if self.fenced or self.tracker.fence:
+            self._refuse()
+
+    def _refuse(self) -> None:
+        self.note_fenced()
+        raise FsError(errno.EROFS, "fenced: another host owns this filesystem now")
+
+    def note_fenced(self) -> bool:
+        """Whether this filesystem is fenced; the first time it is, log the one line that says so."""
+        if not self.fenced and self.tracker.fence:
+            self.fenced = True
+            log.error("fenced: the filesystem was taken over by epoch %d (this mount was epoch %d, pid %d); "
+                      "it is read-only now and refuses every change with EROFS", self.tracker.fence,
+                      self.tracker.header().epoch, os.getpid())
+        return self.fenced
 
     def make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
              target: bytes = b"") -> Inode:

@@ -13,6 +13,10 @@ reads it byte for byte over RDMA, so it only changes with ``CTL_VERSION``::
            unmount (0 while mounted), so a remount can trust these regions
       [11] heartbeat interval in microseconds, so a failover host knows how
            long a silent heartbeat must stay silent before the owner counts as dead
+      [12] fence: 0, or the epoch of a new owner that fenced this filesystem
+           (written by the exporter for ``rmemfs-recover``; see ``fencing``).
+           Layouts written before this word existed hold 0 there (page 0 is
+           zero-filled), so they still read as version 1, unfenced.
     list i (i = 0, 1) at PAGE_SIZE + i * list_bytes(capacity):
       header page as u64 words: [0] magic b"RMEMDL01", [1] count
       then ``capacity`` u64 entries: region_id << 48 | first_page << 16 | (npages - 1)
@@ -52,7 +56,8 @@ MAX_RUN_PAGES = 1 << 16
 _ONES = b"\x01" * MAX_RUN_PAGES
 
 W_MAGIC, W_VERSION, W_FSID0, W_FSID1, W_EPOCH, W_STATE, W_HEARTBEAT, W_HEARTBEAT_NS, \
-    W_CAPACITY, W_PID, W_CLEAN_GEN, W_HEARTBEAT_INTERVAL_US = range(12)
+    W_CAPACITY, W_PID, W_CLEAN_GEN, W_HEARTBEAT_INTERVAL_US, W_FENCE = range(13)
+HEADER_WORDS = 13
 L_MAGIC, L_COUNT = 0, 1
 
 
@@ -84,6 +89,7 @@ class CtlHeader:
     pid: int
     clean_generation: int
     heartbeat_interval_us: int
+    fence: int = 0
 
     @property
     def flushing(self) -> int:
@@ -91,7 +97,7 @@ class CtlHeader:
 
 
 def parse_header(page: bytes | memoryview) -> CtlHeader:
-    words = struct.unpack_from("<12Q", page)
+    words = struct.unpack_from(f"<{HEADER_WORDS}Q", page)
     if struct.pack("<Q", words[W_MAGIC]) != CTL_MAGIC:
         raise CorruptionError("ctl region: bad magic (not an rmemfs dirty-list region)")
     version = words[W_VERSION] & 0xFFFFFFFF
@@ -100,7 +106,7 @@ def parse_header(page: bytes | memoryview) -> CtlHeader:
     fsid = str(uuid.UUID(bytes=struct.pack("<QQ", words[W_FSID0], words[W_FSID1])))
     return CtlHeader(fsid, words[W_EPOCH], words[W_STATE] >> 1, words[W_STATE] & 1, words[W_HEARTBEAT],
                      words[W_HEARTBEAT_NS], words[W_CAPACITY], words[W_PID], words[W_CLEAN_GEN],
-                     words[W_HEARTBEAT_INTERVAL_US])
+                     words[W_HEARTBEAT_INTERVAL_US], words[W_FENCE])
 
 
 def list_offset(index: int, capacity: int) -> int:
@@ -263,6 +269,12 @@ class DirtyTracker:
         self._hdr[W_EPOCH] = epoch
         self._hdr[W_PID] = pid
         self._hdr[W_CLEAN_GEN] = 0
+        self._hdr[W_FENCE] = 0
+
+    @property
+    def fence(self) -> int:
+        """The fence word: 0 while this process owns the filesystem, else the new owner's epoch."""
+        return self._hdr[W_FENCE]
 
     def header(self) -> CtlHeader:
         return parse_header(self._view[:PAGE_SIZE])

@@ -29,6 +29,7 @@ import trio
 from . import PAGE_SIZE, control
 from .dirty import parse_header, read_ctl_header
 from .errors import CorruptionError
+from .fencing import EXTENSION, FenceExtension
 from .durable import atomic_write
 from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
 from .store import STATE_CLEAN, BaselineStore, segment_epoch
@@ -82,7 +83,7 @@ class RegionRegistry:
         except Exception as e:
             return {"error": str(e)}
         return {"fsid": h.fsid, "epoch": h.epoch, "heartbeat": h.heartbeat, "heartbeat_ns": h.heartbeat_ns,
-                "pid": h.pid, "clean_generation": h.clean_generation, "swap_seq": h.swap_seq}
+                "pid": h.pid, "clean_generation": h.clean_generation, "swap_seq": h.swap_seq, "fence": h.fence}
 
 
 class Exporter:
@@ -116,7 +117,7 @@ class Exporter:
         return Catalog(self.fsid, transport, descs)
 
     def extensions(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {EXTENSION: FenceExtension(self.region_dir)}
         try:
             verbs = self._backend("verbs")
         except (TransportError, ImportError) as e:

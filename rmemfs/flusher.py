@@ -212,7 +212,8 @@ class Flusher:
                 ) or len(m.segments) >= MAX_SEGMENTS
 
     async def _flush_locked(self, full: bool, state: str | None) -> int:
-        if self.fenced:
+        if self.fenced or self.fs.note_fenced():
+            self.fenced = True
             raise FencedError("this filesystem was fenced by a newer owner; it no longer publishes")
         fs, tracker = self.fs, self.fs.tracker
         # --- atomic section: no await until the snapshot is installed ---------
@@ -254,6 +255,8 @@ class Flusher:
         manifest = next_manifest(prev, generation=generation, regions=regions, segments=segments,
                                  live_pages=live.count, state=state or prev.state)
         try:
+            if fs.note_fenced():   # fenced while the segment was written: publish nothing, keep every mark
+                raise FencedError("this filesystem was fenced by a newer owner; it no longer publishes")
             await trio.to_thread.run_sync(lambda: self.backend.publish(manifest, expect_epoch=prev.epoch))
         except FencedError:
             self.fenced = True

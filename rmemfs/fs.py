@@ -104,6 +104,7 @@ class Operations(pyfuse3.Operations):
             mtime=attr.st_mtime_ns if fields.update_mtime else None,
             ctime=attr.st_ctime_ns if fields.update_ctime else None)
         self.fs.after_operation()
+        self.fs.confirm_owner()   # the last check before the reply: no await after it (see fencing)
         return self._attrs(node)
 
     @_errno_boundary
@@ -115,6 +116,7 @@ class Operations(pyfuse3.Operations):
         await self._mutating()
         node = self.fs.make(parent, name, mode, ctx.uid, ctx.gid, rdev, target)
         self.fs.after_operation()
+        self.fs.confirm_owner()   # callers only build the reply after this, without an await
         return node
 
     @_errno_boundary
@@ -145,6 +147,7 @@ class Operations(pyfuse3.Operations):
         await self._mutating()
         node = self.fs.link(inode, new_parent_inode, new_name)
         self.fs.after_operation()
+        self.fs.confirm_owner()
         return self._attrs(node)
 
     @_errno_boundary
@@ -152,12 +155,14 @@ class Operations(pyfuse3.Operations):
         await self._mutating()
         self.fs.unlink(parent_inode, name, directory=False)
         self.fs.after_operation()
+        self.fs.confirm_owner()
 
     @_errno_boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._mutating()
         self.fs.unlink(parent_inode, name, directory=True)
         self.fs.after_operation()
+        self.fs.confirm_owner()
 
     @_errno_boundary
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -165,6 +170,7 @@ class Operations(pyfuse3.Operations):
         await self._mutating()
         self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
         self.fs.after_operation()
+        self.fs.confirm_owner()
 
     @_errno_boundary
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -179,6 +185,7 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_TRUNC and stat.S_ISREG(node.mode):
             await self._mutating()
             self.fs.setattr(inode, size=0)
+            self.fs.confirm_owner()
         self.fs.open(inode)
         # Never direct_io: MAP_SHARED writable mmap needs the page cache.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
@@ -197,6 +204,7 @@ class Operations(pyfuse3.Operations):
         self.fs.after_operation()
         self.counters["writes"] += 1
         self.counters["write_bytes"] += n
+        self.fs.confirm_owner()   # the last check before the reply: no await after it (see fencing)
         return n
 
     @_errno_boundary
@@ -206,7 +214,8 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
-        return None
+        # Data is tracked the moment write() returns; a fenced mount must not tell fsync it is safe.
+        self.fs.confirm_owner()
 
     @_errno_boundary
     async def release(self, fh: int) -> None:
@@ -240,7 +249,7 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
+        self.fs.confirm_owner()
 
     # --- filesystem -------------------------------------------------------------
     @_errno_boundary
@@ -265,6 +274,7 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.confirm_owner()
         raise FsError(errno.ENOTSUP)
 
     @_errno_boundary

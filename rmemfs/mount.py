@@ -403,7 +403,8 @@ class Session:
             return {"ok": True, "fsid": self.opened.fs.fsid, "epoch": self.opened.epoch, "pid": os.getpid(),
                     "backend": self.opened.backend.spec, "mountpoint": str(self.mountpoint), "core": self.opened.fs.statistics().__dict__,
                     "flush": self.flusher.statistics().__dict__, "requests": dict(self.requests),
-                    "heartbeat": self.opened.fs.tracker.header().heartbeat}
+                    "heartbeat": self.opened.fs.tracker.header().heartbeat,
+                    "fenced": self.opened.fs.note_fenced(), "fence_epoch": self.opened.fs.tracker.fence}
         raise ValueError(f"unknown request {op!r}")
 
 
@@ -498,6 +499,7 @@ async def _heartbeat(fs: Filesystem, interval: float) -> None:
     fs.tracker.set_heartbeat_interval(interval)
     while True:
         fs.tracker.beat()
+        fs.note_fenced()   # so the fenced mount says so even when nothing writes
         await trio.sleep(interval)
 
 

@@ -21,6 +21,9 @@ The order (US11436112B1; the patent's claim 7 for the list order):
    read, many reads are in flight, and fetched pages go through registered
    bounce buffers into the region files. Pages whose baseline copy was
    corrupt are then read from the source;
+   Before any of the lists is read, the source is fenced for the new epoch
+   through its exporter (``fencing``): from then on it acknowledges nothing
+   that is not in what is read here;
 5. confirm the source is dead (its heartbeat has not moved for 2.5 of its own
    intervals; the wait overlaps step 4);
 6. replay the journal and check the namespace;
@@ -52,6 +55,7 @@ from .core import Filesystem
 from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_header,
                     parse_list_count)
 from .errors import BackendError, CorruptionError, QuietError
+from .fencing import FenceRefused, request_fence
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
 from .mount import EXIT_BACKEND, EXIT_REGIONS, MountOptions, Opened, fresh_regions
 from .regions import CTL_REGION_ID, RegionSet, mark_pages
@@ -72,6 +76,7 @@ EXIT_EPOCH = 25
 EXIT_NAMESPACE = 26
 EXIT_VERIFY = 27
 EXIT_CAPACITY = 28
+EXIT_FENCE = 29
 
 MAX_READ_PAGES = 256          # coalesce up to 1 MiB per read
 FETCH_BUFFER_BYTES = 8 << 20  # one bounce buffer of fetched pages
@@ -337,7 +342,8 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
             if not dry_run:
                 nursery.start_soon(plan_baseline)
             if not baseline_only:
-                state = await open_source(source, transport, manifest, fsid, secret, opts, timeout, report)
+                state = await open_source(source, transport, manifest, fsid, secret, opts, timeout, report,
+                                          fence=not dry_run)
     except BaseExceptionGroup as group:
         if state is not None:
             await state.conn.aclose()
@@ -356,8 +362,9 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
 
 
 async def open_source(source: str | None, transport: str, manifest: Manifest, fsid: str, secret: bytes,
-                      opts: MountOptions, timeout: float, report: RecoveryReport) -> SourceState:
-    """Connect to the source's exporter, do the handshake and read its dirty lists; check whose they are."""
+                      opts: MountOptions, timeout: float, report: RecoveryReport, *, fence: bool = True) -> SourceState:
+    """Connect to the source's exporter, do the handshake, fence the source for the new epoch (unless
+    ``fence`` is False: a dry run), and only then read its dirty lists; check whose they are."""
     if not source:
         source = manifest.owner.get("exporter_host") or manifest.owner.get("host")
     host, port = parse_source(source or "", manifest, opts.port)
@@ -377,6 +384,14 @@ async def open_source(source: str | None, transport: str, manifest: Manifest, fs
         raise QuietError(f"source {host}:{port}: {e}", EXIT_TRANSPORT) from None
     report.transport = conn.transport
     try:
+        if fence:
+            # Before the lists are read: from the exporter's reply on, the source acknowledges no mutation
+            # that is not in what we read (the argument is in fencing.py).
+            try:
+                await request_fence(conn, manifest.epoch + 1)
+            except FenceRefused as e:
+                raise QuietError(f"source {host}:{port}: cannot fence it for epoch {manifest.epoch + 1}: {e}",
+                                 EXIT_FENCE) from None
         state = await read_source_state(conn, catalog, report)
         if state.header.fsid != fsid:
             raise QuietError(f"source's dirty lists belong to filesystem {state.header.fsid}, not {fsid}", EXIT_FSID)

@@ -8,7 +8,8 @@ unusable; 15 exporter failed; 20 source unreachable or timed out;
 23 the source filesystem is still alive; 24 transport unavailable or failed;
 25 the source's memory belongs to another epoch (already recovered);
 26 the rebuilt namespace is inconsistent; 27 --verify found a mismatch;
-28 the fetched pages do not fit the new dirty list (raise -o dirty_capacity).
+28 the fetched pages do not fit the new dirty list (raise -o dirty_capacity);
+29 the source's exporter would not fence it (see README, fencing).
 """
 from __future__ import annotations
 

@@ -1,0 +1,85 @@
+"""Process level on one host: a paused source that is taken over acknowledges nothing afterwards (issue 10)."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import mmap
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness import Rig, cli, run
+from rmemfs.baseline import Backend
+
+pytestmark = pytest.mark.mount
+
+
+def test_paused_source_taken_over_refuses_every_write_after_resume(rig: Rig) -> None:
+    """The scenario at the top of issue 10: SIGSTOP the fs process, recover on a second mount, SIGCONT:
+    the old mount refuses write+fsync and msync, and the new mount holds v2."""
+    rig.mount(["flush_interval=3600"])
+    m1 = rig.mountpoint
+    (m1 / "a").write_bytes(b"v1\n")
+    (m1 / "mapped").write_bytes(b"m" * 8192)
+    rig.flush()
+    with open(m1 / "a", "r+b") as f:
+        f.write(b"v2\n")
+        os.fsync(f.fileno())
+    fs_pid = rig.daemon_pid()
+    m2 = rig.root / "mnt2"
+    m2.mkdir()
+    recover = cli("recover") + ["--backend", str(rig.backend), "--transport", "software", "--source",
+                                f"127.0.0.1:{rig.port}", "-o",
+                                rig.opts(["port=0"]).replace(f"regiondir={rig.regiondir}",
+                                                             f"regiondir={rig.regiondir}-hostB"), str(m2)]
+    # Started (waiting on stdin) before the files below are opened: a fork made while this process holds
+    # descriptors of M1 would close them in the child, and that close waits on the stopped daemon.
+    starter = subprocess.Popen(["sh", "-c", 'read go && exec "$@"', "sh", *recover], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    held = open(m1 / "a", "r+b")                      # opened before the takeover, used after it
+    mfile = open(m1 / "mapped", "r+b")
+    mm = mmap.mmap(mfile.fileno(), 8192)
+    os.kill(fs_pid, signal.SIGSTOP)
+    try:
+        out, err = starter.communicate("go\n", timeout=120)
+        assert starter.returncode == 0, err
+    finally:
+        os.kill(fs_pid, signal.SIGCONT)
+    try:
+        assert (m2 / "a").read_bytes() == b"v2\n"
+        # write() itself may land in the page cache only if writeback caching is on; fsync must fail then.
+        with pytest.raises(OSError) as e:
+            held.seek(0)
+            held.write(b"v3\n")
+            held.flush()
+            os.fsync(held.fileno())
+        assert e.value.errno == errno.EROFS
+        mm[0:2] = b"XX"
+        with pytest.raises(OSError) as e:
+            mm.flush()
+        assert e.value.errno in (errno.EROFS, errno.EIO)
+        with pytest.raises(OSError) as e:
+            (m1 / "new").write_bytes(b"n")
+        assert e.value.errno == errno.EROFS
+        with pytest.raises(OSError) as e:
+            os.unlink(m1 / "a")
+        assert e.value.errno == errno.EROFS
+        # Reads are served from the fenced mount's own memory.
+        assert (m1 / "a").read_bytes() == b"v2\n"
+        assert (m2 / "a").read_bytes() == b"v2\n"
+        assert not (m2 / "new").exists() and (m2 / "mapped").read_bytes() == b"m" * 8192
+        stats = json.loads(run(cli("ctl") + ["stats", "--json", str(m1)]).stdout)
+        assert stats["fenced"] is True and stats["fence_epoch"] == 2, stats
+        log = (rig.regiondir / "rmemfs.log").read_text()
+        assert sum("fenced: the filesystem was taken over by epoch 2" in ln for ln in log.splitlines()) == 1, log
+    finally:
+        mm.close()
+        mfile.close()
+        with contextlib.suppress(OSError):   # its buffered v3 is refused again at close
+            held.close()
+        subprocess.run(["fusermount3", "-u", "-z", str(m2)], capture_output=True)
+    assert Backend(rig.backend).read_manifest().epoch == 2
