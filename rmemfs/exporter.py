@@ -31,6 +31,7 @@ from .dirty import parse_header, read_ctl_header
 from .errors import CorruptionError
 from .fencing import EXTENSION, FenceExtension
 from .durable import atomic_write
+from .secure import read_private
 from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
 from .store import STATE_CLEAN, BaselineStore, segment_epoch
 from .transport import export_backend, load as load_transport
@@ -152,7 +153,7 @@ class Exporter:
                 await nursery.start(control.serve, self.region_dir / SOCKET_NAME, self._control)
                 nursery.start_soon(self._signals)
                 atomic_write(self.region_dir / INFO_NAME, json.dumps(
-                    {"pid": os.getpid(), "listen": self.listen, "port": self.port, "fsid": self.fsid}).encode())
+                    {"pid": os.getpid(), "start": process_start_time(os.getpid()), "listen": self.listen, "port": self.port, "fsid": self.fsid}).encode())
                 log.info("exporter for %s serving %s:%d", self.fsid, self.listen, self.port)
                 if ready is not None:
                     ready.set()
@@ -171,9 +172,10 @@ class Exporter:
 
 def exporter_info(region_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((region_dir / INFO_NAME).read_text())
+        info = json.loads(read_private(region_dir / INFO_NAME))
     except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None
 
 
 def exporter_alive(region_dir: Path) -> bool:
@@ -191,14 +193,48 @@ def stop_exporter(region_dir: Path, timeout: float = 10.0) -> None:
         control.call(region_dir / SOCKET_NAME, {"op": "shutdown"}, timeout=5)
     except (OSError, ValueError):
         pass
-    if info and info.get("pid"):
-        if wait_exited(info["pid"], timeout):
+    pid = info.get("pid") if info else None
+    if isinstance(pid, int) and pid > 0:
+        if wait_exited(pid, timeout):
             return
-        log.warning("exporter pid %d did not exit; killing it", info["pid"])
+        kill_our_exporter(pid, info.get("start"), region_dir)   # type: ignore[union-attr]
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` (clock ticks since boot, /proc/<pid>/stat field 22), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def kill_our_exporter(pid: int, start: object, region_dir: Path) -> None:
+    """SIGKILL ``pid`` only when it provably is the exporter that wrote exporter.json: a pidfd pins the
+    process, then its start time must equal the recorded one (a reused pid has a later start time) and
+    its command line must name this region directory. Anything else is left alone with a warning."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
         try:
-            os.kill(info["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            argv = []
+        ours = (start is not None and process_start_time(pid) == start
+                and b"rmemfs.cli.exporter" in argv and os.fsencode(str(region_dir)) in argv)
+        if not ours:
+            log.warning("not killing pid %d named in %s: it is not the exporter that wrote it",
+                        pid, region_dir / INFO_NAME)
+            return
+        log.warning("exporter pid %d did not exit; killing it", pid)
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def retire(region_dir: Path) -> None:

@@ -31,6 +31,7 @@ from . import control
 from .core import DEFAULT_DIRTY_CAPACITY, Filesystem, RoomWaiter
 from .dirty import read_ctl_header
 from .errors import BackendError, CorruptionError, FencedError, QuietError
+from .secure import private_dir
 from .exporter import DEFAULT_PORT, exporter_alive, stop_exporter
 from .flusher import Flusher
 from .loader import live_map, load, region_file_writer
@@ -246,6 +247,10 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
     if manifest.state != STATE_CLEAN:
         refuse_unclean(backend_path, manifest, mountpoint)
     region_dir = opts.region_dir(fsid)
+    try:
+        private_dir(region_dir)   # before anything in it is read, signalled or written
+    except OSError as e:
+        raise QuietError(f"region directory {region_dir}: {e}", EXIT_REGIONS) from None
     warn = check_region_directory(region_dir)
     if warn:
         log.warning("%s", warn)

@@ -59,6 +59,7 @@ from .fencing import FenceRefused, request_fence
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
 from .mount import EXIT_BACKEND, EXIT_REGIONS, MountOptions, Opened, fresh_regions
 from .regions import CTL_REGION_ID, RegionSet, mark_pages
+from .secure import private_dir
 from .store import BaselineStore, Manifest
 from .transport import load as load_transport, resolve
 from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, ReadOp, RegionDesc, RegionRole,
@@ -324,7 +325,7 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
         # the region files are created once the source's catalog gives their shape.
         region_dir = _recovery_region_dir(opts, fsid, manifest.epoch + 1)
         try:
-            region_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(region_dir)
         except OSError as e:
             raise QuietError(f"cannot create the region directory {region_dir}: {e}", EXIT_REGIONS) from None
         if regions_ready:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn, TypeVar
 
 from ..errors import QuietError
+from ..secure import open_log
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +19,8 @@ def setup_logging(debug: bool = False, log_file: Path | None = None, quiet: bool
     handler: logging.Handler
     if log_file:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
+        # never through a symlink, never another user's file (the log may sit in the region directory)
+        handler = logging.StreamHandler(os.fdopen(open_log(log_file), "a", buffering=1))
         handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
