@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_REQUEST = 64 * 1024
+# The mount root's extended attribute that names the filesystem process's control socket (rmemfs-ctl finds it so).
+CONTROL_XATTR = b"user.rmemfs.control"
 
 
 async def serve(path: Path, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 
 from . import PAGE_SIZE
+from .control import CONTROL_XATTR
 from .core import Filesystem
 from .errors import FsError
 from .namespace import Inode
@@ -23,7 +24,6 @@ from .regions import EXTENT_SIZE
 
 log = logging.getLogger(__name__)
 
-CONTROL_XATTR = b"user.rmemfs.control"
 ATTR_TIMEOUT = 10.0   # nothing but this process changes the namespace
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])

@@ -37,21 +37,14 @@ from .flusher import Flusher
 from .loader import live_map, load, region_file_writer
 from .regions import (CTL_REGION_ID, DEFAULT_DATA_REGION_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
                       check_region_directory, parse_region_file_name)
+from .exits import (EXIT_BACKEND, EXIT_ENVIRONMENT, EXIT_EXPORTER, EXIT_MOUNTPOINT,
+                    EXIT_REGIONS, EXIT_UNCLEAN, EXIT_USAGE)
 from .store import STATE_CLEAN, STATE_MOUNTED, BaselineStore, LiveMap, Manifest, open_store, owner_info
 
 log = logging.getLogger(__name__)
 
 CONTROL_SOCKET = "control.sock"
 
-# Exit codes shared by rmemfs and rmemfs-recover (documented in README.md).
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_BACKEND = 10
-EXIT_UNCLEAN = 11
-EXIT_MOUNTPOINT = 12
-EXIT_ENVIRONMENT = 13
-EXIT_REGIONS = 14
-EXIT_EXPORTER = 15
 
 
 @dataclass

@@ -55,9 +55,11 @@ from .core import Filesystem
 from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_header,
                     parse_list_count)
 from .errors import BackendError, CorruptionError, QuietError
+from .exits import (EXIT_ALIVE, EXIT_AUTH, EXIT_CAPACITY, EXIT_EPOCH, EXIT_FENCE, EXIT_FSID,
+                    EXIT_NAMESPACE, EXIT_REGIONS, EXIT_TRANSPORT, EXIT_UNREACHABLE, EXIT_VERIFY, EXIT_BACKEND)
 from .fencing import FenceRefused, request_fence
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
-from .mount import EXIT_BACKEND, EXIT_REGIONS, MountOptions, Opened, fresh_regions
+from .mount import MountOptions, Opened, fresh_regions
 from .regions import CTL_REGION_ID, RegionSet, mark_pages
 from .secure import private_dir
 from .store import BaselineStore, Manifest
@@ -67,17 +69,6 @@ from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidM
 
 log = logging.getLogger(__name__)
 
-# Exit codes of rmemfs-recover beyond the shared ones in mount.py (documented in README.md).
-EXIT_UNREACHABLE = 20
-EXIT_AUTH = 21
-EXIT_FSID = 22
-EXIT_ALIVE = 23
-EXIT_TRANSPORT = 24
-EXIT_EPOCH = 25
-EXIT_NAMESPACE = 26
-EXIT_VERIFY = 27
-EXIT_CAPACITY = 28
-EXIT_FENCE = 29
 
 MAX_READ_PAGES = 256          # coalesce up to 1 MiB per read
 FETCH_BUFFER_BYTES = 8 << 20  # one bounce buffer of fetched pages

@@ -26,19 +26,20 @@ from typing import Any
 
 from .. import control
 from ..errors import BackendError, CorruptionError, QuietError
+from ..exits import (EXIT_BACKEND, EXIT_CTL_BUSY, EXIT_CTL_FLUSH, EXIT_CTL_RETIRE, EXIT_CTL_UNREACHABLE,
+                     EXIT_CTL_VERIFY)
 from ..exporter import SOCKET_NAME, retire, stop_exporter, wait_exited, why_still_needed
-from ..fs import CONTROL_XATTR
 from ..store import STATE_CLEAN, open_store
 from .common import run_main
 
 
 def control_socket(mountpoint: Path) -> str:
     try:
-        return os.getxattr(mountpoint, CONTROL_XATTR.decode()).decode()
+        return os.getxattr(mountpoint, control.CONTROL_XATTR.decode()).decode()
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise QuietError(f"{mountpoint} is not the root of an rmemfs mount", 3) from None
-        raise QuietError(f"{mountpoint}: {e.strerror}", 3) from None
+            raise QuietError(f"{mountpoint} is not the root of an rmemfs mount", EXIT_CTL_UNREACHABLE) from None
+        raise QuietError(f"{mountpoint}: {e.strerror}", EXIT_CTL_UNREACHABLE) from None
 
 
 def ask(mountpoint: Path, request: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def ask(mountpoint: Path, request: dict[str, Any]) -> dict[str, Any]:
     try:
         reply = control.call(path, request)
     except OSError as e:
-        raise QuietError(f"cannot reach the rmemfs process of {mountpoint} ({path}): {e}", 3) from None
+        raise QuietError(f"cannot reach the rmemfs process of {mountpoint} ({path}): {e}", EXIT_CTL_UNREACHABLE) from None
     return reply
 
 
@@ -82,17 +83,17 @@ def unmount_and_wait(mountpoint: Path, timeout: float) -> None:
     proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
-        raise QuietError(f"cannot unmount {mountpoint}: {why}", 7)
+        raise QuietError(f"cannot unmount {mountpoint}: {why}", EXIT_CTL_BUSY)
     if not wait_exited(pid, timeout):
         raise QuietError(f"{mountpoint} is unmounted, but its final flush (pid {pid}) did not finish within "
-                         f"{timeout:g} s; it goes on in the background", 4)
+                         f"{timeout:g} s; it goes on in the background", EXIT_CTL_FLUSH)
     try:
         manifest = backend.read_manifest()
     except (BackendError, CorruptionError) as e:
-        raise QuietError(str(e), 10) from None
+        raise QuietError(str(e), EXIT_BACKEND) from None
     if manifest.state != STATE_CLEAN or manifest.owner.get("pid") != pid:
         raise QuietError(f"the final flush of {mountpoint} did not complete (see the log in its region directory): "
-                         f"the backend stays marked in use; recover it with rmemfs-recover", 4)
+                         f"the backend stays marked in use; recover it with rmemfs-recover", EXIT_CTL_FLUSH)
     print(f"unmounted {mountpoint}: final baseline generation {manifest.generation} published")
 
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             t = time.monotonic()
             reply = ask(args.mountpoint, {"op": "flush"})
             if not reply.get("ok"):
-                raise QuietError(f"flush failed: {reply.get('error')}", 4)
+                raise QuietError(f"flush failed: {reply.get('error')}", EXIT_CTL_FLUSH)
             print(f"published generation {reply['generation']} in {(time.monotonic() - t) * 1000:.1f} ms")
         elif args.command == "umount":
             unmount_and_wait(args.mountpoint.absolute(), args.timeout)
@@ -139,12 +140,12 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 manifest = backend.read_manifest()
             except (BackendError, CorruptionError) as e:
-                raise QuietError(str(e), 10) from None
+                raise QuietError(str(e), EXIT_BACKEND) from None
             problems = backend.verify(manifest)
             for problem in problems:
                 print(problem)
             if problems:
-                raise QuietError(f"{len(problems)} problems in generation {manifest.generation}", 5)
+                raise QuietError(f"{len(problems)} problems in generation {manifest.generation}", EXIT_CTL_VERIFY)
             pages = sum(s.entries for s in manifest.segments)
             print(f"generation {manifest.generation} (epoch {manifest.epoch}, {manifest.state}) verified: "
                   f"{len(manifest.segments)} segments, {pages} page entries, {manifest.live_pages} live pages")
@@ -152,15 +153,15 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 fsid = open_store(args.backend).fsid()
             except (BackendError, CorruptionError) as e:
-                raise QuietError(str(e), 10) from None
+                raise QuietError(str(e), EXIT_BACKEND) from None
             regiondir = args.regiondir or Path(f"/dev/shm/rmemfs-{fsid}")
             if args.retire:
                 try:
                     reason = why_still_needed(open_store(args.backend), regiondir)
                 except (BackendError, CorruptionError) as e:
-                    raise QuietError(str(e), 10) from None
+                    raise QuietError(str(e), EXIT_BACKEND) from None
                 if reason:
-                    raise QuietError(f"not retiring {regiondir}: {reason}", 6)
+                    raise QuietError(f"not retiring {regiondir}: {reason}", EXIT_CTL_RETIRE)
                 retire(regiondir)
                 print(f"retired {regiondir}: exporter stopped, memory freed")
                 return 0
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 reply = control.call(regiondir / SOCKET_NAME, {"op": "status"}, timeout=10)
             except OSError as e:
-                raise QuietError(f"no exporter answers at {regiondir / SOCKET_NAME}: {e}", 3) from None
+                raise QuietError(f"no exporter answers at {regiondir / SOCKET_NAME}: {e}", EXIT_CTL_UNREACHABLE) from None
             print(json.dumps(reply, indent=1))
         return 0
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import trio
 
 from ..errors import BackendError, CorruptionError, QuietError
+from ..exits import EXIT_BACKEND, EXIT_EXPORTER
 from ..exporter import DEFAULT_PORT, Exporter
 from ..store import open_store
 from .common import first_of, run_main, setup_logging
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             fsid, secret = backend.fsid(), backend.secret()
         except (BackendError, CorruptionError) as e:
-            raise QuietError(str(e), 10) from None
+            raise QuietError(str(e), EXIT_BACKEND) from None
         exporter = Exporter(args.region_dir, fsid, secret, args.listen, args.port)
         try:
             trio.run(exporter.run)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
             oserr = first_of(e, OSError)
             if oserr is None:
                 raise
-            raise QuietError(f"cannot serve on {args.listen}:{args.port}: {oserr.strerror or oserr}", 15) from None
+            raise QuietError(f"cannot serve on {args.listen}:{args.port}: {oserr.strerror or oserr}", EXIT_EXPORTER) from None
         return 0
 
     run_main("rmemfs-exporter", body)

@@ -17,7 +17,8 @@ from typing import Callable
 import trio
 
 from ..errors import QuietError
-from ..mount import (EXIT_ERROR, OPTION_HELP, ExporterLaunch, MountOptions, Opened, Session, check_environment,
+from ..exits import EXIT_ERROR
+from ..mount import (OPTION_HELP, ExporterLaunch, MountOptions, Opened, Session, check_environment,
                      check_mountpoint, open_backend, parse_options, serve)
 from .common import run_main, setup_logging
 
