@@ -280,3 +280,33 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise FsError(errno.ENOTSUP)
+
+
+# --- the FUSE session: the rest of rmemfs mounts, serves and unmounts through these -------------------
+
+def mount_options(fsname: str, *, allow_other: bool, extra: list[str]) -> set[str]:
+    """libfuse mount options: pyfuse3's defaults, ours, then the user's ``-o`` extras."""
+    options = set(pyfuse3.default_options)
+    options.update({f"fsname={fsname}", "subtype=rmemfs", "default_permissions"})
+    if allow_other:
+        options.add("allow_other")
+    options.update(o for o in extra if o != "default_permissions")
+    return options
+
+
+def mount(ops: Operations, mountpoint: str, options: set[str]) -> None:
+    """Mount (RuntimeError if the kernel refuses)."""
+    pyfuse3.init(ops, mountpoint, options)
+
+
+async def serve_requests() -> None:
+    """Serve FUSE requests until the filesystem is unmounted or ``terminate`` is called."""
+    await pyfuse3.main()
+
+
+def terminate() -> None:
+    pyfuse3.terminate()
+
+
+def close(*, unmount: bool) -> None:
+    pyfuse3.close(unmount=unmount)

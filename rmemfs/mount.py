@@ -412,23 +412,9 @@ def _advertised_host(listen: str) -> str:
     return listen
 
 
-def fuse_options(opts: MountOptions) -> set[str]:
-    import pyfuse3
-    options = set(pyfuse3.default_options)
-    options.add(f"fsname={opts.fsname}")
-    options.add("subtype=rmemfs")
-    options.add("default_permissions")
-    if opts.allow_other:
-        options.add("allow_other")
-    options.update(o for o in opts.extra_fuse if o != "default_permissions")
-    return options
-
-
 async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None) -> int:
     """Publish ownership, mount, serve until unmounted, then flush clean. Returns an exit code."""
-    import pyfuse3
-
-    from .fs import Operations
+    from . import fs as fuse      # loads pyfuse3: only the serving process needs it
 
     opened, opts = session.opened, session.opts
     fs = opened.fs
@@ -451,10 +437,11 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
         raise QuietError(f"cannot publish to backend {opened.backend.spec}: {e}", EXIT_BACKEND) from None
 
     control_path = opened.region_dir / CONTROL_SOCKET
-    ops = Operations(fs, control_path=str(control_path), writeback_cache=opts.writeback_cache)
+    ops = fuse.Operations(fs, control_path=str(control_path), writeback_cache=opts.writeback_cache)
     session.requests = ops.counters
     try:
-        pyfuse3.init(ops, str(session.mountpoint), fuse_options(opts))
+        fuse.mount(ops, str(session.mountpoint),
+                   fuse.mount_options(opts.fsname, allow_other=opts.allow_other, extra=opts.extra_fuse))
     except RuntimeError as e:
         raise QuietError(f"cannot mount {session.mountpoint}: {e}", EXIT_MOUNTPOINT) from None
     unmounted = False
@@ -468,12 +455,12 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
             log.info("mounted %s at %s", fs.fsid, session.mountpoint)
             if fs.tracker.current.count:
                 flusher.trigger()
-            await pyfuse3.main()
+            await fuse.serve_requests()
             unmounted = True
             flusher.stop()
             nursery.cancel_scope.cancel()
     finally:
-        pyfuse3.close(unmount=session.terminated or not unmounted)
+        fuse.close(unmount=session.terminated or not unmounted)
     return await _shutdown(session)
 
 
@@ -502,9 +489,9 @@ async def _heartbeat(fs: Filesystem, interval: float) -> None:
 
 
 async def _signals(session: Session) -> None:
-    import pyfuse3
+    from . import fs as fuse
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
             session.terminated = True
-            pyfuse3.terminate()
+            fuse.terminate()

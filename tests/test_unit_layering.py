@@ -1,0 +1,29 @@
+"""Layering rules of the package, checked on the source: who may import what."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "rmemfs"
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def importers_of(module: str) -> set[str]:
+    return {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if module in imported_modules(p)}
+
+
+def test_only_the_fuse_adapter_imports_pyfuse3() -> None:
+    assert importers_of("pyfuse3") == {"fs.py"}
+
+
+def test_only_the_verbs_transport_imports_pyverbs() -> None:
+    assert importers_of("pyverbs") <= {"transport/verbs.py"}
