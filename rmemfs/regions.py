@@ -14,6 +14,7 @@ pages ever written cost memory, and freeing an extent punches it out.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import mmap
 import os
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Iterator
 
 from . import PAGE_SIZE
-from .transport.base import RegionRole
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,14 @@ MAX_REGION_ID = 0xFFFF          # dirty-list entries hold 16 bits of region id
 
 _NAME_RE = re.compile(r"^(ctl|meta|data)-(\d{4,5})\.rgn$")
 TMPFS_MAGIC = 0x01021994
+
+
+class RegionRole(enum.Enum):
+    """What a region holds; recovery needs to tell dirty-list regions apart."""
+
+    CTL = "ctl"     # dirty page lists + heartbeat
+    META = "meta"   # the namespace journal
+    DATA = "data"   # file data extents
 
 
 def mark_pages(maps: dict[int, bytearray], region_id: int, first: int, npages: int, region_pages: int) -> None:

@@ -11,8 +11,7 @@ from rmemfs.dirty import (DirtyTracker, ListFull, ctl_region_size, decode_entry,
                           merge_runs, parse_entries, parse_header, parse_list_count)
 from rmemfs.errors import CorruptionError
 from rmemfs.journal import CHECKPOINT, Journal, read_superblock
-from rmemfs.regions import META_REGION_ID, RegionSet, parse_region_file_name, region_file_name
-from rmemfs.transport.base import RegionRole
+from rmemfs.regions import META_REGION_ID, RegionRole, RegionSet, parse_region_file_name, region_file_name
 
 FSID = str(uuid.UUID(int=0x1234))
 

@@ -27,3 +27,10 @@ def test_only_the_fuse_adapter_imports_pyfuse3() -> None:
 
 def test_only_the_verbs_transport_imports_pyverbs() -> None:
     assert importers_of("pyverbs") <= {"transport/verbs.py"}
+
+
+def test_the_memory_layer_does_not_depend_on_transports() -> None:
+    for name in ("regions.py", "dirty.py", "journal.py", "namespace.py", "core.py"):
+        tree = ast.parse((PACKAGE / name).read_text())
+        relative = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+        assert not any(m.startswith("transport") for m in relative), name

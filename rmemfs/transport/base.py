@@ -25,20 +25,12 @@ Destination buffers must lie inside memory passed to ``register_local`` first
 from __future__ import annotations
 
 import abc
-import enum
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Awaitable, Callable, Sequence
 
 from ..errors import RmemfsError
-
-
-class RegionRole(enum.Enum):
-    """What a region holds; recovery needs to tell dirty-list regions apart."""
-
-    CTL = "ctl"     # dirty page lists + heartbeat
-    META = "meta"   # the namespace journal
-    DATA = "data"   # file data extents
+from ..regions import RegionRole
 
 
 @dataclass(frozen=True)
