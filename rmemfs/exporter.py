@@ -35,6 +35,7 @@ from .secure import read_private
 from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
 from .store import STATE_CLEAN, BaselineStore, segment_epoch
 from .transport import export_backend, load as load_transport
+from .transport.software import serve as serve_software   # the exporter's own channel: always served
 from .transport.base import Catalog, ExportBackend, ExportedRegion, TransportError
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Exporter:
         except (TransportError, ImportError) as e:
             log.info("verbs transport not offered: %s", e)
             return out
-        for ext in getattr(verbs, "extensions", lambda: [])():
+        for ext in verbs.extensions():
             out[ext.name] = ext
         return out
 
@@ -142,12 +143,11 @@ class Exporter:
         raise ValueError(f"unknown request {op!r}")
 
     async def run(self, *, ready: "trio.Event | None" = None) -> None:
-        software = load_transport("software")
         self.registry.rescan()
         export = self._backend("software")
         with self._cancel:
             async with trio.open_nursery() as nursery:
-                self.port = await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: software.serve(
+                self.port = await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_software(
                     host=self.listen, port=self.port, fsid=self.fsid, secret=self.secret, export=export,
                     catalog=self.catalog, extensions=self.extensions(), task_status=task_status))
                 await nursery.start(control.serve, self.region_dir / SOCKET_NAME, self._control)

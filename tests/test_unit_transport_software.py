@@ -250,7 +250,7 @@ async def test_extension_round_trip(server):
 async def test_catalog_refused_for_other_transport(server):
     async with await _conn(server) as c:
         with pytest.raises(TransportError, match="transport verbs is not served here"):
-            await c.register("verbs")
+            await c.request_catalog("verbs")
         assert (await c.register()) == server.catalog
 
 

@@ -41,3 +41,12 @@ async def test_connect_without_device_is_unavailable() -> None:
         pytest.skip("this machine has an RDMA device")
     with pytest.raises(verbs.TransportUnavailable):
         await verbs.connect("127.0.0.1", 1, fsid="x", secret=b"s", timeout=1)
+
+
+def test_every_registered_transport_provides_the_interface() -> None:
+    from rmemfs.transport import TRANSPORTS, load
+    from rmemfs.transport.base import ExportBackend, Transport
+    for name in TRANSPORTS:
+        module = load(name)
+        assert isinstance(module, Transport), name
+    assert isinstance(load("software").export_backend(), ExportBackend)

@@ -8,26 +8,28 @@ from __future__ import annotations
 
 import importlib
 import logging
-from types import ModuleType
+from typing import cast
 
-from .base import ExportBackend, TransportUnavailable
+from .base import ExportBackend, Transport, TransportUnavailable
 
 log = logging.getLogger(__name__)
 
 TRANSPORTS = {"software": "rmemfs.transport.software", "verbs": "rmemfs.transport.verbs"}
 
 
-def load(name: str) -> ModuleType:
-    """Import a transport module. Each provides ``connect(...)`` and ``available() -> str | None``
-    (None when usable, else the reason it is not)."""
+def load(name: str) -> Transport:
+    """Import a transport module: each one is a ``base.Transport``."""
     try:
         module_name = TRANSPORTS[name]
     except KeyError:
         raise ValueError(f"unknown transport {name!r} (choose from auto, {', '.join(TRANSPORTS)})") from None
     try:
-        return importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
     except ImportError as e:
         raise TransportUnavailable(f"transport {name} cannot be loaded: {e}") from None
+    if not isinstance(module, Transport):
+        raise TypeError(f"{module_name} does not provide the transport interface (base.Transport)")
+    return cast(Transport, module)
 
 
 def resolve(name: str) -> str:
@@ -48,9 +50,6 @@ def resolve(name: str) -> str:
     return name
 
 
-_EXPORT_BACKENDS = {"software": "SoftwareExportBackend", "verbs": "VerbsExportBackend"}
-
-
-def export_backend(name: str) -> "ExportBackend":
+def export_backend(name: str) -> ExportBackend:
     """A new exporter-side registration backend for transport ``name``."""
-    return getattr(load(name), _EXPORT_BACKENDS[name])()
+    return load(name).export_backend()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence, runtime_checkable
 
 from ..errors import RmemfsError
 from ..regions import RegionRole
@@ -131,6 +131,10 @@ class ExportBackend(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def extensions(self) -> list[ControlExtension]:
+        """Control extensions this transport needs served over the software channel (e.g. a QP exchange)."""
+        return []
+
 
 ProgressFn = Callable[[int], None]   # called with bytes completed since the last call
 
@@ -181,3 +185,17 @@ class ControlExtension(abc.ABC):
 
     @abc.abstractmethod
     def handle(self, payload: bytes) -> bytes: ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What every transport module provides; ``transport.load`` checks a module against it."""
+
+    def available(self) -> str | None:
+        """None when this transport can be used here, else the reason it cannot (one line)."""
+
+    async def connect(self, host: str, port: int, *, fsid: str, secret: bytes, timeout: float = 10.0) -> Connection:
+        """Connect to an exporter and authenticate (ConnectError, AuthError, ProtocolError, ...)."""
+
+    def export_backend(self) -> ExportBackend:
+        """A new exporter-side registration backend."""

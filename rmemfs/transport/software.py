@@ -745,8 +745,12 @@ class SoftwareConnection(Connection):
         except OSError:
             pass
 
-    async def register(self, transport: str = "software") -> Catalog:
-        """The registration handshake: the exporter's catalog of regions for ``transport``."""
+    async def register(self) -> Catalog:
+        """The registration handshake: the exporter's catalog of regions for this transport."""
+        return await self.request_catalog("software")
+
+    async def request_catalog(self, transport: str) -> Catalog:
+        """The exporter's catalog of regions registered for ``transport`` (verbs asks over this channel)."""
         data = await self._run(self._call, Frame.CATALOG_REQ, transport.encode(), Frame.CATALOG)
         cat = _catalog_from_json(data)
         if cat.fsid != self._fsid:
@@ -825,3 +829,7 @@ async def connect(host: str, port: int, *, fsid: str, secret: bytes,
 def available() -> str | None:
     """The software transport needs only TCP: always available."""
     return None
+
+
+def export_backend() -> SoftwareExportBackend:
+    return SoftwareExportBackend()

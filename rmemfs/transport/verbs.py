@@ -478,7 +478,7 @@ class VerbsConnection(Connection):
             log.debug("closing exporter QP %d: %s", qpn, e)
 
     async def register(self) -> Catalog:
-        cat: Catalog = await self._control.register(transport="verbs")
+        cat: Catalog = await self._control.request_catalog("verbs")
         if cat.transport != "verbs":
             raise ProtocolError(f"exporter answered with a {cat.transport!r} catalog, not 'verbs'")
         self._catalog = {r.rkey: r for r in cat.regions}
@@ -747,3 +747,7 @@ async def connect(host: str, port: int, *, fsid: str, secret: bytes, timeout: fl
         await conn.aclose()
         raise
     return conn
+
+
+def export_backend() -> VerbsExportBackend:
+    return VerbsExportBackend()
