@@ -29,10 +29,10 @@ from . import PAGE_SIZE
 from .dirty import DirtyTracker, ctl_region_size, parse_header
 from .errors import CorruptionError, FsError
 from .fencing import barrier
-from .journal import Journal, JournalFull
+from .journal import CHECKPOINT, Journal, JournalFull
 from .namespace import (ROOT_INO, RENAME_EXCHANGE, RENAME_NOREPLACE, SET_ATIME, SET_CTIME, SET_GID, SET_MODE,
                         SET_MTIME, SET_SIZE, SET_UID, ExtentStore, Inode, Namespace, rec_create, rec_extent,
-                        rec_free, rec_link, rec_rename, rec_setattr, rec_unlink)
+                        rec_free, rec_link, rec_rename, rec_setattr, rec_unlink, snapshot_growth)
 from .regions import (CTL_REGION_ID, EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet)
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ class Filesystem:
         try:
             for rtype, payload in self.journal.open():
                 self.ns.apply(rtype, payload)
+                if rtype != CHECKPOINT:     # keeps the journal's bound on the next checkpoint true
+                    self.journal.grew(snapshot_growth(rtype, bytes(payload)))
         finally:
             self.ns.replaying = False
         if self.journal.sb is not None and self.journal.sb.fsid != self.fsid:
@@ -154,11 +156,19 @@ class Filesystem:
         self.regions[region_id].view[start:start + length] = bytes(length)
 
     def _log(self, rtype: int, payload: bytes) -> None:
+        growth = snapshot_growth(rtype, payload)
+        if growth and not self.journal.room_for_growth(growth):
+            if self.journal.growth_since_checkpoint:      # the bound may be loose: measure exactly once
+                self.journal.checkpoint(self.fsid, self.ns.serialize())
+            if not self.journal.room_for_growth(growth):
+                raise FsError(errno.ENOSPC, "the namespace journal region is full: delete files (its size, "
+                              "-o meta_size, is set when the filesystem is created)")
         try:
             self.journal.append(rtype, payload)
         except JournalFull:
             self.journal.checkpoint(self.fsid, self.ns.serialize())
             self.journal.append(rtype, payload)
+        self.journal.grew(growth)
 
     def _do(self, record: tuple[int, bytes]) -> None:
         self._log(*record)

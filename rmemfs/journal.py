@@ -105,6 +105,13 @@ class JournalFull(Exception):
     """The active area has no room for the record; checkpoint first."""
 
 
+# Room kept in each area beyond the largest checkpoint the namespace may grow to: the records that
+# shrink it (unlink, rmdir, truncate) and their checkpoints always fit, so a full journal never
+# stops a delete.
+RESERVE_FRACTION = 8
+MIN_RESERVE = 16 << 10
+
+
 class Journal:
     """Appends records to the active area and switches areas at checkpoints."""
 
@@ -118,6 +125,12 @@ class Journal:
         self.pos = 0
         self.next_lsn = 1
         self.checkpoint_bytes = 0
+        # An upper bound on the size of a checkpoint written now: the last one plus what the records
+        # since can have added (``namespace.snapshot_growth``); exact right after a checkpoint.
+        self.snapshot_bound = 0
+        self.growth_since_checkpoint = 0
+        smaller_area = min(length for _, length in self.areas)
+        self.checkpoint_limit = smaller_area - max(MIN_RESERVE, smaller_area // RESERVE_FRACTION)
 
     # --- writing -----------------------------------------------------------
     def _write(self, pos: int, data: bytes | memoryview) -> None:
@@ -137,6 +150,15 @@ class Journal:
         self._write(self.pos, rec)
         self.pos += len(rec)
         self.next_lsn += 1
+
+    def room_for_growth(self, growth: int) -> bool:
+        """Whether a record that grows the namespace by up to ``growth`` bytes keeps the next checkpoint
+        within its limit (the reserve stays free for deletes)."""
+        return self.snapshot_bound + growth <= self.checkpoint_limit
+
+    def grew(self, growth: int) -> None:
+        self.snapshot_bound += growth
+        self.growth_since_checkpoint += growth
 
     def used_bytes(self) -> int:
         return 0 if self.sb is None else self.pos - self.sb.area_offset
@@ -163,7 +185,8 @@ class Journal:
         self.sb = Superblock(slot, seq, fsid, off, length, self.next_lsn)
         self.pos = off + len(rec)
         self.next_lsn += 1
-        self.checkpoint_bytes = len(rec)
+        self.checkpoint_bytes = self.snapshot_bound = len(rec)
+        self.growth_since_checkpoint = 0
         if old is not None:
             # The old area is dead once the new superblock is in place; give its memory back.
             used_end = min(old.area_offset + old.area_length, -(-old_end // PAGE_SIZE) * PAGE_SIZE)
@@ -183,6 +206,7 @@ class Journal:
                 if rtype != CHECKPOINT:
                     raise CorruptionError("journal: active area does not start with a checkpoint")
                 self.checkpoint_bytes = REC_HEADER + (len(payload) + 7) // 8 * 8
+                self.snapshot_bound = self.checkpoint_bytes
                 first = False
             yield rtype, payload
             self.pos += REC_HEADER + (len(payload) + 7) // 8 * 8

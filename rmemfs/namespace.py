@@ -81,6 +81,21 @@ def _take_name(buf: memoryview, pos: int) -> tuple[bytes, int]:
     return bytes(buf[pos + 2:pos + 2 + n]), pos + 2 + n
 
 
+def snapshot_growth(rtype: int, payload: bytes) -> int:
+    """An upper bound on how much a record can grow the namespace's checkpoint (``serialize``).
+
+    The journal keeps its checkpoint within one area; this bound is what lets it refuse growth while
+    there is still room for the records that shrink the namespace (unlink, rmdir, truncate).
+    """
+    if rtype == CREATE:      # an inode, its name in the parent, a symlink target
+        return _CK_INODE.size + _CK_DIRENT.size + len(payload)
+    if rtype in (LINK, RENAME):   # a name (a rename may make a longer one)
+        return _CK_DIRENT.size + len(payload)
+    if rtype == EXTENT:
+        return _CK_EXT.size
+    return 0
+
+
 # --- record encoders (the live side) --------------------------------------
 
 def rec_create(parent: int, ino: int, mode: int, uid: int, gid: int, rdev: int, now: int,

@@ -354,3 +354,34 @@ async def test_flush_records_freed_pages_as_zeros_without_bringing_their_memory_
     assert fs.regions.stats().resident_bytes == freed   # without reading them back into memory
     images = baseline_image(backend, fs)
     assert bytes(images[region_id][ext * EXTENT_SIZE:(ext + 40) * EXTENT_SIZE]) == bytes(40 * EXTENT_SIZE)
+
+
+# --- a full journal region ----------------------------------------------------------------
+
+def test_full_journal_refuses_growth_but_deletes_and_checkpoints_keep_working(tmp_path: Path) -> None:
+    """Issue 15 item 7: long names once filled a 1 MiB journal so that nothing worked, not even unlink."""
+    fsid = str(uuid.uuid4())
+    directory = Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}"
+    regions = Filesystem.create_regions(directory, fsid, capacity=CAP, data_region_size=16 << 20,
+                                        meta_size=1 << 20)
+    fs = Filesystem.format(regions, fsid, 1, CAP)
+    names = []
+    with pytest.raises(FsError) as e:
+        for i in range(100_000):
+            name = f"{i:06d}".encode() + b"n" * 249
+            fs.make(ROOT_INO, name, REG, 0, 0)
+            fs.after_operation()
+            names.append(name)
+    assert err(e) == errno.ENOSPC and len(names) > 100
+    # Every existing name can still go, and what is freed can be used again.
+    for name in names[:len(names) // 2]:
+        fs.unlink(ROOT_INO, name, directory=False)
+        fs.after_operation()
+    f = fs.make(ROOT_INO, b"after", REG, 0, 0)
+    fs.write(f.ino, 0, b"still works")
+    for name in names[len(names) // 2:]:
+        fs.unlink(ROOT_INO, name, directory=False)
+        fs.after_operation()
+    again = reopen(fs)
+    assert again.read(again.lookup(ROOT_INO, b"after").ino, 0, 100) == b"still works"
+    assert [n for n, _ in again.readdir(ROOT_INO)] == [b"after"]

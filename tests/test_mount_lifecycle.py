@@ -2,6 +2,7 @@
 and the mount command's answers to bad input."""
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -297,3 +298,26 @@ def test_ctl_umount_returns_only_once_the_final_baseline_is_published(rig: Rig) 
     one_line_error(run(cli("ctl") + ["umount", str(rig.mountpoint)]), 3, "not the root of an rmemfs mount")
     rig.mount()
     assert digest_tree(rig.mountpoint) == want
+
+
+def test_a_full_journal_region_refuses_creates_but_never_deletes(rig: Rig) -> None:
+    """Issue 15 item 7: 1612 long names once made a 1 MiB journal refuse everything, unlink included,
+    and the state survived a remount."""
+    rig.mount(["meta_size=1M"])
+    made = []
+    with pytest.raises(OSError) as e:
+        for i in range(100_000):
+            path = rig.mountpoint / (f"{i:06d}" + "n" * 249)
+            path.touch()
+            made.append(path)
+    assert e.value.errno == errno.ENOSPC and len(made) > 100
+    made.pop().unlink()                              # deletes still work while full
+    rig.unmount()
+    rig.mount(["meta_size=1M"])                      # and after a remount
+    for path in made[: len(made) // 2]:
+        path.unlink()
+    (rig.mountpoint / "after").write_bytes(b"usable again")
+    rig.unmount()
+    rig.mount(["meta_size=1M"])
+    assert (rig.mountpoint / "after").read_bytes() == b"usable again"
+    assert len(os.listdir(rig.mountpoint)) == len(made) - len(made) // 2 + 1
