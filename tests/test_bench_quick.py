@@ -29,6 +29,7 @@ def test_bench_quick_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "--quick", "--size", "4M", "--dirty", "1,50",
            "--repeat", "2", "--small-files", "40", "--random-pages", "200", "--transport-pages", "500",
+           "--db-commits", "30", "--db-size", "2M",
            "--workdir", str(tmp_path), "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -88,12 +89,28 @@ def test_bench_quick_report(tmp_path: Path) -> None:
     assert fp["fs_process"]["VmRSS"] > 0 and fp["exporter_process"]["VmRSS"] > 0
     assert fp["per_GiB"]["dirty_list_bytes_sequential"] > 0
 
+    db = rep["databases"]
+    assert set(db["targets"]) == {"rmemfs", "rmemfs_writeback", "tmpfs", "fuse_overlayfs_on_tmpfs",
+                                  "pyfuse3_minimal", "pyfuse3_minimal_writeback"}
+    for t in db["targets"].values():
+        for wl in ("sqlite_wal_commits", "sqlite_delete_commits", "lmdb_commits"):
+            _figure(t[wl], "commits/s")
+            assert t[wl]["min"] > 0
+        for wl in ("mmap_random_4KiB", "pwrite_random_4KiB", "pwrite_fdatasync64_4KiB"):
+            _figure(t[wl], "pages/s")
+            assert t[wl]["min"] > 0
+    for key in ("rmemfs_to_pyfuse3_minimal.sqlite_wal_commits", "rmemfs_to_fuse_overlayfs.lmdb_commits",
+                "rmemfs_writeback_to_pyfuse3_minimal_writeback.mmap_random_4KiB",
+                "rmemfs_to_pyfuse3_minimal.pwrite_random_4KiB"):
+        assert db["ratios"][key] > 0
+    assert "databases (median" in r.stdout
+
     assert len(rep["targets"]) == 10
     for t in rep["targets"]:
         assert set(t) == {"target", "value", "op", "bound", "unit", "pass"}
         # only the 10%-dirty recovery target is unmeasured here (--dirty 1,50)
         assert (t["pass"] is None) == t["target"].startswith("recovery, 10%")
-    for png in ("recovery.png", "write.png", "flush.png"):
+    for png in ("recovery.png", "write.png", "flush.png", "databases.png"):
         assert (out / png).stat().st_size > 1000
         assert png in rep["plots"]
     # nothing left behind: no mounts, no region directories of ours

@@ -18,7 +18,9 @@ Sections (each figure is measured ``--repeat`` times; median, min and max are ke
    plus sending the dirty bytes over a raw loopback socket; and 10,000 small
    files with a few dirty pages;
 4. transport: tools/bench_transport.py (software transport vs a raw socket);
-5. footprint: region memory, RSS of the filesystem and exporter processes, dirty-list bytes.
+5. footprint: region memory, RSS of the filesystem and exporter processes, dirty-list bytes;
+6. databases: tools/bench_databases.py (SQLite and LMDB commits, random 4 KiB mmap and pwrite on rmemfs,
+   tmpfs, fuse-overlayfs and tools/minimalfs.py, the pyfuse3 ceiling, in both cache modes).
 
 Writes DIR/report.json (every figure with its unit) and PNG plots, and prints
 a table with the ratios against the targets. Needs root and /dev/fuse.
@@ -810,6 +812,11 @@ class Bench:
             f"{res['software_4KiB_scattered']['median']:.0f} pages/s")
         return res
 
+    # 6 ----------------------------------------------------------------------------------------
+    def databases(self) -> dict[str, Any]:
+        import bench_databases
+        return bench_databases.run(self)
+
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         started = datetime.datetime.now(datetime.timezone.utc)
@@ -819,11 +826,12 @@ class Bench:
                                       "small_files": self.args.small_files,
                                       "random_pages": self.args.random_pages,
                                       "transport_pages": self.args.transport_pages,
+                                      "db_commits": self.args.db_commits, "db_size_bytes": self.args.db_size,
                                       "workdir": str(self.work), "command": " ".join(sys.argv)},
                        "started": started.isoformat(timespec="seconds")}
         sections: list[tuple[str, Callable[[], Any]]] = [
             ("write", self.write_path), ("flush", self.flush_and_footprint),
-            ("recovery", self.recovery), ("transport", self.transport)]
+            ("recovery", self.recovery), ("transport", self.transport), ("databases", self.databases)]
         only = set(self.args.only.split(",")) if self.args.only else None
         for name, fn in sections:
             if only and name not in only:
@@ -960,12 +968,15 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"  dirty list: sequential {human(g['dirty_list_bytes_sequential'])}, worst case (every page "
                      f"scattered) {human(g['dirty_list_bytes_all_pages_scattered_worst_case'])}; dedup map "
                      f"{human(g['dedup_map_bytes'])} per list")
+    if isinstance(r.get("databases"), dict):
+        import bench_databases
+        lines += bench_databases.table(r["databases"])
     lines.append("targets")
     for t in r.get("targets", []):
         mark = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
         bound = _fmt(t["bound"], t["unit"]) if t["unit"] != "fraction" else f"{t['bound'] * 100:.0f} %"
         lines.append(f"  [{mark:4}] {t['target']:<58} {_fmt(t['value'], t['unit']):>18}  (target {t['op']} {bound})")
-    for name in ("write", "flush", "recovery", "transport"):
+    for name in ("write", "flush", "recovery", "transport", "databases"):
         if isinstance(r.get(name), dict) and "error" in r[name]:
             lines.append(f"  section {name} failed: {r[name]['error']}")
     return "\n".join(lines)
@@ -1051,6 +1062,9 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
         ax.set_title(f"flush time, {human(fl['size_bytes'])} file")
         ax.legend(fontsize=8)
         made.append(save(fig, "flush.png"))
+    if isinstance(r.get("databases"), dict) and "targets" in r["databases"]:
+        import bench_databases
+        made += [p for p in [bench_databases.plot(r["databases"], out, plt)] if p]
     return made
 
 
@@ -1106,7 +1120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport-size", default=None, help="bytes for the transport test (default --size)")
     ap.add_argument("--transport-pages", type=int, default=None, help="scattered pages read (default 100000)")
     ap.add_argument("--workdir", default="/var/tmp", help="where backends live (a disk; default /var/tmp)")
-    ap.add_argument("--only", default="", help="run only these sections: write,flush,recovery,transport")
+    ap.add_argument("--only", default="", help="run only these sections: write,flush,recovery,transport,databases")
+    ap.add_argument("--db-commits", type=int, default=None, help="transactions per database run (default 2000)")
+    ap.add_argument("--db-size", default=None, help="file for the random 4 KiB runs (default 64M; --quick 4M)")
     args = ap.parse_args(argv)
     q = args.quick
     args.size = args.size or ("32M" if q else "1G")
@@ -1114,6 +1130,8 @@ def main(argv: list[str] | None = None) -> int:
     args.small_files = args.small_files if args.small_files is not None else (1000 if q else 10000)
     args.random_pages = args.random_pages or (2000 if q else 20000)
     args.transport_pages = args.transport_pages or (20000 if q else 100000)
+    args.db_commits = args.db_commits or (100 if q else 2000)
+    args.db_size = parse_size(args.db_size or ("4M" if q else "64M"))
     args.out = args.out or str(ROOT / "bench-out" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if os.geteuid() != 0:
         print("bench: must run as root (it mounts FUSE and drops caches)", file=sys.stderr)
