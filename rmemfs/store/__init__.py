@@ -8,4 +8,3 @@ from .live import LiveMap
 __all__ = ["BaselineStore", "SegmentReader", "SegmentSink", "SegmentWriter", "open_store", "owner_info",
            "register_scheme", "STATE_CLEAN", "STATE_MOUNTED", "Manifest", "SegmentInfo", "next_manifest",
            "segment_epoch", "segment_name", "split_key", "LiveMap"]
-from . import rados as _rados_scheme  # noqa: E402,F401  registers rados:POOL[/PREFIX]; imports no librados
