@@ -1,0 +1,341 @@
+"""The RADOS store: a baseline store in a Ceph pool (``--backend rados:POOL[/PREFIX]``), issue 13.
+
+Work in progress (issue 13): a first cut, smoke-tested by hand against the test cluster but not yet run
+through tests/test_contract_store.py, with no CLI options (``ceph_conf``, ``ceph_id``) and no fault tests.
+Until it passes the contract suite, ``store/__init__`` does not import it, so ``rados:`` is not yet an
+accepted ``--backend``.
+
+Objects, all named ``<PREFIX>/...`` (PREFIX defaults to ``rmemfs``) in POOL:
+
+    fs.json                 identity, created exclusively (``op.new(EXCLUSIVE)`` + ``write_full`` in one op)
+    secret                  the transports' HMAC key, likewise. It lives in the pool: whoever the cluster's
+                            keyring lets read the pool (OSD caps) can read it, no one else.
+    epoch.<epoch:010d>      one object per epoch, created by its owner's claim; content = that epoch's
+                            newest manifest, omap key ``owner`` = the claimer's token
+    seg.<name>              a finished segment's head: JSON {size, parts, part_size}; created exclusively,
+                            last, so a segment is visible all at once
+    part.<name>.<i:05d>     its bytes, in parts of PART_SIZE (below osd_max_write_size, 90 MiB)
+
+**publish is a compare-and-swap on the epoch, from RADOS's atomic ops** (one WriteOp applies all or nothing):
+
+* *Takeover (claim)*: create ``epoch.<E+1>`` with ``op.new(LIBRADOS_CREATE_EXCLUSIVE)``, the manifest and the
+  owner token in one op. Of two claimers exactly one create succeeds; the other gets ObjectExists ->
+  FencedError. Claim and first manifest appear together.
+* *Flush*: ``omap_cmp("owner", our token, EQ)`` + ``write_full`` on our own ``epoch.<E>``: fails unless the
+  object still exists and is ours (a newer owner's GC removed it -> ObjectNotFound -> FencedError).
+* *An old owner can never make its epoch newest again*: it only writes ``epoch.<E>``; readers take the highest
+  epoch object. After its write it lists the epochs; a higher one -> FencedError (marks kept).
+* *Takeover after the old owner published once more*: after its create the new owner re-reads ``epoch.<E>``;
+  a generation other than its base -> it removes its claim object (the old epoch is newest again) and fails.
+  Each side reads after its own atomic step (Dekker's order), as in ``directory.py``.
+* *GC* runs only while the newest is our epoch (``BaselineStore.collect_garbage``) and removes our names only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any, Sequence
+
+from ..errors import BackendError, CorruptionError, FencedError
+from .base import BaselineStore, SegmentReader, SegmentSink, register_scheme, writer_token
+from .format import STATE_CLEAN, Identity, Manifest, decode_secret, encode_secret, parse_segment_name
+
+log = logging.getLogger(__name__)
+
+PART_SIZE = 64 << 20        # below osd_max_write_size (90 MiB) and osd_max_object_size (128 MiB)
+IN_FLIGHT = 4               # aio writes/reads outstanding per sink/reader
+TIMEOUT = 10                # seconds: client_mount_timeout, rados_osd_op_timeout, rados_mon_op_timeout
+
+
+def _rados() -> Any:
+    try:
+        import rados  # the one importer of python3-rados
+    except ImportError:
+        raise BackendError("the rados backend needs python3-rados (run tools/setup)") from None
+    return rados
+
+
+class RadosStore(BaselineStore):
+    def __init__(self, rest: str, *, ceph_conf: str | None = None, ceph_id: str | None = None) -> None:
+        super().__init__()
+        pool, _, prefix = rest.partition("/")
+        if not pool:
+            raise BackendError(f"rados:{rest}: give a pool, rados:POOL[/PREFIX]")
+        self.pool, self.prefix = pool, (prefix.strip("/") or "rmemfs")
+        self.spec = f"rados:{rest}"
+        self.token = writer_token()
+        self.rados = _rados()
+        conf = {"log_to_stderr": "false", "err_to_stderr": "false", "client_mount_timeout": str(TIMEOUT),
+                "rados_osd_op_timeout": str(TIMEOUT), "rados_mon_op_timeout": str(TIMEOUT)}
+        try:
+            self.cluster = self.rados.Rados(conffile=ceph_conf or "", rados_id=ceph_id, conf=conf)
+            self.cluster.connect()
+            self.io = self.cluster.open_ioctx(pool)
+        except self.rados.Error as e:
+            raise BackendError(f"{self.spec}: cannot connect to the cluster or open pool {pool!r}: {e} "
+                               f"(check ceph_conf, ceph_id, the keyring and the pool)") from None
+
+    def _o(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def describe(self, name: str | None = None) -> str:
+        return self.spec if name is None else f"{self.spec}/seg.{name}"
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            size, _ = self.io.stat(self._o(name))
+            return self.io.read(self._o(name), max(size, 1))
+        except self.rados.ObjectNotFound:
+            return None
+        except self.rados.Error as e:
+            raise BackendError(f"{self.spec}: reading {name}: {e}") from None
+
+    def _names(self) -> list[str]:
+        start = self.prefix + "/"
+        try:
+            return [o.key[len(start):] for o in self.io.list_objects() if o.key.startswith(start)]
+        except self.rados.Error as e:
+            raise BackendError(f"{self.spec}: listing the pool: {e}") from None
+
+    def _create(self, name: str, data: bytes, omap: dict[str, bytes] | None = None) -> bool:
+        with self.rados.WriteOpCtx() as op:
+            op.new(self.rados.LIBRADOS_CREATE_EXCLUSIVE)
+            op.write_full(data)
+            if omap:
+                self.io.set_omap(op, tuple(omap), tuple(omap.values()))
+            try:
+                self.io.operate_write_op(op, self._o(name))
+            except self.rados.ObjectExists:
+                return False
+            except self.rados.Error as e:
+                raise BackendError(f"{self.spec}: writing {name}: {e}") from None
+        return True
+
+    # --- identity ---------------------------------------------------------------
+    def check_usable(self) -> None:
+        pass    # connecting and opening the pool in __init__ checked it
+
+    def is_empty(self) -> bool:
+        return not any(n.startswith("epoch.") for n in self._names())
+
+    def create(self, settings: dict, regions: dict[int, int]) -> Manifest:
+        import secrets, time, uuid
+        from .base import owner_info
+        self._create("fs.json", Identity(str(uuid.uuid4()), time.time_ns()).to_bytes())
+        self._create("secret", encode_secret(secrets.token_bytes(32)))
+        manifest = Manifest(self.fsid(), 0, 0, STATE_CLEAN, owner_info(), time.time_ns(), regions,
+                            settings=settings)
+        if not self._epochs():
+            try:
+                self._claim(manifest, base=None)
+                return manifest
+            except FencedError:
+                pass
+        return self.read_manifest()
+
+    def fsid(self) -> str:
+        if self._fsid is None:
+            raw = self._read("fs.json")
+            if raw is None:
+                raise BackendError(f"backend {self.spec} holds no rmemfs filesystem (no fs.json)")
+            self._fsid = Identity.from_bytes(raw, f"{self.spec}/fs.json").fsid
+        return self._fsid
+
+    def secret(self) -> bytes:
+        raw = self._read("secret")
+        if raw is None:
+            raise BackendError(f"{self.spec}/secret is missing: the backend is incomplete")
+        return decode_secret(raw, f"{self.spec}/secret")
+
+    # --- manifest ---------------------------------------------------------------
+    def _epochs(self) -> list[int]:
+        return sorted((int(n[6:]) for n in self._names() if n.startswith("epoch.") and n[6:].isdigit()),
+                      reverse=True)
+
+    def _manifest_of(self, epoch: int) -> Manifest | None:
+        raw = self._read(f"epoch.{epoch:010d}")
+        return None if raw is None else Manifest.from_bytes(raw, f"{self.spec}/epoch.{epoch:010d}")
+
+    def read_manifest(self) -> Manifest:
+        for _ in range(5):
+            epochs = self._epochs()
+            if not epochs:
+                raise BackendError(f"backend {self.spec} has no published MANIFEST")
+            m = self._manifest_of(epochs[0])
+            if m is None:
+                continue
+            if m.fsid != self.fsid():
+                raise BackendError(f"{self.spec}: manifest of filesystem {m.fsid}, backend is {self.fsid()}")
+            if m.epoch != epochs[0]:
+                raise CorruptionError(f"{self.spec}/epoch.{epochs[0]:010d}: holds epoch {m.epoch}")
+            return m
+        raise BackendError(f"backend {self.spec}: the MANIFEST kept disappearing while being read")
+
+    def _fenced(self, epoch: int) -> FencedError:
+        return FencedError(f"backend {self.spec} now belongs to a newer epoch; this host (epoch {epoch}) "
+                           f"may no longer publish")
+
+    def publish(self, manifest: Manifest, *, expect_epoch: int) -> None:
+        current = self.read_manifest()
+        self.step("publish.read")
+        if current.epoch != expect_epoch:
+            raise self._fenced(expect_epoch)
+        if manifest.epoch == expect_epoch:
+            if self.owned_epoch != expect_epoch or manifest.generation < current.generation:
+                raise FencedError(f"backend {self.spec}: this writer may not publish in epoch {expect_epoch}")
+            with self.rados.WriteOpCtx() as op:
+                op.omap_cmp("owner", self.token, self.rados.LIBRADOS_CMPXATTR_OP_EQ)
+                op.write_full(manifest.to_bytes())
+                self.step("publish.written")
+                try:
+                    self.io.operate_write_op(op, self._o(f"epoch.{expect_epoch:010d}"))
+                except (self.rados.ObjectNotFound, self.rados.OSError) as e:
+                    if isinstance(e, self.rados.ObjectNotFound) or getattr(e, "errno", 0) == 125:
+                        raise self._fenced(expect_epoch) from None
+                    raise BackendError(f"{self.spec}: publishing epoch {expect_epoch}: {e}") from None
+            self.step("publish.renamed")
+            if self._epochs()[0] > expect_epoch:
+                raise self._fenced(expect_epoch)
+        elif manifest.epoch == expect_epoch + 1:
+            if manifest.generation <= current.generation:
+                raise FencedError(f"backend {self.spec} moved on while this host took over: run it again")
+            self._claim(manifest, base=current)
+        else:
+            raise ValueError(f"publish of epoch {manifest.epoch} expecting {expect_epoch}: only E or E+1")
+
+    def _claim(self, manifest: Manifest, base: Manifest | None) -> None:
+        name = f"epoch.{manifest.epoch:010d}"
+        self.step("claim.built")
+        if not self._create(name, manifest.to_bytes(), {"owner": self.token.encode()}):
+            raise FencedError(f"backend {self.spec}: epoch {manifest.epoch} was claimed by another host first")
+        self.step("claim.renamed")
+        if base is not None:
+            now = self._manifest_of(base.epoch)
+            if now is None or now.generation != base.generation:
+                self.io.remove_object(self._o(name))
+                raise FencedError(f"backend {self.spec} moved on while this host took over: run it again")
+        self.owned_epoch = manifest.epoch
+
+    # --- segments ---------------------------------------------------------------
+    def open_segment_sink(self, name: str) -> SegmentSink:
+        return _RadosSink(self, name)
+
+    def open_segment(self, name: str, *, sequential: bool = False) -> SegmentReader:
+        raw = self._read(f"seg.{name}")
+        if raw is None:
+            raise CorruptionError(f"baseline segment {self.describe(name)} is missing")
+        try:
+            head = json.loads(raw)
+            return _RadosReader(self, name, int(head["size"]), int(head["part_size"]))
+        except (ValueError, KeyError, TypeError):
+            raise CorruptionError(f"baseline segment {self.describe(name)}: bad head object") from None
+
+    def list_segments(self) -> list[str]:
+        return [n[4:] for n in self._names() if n.startswith("seg.") and parse_segment_name(n[4:])]
+
+    def delete_segment(self, name: str) -> None:
+        if parse_segment_name(name) is None:
+            raise ValueError(f"{name!r} is not a segment name")
+        for n in self._names():
+            if n == f"seg.{name}" or n.startswith(f"part.{name}."):
+                try:
+                    self.io.remove_object(self._o(n))
+                except self.rados.ObjectNotFound:
+                    pass
+
+
+class _RadosSink(SegmentSink):
+    """Parts written with aio, up to IN_FLIGHT at once; the head object, created last, makes it visible."""
+
+    def __init__(self, store: RadosStore, name: str) -> None:
+        super().__init__(name)
+        self.store, self.buf, self.parts, self.size = store, bytearray(), 0, 0
+        self.slots = threading.Semaphore(IN_FLIGHT)
+        self.errors: list[int] = []
+        self.pending: list[Any] = []
+
+    def _flush_part(self, data: bytes) -> None:
+        self.slots.acquire()
+
+        def done(comp: Any) -> None:
+            rv = comp.get_return_value()
+            if rv < 0:
+                self.errors.append(rv)
+            self.slots.release()
+        key = self.store._o(f"part.{self.name}.{self.parts:05d}")
+        self.pending.append(self.store.io.aio_write_full(key, data, oncomplete=done))
+        self.parts += 1
+
+    def write(self, data: memoryview) -> None:
+        self.buf += data
+        self.size += len(data)
+        while len(self.buf) >= PART_SIZE:
+            self._flush_part(bytes(self.buf[:PART_SIZE]))
+            del self.buf[:PART_SIZE]
+
+    def finish(self) -> None:
+        if self.buf or not self.parts:
+            self._flush_part(bytes(self.buf))
+            self.buf = bytearray()
+        for _ in range(IN_FLIGHT):
+            self.slots.acquire()
+        for _ in range(IN_FLIGHT):
+            self.slots.release()
+        if self.errors:
+            raise BackendError(f"{self.store.describe(self.name)}: writing a part failed (errno {-self.errors[0]})")
+        head = json.dumps({"size": self.size, "parts": self.parts, "part_size": PART_SIZE}).encode()
+        if not self.store._create(f"seg.{self.name}", head):
+            raise BackendError(f"{self.store.describe(self.name)} exists already")
+
+    def abort(self) -> None:
+        for i in range(self.parts):
+            try:
+                self.store.io.remove_object(self.store._o(f"part.{self.name}.{i:05d}"))
+            except self.store.rados.Error:
+                pass
+
+
+class _RadosReader(SegmentReader):
+    def __init__(self, store: RadosStore, name: str, size: int, part_size: int) -> None:
+        super().__init__(name, size)
+        self.store, self.part_size = store, part_size
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        self.readv([(offset, buf)])
+
+    def readv(self, reads: Sequence[tuple[int, memoryview]]) -> None:
+        """All pieces issued as aio reads at once, then waited for (a counter, not wait_for_complete)."""
+        where = self.store.describe(self.name)
+        pieces = []
+        for offset, buf in reads:
+            if offset < 0 or offset + len(buf) > self.size:
+                raise CorruptionError(f"{where}: read past its end ({offset}+{len(buf)} > {self.size})")
+            pos, view = offset, buf
+            while len(view):
+                part, off = divmod(pos, self.part_size)
+                n = min(len(view), self.part_size - off)
+                pieces.append((part, off, view[:n]))
+                view, pos = view[n:], pos + n
+        cond, left, bad = threading.Condition(), [len(pieces)], []
+        for part, off, view in pieces:
+            def done(comp: Any, data: bytes | None, view: memoryview = view) -> None:
+                if data is None or len(data) != len(view):
+                    bad.append(comp.get_return_value())
+                else:
+                    view[:] = data
+                with cond:
+                    left[0] -= 1
+                    cond.notify()
+            self.store.io.aio_read(self.store._o(f"part.{self.name}.{part:05d}"), len(view), off, done)
+        with cond:
+            cond.wait_for(lambda: left[0] == 0)
+        if bad:
+            raise CorruptionError(f"{where}: a part could not be read (rv {bad[0]})")
+
+
+def _factory(rest: str) -> BaselineStore:
+    return RadosStore(rest)
+
+
+register_scheme("rados", _factory)
