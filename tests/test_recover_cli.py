@@ -103,6 +103,13 @@ def test_alive_source_is_refused(rig: Rig) -> None:
     proc = run(cli("recover") + ["--backend", str(rig.backend), "--transport", "software", "--source",
                                  f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0"]), str(other_mnt)])
     one_line_error(proc, 23, "alive")
+    # The refusal did not fence the live mount (issue 10: liveness before fence): it still acknowledges.
+    with open(rig.mountpoint / "x", "r+b") as f:
+        f.write(b"y")
+        os.fsync(f.fileno())
+    assert (rig.mountpoint / "x").read_bytes() == b"y"
+    stats = json.loads(run(cli("ctl") + ["stats", "--json", str(rig.mountpoint)]).stdout)
+    assert not stats["fenced"], stats
 
 
 def test_busy_mountpoint(crashed: Rig, tmp_path: Path) -> None:
@@ -163,7 +170,7 @@ def test_full_recovery_report(crashed: Rig, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(report.read_text())
     assert doc["dirty_pages_fetched"] > 0 and doc["files"] >= 4 and doc["verified_pages"] > 0
-    for phase in ("connect+lists", "liveness check", "baseline load", "page fetch", "namespace check",
+    for phase in ("connect", "liveness check", "lists", "baseline load", "page fetch", "namespace check",
                   "publish+mount"):
         assert phase in doc["phases"], phase
     assert digest_tree(crashed.mountpoint) == crashed.want  # type: ignore[attr-defined]
