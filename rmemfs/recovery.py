@@ -343,8 +343,15 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
         async with trio.open_nursery() as nursery:
             if not dry_run:
                 nursery.start_soon(plan_baseline, manifest)
-            if not baseline_only:
+            try:
                 state = await open_source(source, transport, manifest, fsid, opts, secret, timeout, report)
+            except QuietError as e:
+                # --baseline-only: a reachable source is still checked and fenced (issue 15 item 5); only an
+                # unreachable one is skipped.
+                if not baseline_only or e.exitcode != EXIT_UNREACHABLE:
+                    raise
+                log.warning("source unreachable, recovering from the baseline alone: %s", e)
+            if state is not None:
                 if check_alive and not dry_run:
                     # The source's own interval (in its ctl header), not ours.
                     interval = state.header.heartbeat_interval_us / 1e6 or opts.heartbeat_interval
@@ -355,7 +362,11 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
                 if not dry_run:
                     await fence_source(state, manifest.epoch + 1, report)
                     manifest = _reread_manifest(backend, manifest)
-                await read_lists(state, fsid, manifest, report)
+                if baseline_only:
+                    await state.conn.aclose()
+                    state = None
+                else:
+                    await read_lists(state, fsid, manifest, report)
     except BaseExceptionGroup as group:
         if state is not None:
             await state.conn.aclose()
