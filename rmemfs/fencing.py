@@ -3,13 +3,20 @@
 The protocol (three parties: the old filesystem process F, its exporter X, the
 recovering host R):
 
-1. R connects to X over the authenticated software channel and calls the
+0. R connects to X, reads the ctl header twice, 2.5 heartbeat intervals
+   apart, and gives up (exit 23) without fencing if the heartbeat moved: a
+   live source, or one that paused only briefly, is never harmed by a
+   recovery that then refuses. F may resume right after that verdict; the
+   fence below then stops it, and what it acknowledged before is in the
+   lists R reads after the fence.
+1. R calls, over the authenticated software channel, the
    ``fence`` control extension with the new epoch (the backend's epoch + 1).
 2. X stores that epoch in the fence word of the ctl header (``dirty`` word 12)
    with ``pwrite`` on the ctl region file, then replies. X never lowers the
    word, and refuses an epoch not above the owner's own.
-3. Only after that reply does R read the ctl header, the dirty lists and the
-   dirty pages.
+3. Only after that reply does R re-read the backend's manifest (the base
+   generation of its takeover: F's flusher can publish no later one) and read
+   the ctl header, the dirty lists and the dirty pages.
 
 F, for every mutating request (write, including the WRITEs of msync and
 writeback, setattr/truncate, create, mknod, mkdir, symlink, link, unlink,

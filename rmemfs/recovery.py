@@ -4,16 +4,22 @@ The order (US11436112B1; the patent's claim 7 for the list order):
 
 1. connect to the source's exporter and do the registration handshake: it
    registers the filesystem's regions and the dirty-list region and returns
-   their descriptions (a catalog); read both dirty page lists. Meanwhile the
+   their descriptions (a catalog); read the ctl header. Meanwhile the
    baseline's segment indexes are read and its load is planned (``loader``),
    and the exporter of the new region directory starts (its interpreter
    start-up overlaps the wait);
-2. check that its memory belongs to the published epoch;
-3. allocate new regions shaped like the source's;
-4. load the latest baseline generation, verifying every page's checksum, and
+2. confirm the source is dead (its heartbeat has not moved for 2.5 of its own
+   intervals): a live source is refused before anything touches it;
+3. fence the source for the new epoch through its exporter (``fencing``):
+   from then on it acknowledges nothing that is not in what is read below;
+   then re-read the manifest (the base generation: a flush may have published
+   one after the first read; the load is planned again if so);
+4. read both dirty lists and check that the memory belongs to the published
+   epoch; allocate new regions shaped like the source's;
+5. load the latest baseline generation, verifying every page's checksum, and
    read every listed page over the transport, the list that was being flushed
    first and the current list last (a page both name is read once: the
-   source is frozen). Each fetched page must land after the baseline's copy
+   source is fenced). Each fetched page must land after the baseline's copy
    of it: long dirty runs are cut out of the load and fetched beside it; a
    scattered dirty page is loaded with its neighbours (cutting it out would
    cost a read and a write per gap) and fetched over it as soon as the span
@@ -21,14 +27,9 @@ The order (US11436112B1; the patent's claim 7 for the list order):
    read, many reads are in flight, and fetched pages go through registered
    bounce buffers into the region files. Pages whose baseline copy was
    corrupt are then read from the source;
-   Before any of the lists is read, the source is fenced for the new epoch
-   through its exporter (``fencing``): from then on it acknowledges nothing
-   that is not in what is read here;
-5. confirm the source is dead (its heartbeat has not moved for 2.5 of its own
-   intervals; the wait overlaps step 4);
 6. replay the journal and check the namespace;
-7. (the caller) publish a new generation under a new epoch, which fences
-   the old source, mount, then flush the fetched pages into a baseline.
+7. (the caller) publish a new generation under a new epoch, mount, then
+   flush the fetched pages into a baseline.
 
 Which awaits break atomicity: none matters here, as nothing else touches the
 new regions until the mount; the load and the fetch share them, ordered by
@@ -221,10 +222,14 @@ async def connect_source(transport: str, host: str, port: int, fsid: str, secret
     return conn, catalog
 
 
+async def _read_ctl_header(conn: Connection, catalog: Catalog) -> CtlHeader:
+    return parse_header(await _read_exact(conn, catalog.by_id(CTL_REGION_ID), 0, PAGE_SIZE))
+
+
 async def read_source_state(conn: Connection, catalog: Catalog, report: RecoveryReport) -> SourceState:
     """Read the ctl header and both dirty lists; reject entries that name pages outside their region."""
     ctl = catalog.by_id(CTL_REGION_ID)
-    header = parse_header(await _read_exact(conn, ctl, 0, PAGE_SIZE))
+    header = await _read_ctl_header(conn, catalog)
     lists: dict[str, list[tuple[int, int, int]]] = {}
     sizes = {r.region_id: r.length // PAGE_SIZE for r in catalog.regions if r.role is not RegionRole.CTL}
     for label, index in (("flushing", header.flushing), ("current", header.active)):
@@ -256,7 +261,10 @@ async def check_source_dead(state: SourceState) -> None:
         return
     await trio.sleep(max(0.0, state.liveness_deadline - time.monotonic()))
     first = state.header
-    again = parse_header(await _read_exact(state.conn, state.catalog.by_id(CTL_REGION_ID), 0, PAGE_SIZE))
+    try:
+        again = await _read_ctl_header(state.conn, state.catalog)
+    except (TransportError, CorruptionError) as e:
+        raise QuietError(f"re-reading the source's heartbeat: {e}", EXIT_TRANSPORT) from None
     if again.heartbeat != first.heartbeat:
         raise QuietError(f"the source filesystem is alive (heartbeat {first.heartbeat} -> {again.heartbeat}, "
                          f"pid {again.pid}): unmount it, or stop it, before recovering", EXIT_ALIVE)
@@ -265,8 +273,8 @@ async def check_source_dead(state: SourceState) -> None:
 def fetch_plan(state: SourceState, extra: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """Runs to read, in apply order: flushing list, then current list, then corrupt baseline pages.
 
-    A page already read earlier is not read again: the source is frozen, so a
-    second read would return the same bytes.
+    A page already read earlier is not read again: the source is fenced, so a
+    second read would return the same bytes (the source is fenced).
     """
     seen: dict[int, bytearray] = {}
     plan: list[tuple[int, int, int]] = []
@@ -322,30 +330,53 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
         if regions_ready:
             regions_ready(region_dir, fsid)
 
-    async def plan_baseline() -> None:
+    async def plan_baseline(manifest: Manifest) -> None:
         try:
             base_plan.append(await trio.to_thread.run_sync(plan_load, backend, manifest))
         except CorruptionError as e:
             raise QuietError(str(e), EXIT_BACKEND) from None
 
-    # 1-2: the source, its catalog and its lists, while the baseline's indexes are read and its load planned.
+    # 1-2: the source's catalog and header, while the baseline's indexes are read and its load planned; then
+    # the liveness verdict, and only for a dead source the fence, the manifest again and the lists.
+    planned = manifest
     try:
         async with trio.open_nursery() as nursery:
             if not dry_run:
-                nursery.start_soon(plan_baseline)
-            if not baseline_only:
-                state = await open_source(source, transport, manifest, fsid, secret, opts, timeout, report,
-                                          fence=not dry_run)
+                nursery.start_soon(plan_baseline, manifest)
+            try:
+                state = await open_source(source, transport, manifest, fsid, opts, secret, timeout, report)
+            except QuietError as e:
+                # --baseline-only: a reachable source is still checked and fenced (issue 15 item 5); only an
+                # unreachable one is skipped.
+                if not baseline_only or e.exitcode != EXIT_UNREACHABLE:
+                    raise
+                log.warning("source unreachable, recovering from the baseline alone: %s", e)
+            if state is not None:
+                if check_alive and not dry_run:
+                    # The source's own interval (in its ctl header), not ours.
+                    interval = state.header.heartbeat_interval_us / 1e6 or opts.heartbeat_interval
+                    state.liveness_deadline = time.monotonic() + max(2.5 * interval, 1.5)
+                    t = time.monotonic()
+                    await check_source_dead(state)
+                    report.phase("liveness check").seconds = time.monotonic() - t
+                if not dry_run:
+                    await fence_source(state, manifest.epoch + 1, report)
+                    manifest = _reread_manifest(backend, manifest)
+                if baseline_only:
+                    await state.conn.aclose()
+                    state = None
+                else:
+                    await read_lists(state, fsid, manifest, report)
     except BaseExceptionGroup as group:
         if state is not None:
             await state.conn.aclose()
         raise _first_quiet(group) from None
-    if state is not None and check_alive and not dry_run:
-        # The heartbeat is read again only before anything is committed, so the wait overlaps the
-        # baseline load and the page fetch. Wait for the source's own interval (in its ctl header), not ours.
-        interval = state.header.heartbeat_interval_us / 1e6 or opts.heartbeat_interval
-        state.liveness_deadline = time.monotonic() + max(2.5 * interval, 1.5)
+    report.baseline_generation, report.baseline_time_ns = manifest.generation, manifest.time_ns
     try:
+        if not dry_run and manifest.generation != planned.generation:
+            # A flush published between our first read and the fence: load the newer generation.
+            base_plan.clear()
+            await plan_baseline(manifest)
         return await _rebuild(backend, fsid, manifest, state, base_plan[0] if base_plan else None, region_dir,
                               opts, report, dry_run=dry_run, verify=verify, progress=progress, t_total=t_total)
     finally:
@@ -353,10 +384,23 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
             await state.conn.aclose()
 
 
-async def open_source(source: str | None, transport: str, manifest: Manifest, fsid: str, secret: bytes,
-                      opts: MountOptions, timeout: float, report: RecoveryReport, *, fence: bool = True) -> SourceState:
-    """Connect to the source's exporter, do the handshake, fence the source for the new epoch (unless
-    ``fence`` is False: a dry run), and only then read its dirty lists; check whose they are."""
+def _reread_manifest(backend: BaselineStore, before: Manifest) -> Manifest:
+    """The manifest as published after the fence: the takeover must be based on the last generation the
+    source published (the store refuses a publish based on a stale one)."""
+    try:
+        after = backend.read_manifest()
+    except (BackendError, CorruptionError) as e:
+        raise QuietError(str(e), EXIT_BACKEND) from None
+    if after.epoch != before.epoch:
+        raise QuietError(f"the backend moved to epoch {after.epoch} during the recovery (it was at {before.epoch}): "
+                         f"another host recovered or remounted it", EXIT_EPOCH)
+    return after
+
+
+async def open_source(source: str | None, transport: str, manifest: Manifest, fsid: str, opts: MountOptions,
+                      secret: bytes, timeout: float, report: RecoveryReport) -> SourceState:
+    """Connect to the source's exporter, do the handshake and read its ctl header (the heartbeat's first
+    sample); the lists are read later by ``read_lists``, after the liveness check and the fence."""
     if not source:
         source = manifest.owner.get("exporter_host") or manifest.owner.get("host")
     host, port = parse_source(source or "", manifest, opts.port)
@@ -376,31 +420,37 @@ async def open_source(source: str | None, transport: str, manifest: Manifest, fs
         raise QuietError(f"source {host}:{port}: {e}", EXIT_TRANSPORT) from None
     report.transport = conn.transport
     try:
-        if fence:
-            # Before the lists are read: from the exporter's reply on, the source acknowledges no mutation
-            # that is not in what we read (the argument is in fencing.py).
-            try:
-                await request_fence(conn, manifest.epoch + 1)
-            except FenceRefused as e:
-                raise QuietError(f"source {host}:{port}: cannot fence it for epoch {manifest.epoch + 1}: {e}",
-                                 EXIT_FENCE) from None
-        state = await read_source_state(conn, catalog, report)
-        if state.header.fsid != fsid:
-            raise QuietError(f"source's dirty lists belong to filesystem {state.header.fsid}, not {fsid}", EXIT_FSID)
-        if state.header.epoch != manifest.epoch:
-            raise QuietError(f"the source's memory belongs to epoch {state.header.epoch}, but the backend is at "
-                             f"epoch {manifest.epoch}: it was already recovered or remounted elsewhere", EXIT_EPOCH)
-    except TransportError as e:
+        header = await _read_ctl_header(conn, catalog)
+    except (TransportError, CorruptionError) as e:
         await conn.aclose()
-        raise QuietError(f"reading the dirty lists from {host}:{port}: {e}", EXIT_TRANSPORT) from None
-    except CorruptionError as e:
-        await conn.aclose()
-        raise QuietError(f"source {host}:{port}: {e}", EXIT_TRANSPORT) from None
-    except BaseException:
-        await conn.aclose()
-        raise
-    report.phase("connect+lists").seconds = time.monotonic() - t
-    return state
+        raise QuietError(f"reading the ctl header from {host}:{port}: {e}", EXIT_TRANSPORT) from None
+    report.phase("connect").seconds = time.monotonic() - t
+    return SourceState(conn, catalog, header, {})
+
+
+async def fence_source(state: SourceState, epoch: int, report: RecoveryReport) -> None:
+    """Fence the source for ``epoch``: from the exporter's reply on, it acknowledges no mutation that is not
+    in what is read afterwards (the argument is in fencing.py)."""
+    try:
+        await request_fence(state.conn, epoch)
+    except FenceRefused as e:
+        raise QuietError(f"source {report.source}: cannot fence it for epoch {epoch}: {e}", EXIT_FENCE) from None
+
+
+async def read_lists(state: SourceState, fsid: str, manifest: Manifest, report: RecoveryReport) -> None:
+    """Read the header and both dirty lists into ``state`` (after the fence); check whose they are."""
+    t = time.monotonic()
+    try:
+        read = await read_source_state(state.conn, state.catalog, report)
+    except (TransportError, CorruptionError) as e:
+        raise QuietError(f"reading the dirty lists from {report.source}: {e}", EXIT_TRANSPORT) from None
+    state.header, state.lists = read.header, read.lists
+    if state.header.fsid != fsid:
+        raise QuietError(f"source's dirty lists belong to filesystem {state.header.fsid}, not {fsid}", EXIT_FSID)
+    if state.header.epoch != manifest.epoch:
+        raise QuietError(f"the source's memory belongs to epoch {state.header.epoch}, but the backend is at "
+                         f"epoch {manifest.epoch}: it was already recovered or remounted elsewhere", EXIT_EPOCH)
+    report.phase("lists").seconds = time.monotonic() - t
 
 
 async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state: SourceState | None,
@@ -452,11 +502,6 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
         t = time.monotonic()
         report.verified_pages = await _verify(load_plan, state, plan, regions, fetched)
         report.phase("verify").seconds = time.monotonic() - t
-
-    if state is not None and state.liveness_deadline is not None:
-        t = time.monotonic()
-        await check_source_dead(state)
-        report.phase("liveness check").seconds = time.monotonic() - t
 
     # 7: namespace; fetched pages go on the new current list so the first flush publishes them.
     t = time.monotonic()

@@ -59,6 +59,22 @@ def test_unreachable_source_fails_fast_unless_baseline_only(crashed: Rig, tmp_pa
     assert (crashed.mountpoint / "b").read_bytes() == b"b" * 5000
 
 
+def test_baseline_only_fences_a_reachable_dead_source(crashed: Rig, tmp_path: Path) -> None:
+    """Issue 15 item 5: --baseline-only with the exporter reachable fences the (dead) source before the
+    takeover, and loads the baseline alone."""
+    # A second name for the old ctl region's inode (the takeover retires the old region directory).
+    old_ctl = crashed.regiondir.parent / f"{crashed.regiondir.name}-ctl-link"
+    os.link(crashed.regiondir / "ctl-0000.rgn", old_ctl)
+    try:
+        proc = run(recover_cmd(crashed, "--baseline-only"))
+        assert proc.returncode == 0, proc.stderr
+        assert parse_header(old_ctl.read_bytes()[:PAGE_SIZE]).fence == crashed.manifest().epoch
+    finally:
+        old_ctl.unlink()
+    assert not (crashed.mountpoint / "late").exists()
+    assert (crashed.mountpoint / "b").read_bytes() == b"b" * 5000
+
+
 def test_stalled_source_times_out(crashed: Rig) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -103,6 +119,23 @@ def test_alive_source_is_refused(rig: Rig) -> None:
     proc = run(cli("recover") + ["--backend", str(rig.backend), "--transport", "software", "--source",
                                  f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0"]), str(other_mnt)])
     one_line_error(proc, 23, "alive")
+    # The refusal did not fence the live mount (issue 10: liveness before fence): it still acknowledges.
+    with open(rig.mountpoint / "x", "r+b") as f:
+        f.write(b"y")
+        os.fsync(f.fileno())
+    assert (rig.mountpoint / "x").read_bytes() == b"y"
+    stats = json.loads(run(cli("ctl") + ["stats", "--json", str(rig.mountpoint)]).stdout)
+    assert not stats["fenced"], stats
+    # --baseline-only does the same liveness check when the source is reachable (issue 15 item 5).
+    proc = run(cli("recover") + ["--backend", str(rig.backend), "--transport", "software", "--source",
+                                 f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0"]), "--baseline-only",
+                                 str(other_mnt)])
+    one_line_error(proc, 23, "alive")
+    with open(rig.mountpoint / "x", "r+b") as f:
+        f.write(b"z")
+        os.fsync(f.fileno())
+    assert (rig.mountpoint / "x").read_bytes() == b"z"
+    assert (rig.regiondir / "ctl-0000.rgn").exists()
 
 
 def test_busy_mountpoint(crashed: Rig, tmp_path: Path) -> None:
@@ -163,7 +196,7 @@ def test_full_recovery_report(crashed: Rig, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(report.read_text())
     assert doc["dirty_pages_fetched"] > 0 and doc["files"] >= 4 and doc["verified_pages"] > 0
-    for phase in ("connect+lists", "liveness check", "baseline load", "page fetch", "namespace check",
+    for phase in ("connect", "liveness check", "lists", "baseline load", "page fetch", "namespace check",
                   "publish+mount"):
         assert phase in doc["phases"], phase
     assert digest_tree(crashed.mountpoint) == crashed.want  # type: ignore[attr-defined]
