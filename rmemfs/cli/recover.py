@@ -14,6 +14,7 @@ unusable; 15 exporter failed; 20 source unreachable or timed out;
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 import trio
 
 from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 at start-up, not on the recovery's clock)
+from ..errors import QuietError
+from ..exits import EXIT_USAGE
 from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options
 from ..exporter import retire
 from ..recovery import RecoveryReport, recover, write_report
@@ -28,6 +31,7 @@ from .common import run_main, setup_logging
 from .mount import Ready, build_parser, daemon_log, daemonize_and_run, exporter_log, run_session
 
 log = logging.getLogger(__name__)
+MAX_TIMEOUT = 24 * 3600.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     def body() -> int:
         setup_logging(args.debug, args.log if args.log and args.foreground else None, quiet=not args.debug)
         opts = parse_options(args.options)
+        if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT):
+            raise QuietError(f"--timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} seconds "
+                             f"(got {args.timeout})", EXIT_USAGE)
         mountpoint = args.mountpoint.absolute()
         if not args.dry_run:
             check_environment()
