@@ -151,9 +151,18 @@ class Filesystem:
     def _zero_range(self, region_id: int, ext: int, offset: int, length: int) -> None:
         if length <= 0:
             return
+        self._back(region_id, ext)
         start = ext * EXTENT_SIZE + offset
         self.tracker.mark_bytes(region_id, start, length)
         self.regions[region_id].view[start:start + length] = bytes(length)
+
+    def _back(self, region_id: int, ext: int) -> None:
+        try:
+            self.regions.back_extent(region_id, ext)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise FsError(errno.ENOSPC, f"the region directory {self.regions.directory} is full") from None
+            raise
 
     def _log(self, rtype: int, payload: bytes) -> None:
         growth = snapshot_growth(rtype, payload)
@@ -444,9 +453,11 @@ class Filesystem:
             loc = inode.extents.get(index)
             if loc is None:
                 loc = self.regions.allocate_extent()
+                self._back(*loc)                 # before the extent is recorded: ENOSPC leaves no trace
                 if loc[0] not in self.tracker.region_pages:
                     self._sync_region_pages()
                 self._do(rec_extent(ino, index, *loc))
+            self._back(*loc)
             start = loc[1] * EXTENT_SIZE + in_ext
             self.tracker.mark_bytes(loc[0], start, n)
             if run and run[0] == loc[0] and run[1] + run[3] == start:

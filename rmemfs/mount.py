@@ -329,10 +329,12 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
         if _regions_match(region_dir, fsid, manifest):
             regions = RegionSet(region_dir, data_region_size=opts.region_size)
             regions.open_existing()
+            regions.back_whole(CTL_REGION_ID)
             fs = Filesystem.load(regions, fsid, epoch)
             live, how = live_map(backend, manifest), "regions"
         else:
             regions = fresh_regions(region_dir, fsid, manifest, opts)
+            regions.back_whole(CTL_REGION_ID)     # a full tmpfs fails the mount here (exit 14), not a write later
             if manifest.generation == 0:
                 fs = Filesystem.format(regions, fsid, epoch, opts.dirty_capacity)
                 live, how = LiveMap(), "new"

@@ -94,3 +94,38 @@ def test_failure_of_a_first_mount_leaves_a_backend_that_mounts(rig: Rig) -> None
     pid = rig.daemon_pid()
     assert alive(pid)
     rig.unmount()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    d = tmp_path / "small-shm"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_full_region_tmpfs_answers_enospc_and_the_mount_lives(rig: Rig, small_tmpfs: Path) -> None:
+    """Issue 15.3: a full region tmpfs killed the filesystem with SIGBUS (exit 135) at page 2001."""
+    rig.regiondir = small_tmpfs / "regions"
+    rig.mount(["dirty_capacity=65536", "meta_size=1M", "region_size=4M", "flush_interval=3600"])
+    pid = rig.daemon_pid()
+    written = 0
+    with pytest.raises(OSError) as full:
+        for i in range(64):
+            with open(rig.mountpoint / f"f{i}", "wb") as f:
+                for _ in range(64):
+                    f.write(os.urandom(4096))          # small writes: the mapped path
+                    f.flush()
+                    written += 4096
+    assert full.value.errno == 28, full.value
+    assert alive(pid) and written > 0
+    assert (rig.mountpoint / "f0").read_bytes()[:4096]      # reads still served
+    for i in range(64):
+        (rig.mountpoint / f"f{i}").unlink(missing_ok=True)
+    (rig.mountpoint / "again").write_bytes(b"x" * 200_000)  # deleting freed space: writes resume
+    assert (rig.mountpoint / "again").read_bytes() == b"x" * 200_000
+    assert alive(pid)
+    rig.unmount()
