@@ -173,10 +173,10 @@ class Filesystem:
                 raise FsError(errno.ENOSPC, "the namespace journal region is full: delete files (its size, "
                               "-o meta_size, is set when the filesystem is created)")
         try:
-            self.journal.append(rtype, payload)
+            self.journal.append(rtype, payload, growing=growth > 0)
         except JournalFull:
             self.journal.checkpoint(self.fsid, self.ns.serialize())
-            self.journal.append(rtype, payload)
+            self.journal.append(rtype, payload, growing=growth > 0)
         self.journal.grew(growth)
 
     def _do(self, record: tuple[int, bytes]) -> None:
@@ -186,7 +186,10 @@ class Filesystem:
     def after_operation(self) -> None:
         """Compact the journal when its log outgrew the last checkpoint (between operations)."""
         if self.journal.wants_checkpoint():
-            self.journal.checkpoint(self.fsid, self.ns.serialize())
+            try:
+                self.journal.checkpoint(self.fsid, self.ns.serialize())
+            except FsError as e:      # the operation is done and journaled; compact later
+                log.warning("journal compaction postponed: %s", e)
 
     async def admit(self) -> None:
         """Wait until the current dirty list can take any single operation.
