@@ -137,3 +137,17 @@ def test_full_region_tmpfs_answers_enospc_and_the_mount_lives(rig: Rig, small_tm
     assert (rig.mountpoint / "again").read_bytes() == b"x" * 200_000
     assert alive(pid)
     rig.unmount()
+
+
+def test_refused_recovery_leaves_no_region_directory(rig: Rig) -> None:
+    """Issue 15.8: a refused recovery (exit 23) left its .e<epoch> directory, with the loaded baseline."""
+    rig.mount()
+    (rig.mountpoint / "a").write_bytes(os.urandom(1 << 20))
+    rig.flush()
+    before = set(Path("/dev/shm").glob(rig.regiondir.name + "*"))
+    other = rig.root / "mnt-b"
+    other.mkdir()
+    refused = run(cli("recover") + ["--backend", str(rig.backend), "--transport", "software", "--source",
+                                    f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0"]), str(other)])
+    assert refused.returncode == 23, refused.stderr
+    assert set(Path("/dev/shm").glob(rig.regiondir.name + "*")) == before

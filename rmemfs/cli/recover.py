@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..errors import QuietError
 from ..exits import EXIT_USAGE
 from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options
 from ..exporter import retire
+from ..store import open_store
 from ..recovery import RecoveryReport, recover, write_report
 from .common import run_main, setup_logging
 from .mount import Ready, build_parser, daemon_log, daemonize_and_run, exporter_log, run_session
@@ -62,11 +64,14 @@ def main(argv: list[str] | None = None) -> None:
             check_mountpoint(mountpoint)
         report = RecoveryReport(dry_run=args.dry_run, baseline_only=args.baseline_only)
         launched: list[ExporterLaunch] = []
+        new_dirs: list[Path] = []     # beside a local source's: ours to remove if the recovery fails
 
         def start_exporter(region_dir: Path, fsid: str) -> None:
             # As soon as the new region directory is chosen, so that its start-up overlaps the rebuild.
-            if region_dir.name != opts.region_dir(fsid).name and "port=" not in ",".join(args.options):
-                opts.port = 0    # a local source's exporter still holds the default port
+            if region_dir.name != opts.region_dir(fsid).name:
+                new_dirs.append(region_dir)
+                if "port=" not in ",".join(args.options):
+                    opts.port = 0    # a local source's exporter still holds the default port
             launched.append(ExporterLaunch(region_dir, args.backend.absolute(), fsid, opts,
                                            exporter_log(daemon_log(args, region_dir))))
 
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         except BaseException:
             for launch in launched:
                 launch.abort()
+            for region_dir in new_dirs:
+                discard_unpublished(args.backend.absolute(), region_dir)
             raise
         if opened is None:
             print(dry_run_summary(report))
@@ -114,6 +121,20 @@ def main(argv: list[str] | None = None) -> None:
         return daemonize_and_run(args.foreground, work, on_ready=finish)
 
     run_main("rmemfs-recover", body)
+
+
+def discard_unpublished(backend_path: Path, region_dir: Path) -> None:
+    """Remove a recovery's own ``<dir>.e<epoch>`` region directory after a failure, unless the backend's
+    published epoch reached that epoch (then its memory may be the only copy, and it stays)."""
+    epoch = region_dir.name.rpartition(".e")[2]
+    try:
+        published = open_store(backend_path).read_manifest().epoch
+    except Exception as e:      # cannot tell: keep it, and say so
+        log.warning("kept %s: the backend's epoch is unreadable (%s)", region_dir, e)
+        return
+    if not epoch.isdigit() or published >= int(epoch):
+        return
+    shutil.rmtree(region_dir, ignore_errors=True)
 
 
 def dry_run_summary(report: RecoveryReport) -> str:
