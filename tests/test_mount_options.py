@@ -151,3 +151,31 @@ def test_refused_recovery_leaves_no_region_directory(rig: Rig) -> None:
                                     f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0"]), str(other)])
     assert refused.returncode == 23, refused.stderr
     assert set(Path("/dev/shm").glob(rig.regiondir.name + "*")) == before
+
+
+def test_orphans_lists_and_removes_only_what_nothing_needs(rig: Rig) -> None:
+    """Issue 15.8: after a clean unmount a recovered filesystem's .e<epoch> directory was orphaned when the
+    next mount loaded into the configured directory."""
+    rig.mount()
+    (rig.mountpoint / "a").write_bytes(b"a" * 10000)
+    live = rig.regiondir
+    rig.kill()
+    rig.recover("--no-liveness-check", extra=["port=0"])   # a local source: the new regions go beside it, in .e2
+    recovered = live.with_name(live.name + ".e2")
+    assert recovered.is_dir()
+    rig.unmount()
+    rig.regiondir = live
+    rig.mount()                                     # loads the baseline into the configured directory
+    half = live.with_name(live.name + ".e9")        # a recovery that stopped before its ctl region
+    half.mkdir(mode=0o700)
+    args = ["orphans", "--backend", str(rig.backend), "--regiondir", str(live)]
+    listed = rig.ctl(*args).stdout.splitlines()
+    assert sorted(listed) == sorted([f"orphan {recovered}", f"orphan {half}"]), listed
+    rig.ctl(*args, "--remove")
+    assert not recovered.exists() and not half.exists() and live.is_dir()
+    assert (rig.mountpoint / "a").read_bytes() == b"a" * 10000
+    assert rig.ctl(*args).stdout.strip() == ""
+    rig.unmount()
+    assert rig.ctl(*args).stdout.strip() == ""       # the clean regions the next mount reuses are kept
+    rig.mount()
+    assert rig.stats()["core"]["inodes"] >= 2
