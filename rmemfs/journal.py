@@ -145,7 +145,7 @@ class Journal:
         raises FsError(ENOSPC) when the region tmpfs has no room for what is needed."""
         if pos < 2 * PAGE_SIZE:
             return
-        area, length = next((off, n) for off, n in self.areas if off <= pos < off + n)
+        area, length = self.areas[0] if pos < self.areas[1][0] else self.areas[1]
         have, limit = self.backed[area], area + length
         if end + reserve <= have:
             return
