@@ -151,9 +151,18 @@ class Filesystem:
     def _zero_range(self, region_id: int, ext: int, offset: int, length: int) -> None:
         if length <= 0:
             return
+        self._back(region_id, ext)
         start = ext * EXTENT_SIZE + offset
         self.tracker.mark_bytes(region_id, start, length)
         self.regions[region_id].view[start:start + length] = bytes(length)
+
+    def _back(self, region_id: int, ext: int) -> None:
+        try:
+            self.regions.back_extent(region_id, ext)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise FsError(errno.ENOSPC, f"the region directory {self.regions.directory} is full") from None
+            raise
 
     def _log(self, rtype: int, payload: bytes) -> None:
         growth = snapshot_growth(rtype, payload)
@@ -164,10 +173,10 @@ class Filesystem:
                 raise FsError(errno.ENOSPC, "the namespace journal region is full: delete files (its size, "
                               "-o meta_size, is set when the filesystem is created)")
         try:
-            self.journal.append(rtype, payload)
+            self.journal.append(rtype, payload, growing=growth > 0)
         except JournalFull:
             self.journal.checkpoint(self.fsid, self.ns.serialize())
-            self.journal.append(rtype, payload)
+            self.journal.append(rtype, payload, growing=growth > 0)
         self.journal.grew(growth)
 
     def _do(self, record: tuple[int, bytes]) -> None:
@@ -177,7 +186,10 @@ class Filesystem:
     def after_operation(self) -> None:
         """Compact the journal when its log outgrew the last checkpoint (between operations)."""
         if self.journal.wants_checkpoint():
-            self.journal.checkpoint(self.fsid, self.ns.serialize())
+            try:
+                self.journal.checkpoint(self.fsid, self.ns.serialize())
+            except FsError as e:      # the operation is done and journaled; compact later
+                log.warning("journal compaction postponed: %s", e)
 
     async def admit(self) -> None:
         """Wait until the current dirty list can take any single operation.
@@ -444,9 +456,11 @@ class Filesystem:
             loc = inode.extents.get(index)
             if loc is None:
                 loc = self.regions.allocate_extent()
+                self._back(*loc)                 # before the extent is recorded: ENOSPC leaves no trace
                 if loc[0] not in self.tracker.region_pages:
                     self._sync_region_pages()
                 self._do(rec_extent(ino, index, *loc))
+            self._back(*loc)
             start = loc[1] * EXTENT_SIZE + in_ext
             self.tracker.mark_bytes(loc[0], start, n)
             if run and run[0] == loc[0] and run[1] + run[3] == start:

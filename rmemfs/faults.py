@@ -1,4 +1,5 @@
-"""Crash injection for tests: ``RMEMFS_FAULT=<point>`` SIGKILLs the process when it reaches that point.
+"""Fault injection for tests: ``RMEMFS_FAULT=<point>`` SIGKILLs the process when it reaches that point;
+``RMEMFS_FAULT=raise:<point>`` raises an exception there (see ``fail``).
 
 Points are named where a crash is interesting for durability (see flusher.py).
 Costs one dict lookup when unset.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from typing import Callable
 
 log = logging.getLogger(__name__)
 _ARMED = os.environ.get("RMEMFS_FAULT", "")
@@ -19,3 +21,11 @@ def point(name: str) -> None:
         for handler in logging.getLogger().handlers:
             handler.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail(name: str, make: Callable[[str], BaseException]) -> None:
+    """``RMEMFS_FAULT=raise:<name>`` raises ``make(message)`` at that point: a failure the code around it
+    must survive (the start-up's cleanup, for one)."""
+    if _ARMED and _ARMED == f"raise:{name}":
+        log.warning("fault injection: raising at %s", name)
+        raise make(f"fault injected at {name}")

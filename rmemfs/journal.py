@@ -110,6 +110,11 @@ class JournalFull(Exception):
 # stops a delete.
 RESERVE_FRACTION = 8
 MIN_RESERVE = 16 << 10
+# Memory is allocated (fallocate) ahead of the write position in steps of BACK_STEP, before anything is
+# written through the mapping (a store into a hole of a full tmpfs is a SIGBUS). A record that grows the
+# namespace needs BACK_RESERVE allocated beyond it, so deletes still fit once the tmpfs is full.
+BACK_STEP = 256 << 10
+BACK_RESERVE = 64 << 10
 
 
 class Journal:
@@ -130,10 +135,37 @@ class Journal:
         self.snapshot_bound = 0
         self.growth_since_checkpoint = 0
         smaller_area = min(length for _, length in self.areas)
+        self.backed = {off: off for off, _ in self.areas}      # area offset -> end of its allocated prefix
+        region.allocate(0, 2 * PAGE_SIZE)                      # the superblock slots
         self.checkpoint_limit = smaller_area - max(MIN_RESERVE, smaller_area // RESERVE_FRACTION)
 
     # --- writing -----------------------------------------------------------
-    def _write(self, pos: int, data: bytes | memoryview) -> None:
+    def _back(self, pos: int, end: int, reserve: int = 0) -> None:
+        """Allocate the area's memory up to ``end`` (and ``reserve`` beyond) before it is written;
+        raises FsError(ENOSPC) when the region tmpfs has no room for what is needed."""
+        if pos < 2 * PAGE_SIZE:
+            return
+        area, length = self.areas[0] if pos < self.areas[1][0] else self.areas[1]
+        have, limit = self.backed[area], area + length
+        if end + reserve <= have:
+            return
+        want = min(limit, -(-(end + reserve + BACK_STEP) // PAGE_SIZE) * PAGE_SIZE)
+        try:
+            self.region.allocate(have, want - have)
+            self.backed[area] = want
+            return
+        except OSError:
+            pass
+        need = min(limit, -(-(end + reserve) // PAGE_SIZE) * PAGE_SIZE)
+        try:
+            if need > have:
+                self.region.allocate(have, need - have)
+                self.backed[area] = need
+        except OSError as e:
+            raise FsError(28, f"the region directory is full: no memory for the namespace journal ({e})") from None
+
+    def _write(self, pos: int, data: bytes | memoryview, reserve: int = 0) -> None:
+        self._back(pos, pos + len(data), reserve)
         self.tracker.mark_bytes(META_REGION_ID, pos, len(data))
         self.view[pos:pos + len(data)] = data
 
@@ -142,12 +174,12 @@ class Journal:
         pad = b"\0" * (-len(payload) % 8)
         return head + struct.pack("<Q", _xxh(head, payload)) + payload + pad
 
-    def append(self, rtype: int, payload: bytes) -> None:
+    def append(self, rtype: int, payload: bytes, growing: bool = False) -> None:
         assert self.sb is not None
         rec = self._encode(self.next_lsn, rtype, payload)
         if self.pos + len(rec) > self.sb.area_offset + self.sb.area_length:
             raise JournalFull()
-        self._write(self.pos, rec)
+        self._write(self.pos, rec, BACK_RESERVE if growing else 0)
         self.pos += len(rec)
         self.next_lsn += 1
 
@@ -193,6 +225,7 @@ class Journal:
             if used_end > old.area_offset:
                 self.tracker.mark_bytes(META_REGION_ID, old.area_offset, used_end - old.area_offset)
                 self.region.release(old.area_offset, used_end - old.area_offset)
+            self.backed[old.area_offset] = old.area_offset
 
     # --- reading -------------------------------------------------------------
     def open(self) -> Iterator[tuple[int, memoryview]]:

@@ -15,19 +15,21 @@ final baseline marked clean and stops the exporter.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import trio
 
-from . import control
+from . import control, faults
 from .core import DEFAULT_DIRTY_CAPACITY, Filesystem, RoomWaiter
 from .dirty import read_ctl_header
 from .errors import BackendError, CorruptionError, FencedError, QuietError
@@ -71,16 +73,17 @@ class MountOptions:
 
 
 OPTION_HELP: dict[str, str] = {
-    "flush_interval": "seconds between incremental baselines (default 5)",
+    "flush_interval": "seconds between incremental baselines (default 5; more than 0, at most 604800)",
     "regiondir": "directory of the region files (default /dev/shm/rmemfs-<fsid>; a DAX mount works too)",
     "listen": "address the exporter serves remote readers on (default 127.0.0.1)",
-    "port": f"exporter TCP port (default {DEFAULT_PORT}; 0 picks a free one, recorded in the backend)",
+    "port": f"exporter TCP port (default {DEFAULT_PORT}; 0 picks a free one, recorded in the backend; at most 65535)",
     "dirty_capacity": f"entries per dirty page list (default {DEFAULT_DIRTY_CAPACITY}, 8 bytes each); "
-                      "a full list forces a flush",
-    "region_size": "bytes per data region, a multiple of 256K (default 256M; suffixes K, M, G). Sparse on "
+                      "a full list forces a flush; 65536 to 2**27",
+    "region_size": "bytes per data region, a multiple of 256K, 1M to 64G (default 256M; suffixes K, M, G, T). Sparse on "
                    "tmpfs, but the verbs transport pins (and so backs) a whole region when it registers it",
-    "meta_size": "bytes of the namespace journal region, set when the filesystem is created (default 256M)",
-    "heartbeat_interval": "seconds between heartbeat increments (default 1)",
+    "meta_size": "bytes of the namespace journal region, set when the filesystem is created (default 256M; "
+                 "a multiple of 256K, 1M to 64G)",
+    "heartbeat_interval": "seconds between heartbeat increments (default 1; more than 0, at most 60)",
     "allow_other": "let users other than the mounter access the files (permission checks stay on)",
     "writeback_cache": "let the kernel buffer write() (faster, but write() then acknowledges before the "
                        "data reaches tracked memory; fsync/msync still do)",
@@ -90,51 +93,122 @@ OPTION_HELP: dict[str, str] = {
 }
 
 
+SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
 def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    """``256M``, ``1.5G``, ``1048576``; a value that is not a finite number raises ValueError."""
     text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    unit = 1
+    if text and text[-1] in SIZE_UNITS:
+        text, unit = text[:-1], SIZE_UNITS[text[-1]]
+    try:
+        return int(text) * unit
+    except ValueError:
+        value = float(text)       # "1e400" is inf, "nan" is nan: neither is a size
+        if not math.isfinite(value):
+            raise ValueError("not a finite number") from None
+        return int(value * unit)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ValueError("must be on or off")
+    return text == "on"
+
+
+def _text(text: str) -> str:
+    if not text:
+        raise ValueError("needs a value")
+    return text
+
+
+def _size_text(n: float) -> str:
+    for suffix, unit in sorted(SIZE_UNITS.items(), key=lambda kv: -kv[1]):
+        if n >= unit and n % unit == 0:
+            return f"{int(n // unit)}{suffix}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How one ``-o name=value`` option parses and which values it accepts (``lo < value`` when
+    ``open_lo``, else ``lo <= value``; ``value <= hi``)."""
+
+    parse: Callable[[str], Any]
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    multiple: int = 0            # the value must be a multiple of this
+    flag: bool = False           # takes no value
+    show: Callable[[float], str] = str
+
+    def check(self, key: str, value: Any) -> None:
+        if self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo):
+            raise QuietError(f"-o {key} must be {'more than' if self.open_lo else 'at least'} "
+                             f"{self.show(self.lo)} (got {self.show(value)})", EXIT_USAGE)
+        if self.hi is not None and value > self.hi:
+            raise QuietError(f"-o {key} must be at most {self.show(self.hi)} (got {self.show(value)})", EXIT_USAGE)
+        if self.multiple and value % self.multiple:
+            raise QuietError(f"-o {key} must be a multiple of {self.show(self.multiple)}", EXIT_USAGE)
+
+
+# Upper bounds keep what a mount allocates per option sane: a data region costs a byte per page in the
+# dirty tracker's maps (64G: 16 MiB), a dirty list 8 bytes per entry in exported memory (2**27: 1 GiB).
+MAX_REGION_SIZE = 64 << 30
+MAX_DIRTY_CAPACITY = 1 << 27
+MIN_DIRTY_CAPACITY = 4 * (1 << 14)
+_SIZE = dict(parse=parse_size, lo=1 << 20, multiple=256 << 10, show=_size_text)
+
+# One line per option: rmemfs and rmemfs-recover accept exactly these.
+OPTIONS: dict[str, OptionSpec] = {
+    "flush_interval": OptionSpec(_finite, lo=0, open_lo=True, hi=7 * 86400),
+    "heartbeat_interval": OptionSpec(_finite, lo=0, open_lo=True, hi=60),
+    "port": OptionSpec(int, lo=0, hi=65535),
+    "dirty_capacity": OptionSpec(int, lo=MIN_DIRTY_CAPACITY, hi=MAX_DIRTY_CAPACITY),
+    "region_size": OptionSpec(**_SIZE, hi=MAX_REGION_SIZE),              # type: ignore[arg-type]
+    "meta_size": OptionSpec(**_SIZE, hi=MAX_REGION_SIZE),                # type: ignore[arg-type]
+    "regiondir": OptionSpec(_text),
+    "listen": OptionSpec(_text),
+    "fsid": OptionSpec(_text),
+    "fsname": OptionSpec(_text),
+    "allow_other": OptionSpec(bool, flag=True),
+    "writeback_cache": OptionSpec(bool, flag=True),
+    "tracking": OptionSpec(_on_off),
+}
+FUSE_FLAGS = ("ro", "rw", "default_permissions", "noatime", "nosuid", "nodev", "dev", "suid")
 
 
 def parse_options(items: list[str]) -> MountOptions:
+    """Parse ``-o`` items; any bad one is a usage error (exit 2) naming the option and its bound."""
     opts = MountOptions()
     for item in ",".join(items).split(","):
         item = item.strip()
         if not item:
             continue
         key, eq, value = item.partition("=")
+        if key in FUSE_FLAGS:
+            opts.extra_fuse.append(key)
+            continue
+        spec = OPTIONS.get(key)
+        if spec is None:
+            raise QuietError(f"unknown mount option {key!r}; see --help", EXIT_USAGE)
+        if spec.flag:
+            setattr(opts, key, True)
+            continue
         try:
-            if key in ("flush_interval", "heartbeat_interval"):
-                setattr(opts, key, float(value))
-                if getattr(opts, key) <= 0:
-                    raise ValueError("must be positive")
-            elif key in ("port", "dirty_capacity"):
-                setattr(opts, key, int(value))
-            elif key in ("region_size", "meta_size"):
-                setattr(opts, key, parse_size(value))
-            elif key in ("regiondir", "listen", "fsid", "fsname"):
-                if not eq:
-                    raise ValueError("needs a value")
-                setattr(opts, key, value)
-            elif key in ("allow_other", "writeback_cache"):
-                setattr(opts, key, True)
-            elif key == "tracking":
-                if value not in ("on", "off"):
-                    raise ValueError("must be on or off")
-                opts.tracking = value == "on"
-            elif key in ("ro", "rw", "default_permissions", "noatime", "nosuid", "nodev", "dev", "suid"):
-                opts.extra_fuse.append(key)
-            else:
-                raise QuietError(f"unknown mount option {key!r}; see --help", EXIT_USAGE)
-        except ValueError as e:
+            parsed = spec.parse(value)
+        except (ValueError, OverflowError) as e:
             raise QuietError(f"bad value for -o {key}: {value!r} ({e})", EXIT_USAGE) from None
-    if opts.dirty_capacity < 4 * (1 << 14):
-        raise QuietError(f"-o dirty_capacity must be at least {4 * (1 << 14)}", EXIT_USAGE)
-    for key in ("region_size", "meta_size"):
-        if getattr(opts, key) < (1 << 20) or getattr(opts, key) % (256 << 10):
-            raise QuietError(f"-o {key} must be a multiple of 256K, at least 1M", EXIT_USAGE)
+        spec.check(key, parsed)
+        setattr(opts, key, parsed)
     return opts
 
 
@@ -255,10 +329,12 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
         if _regions_match(region_dir, fsid, manifest):
             regions = RegionSet(region_dir, data_region_size=opts.region_size)
             regions.open_existing()
+            regions.back_whole(CTL_REGION_ID)
             fs = Filesystem.load(regions, fsid, epoch)
             live, how = live_map(backend, manifest), "regions"
         else:
             regions = fresh_regions(region_dir, fsid, manifest, opts)
+            regions.back_whole(CTL_REGION_ID)     # a full tmpfs fails the mount here (exit 14), not a write later
             if manifest.generation == 0:
                 fs = Filesystem.format(regions, fsid, epoch, opts.dirty_capacity)
                 live, how = LiveMap(), "new"
@@ -323,6 +399,7 @@ class ExporterLaunch:
             cmd += ["--log", str(log_file)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
+        self.owner = os.getpid()      # only this process may wait for it
 
     def ready(self, timeout: float = 30.0) -> int:
         """Wait for the exporter's READY line; returns its port. An exporter that dies closes its stdout,
@@ -354,10 +431,36 @@ class ExporterLaunch:
         raise QuietError(f"exporter did not become ready within {timeout:.0f} s", EXIT_EXPORTER)
 
     def abort(self) -> None:
-        """Stop an exporter whose filesystem will not be served after all."""
-        if self.proc.poll() is None:
+        """Stop an exporter whose filesystem will not be served after all (in the process that started it)."""
+        if self.proc.pid and self.owner == os.getpid() and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+@dataclass
+class StartUp:
+    """What a start-up that fails must undo. Until the backend names this mount's memory as needed
+    (``exporter_needed``), a failure stops the exporter: the backend is as it was and the port is free.
+    Once the backend is marked mounted by us the memory may hold the only copy of something (a
+    recovery's fetched pages), and the exporter stays until a clean baseline is published."""
+
+    region_dir: Path
+    launch: ExporterLaunch | None = None
+    exporter_needed: bool = False
+
+
+@contextmanager
+def undo_failed_start(startup: StartUp) -> Iterator[StartUp]:
+    """Structural cleanup for every failure of a start-up after the exporter was launched."""
+    try:
+        yield startup
+    except BaseException:
+        if not startup.exporter_needed:
+            log.info("start-up failed: stopping the exporter in %s", startup.region_dir)
+            if startup.launch is not None:
+                startup.launch.abort()
+            stop_exporter(startup.region_dir)   # also from a forked daemon, where the launch is not our child
+        raise
 
 
 # --- serving ------------------------------------------------------------------------------
@@ -382,6 +485,7 @@ class Session:
     mountpoint: Path
     opts: MountOptions
     exporter_port: int
+    startup: StartUp
     flusher: Flusher | None = None
     requests: dict[str, int] = field(default_factory=dict)    # FUSE request counters, shared with fs.py
     terminated: bool = False
@@ -414,13 +518,13 @@ def _advertised_host(listen: str) -> str:
 
 async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None) -> int:
     """Publish ownership, mount, serve until unmounted, then flush clean. Returns an exit code."""
-    from . import fs as fuse      # loads pyfuse3: only the serving process needs it
-
     opened, opts = session.opened, session.opts
     fs = opened.fs
     flusher = Flusher(fs, opened.backend, opened.manifest, opened.live, opts.flush_interval)
     session.flusher = flusher
     fs.room_waiter = _FlushRoom(flusher)
+    if opened.how == "recovered":
+        session.startup.exporter_needed = True    # the fetched pages live only in this memory (and the fenced source's)
     try:
         await flusher.publish(replace(opened.manifest, epoch=opened.epoch, state=STATE_MOUNTED,
                                       owner=session.owner()), expect_epoch=opened.manifest.epoch)
@@ -434,12 +538,61 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
     except FencedError as e:
         raise QuietError(str(e), EXIT_BACKEND) from None
     except (OSError, BackendError, CorruptionError) as e:
+        # A publish that failed after its rename (a directory fsync) did mark the backend ours.
+        session.startup.exporter_needed |= _published_epoch(opened.backend) != opened.manifest.epoch
         raise QuietError(f"cannot publish to backend {opened.backend.spec}: {e}", EXIT_BACKEND) from None
+    # The backend says "mounted" by us: only a clean baseline releases the memory (see _abandon_start).
+    session.startup.exporter_needed = True
+    ready = False
 
+    def mounted() -> None:
+        nonlocal ready
+        ready = True
+        on_ready()
+
+    try:
+        return await _mount_and_serve(session, mounted)
+    except BaseException:
+        if not ready:
+            with trio.CancelScope(shield=True):
+                await _abandon_start(session)
+        raise
+
+
+def _published_epoch(backend: BaselineStore) -> int | None:
+    try:
+        return backend.read_manifest().epoch
+    except Exception:       # unreadable: assume the worst (it may be ours)
+        return None
+
+
+async def _abandon_start(session: Session) -> None:
+    """A start-up that failed after the backend was marked mounted, before the mount was usable: publish
+    a clean baseline (nothing was acknowledged to an application since the last one, but a recovery's
+    fetched pages were) so the backend is clean again, as before; then the exporter may go."""
+    assert session.flusher is not None
+    try:
+        generation = await session.flusher.flush(state=STATE_CLEAN)
+    except Exception as e:
+        log.error("start-up failed and the clean baseline that undoes it failed too (%s): the backend stays "
+                  "marked in use and the exporter keeps serving; recover with rmemfs-recover", e)
+        return
+    session.opened.fs.tracker.set_clean_generation(generation)
+    session.startup.exporter_needed = False
+    log.info("start-up failed: backend marked clean again at generation %d", generation)
+
+
+async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> int:
+    from . import fs as fuse      # loads pyfuse3: only the serving process needs it
+
+    opened, opts, flusher = session.opened, session.opts, session.flusher
+    assert flusher is not None
+    fs = opened.fs
     control_path = opened.region_dir / CONTROL_SOCKET
     ops = fuse.Operations(fs, control_path=str(control_path), writeback_cache=opts.writeback_cache)
     session.requests = ops.counters
     try:
+        faults.fail("mount.fuse", RuntimeError)
         fuse.mount(ops, str(session.mountpoint),
                    fuse.mount_options(opts.fsname, allow_other=opts.allow_other, extra=opts.extra_fuse))
     except RuntimeError as e:

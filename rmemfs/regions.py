@@ -114,6 +114,11 @@ class Region:
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], offset + done)
 
+    def allocate(self, offset: int, length: int) -> None:
+        """Back a range with memory before anything writes it through the mapping: a store into a hole
+        of a full tmpfs is a SIGBUS, which ends the process, while this fails with ENOSPC."""
+        os.posix_fallocate(self.fd, offset, length)
+
     def release(self, offset: int, length: int) -> None:
         """Zero a page-aligned range and give its memory back (a hole on tmpfs)."""
         if not self.punch(offset, length):
@@ -156,6 +161,7 @@ class RegionSet:
         self.data_region_size = data_region_size
         self.regions: dict[int, Region] = {}
         self._used: dict[int, bytearray] = {}   # data region id -> one byte per extent (1 = used)
+        self._backed: dict[int, bytearray] = {}  # data region id -> one byte per extent (1 = allocated)
         self._free_extents = 0
 
     # --- lifecycle -----------------------------------------------------
@@ -184,6 +190,7 @@ class RegionSet:
         if region.role is RegionRole.DATA:
             n = region.length // EXTENT_SIZE
             self._used[region.region_id] = bytearray(n)
+            self._backed[region.region_id] = bytearray(n)
             self._free_extents += n
 
     def close(self) -> None:
@@ -220,6 +227,22 @@ class RegionSet:
         if bool(table[ext]) != used:
             table[ext] = used
             self._free_extents += -1 if used else 1
+        if not used:
+            self._backed[region_id][ext] = 0      # a freed extent is punched out
+
+    def back_extent(self, region_id: int, ext: int) -> None:
+        """Allocate an extent's memory the first time this process writes into it (one fallocate per
+        extent per mount; a loaded extent may have holes). Raises OSError(ENOSPC) on a full region tmpfs."""
+        backed = self._backed[region_id]
+        if not backed[ext]:
+            self.regions[region_id].allocate(ext * EXTENT_SIZE, EXTENT_SIZE)
+            backed[ext] = 1
+
+    def back_whole(self, region_id: int) -> None:
+        """Allocate a whole region up front (the ctl region: the dirty lists are written through the
+        mapping by every operation, so they must never meet a full tmpfs)."""
+        region = self.regions[region_id]
+        region.allocate(0, region.length)
 
     def punch_free_extents(self) -> None:
         """Give back the memory of every free extent (its pages are zeros, or about to be unused)."""

@@ -4,6 +4,9 @@
   rmemfs-ctl umount MOUNTPOINT         unmount, and wait until the final baseline is published
   rmemfs-ctl stats MOUNTPOINT [--json] dirty pages per list, last generation, flush figures, regions
   rmemfs-ctl verify --backend DIR      check the latest baseline against its checksums
+  rmemfs-ctl orphans --backend DIR [--remove]
+                                       region directories of that filesystem on this host that nothing
+                                       maps or needs (an old recovery's <dir>.e<epoch>); or remove them
   rmemfs-ctl exporter --backend DIR [--stop | --retire]
                                        status of this host's exporter for that filesystem; or stop it;
                                        or, once another host owns the filesystem, stop it and free its memory
@@ -19,6 +22,7 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +33,8 @@ from ..errors import BackendError, CorruptionError, QuietError
 from ..exits import (EXIT_BACKEND, EXIT_CTL_BUSY, EXIT_CTL_FLUSH, EXIT_CTL_RETIRE, EXIT_CTL_UNREACHABLE,
                      EXIT_CTL_VERIFY)
 from ..exporter import SOCKET_NAME, retire, stop_exporter, wait_exited, why_still_needed
-from ..store import STATE_CLEAN, open_store
+from ..dirty import read_ctl_header
+from ..store import STATE_CLEAN, BaselineStore, open_store
 from .common import run_main
 
 
@@ -97,6 +102,53 @@ def unmount_and_wait(mountpoint: Path, timeout: float) -> None:
     print(f"unmounted {mountpoint}: final baseline generation {manifest.generation} published")
 
 
+def mapped_directories() -> set[str]:
+    """Directories holding a file that some live process maps (/proc/*/maps)."""
+    out: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) == 6 and parts[5].startswith("/"):
+                        out.add(os.path.dirname(parts[5].rstrip("\n").removesuffix(" (deleted)")))
+        except OSError:
+            continue
+    return out
+
+
+def orphans(backend: BaselineStore, base: Path) -> list[Path]:
+    """Region directories (``base`` and its ``<name>.e<epoch>`` siblings, real directories only) that no
+    live process maps and that the published manifest does not need: a directory whose memory the
+    backend still needs (``why_still_needed``), or the clean regions of the published epoch that the
+    next mount reuses, are kept."""
+    manifest = backend.read_manifest()
+    mapped = mapped_directories()
+    found = []
+    for path in sorted(base.parent.glob(f"{base.name}*")):
+        suffix = path.name[len(base.name):]
+        if not (suffix == "" or (suffix.startswith(".e") and suffix[2:].isdigit())):
+            continue
+        if path.is_symlink() or not path.is_dir() or str(path) in mapped:
+            continue
+        try:
+            header = read_ctl_header(path)
+        except FileNotFoundError:
+            found.append(path)          # no ctl region: nothing in it can be recovered or reused
+            continue
+        except (OSError, CorruptionError):
+            continue                    # unreadable: not ours to judge
+        if header.fsid != manifest.fsid or header.epoch >= manifest.epoch:
+            continue                    # another filesystem's, or the published epoch's own regions
+        # Unmounted cleanly into a generation the backend has since built on: all of it is in the backend.
+        superseded = 0 < header.clean_generation <= manifest.generation
+        if superseded or why_still_needed(backend, path) is None:
+            found.append(path)
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="rmemfs-ctl", description=__doc__.splitlines()[0],
                                 epilog="\n".join(__doc__.splitlines()[2:]),
@@ -121,6 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     act.add_argument("--retire", action="store_true",
                      help="on a failed host, once another host has recovered the filesystem and published a "
                           "baseline of its own: stop the exporter and free the memory (refused before that)")
+    sp = sub.add_parser("orphans", help="list (or --remove) this host's region directories of a backend's "
+                                        "filesystem that nothing needs")
+    sp.add_argument("--backend", type=Path, required=True)
+    sp.add_argument("--regiondir", type=Path, help="region directory (default /dev/shm/rmemfs-<fsid>); its "
+                    "<name>.e<epoch> siblings are the candidates, with it")
+    sp.add_argument("--remove", action="store_true", help="remove them")
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -149,6 +207,17 @@ def main(argv: list[str] | None = None) -> None:
             pages = sum(s.entries for s in manifest.segments)
             print(f"generation {manifest.generation} (epoch {manifest.epoch}, {manifest.state}) verified: "
                   f"{len(manifest.segments)} segments, {pages} page entries, {manifest.live_pages} live pages")
+        elif args.command == "orphans":
+            try:
+                backend = open_store(args.backend)
+                base = args.regiondir or Path(f"/dev/shm/rmemfs-{backend.fsid()}")
+                found = orphans(backend, base)
+            except (BackendError, CorruptionError) as e:
+                raise QuietError(str(e), EXIT_BACKEND) from None
+            for path in found:
+                if args.remove:
+                    shutil.rmtree(path)
+                print(f"{'removed' if args.remove else 'orphan'} {path}")
         else:
             try:
                 fsid = open_store(args.backend).fsid()

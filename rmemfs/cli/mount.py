@@ -18,8 +18,8 @@ import trio
 
 from ..errors import QuietError
 from ..exits import EXIT_ERROR
-from ..mount import (OPTION_HELP, ExporterLaunch, MountOptions, Opened, Session, check_environment,
-                     check_mountpoint, open_backend, parse_options, serve)
+from ..mount import (OPTION_HELP, ExporterLaunch, MountOptions, Opened, Session, StartUp, check_environment,
+                     check_mountpoint, open_backend, parse_options, serve, undo_failed_start)
 from .common import run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,15 @@ def run_session(opened: Opened, mountpoint: Path, opts: MountOptions, log_file: 
     and passes its port), then serve until unmounted."""
     if log_file:
         setup_logging(debug, log_file)
-    port = exporter_port
-    if port is None:
-        port = ExporterLaunch(opened.region_dir, opened.backend.spec, opened.fs.fsid, opts,
-                              exporter_log(log_file)).ready()
-    session = Session(opened, mountpoint, opts, port)
-    return trio.run(lambda: serve(session, on_ready=mounted))
+    startup = StartUp(opened.region_dir)
+    with undo_failed_start(startup):
+        port = exporter_port
+        if port is None:
+            startup.launch = ExporterLaunch(opened.region_dir, opened.backend.spec, opened.fs.fsid, opts,
+                                            exporter_log(log_file))
+            port = startup.launch.ready()
+        session = Session(opened, mountpoint, opts, port, startup)
+        return trio.run(lambda: serve(session, on_ready=mounted))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,8 @@ unusable; 15 exporter failed; 20 source unreachable or timed out;
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,13 +23,17 @@ from pathlib import Path
 import trio
 
 from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 at start-up, not on the recovery's clock)
+from ..errors import QuietError
+from ..exits import EXIT_USAGE
 from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options
 from ..exporter import retire
+from ..store import open_store
 from ..recovery import RecoveryReport, recover, write_report
 from .common import run_main, setup_logging
 from .mount import Ready, build_parser, daemon_log, daemonize_and_run, exporter_log, run_session
 
 log = logging.getLogger(__name__)
+MAX_TIMEOUT = 24 * 3600.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,17 +55,23 @@ def main(argv: list[str] | None = None) -> None:
     def body() -> int:
         setup_logging(args.debug, args.log if args.log and args.foreground else None, quiet=not args.debug)
         opts = parse_options(args.options)
+        if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT):
+            raise QuietError(f"--timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} seconds "
+                             f"(got {args.timeout})", EXIT_USAGE)
         mountpoint = args.mountpoint.absolute()
         if not args.dry_run:
             check_environment()
             check_mountpoint(mountpoint)
         report = RecoveryReport(dry_run=args.dry_run, baseline_only=args.baseline_only)
         launched: list[ExporterLaunch] = []
+        new_dirs: list[Path] = []     # beside a local source's: ours to remove if the recovery fails
 
         def start_exporter(region_dir: Path, fsid: str) -> None:
             # As soon as the new region directory is chosen, so that its start-up overlaps the rebuild.
-            if region_dir.name != opts.region_dir(fsid).name and "port=" not in ",".join(args.options):
-                opts.port = 0    # a local source's exporter still holds the default port
+            if region_dir.name != opts.region_dir(fsid).name:
+                new_dirs.append(region_dir)
+                if "port=" not in ",".join(args.options):
+                    opts.port = 0    # a local source's exporter still holds the default port
             launched.append(ExporterLaunch(region_dir, args.backend.absolute(), fsid, opts,
                                            exporter_log(daemon_log(args, region_dir))))
 
@@ -73,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         except BaseException:
             for launch in launched:
                 launch.abort()
+            for region_dir in new_dirs:
+                discard_unpublished(args.backend.absolute(), region_dir)
             raise
         if opened is None:
             print(dry_run_summary(report))
@@ -107,6 +121,20 @@ def main(argv: list[str] | None = None) -> None:
         return daemonize_and_run(args.foreground, work, on_ready=finish)
 
     run_main("rmemfs-recover", body)
+
+
+def discard_unpublished(backend_path: Path, region_dir: Path) -> None:
+    """Remove a recovery's own ``<dir>.e<epoch>`` region directory after a failure, unless the backend's
+    published epoch reached that epoch (then its memory may be the only copy, and it stays)."""
+    epoch = region_dir.name.rpartition(".e")[2]
+    try:
+        published = open_store(backend_path).read_manifest().epoch
+    except Exception as e:      # cannot tell: keep it, and say so
+        log.warning("kept %s: the backend's epoch is unreadable (%s)", region_dir, e)
+        return
+    if not epoch.isdigit() or published >= int(epoch):
+        return
+    shutil.rmtree(region_dir, ignore_errors=True)
 
 
 def dry_run_summary(report: RecoveryReport) -> str:
