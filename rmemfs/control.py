@@ -12,7 +12,8 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -27,7 +28,7 @@ CONTROL_XATTR = b"user.rmemfs.control"
 async def serve(path: Path, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                 ) -> None:
     try:
-        path.unlink()
+        path.unlink()   # noqa: ASYNC240 - once, before serving
     except FileNotFoundError:
         pass
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -21,7 +21,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import trio
 
@@ -67,7 +67,7 @@ class Filesystem:
         self.journal = Journal(regions[META_REGION_ID], tracker)
         self.ns = Namespace(ExtentStore(regions.mark_extent, self._release_extents, self._zero_range), EXTENT_SIZE)
         self.fenced = False
-        self.room_waiter: "RoomWaiter | None" = None
+        self.room_waiter: RoomWaiter | None = None
         self._sync_region_pages()
 
     # --- construction -----------------------------------------------------------
@@ -84,7 +84,7 @@ class Filesystem:
         return regions
 
     @classmethod
-    def format(cls, regions: RegionSet, fsid: str, epoch: int, capacity: int) -> "Filesystem":
+    def format(cls, regions: RegionSet, fsid: str, epoch: int, capacity: int) -> Filesystem:
         """A new, empty filesystem in fresh regions."""
         tracker = DirtyTracker(regions[CTL_REGION_ID].view, capacity)
         tracker.format(fsid, epoch, os.getpid())
@@ -94,7 +94,7 @@ class Filesystem:
         return fs
 
     @classmethod
-    def load(cls, regions: RegionSet, fsid: str, epoch: int, *, fresh_ctl_capacity: int | None = None) -> "Filesystem":
+    def load(cls, regions: RegionSet, fsid: str, epoch: int, *, fresh_ctl_capacity: int | None = None) -> Filesystem:
         """Rebuild the namespace from the meta region's journal.
 
         With ``fresh_ctl_capacity`` the ctl region is (re)formatted: used after

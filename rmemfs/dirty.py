@@ -41,7 +41,8 @@ import uuid
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
+from collections.abc import Iterator
 
 from . import PAGE_SIZE
 from .errors import CorruptionError
@@ -96,7 +97,7 @@ class CtlHeader:
         return 1 - self.active
 
 
-def parse_header(page: bytes | memoryview) -> CtlHeader:
+def parse_header(page: bytes | bytearray | memoryview) -> CtlHeader:
     words = struct.unpack_from(f"<{HEADER_WORDS}Q", page)
     if struct.pack("<Q", words[W_MAGIC]) != CTL_MAGIC:
         raise CorruptionError("ctl region: bad magic (not an rmemfs dirty-list region)")
@@ -113,7 +114,7 @@ def list_offset(index: int, capacity: int) -> int:
     return PAGE_SIZE + index * list_bytes(capacity)
 
 
-def parse_list_count(header_page: bytes | memoryview, capacity: int) -> int:
+def parse_list_count(header_page: bytes | bytearray | memoryview, capacity: int) -> int:
     magic, count = struct.unpack_from("<8sQ", header_page)
     if magic != LIST_MAGIC:
         raise CorruptionError("dirty list: bad magic")
@@ -128,7 +129,7 @@ def read_ctl_header(region_dir: Path) -> CtlHeader:
         return parse_header(f.read(PAGE_SIZE))
 
 
-def parse_entries(raw: bytes | memoryview) -> list[tuple[int, int, int]]:
+def parse_entries(raw: bytes | bytearray | memoryview) -> list[tuple[int, int, int]]:
     """Stored entries (little-endian words) as (region id, first page, npages); decode_entry, inlined."""
     words = array("Q", bytes(raw))
     if sys.byteorder != "little":

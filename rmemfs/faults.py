@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 _ARMED = os.environ.get("RMEMFS_FAULT", "")

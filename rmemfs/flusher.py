@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -131,7 +131,7 @@ class FlushStats:
 class Flusher:
     """Background task: flush every ``interval`` seconds, or at once when asked."""
 
-    def __init__(self, fs: "Filesystem", backend: BaselineStore, manifest: Manifest, live: LiveMap,
+    def __init__(self, fs: Filesystem, backend: BaselineStore, manifest: Manifest, live: LiveMap,
                  interval: float) -> None:
         self.fs = fs
         self.backend = backend
@@ -144,7 +144,7 @@ class Flusher:
         self.completed = 0          # flushes that finished (successfully or not)
         self.fenced = False
         self._stop = False
-        self._stats = dict(flushes=0, failures=0, last_duration_s=0.0, last_pages=0, last_bytes=0,
+        self._stats: dict[str, Any] = dict(flushes=0, failures=0, last_duration_s=0.0, last_pages=0, last_bytes=0,
                            last_full=False, total_bytes=0, last_error="")
         self._failures_in_row = 0
 

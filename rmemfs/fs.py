@@ -11,7 +11,8 @@ import functools
 import logging
 import os
 import stat
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
 
 import pyfuse3
 
@@ -173,7 +174,7 @@ class Operations(pyfuse3.Operations):
         self.fs.confirm_owner()
 
     @_errno_boundary
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
             self.fs.forget(ino, nlookup)
         self.fs.after_operation()

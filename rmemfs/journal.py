@@ -29,7 +29,7 @@ import logging
 import struct
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 import xxhash
 

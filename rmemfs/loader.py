@@ -32,7 +32,7 @@ from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import xxhash
 
@@ -283,9 +283,9 @@ def _interleave_lanes(spans: list[Span]) -> list[Span]:
         lanes[lane].append(replace(span, lane=lane))
     out: list[Span] = []
     while any(lanes):
-        for lane in lanes:
-            if lane:
-                out.append(lane.popleft())
+        for queue in lanes:
+            if queue:
+                out.append(queue.popleft())
     return out
 
 
@@ -340,9 +340,9 @@ def _stretches(keys: memoryview, offsets: memoryview) -> Iterator[tuple[int, int
             i += 1
             continue
 
-        def one_run(n: int) -> bool:
-            last = i + n - 1
-            return keys[last] - k0 == n - 1 and offsets[last] - o0 == (n - 1) * PAGE_SIZE
+        def one_run(n: int) -> bool:  # noqa: B023 - called only within this iteration
+            last = i + n - 1  # noqa: B023
+            return keys[last] - k0 == n - 1 and offsets[last] - o0 == (n - 1) * PAGE_SIZE  # noqa: B023
 
         limit = min(total - i, SPAN_BYTES // PAGE_SIZE)        # a run fits one read
         good, bad = 1, None

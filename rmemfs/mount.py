@@ -25,7 +25,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -391,7 +392,7 @@ class ExporterLaunch:
     regions exist and let the interpreter start-up overlap the rebuild.
     """
 
-    def __init__(self, region_dir: Path, backend_path: Path, fsid: str, opts: MountOptions,
+    def __init__(self, region_dir: Path, backend_path: str, fsid: str, opts: MountOptions,
                  log_file: Path | None) -> None:
         cmd = [sys.executable, "-m", "rmemfs.cli.exporter", "--region-dir", str(region_dir), "--backend",
                str(backend_path), "--listen", opts.listen, "--port", str(opts.port)]
@@ -503,7 +504,8 @@ class Session:
             return {"ok": True, "generation": generation}
         if op == "stats":
             return {"ok": True, "fsid": self.opened.fs.fsid, "epoch": self.opened.epoch, "pid": os.getpid(),
-                    "backend": self.opened.backend.spec, "mountpoint": str(self.mountpoint), "core": self.opened.fs.statistics().__dict__,
+                    "backend": self.opened.backend.spec, "mountpoint": str(self.mountpoint),
+                    "core": self.opened.fs.statistics().__dict__,
                     "flush": self.flusher.statistics().__dict__, "requests": dict(self.requests),
                     "heartbeat": self.opened.fs.tracker.header().heartbeat,
                     "fenced": self.opened.fs.note_fenced(), "fence_epoch": self.opened.fs.tracker.fence}

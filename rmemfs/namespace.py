@@ -22,7 +22,7 @@ import logging
 import stat
 import struct
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import CorruptionError
 from .journal import CHECKPOINT

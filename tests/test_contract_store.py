@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import xxhash
@@ -224,7 +224,7 @@ def test_truncated_segment_is_refused(kind: StoreKind, opener: Callable[[], Base
 def _rewrite_header(raw: bytes, **fields: object) -> bytes:
     """The segment with header fields changed and a valid header checksum (in the footer too)."""
     names = ("magic", "version", "page_size", "fsid", "epoch", "generation", "time_ns")
-    values = dict(zip(names, SEG_HEAD.unpack_from(raw)))
+    values = dict(zip(names, SEG_HEAD.unpack_from(raw), strict=True))
     values.update(fields)
     head = SEG_HEAD.pack(*(values[n] for n in names))
     head_xxh = xxhash.xxh3_64_intdigest(head)

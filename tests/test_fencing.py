@@ -8,7 +8,6 @@ import mmap
 import os
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -46,7 +46,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -451,7 +452,7 @@ class Bench:
         mm: dict[str, list[float]] = {t: [] for t in targets}
         rnd: dict[str, list[float]] = {t: [] for t in targets}
         page_data = data_block(PAGE, 5)
-        for name, (d, fs) in targets.items():
+        for d, fs in targets.values():
             # One untimed round: region memory and the page cache reach their steady state.
             seq_write(d / "warm.dat", size, self.block)
             os.unlink(d / "warm.dat")
@@ -608,7 +609,7 @@ class Bench:
                      "bytes_written": summary([r["last_bytes"] for r in full], "bytes"),
                      "dd_conv_fsync_same_bytes": summary(dd_full, "s"),
                      "throughput": summary([r["last_bytes"] / r["last_duration_s"] for r in full], "bytes/s"),
-                     "dd_throughput": summary([r["last_bytes"] / d for r, d in zip(full, dd_full)], "bytes/s")},
+                     "dd_throughput": summary([r["last_bytes"] / d for r, d in zip(full, dd_full, strict=True)], "bytes/s")},
             "incremental": incr,
             "garbage_collecting_rewrites_skipped": gc_rewrites,
             "stall": stall,
@@ -819,7 +820,7 @@ class Bench:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        started = datetime.datetime.now(datetime.timezone.utc)
+        started = datetime.datetime.now(datetime.UTC)
         self.report = {"machine": machine_info(self.work), "versions": versions(),
                        "parameters": {"size_bytes": self.size, "dirty_percent": self.dirty,
                                       "repeat": self.repeat, "quick": self.args.quick,
@@ -963,7 +964,8 @@ def table(r: dict[str, Any]) -> str:
         lines.append("footprint per GiB of file data")
         lines.append(f"  region memory (the region files' allocated pages) {human(g['region_resident_bytes'])}")
         lines.append(f"  fs process RSS {human(g['fs_rss_bytes'])} (anon {human(g['fs_rss_anon_bytes'])}, anon growth "
-                     f"{human(g['fs_rss_anon_growth_bytes'])}, RSS growth {human(g['fs_rss_growth_bytes'])}); exporter RSS {human(g['exporter_rss_bytes'])} "
+                     f"{human(g['fs_rss_anon_growth_bytes'])}, RSS growth {human(g['fs_rss_growth_bytes'])}); "
+                     f"exporter RSS {human(g['exporter_rss_bytes'])} "
                      f"(anon {human(g['exporter_rss_anon_bytes'])})")
         lines.append(f"  dirty list: sequential {human(g['dirty_list_bytes_sequential'])}, worst case (every page "
                      f"scattered) {human(g['dirty_list_bytes_all_pages_scattered_worst_case'])}; dedup map "
@@ -1031,8 +1033,8 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
         x = range(len(names))
         for i, (key, lab) in enumerate((("seq_write_1MiB", "write() 1 MiB"), ("mmap_memcpy_msync", "mmap+memcpy+msync"))):
             med = [wt[n][key]["median"] / MiB for n in names]
-            err = [[m - wt[n][key]["min"] / MiB for m, n in zip(med, names)],
-                   [wt[n][key]["max"] / MiB - m for m, n in zip(med, names)]]
+            err = [[m - wt[n][key]["min"] / MiB for m, n in zip(med, names, strict=True)],
+                   [wt[n][key]["max"] / MiB - m for m, n in zip(med, names, strict=True)]]
             a1.bar([j + i * 0.4 for j in x], med, 0.4, yerr=err, label=lab, capsize=3)
         a1.set_xticks([j + 0.2 for j in x], [n.replace("_", "\n", 1) for n in names], fontsize=8)
         a1.set_ylabel("MiB/s")

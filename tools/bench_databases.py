@@ -25,7 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import bench
 from bench import PAGE, MiB, Overlay, Rmemfs, log, summary, unmount
@@ -92,7 +93,7 @@ def sqlite_commits(d: Path, commits: int, journal: str) -> float:
         payload = random.Random(1).randbytes(ROW)
         rng = random.Random(2)
         t = time.perf_counter()
-        for i in range(commits):
+        for _ in range(commits):
             db.execute("BEGIN")
             db.execute("INSERT OR REPLACE INTO t VALUES (?, ?)", (rng.randrange(commits * 4), payload))
             db.execute("COMMIT")
@@ -248,8 +249,8 @@ def plot(r: dict[str, Any], out: Path, plt: Any) -> str | None:
     for i, name in enumerate(names):
         xs = [j - 0.4 + (i + 0.5) * width for j in range(len(WORKLOADS))]
         med = [t[name][w]["median"] for w in WORKLOADS]
-        lo = [m - t[name][w]["min"] for m, w in zip(med, WORKLOADS)]
-        hi = [t[name][w]["max"] - m for m, w in zip(med, WORKLOADS)]
+        lo = [m - t[name][w]["min"] for m, w in zip(med, WORKLOADS, strict=True)]
+        hi = [t[name][w]["max"] - m for m, w in zip(med, WORKLOADS, strict=True)]
         ax.bar(xs, med, width, yerr=[lo, hi], label=name, capsize=2)
     ax.set_yscale("log")
     ax.set_xticks(range(len(WORKLOADS)))

@@ -8,8 +8,8 @@ Measures in one run, with the exporter in a separate process (as across hosts):
   (b) software transport: SIZE bytes read as 1 MiB reads (one ``read_batch``);
   (c) software transport: PAGES random 4 KiB pages (random order), in pages/s.
 Each round runs (a), (b), (c) back to back; the best of ``--repeat`` rounds is
-reported and (b)/(a) is the throughput ratio (per-round ratios are in the JSON). Both sides read into/out of pre-faulted memory so that page
-faults do not favour either measurement. ``run(size)`` returns the numbers as a dict.
+reported and (b)/(a) is the throughput ratio (per-round ratios are in the JSON). Both sides read into/out
+of pre-faulted memory so that page faults do not favour either measurement. ``run(size)`` returns the numbers as a dict.
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def run(size: int = 1 << 30, pages: int = 100_000, repeat: int = 3) -> dict[str,
         "software_1mib_bytes_per_s": sw_bps,
         "ratio_software_to_raw": sw_bps / raw_bps,
         # Per round, (a) and (b) ran back to back: less sensitive to outside load.
-        "ratio_per_round": [r / b for r, b in zip(raw_times, big)],
+        "ratio_per_round": [r / b for r, b in zip(raw_times, big, strict=True)],
         "pages": len(page_list),
         "software_4kib_pages_per_s": pps,
         "raw_times_s": raw_times,

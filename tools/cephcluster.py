@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 POOL = "rmemfs"
 PACKAGES = ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph", "rados", "monmaptool", "ceph-authtool")
@@ -153,7 +153,7 @@ class Cluster:
         _write_atomic(self.dir / "cluster.json", json.dumps(d, indent=1) + "\n")
 
     @classmethod
-    def load(cls, directory: Path) -> "Cluster":
+    def load(cls, directory: Path) -> Cluster:
         d = json.loads((Path(directory) / "cluster.json").read_text())
         d["dir"], d["conf"] = Path(d["dir"]), Path(d["conf"])
         return cls(**d)
@@ -370,7 +370,7 @@ def _bootstrap(c: Cluster, timeout: float) -> None:
     mon_keyring = d / "mon.keyring"      # outside mon_data: --mkfs wants that empty, and copies the keyring in
     admin_keyring = d / "client.admin.keyring"
     _run(["ceph-authtool", "--create-keyring", str(mon_keyring), "--gen-key", "-n", "mon.", "--cap", "mon", "allow *"])
-    caps = [a for pair in zip(["--cap"] * 4, USERS["client.admin"][0::2], USERS["client.admin"][1::2]) for a in pair]
+    caps = [a for pair in zip(["--cap"] * 4, USERS["client.admin"][0::2], USERS["client.admin"][1::2], strict=True) for a in pair]
     _run(["ceph-authtool", "--create-keyring", str(admin_keyring), "--gen-key", "-n", "client.admin", *caps])
     os.chmod(admin_keyring, 0o600)
     _run(["ceph-authtool", str(mon_keyring), "--import-keyring", str(admin_keyring)])

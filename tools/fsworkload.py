@@ -257,7 +257,7 @@ def _state(crew: list[Worker]) -> dict:
 def scan(root: Path) -> tuple[dict[str, dict], list[str]]:
     files: dict[str, dict] = {}
     dirs: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)
         if rel != ".":
             dirs.append(rel)

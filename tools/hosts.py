@@ -25,7 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -239,7 +240,7 @@ class TwoHosts:
         for ns in self.netns:
             _ip("netns", "add", ns)
         _ip("link", "add", self.veth[0], "type", "veth", "peer", "name", self.veth[1])
-        for host, ns, dev in zip((self.a, self.b), self.netns, self.veth):
+        for host, ns, dev in zip((self.a, self.b), self.netns, self.veth, strict=True):
             _ip("link", "set", dev, "netns", ns)
             _ip("-n", ns, "addr", "add", f"{host.addr}/24", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
@@ -247,7 +248,7 @@ class TwoHosts:
             host.start(self.private_shm)
         if self.ceph is not None:
             from cephcluster import attach_netns      # tools/cephcluster.py, beside this file
-            for host, ns in zip((self.a, self.b), self.netns):
+            for host, ns in zip((self.a, self.b), self.netns, strict=True):
                 host.ceph_addr = attach_netns(self.ceph, ns)
 
     def close(self) -> None:

@@ -5,7 +5,8 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
+from collections.abc import Callable
 
 from ..errors import QuietError
 from ..secure import open_log

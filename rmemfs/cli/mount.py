@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 
@@ -66,10 +66,10 @@ def daemonize_and_run(foreground: bool, work: Callable[[Ready], int],
             on_ready(msg[2:].strip())
             return 0
         _, pid_status = os.waitpid(pid, 0)
-        code, _, text = msg.partition(" ")
-        if not code.isdigit():
+        status, _, text = msg.partition(" ")
+        if not status.isdigit():
             raise QuietError(f"daemon exited before the mount was ready (status {pid_status})", EXIT_ERROR)
-        raise QuietError(text.strip(), int(code))
+        raise QuietError(text.strip(), int(status))
     # Child: a daemon in its own session; the parent is told how it went through the pipe.
     os.close(r)
     os.setsid()

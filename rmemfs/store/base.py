@@ -55,7 +55,7 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import xxhash
 
@@ -115,10 +115,10 @@ class SegmentReader(ABC):
         for offset, buf in reads:
             self.readinto(offset, buf)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: readers holding nothing need not close
         pass
 
-    def __enter__(self) -> "SegmentReader":
+    def __enter__(self) -> SegmentReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

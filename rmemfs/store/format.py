@@ -143,7 +143,7 @@ class Identity:
                                          "created_ns": self.created_ns}).encode())
 
     @classmethod
-    def from_bytes(cls, raw: bytes, where: str) -> "Identity":
+    def from_bytes(cls, raw: bytes, where: str) -> Identity:
         doc = _json_doc(raw, where)
         _version(doc, "format", FS_FORMAT, where)
         return cls(_uuid(_field(doc, "fsid", str, where), where), _field(doc, "created_ns", int, where))
@@ -195,7 +195,7 @@ class Manifest:
         return with_checksum(json.dumps(doc, indent=1, sort_keys=True).encode())
 
     @classmethod
-    def from_bytes(cls, raw: bytes, where: str) -> "Manifest":
+    def from_bytes(cls, raw: bytes, where: str) -> Manifest:
         doc = _json_doc(raw, where)
         _version(doc, "format", MANIFEST_FORMAT, where)
         if doc.get("page_size") != PAGE_SIZE:
@@ -253,7 +253,7 @@ class SegmentHeader:
         return (head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head))).ljust(PAGE_SIZE, b"\0")
 
     @classmethod
-    def from_bytes(cls, raw: bytes | memoryview, where: str) -> "SegmentHeader":
+    def from_bytes(cls, raw: bytes | bytearray | memoryview, where: str) -> SegmentHeader:
         """Decode and checksum-check the first HEADER_SIZE bytes of a segment."""
         if len(raw) < HEADER_SIZE:
             raise CorruptionError(f"{where}: bad header (truncated)")
@@ -287,7 +287,7 @@ class SegmentFooter:
         return foot + struct.pack("<Q", xxhash.xxh3_64_intdigest(foot))
 
     @classmethod
-    def from_bytes(cls, raw: bytes, where: str, size: int, header: bytes | memoryview) -> "SegmentFooter":
+    def from_bytes(cls, raw: bytes, where: str, size: int, header: bytes | bytearray | memoryview) -> SegmentFooter:
         """Decode the last FOOTER_SIZE bytes of a segment of ``size`` bytes whose first bytes are ``header``."""
         magic, index_off, entries, data_pages, index_xxh, head_xxh = FOOT.unpack_from(raw)
         (foot_xxh,) = struct.unpack_from("<Q", raw, FOOT.size)

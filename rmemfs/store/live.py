@@ -9,7 +9,7 @@ class LiveMap:
         self.maps: dict[int, bytearray] = {}
         self.count = 0
 
-    def copy(self) -> "LiveMap":
+    def copy(self) -> LiveMap:
         other = LiveMap()
         other.maps = {rid: bytearray(m) for rid, m in self.maps.items()}
         other.count = self.count

@@ -35,7 +35,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from ..errors import BackendError, CorruptionError, FencedError
 from .base import BaselineStore, SegmentReader, SegmentSink, register_scheme, writer_token
@@ -120,7 +121,9 @@ class RadosStore(BaselineStore):
         return not any(n.startswith("epoch.") for n in self._names())
 
     def create(self, settings: dict, regions: dict[int, int]) -> Manifest:
-        import secrets, time, uuid
+        import secrets
+        import time
+        import uuid
         from .base import owner_info
         self._create("fs.json", Identity(str(uuid.uuid4()), time.time_ns()).to_bytes())
         self._create("secret", encode_secret(secrets.token_bytes(32)))

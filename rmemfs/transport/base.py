@@ -27,7 +27,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Awaitable, Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Sequence
 
 from ..errors import RmemfsError
 from ..regions import RegionRole
@@ -148,7 +149,7 @@ class Connection(abc.ABC):
     async def register(self) -> Catalog:
         """The registration handshake: returns every region of the filesystem and its dirty lists."""
 
-    def register_local(self, buffer: memoryview) -> None:
+    def register_local(self, buffer: memoryview) -> None:  # noqa: B027 - optional: a no-op where nothing registers
         """Make ``buffer`` a valid read destination (software transport: nothing to do)."""
 
     @abc.abstractmethod
@@ -161,7 +162,7 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None: ...
 
-    async def __aenter__(self) -> "Connection":
+    async def __aenter__(self) -> Connection:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

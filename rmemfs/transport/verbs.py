@@ -54,7 +54,8 @@ import threading
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -358,7 +359,7 @@ class VerbsExportBackend(ExportBackend):
         self._mrs.clear()
         self._dev.close()
 
-    def __enter__(self) -> "VerbsExportBackend":
+    def __enter__(self) -> VerbsExportBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -675,8 +676,9 @@ class VerbsConnection(Connection):
                 self._force_error(qp, pv)
                 forced = True
                 last = time.monotonic()
-        if error is not None or flushed is not None:
-            raise error or flushed
+        failure = error or flushed
+        if failure is not None:
+            raise failure
 
     @staticmethod
     def _force_error(qp: Any, pv: SimpleNamespace) -> None:

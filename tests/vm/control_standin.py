@@ -12,7 +12,8 @@ import hmac
 import json
 import secrets
 import struct
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import trio
 

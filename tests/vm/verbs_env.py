@@ -86,7 +86,7 @@ def start_exporter(directory: Path, sizes: list[int]) -> tuple[subprocess.Popen[
 async def _export(directory: Path, sizes: list[int]) -> None:
     from rmemfs.transport.verbs import VerbsExportBackend
     ctl = control_module()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - set-up before serving
     regions: list[ExportedRegion] = []
     maps = []
     for i, size in enumerate(sizes):
@@ -95,7 +95,7 @@ async def _export(directory: Path, sizes: list[int]) -> None:
             make_region_file(path, size)
         # Writable MAP_SHARED mapping: kernels < 6.2 cannot register a PROT_READ one (see
         # rmemfs.transport.verbs); the backend only gets a read-only view and a REMOTE_READ MR.
-        with open(path, "r+b") as f:
+        with open(path, "r+b") as f:  # noqa: ASYNC230 - set-up before serving
             mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         maps.append(mm)
         view = memoryview(mm).toreadonly()

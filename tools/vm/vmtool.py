@@ -229,7 +229,7 @@ def _job_script(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
 class _Tail(threading.Thread):
     """Copy a file that the guest appends to onto a host stream, as it grows."""
 
-    def __init__(self, path: Path, sink: "io.BufferedWriter") -> None:
+    def __init__(self, path: Path, sink: io.BufferedWriter) -> None:
         super().__init__(daemon=True)
         self.path, self.sink = path, sink
         self.done = threading.Event()
