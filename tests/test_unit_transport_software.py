@@ -583,3 +583,35 @@ async def test_client_rejects_garbage_from_server(nursery):
     port = await _fake_exporter(nursery, talk)
     with pytest.raises(ProtocolError, match="bad magic"):
         await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=2)
+
+
+@pytest.mark.allow_log(r"filesystem id mismatch")
+async def test_fsid_mismatch_does_not_reveal_the_real_fsid(server):
+    """An unauthenticated peer guessing fsids learns nothing about the served one."""
+    s = await _raw(server)
+    with s:
+        await s.send(sw._header(sw.Frame.HELLO, 32 + 8, 0) + b"\x01" * 32 + b"other-fs")
+        ftype, _, payload = await _recv_frame(s)
+        assert ftype == sw.Frame.ERROR
+        assert b"other-fs" in payload and FSID.encode() not in payload
+    await _good_client_works(server)
+
+
+@pytest.mark.allow_log(r"frame not completed within")
+async def test_announced_frames_do_not_allocate_up_front(server):
+    """50 authenticated peers announce 16 MiB frames and send nothing: memory stays bounded."""
+    import tracemalloc
+    peers = [await _raw_authed(server) for _ in range(50)]
+    tracemalloc.start()
+    try:
+        for s in peers:
+            await s.send(sw._header(sw.Frame.EXT_REQ, sw.MAX_PAYLOAD, 1))
+        await trio.sleep(HANDSHAKE_TIMEOUT / 2)       # the server has read every header by now
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    for s in peers:
+        with s:
+            await _assert_dropped(s, within=HANDSHAKE_TIMEOUT + 2)
+    assert peak < 50 * sw.MAX_PAYLOAD // 20, f"peak {peak} bytes traced while 50 peers announced 16 MiB"
+    await _good_client_works(server)

@@ -116,6 +116,7 @@ NONCE_SIZE = 32
 MAC_SIZE = 32
 _U64 = 1 << 64
 _IOV_MAX = 1024
+_RECV_CHUNK = 64 << 10                # first allocation for an incoming frame; doubles as bytes arrive
 _CLIENT_LABEL = b"rmemfs-software-v1 client"
 _SERVER_LABEL = b"rmemfs-software-v1 server"
 
@@ -312,11 +313,18 @@ class _ServerConn:
     async def recv_frame(self, limit: int) -> tuple[int, int, bytearray]:
         await self._recv_into(memoryview(self._hdr), between_frames=True)
         ftype, length, req_id = _parse_header(self._hdr, limit)
-        payload = bytearray(length)
+        # Never allocate the announced size up front: many peers announcing 16 MiB
+        # and sending nothing would cost 16 MiB each. Grow as bytes arrive.
+        payload = bytearray(min(length, _RECV_CHUNK))
         if length:
             # A peer that sends a header and then stalls must not hold the task forever.
             with trio.fail_after(self.frame_timeout):
-                await self._recv_into(memoryview(payload), between_frames=False)
+                got = 0
+                while got < length:
+                    if got == len(payload):
+                        payload.extend(bytes(min(length - got, len(payload))))
+                    await self._recv_into(memoryview(payload)[got:], between_frames=False)
+                    got = len(payload)
         return ftype, req_id, payload
 
     async def send(self, bufs: list[Any]) -> None:
@@ -342,9 +350,10 @@ class _ServerConn:
         except UnicodeDecodeError:
             raise ProtocolError("fsid in HELLO is not UTF-8") from None
         if asked != self.fsid:
-            msg = f"filesystem id mismatch: client asked for {asked!r}, this exporter serves {self.fsid!r}"
-            log.warning("%s: %s; dropping", self.peer, msg)
-            await self.send_error(0, Err.FSID_MISMATCH, msg)
+            msg = f"filesystem id mismatch: client asked for {asked!r}"
+            # The peer is unauthenticated: the real fsid goes to our log only.
+            log.warning("%s: %s, this exporter serves %r; dropping", self.peer, msg, self.fsid)
+            await self.send_error(0, Err.FSID_MISMATCH, msg + ", which this exporter does not serve")
             return False
         sn = secrets.token_bytes(NONCE_SIZE)
         await self.send_frame(Frame.CHALLENGE, 0, sn)
