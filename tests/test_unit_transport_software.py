@@ -615,3 +615,33 @@ async def test_announced_frames_do_not_allocate_up_front(server):
             await _assert_dropped(s, within=HANDSHAKE_TIMEOUT + 2)
     assert peak < 50 * sw.MAX_PAYLOAD // 20, f"peak {peak} bytes traced while 50 peers announced 16 MiB"
     await _good_client_works(server)
+
+
+@pytest.mark.allow_log(r"too many connections", r"no handshake within")
+async def test_flood_of_unauthenticated_connections_is_capped(server):
+    """More idle unauthenticated connections than the cap (64, 16 per source): the excess is
+    closed at once, and a legitimate client from another address still connects and reads."""
+    flood = []
+    for i in range(4):                       # 4 sources x 20 connections = 80 > 64
+        for _ in range(20):
+            s = socket.socket()              # plain sockets: polled below without waiting
+            s.bind((f"127.0.0.{i + 2}", 0))
+            s.connect(("127.0.0.1", server.port))
+            s.setblocking(False)
+            flood.append(s)
+    t0 = time.monotonic()
+    await _good_client_works(server)
+    await trio.sleep(0.05)
+    closed = 0
+    for s in flood:
+        try:
+            closed += s.recv(1) == b""
+        except BlockingIOError:
+            pass                             # still open, waiting in its handshake
+        except ConnectionResetError:
+            closed += 1
+    # 16 accepted from each source, 4 per source refused at accept, and the oldest evicted
+    # to make room for the legitimate client: all well before the handshake timeout.
+    assert closed == 17 and time.monotonic() - t0 < HANDSHAKE_TIMEOUT, closed
+    for s in flood:
+        s.close()
