@@ -583,3 +583,65 @@ async def test_client_rejects_garbage_from_server(nursery):
     port = await _fake_exporter(nursery, talk)
     with pytest.raises(ProtocolError, match="bad magic"):
         await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=2)
+
+
+@pytest.mark.allow_log(r"filesystem id mismatch")
+async def test_fsid_mismatch_does_not_reveal_the_real_fsid(server):
+    """An unauthenticated peer guessing fsids learns nothing about the served one."""
+    s = await _raw(server)
+    with s:
+        await s.send(sw._header(sw.Frame.HELLO, 32 + 8, 0) + b"\x01" * 32 + b"other-fs")
+        ftype, _, payload = await _recv_frame(s)
+        assert ftype == sw.Frame.ERROR
+        assert b"other-fs" in payload and FSID.encode() not in payload
+    await _good_client_works(server)
+
+
+@pytest.mark.allow_log(r"frame not completed within")
+async def test_announced_frames_do_not_allocate_up_front(server):
+    """50 authenticated peers announce 16 MiB frames and send nothing: memory stays bounded."""
+    import tracemalloc
+    peers = [await _raw_authed(server) for _ in range(50)]
+    tracemalloc.start()
+    try:
+        for s in peers:
+            await s.send(sw._header(sw.Frame.EXT_REQ, sw.MAX_PAYLOAD, 1))
+        await trio.sleep(HANDSHAKE_TIMEOUT / 2)       # the server has read every header by now
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    for s in peers:
+        with s:
+            await _assert_dropped(s, within=HANDSHAKE_TIMEOUT + 2)
+    assert peak < 50 * sw.MAX_PAYLOAD // 20, f"peak {peak} bytes traced while 50 peers announced 16 MiB"
+    await _good_client_works(server)
+
+
+@pytest.mark.allow_log(r"too many connections", r"no handshake within")
+async def test_flood_of_unauthenticated_connections_is_capped(server):
+    """More idle unauthenticated connections than the cap (64, 16 per source): the excess is
+    closed at once, and a legitimate client from another address still connects and reads."""
+    flood = []
+    for i in range(4):                       # 4 sources x 20 connections = 80 > 64
+        for _ in range(20):
+            s = socket.socket()              # plain sockets: polled below without waiting
+            s.bind((f"127.0.0.{i + 2}", 0))
+            s.connect(("127.0.0.1", server.port))
+            s.setblocking(False)
+            flood.append(s)
+    t0 = time.monotonic()
+    await _good_client_works(server)
+    await trio.sleep(0.05)
+    closed = 0
+    for s in flood:
+        try:
+            closed += s.recv(1) == b""
+        except BlockingIOError:
+            pass                             # still open, waiting in its handshake
+        except ConnectionResetError:
+            closed += 1
+    # 16 accepted from each source, 4 per source refused at accept, and the oldest evicted
+    # to make room for the legitimate client: all well before the handshake timeout.
+    assert closed == 17 and time.monotonic() - t0 < HANDSHAKE_TIMEOUT, closed
+    for s in flood:
+        s.close()

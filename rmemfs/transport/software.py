@@ -79,6 +79,7 @@ import socket
 import struct
 import threading
 from collections import deque
+from functools import partial
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import trio
@@ -116,6 +117,7 @@ NONCE_SIZE = 32
 MAC_SIZE = 32
 _U64 = 1 << 64
 _IOV_MAX = 1024
+_RECV_CHUNK = 64 << 10                # first allocation for an incoming frame; doubles as bytes arrive
 _CLIENT_LABEL = b"rmemfs-software-v1 client"
 _SERVER_LABEL = b"rmemfs-software-v1 server"
 
@@ -298,6 +300,7 @@ class _ServerConn:
         self.extensions = extensions
         self.frame_timeout = frame_timeout
         self._hdr = bytearray(HEADER_SIZE)
+        self.scope = trio.CancelScope()    # cancelled to evict it while it is still in its handshake
 
     async def _recv_into(self, view: memoryview, between_frames: bool) -> None:
         got = 0
@@ -312,11 +315,18 @@ class _ServerConn:
     async def recv_frame(self, limit: int) -> tuple[int, int, bytearray]:
         await self._recv_into(memoryview(self._hdr), between_frames=True)
         ftype, length, req_id = _parse_header(self._hdr, limit)
-        payload = bytearray(length)
+        # Never allocate the announced size up front: many peers announcing 16 MiB
+        # and sending nothing would cost 16 MiB each. Grow as bytes arrive.
+        payload = bytearray(min(length, _RECV_CHUNK))
         if length:
             # A peer that sends a header and then stalls must not hold the task forever.
             with trio.fail_after(self.frame_timeout):
-                await self._recv_into(memoryview(payload), between_frames=False)
+                got = 0
+                while got < length:
+                    if got == len(payload):
+                        payload.extend(bytes(min(length - got, len(payload))))
+                    await self._recv_into(memoryview(payload)[got:], between_frames=False)
+                    got = len(payload)
         return ftype, req_id, payload
 
     async def send(self, bufs: list[Any]) -> None:
@@ -342,9 +352,10 @@ class _ServerConn:
         except UnicodeDecodeError:
             raise ProtocolError("fsid in HELLO is not UTF-8") from None
         if asked != self.fsid:
-            msg = f"filesystem id mismatch: client asked for {asked!r}, this exporter serves {self.fsid!r}"
-            log.warning("%s: %s; dropping", self.peer, msg)
-            await self.send_error(0, Err.FSID_MISMATCH, msg)
+            msg = f"filesystem id mismatch: client asked for {asked!r}"
+            # The peer is unauthenticated: the real fsid goes to our log only.
+            log.warning("%s: %s, this exporter serves %r; dropping", self.peer, msg, self.fsid)
+            await self.send_error(0, Err.FSID_MISMATCH, msg + ", which this exporter does not serve")
             return False
         sn = secrets.token_bytes(NONCE_SIZE)
         await self.send_frame(Frame.CHALLENGE, 0, sn)
@@ -436,7 +447,7 @@ class _ServerConn:
             return
         await self.send_frame(Frame.EXT_RESP, req_id, reply)
 
-    async def run(self, handshake_timeout: float) -> None:
+    async def run(self, handshake_timeout: float, authenticated: Callable[[], None] = lambda: None) -> None:
         try:
             try:
                 with trio.fail_after(handshake_timeout):
@@ -445,6 +456,7 @@ class _ServerConn:
             except trio.TooSlowError:
                 log.warning("%s: no handshake within %.1fs; dropping", self.peer, handshake_timeout)
                 return
+            authenticated()
             await self.serve_requests()
         except _PeerClosed:
             log.info("%s: closed the connection", self.peer)
@@ -472,12 +484,18 @@ async def serve(*, host: str, port: int, fsid: str, secret: bytes,
                 extensions: Mapping[str, ControlExtension] = {},
                 handshake_timeout: float = 10.0,
                 frame_timeout: float = 30.0,
+                max_unauthenticated: int = 64,
+                max_unauthenticated_per_source: int = 16,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve authenticated reads of ``export``'s regions until cancelled.
 
     ``task_status.started()`` gets the bound port (useful with ``port=0``).
     ``handshake_timeout`` bounds a peer's whole handshake; ``frame_timeout``
     bounds how long an authenticated peer may take to finish a started frame.
+    At most ``max_unauthenticated`` connections (``max_unauthenticated_per_source``
+    per source address) may be in their handshake at once; more are closed at
+    accept, so a flood of idle connections cannot use up the fds that
+    authenticated readers need.
     """
     if not secret:
         raise ValueError("the filesystem secret must not be empty")
@@ -491,6 +509,7 @@ async def serve(*, host: str, port: int, fsid: str, secret: bytes,
         lsock.listen(128)
         bound = lsock.getsockname()[1]
         log.info("software transport serving %r on %s:%d", fsid, host, bound)
+        pending = _Pending()
         async with trio.open_nursery() as nursery:
             task_status.started(bound)
             while True:
@@ -500,10 +519,53 @@ async def serve(*, host: str, port: int, fsid: str, secret: bytes,
                     log.warning("accept failed: %s", e)
                     await trio.sleep(0.1)
                     continue
+                src = peer_addr[0]
+                peer = f"{src}:{peer_addr[1]}"
+                if pending.per_source.get(src, 0) >= max_unauthenticated_per_source:
+                    log.warning("%s: too many connections from %s in their handshake; refusing", peer, src)
+                    sock.close()
+                    continue
+                if len(pending.scopes) >= max_unauthenticated:
+                    # Evict the oldest instead of refusing: a steady flood then cannot
+                    # keep a legitimate client out for longer than one accept.
+                    oldest = next(iter(pending.scopes))
+                    log.warning("%s: too many connections in their handshake; dropping the oldest, %s",
+                                peer, oldest.peer)
+                    pending.release(oldest)
+                    oldest.scope.cancel()
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                peer = f"{peer_addr[0]}:{peer_addr[1]}"
                 conn = _ServerConn(sock, peer, fsid, secret, export, catalog, extensions, frame_timeout)
-                nursery.start_soon(conn.run, handshake_timeout, name=f"software-conn {peer}")
+                pending.add(conn, src)
+                nursery.start_soon(_run_counted, conn, handshake_timeout, pending,
+                                   name=f"software-conn {peer}")
+
+
+class _Pending:
+    """Connections still in their handshake, oldest first, and their count per source address."""
+
+    def __init__(self) -> None:
+        self.scopes: dict[_ServerConn, str] = {}
+        self.per_source: dict[str, int] = {}
+
+    def add(self, conn: _ServerConn, src: str) -> None:
+        self.scopes[conn] = src
+        self.per_source[src] = self.per_source.get(src, 0) + 1
+
+    def release(self, conn: _ServerConn) -> None:
+        src = self.scopes.pop(conn, None)
+        if src is not None:
+            self.per_source[src] -= 1
+            if not self.per_source[src]:
+                del self.per_source[src]
+
+
+async def _run_counted(conn: _ServerConn, handshake_timeout: float, pending: _Pending) -> None:
+    """Run ``conn``, counted in ``pending`` until it authenticates or ends; evictable meanwhile."""
+    with conn.scope:
+        try:
+            await conn.run(handshake_timeout, partial(pending.release, conn))
+        finally:
+            pending.release(conn)
 
 
 # --- initiator side --------------------------------------------------------
