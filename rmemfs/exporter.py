@@ -35,7 +35,7 @@ from .secure import read_private
 from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
 from .store import STATE_CLEAN, BaselineStore, segment_epoch
 from .transport import export_backend, load as load_transport
-from .transport.software import serve as serve_software   # the exporter's own channel: always served
+from .transport.software import SoftwareExportBackend, serve as serve_software  # its own channel: always served
 from .transport.base import Catalog, ExportBackend, ExportedRegion, TransportError
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,10 @@ class Exporter:
             return {"ok": True}
         raise ValueError(f"unknown request {op!r}")
 
-    async def run(self, *, ready: "trio.Event | None" = None) -> None:
+    async def run(self, *, ready: trio.Event | None = None) -> None:
         self.registry.rescan()
         export = self._backend("software")
+        assert isinstance(export, SoftwareExportBackend)
         with self._cancel:
             async with trio.open_nursery() as nursery:
                 self.port = await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_software(
@@ -153,7 +154,8 @@ class Exporter:
                 await nursery.start(control.serve, self.region_dir / SOCKET_NAME, self._control)
                 nursery.start_soon(self._signals)
                 atomic_write(self.region_dir / INFO_NAME, json.dumps(
-                    {"pid": os.getpid(), "start": process_start_time(os.getpid()), "listen": self.listen, "port": self.port, "fsid": self.fsid}).encode())
+                    {"pid": os.getpid(), "start": process_start_time(os.getpid()), "listen": self.listen,
+                     "port": self.port, "fsid": self.fsid}).encode())
                 log.info("exporter for %s serving %s:%d", self.fsid, self.listen, self.port)
                 if ready is not None:
                     ready.set()

@@ -80,7 +80,8 @@ import struct
 import threading
 from collections import deque
 from functools import partial
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import trio
 
@@ -390,7 +391,7 @@ class _ServerConn:
         regions = self.export._by_rkey
         bufs: list[Any] = [b""]
         total = 0
-        for i, (rkey, off, length) in enumerate(zip(vals[0::3], vals[1::3], vals[2::3])):
+        for i, (rkey, off, length) in enumerate(zip(vals[0::3], vals[1::3], vals[2::3], strict=True)):
             entry = regions.get(rkey)
             if entry is None:
                 log.info("%s: read %d of request %d: unknown rkey %#x", self.peer, i, req_id, rkey)
@@ -788,7 +789,7 @@ class SoftwareConnection(Connection):
                 raise
             except (RemoteAccessError, _RequestRefused, ValueError):
                 raise   # clean failures: the stream is still in sync
-            except (BlockingIOError, socket.timeout) as e:
+            except (TimeoutError, BlockingIOError) as e:
                 self._break("timed out")
                 raise TransportError(f"{self._where}: no response within {self._timeout:g}s") from e
             except OSError as e:
@@ -851,7 +852,7 @@ async def connect(host: str, port: int, *, fsid: str, secret: bytes,
     def _open() -> SoftwareConnection:
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
-        except socket.timeout:
+        except TimeoutError:
             raise ConnectError(f"cannot connect to {where}: timed out after {timeout:g}s") from None
         except OSError as e:
             raise ConnectError(f"cannot connect to {where}: {e.strerror or e}") from None
