@@ -15,6 +15,7 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from harness import private_tmpfs
 from rmemfs import PAGE_SIZE
 from rmemfs.core import Filesystem
 from rmemfs.errors import FsError
@@ -308,13 +309,8 @@ async def test_write_during_flush_lands_on_new_list_and_baseline_is_the_swap_ins
 
 @pytest.fixture
 def tiny_backend(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "tiny"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(path)], check=True)
-    try:
+    with private_tmpfs(tmp_path / "tiny", "1M", mode="0755") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 async def test_full_backend_keeps_marks_and_retries(fs: Filesystem, tiny_backend: Path) -> None:
