@@ -174,6 +174,12 @@ class DirtyList:
         self.append_run(region_id, first_page, npages)
         seen[first_page:end] = _ONES[:npages] if npages <= MAX_RUN_PAGES else b"\x01" * npages
 
+    def covers(self, region_id: int, first_page: int, npages: int) -> bool:
+        """Whether every page of the run is already on this list."""
+        seen = self._seen.get(region_id)
+        return seen is not None and seen.find(0, first_page, first_page + npages) < 0 \
+            and len(seen) >= first_page + npages
+
     def append_run(self, region_id: int, first_page: int, npages: int) -> None:
         """Append entries for a run without consulting the dedup map."""
         count = self._header[L_COUNT]
@@ -333,15 +339,17 @@ class DirtyTracker:
     def fold_current_into_flushing(self) -> DirtyList:
         """After a failed flush: move new marks onto the flushing list so the retry snapshots both.
 
-        Entries are copied before the current list is cleared, so a crash in
-        between only duplicates marks. Raises ListFull if they do not fit.
+        Runs whose pages the flushing list already names are skipped (its dedup map knows them): a
+        writer that rewrites the same pages through a long backend outage must not grow the list at
+        every retry. Entries are copied before the current list is cleared, so a crash in between only
+        duplicates marks. Raises ListFull if the new runs do not fit (nothing is folded then).
         """
         src, dst = self.current, self.flushing
-        runs = src.runs()
+        runs = [run for run in src.runs() if not dst.covers(*run)]
         need = sum(-(-n // MAX_RUN_PAGES) for _, _, n in runs)
         if need > dst.room():
             raise ListFull("cannot fold the current dirty list into the flushing one: not enough room")
         for region_id, first, n in runs:
-            dst.append_run(region_id, first, n)
+            dst.add(region_id, first, n, self.region_pages[region_id])
         src.clear()
         return dst

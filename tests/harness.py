@@ -6,6 +6,7 @@ directory and exporter port.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +150,17 @@ class Rig:
                 except (OSError, ValueError, KeyError):
                     pass
             subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+@contextlib.contextmanager
+def private_tmpfs(path: Path, size: str, mode: str = "0700") -> Iterator[Path]:
+    """A small tmpfs of our own at ``path`` (created), lazily unmounted after: for tests that fill one."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def wait_gone(pid: int, timeout: float = 20) -> None:

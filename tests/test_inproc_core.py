@@ -15,6 +15,7 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from harness import private_tmpfs
 from rmemfs import PAGE_SIZE
 from rmemfs.core import Filesystem
 from rmemfs.errors import FsError
@@ -308,13 +309,8 @@ async def test_write_during_flush_lands_on_new_list_and_baseline_is_the_swap_ins
 
 @pytest.fixture
 def tiny_backend(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "tiny"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(path)], check=True)
-    try:
+    with private_tmpfs(tmp_path / "tiny", "1M", mode="0755") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 async def test_full_backend_keeps_marks_and_retries(fs: Filesystem, tiny_backend: Path) -> None:
@@ -385,3 +381,28 @@ def test_full_journal_refuses_growth_but_deletes_and_checkpoints_keep_working(tm
     again = reopen(fs)
     assert again.read(again.lookup(ROOT_INO, b"after").ino, 0, 100) == b"still works"
     assert [n for n, _ in again.readdir(ROOT_INO)] == [b"after"]
+
+
+async def test_failed_flushes_do_not_fill_the_list_with_the_same_pages(fs: Filesystem, tiny_backend: Path) -> None:
+    """Issue 10 item 5a: each failed flush folded the current list into the flushing one without
+    deduplicating, so a writer rewriting the same pages during a backend outage filled the list for good."""
+    backend, flusher = backend_for(fs, tiny_backend)
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    pages = range(0, 3000, 2)                      # scattered: one list entry each
+    rounds = fs.tracker.current.capacity // len(pages) + 5
+    for round_no in range(rounds):
+        for page in pages:
+            fs.write(f.ino, page * PAGE_SIZE, (round_no + 1).to_bytes(4, "little"))   # never a zero page
+        with pytest.raises(OSError) as e:          # the backend is full: the flush fails, marks are kept
+            await flusher.flush()
+        assert e.value.errno == errno.ENOSPC
+        assert fs.tracker.flushing.count <= 2 * len(pages)
+    subprocess.run(["mount", "-o", "remount,size=64M", str(tiny_backend)], check=True)  # noqa: ASYNC221 - the test's own step
+    await flusher.flush()
+    assert fs.tracker.flushing.count == 0 and fs.tracker.current.count == 0
+    images = baseline_image(backend, fs)
+    region_id, ext = f.extents[0]
+    base = ext * EXTENT_SIZE
+    assert all(bytes(images[region_id][base + p * PAGE_SIZE:base + p * PAGE_SIZE + 4]) ==
+               rounds.to_bytes(4, "little") for p in pages[:10])
+    assert backend.verify() == []

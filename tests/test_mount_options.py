@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harness import Rig, alive, cli, run
+from harness import Rig, alive, cli, private_tmpfs, run
 
 pytestmark = pytest.mark.mount
 
@@ -97,14 +98,9 @@ def test_failure_of_a_first_mount_leaves_a_backend_that_mounts(rig: Rig) -> None
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    d = tmp_path / "small-shm"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(d)], check=True)
-    try:
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with private_tmpfs(tmp_path / "small-shm", "8m") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def test_full_region_tmpfs_answers_enospc_and_the_mount_lives(rig: Rig, small_tmpfs: Path) -> None:

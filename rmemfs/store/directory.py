@@ -75,6 +75,7 @@ import time
 import uuid
 from pathlib import Path
 
+from ..durable import fsync_dir
 from ..errors import BackendError, CorruptionError, FencedError
 from .base import BaselineStore, SegmentReader, SegmentSink, owner_info, writer_token
 from .format import (STATE_CLEAN, Identity, Manifest, decode_secret, encode_secret, parse_segment_name)
@@ -89,14 +90,6 @@ _TRASH = re.compile(r"\.trash-\d{10}\..+")
 _SEG_TEMP = re.compile(r"\.(seg-(\d{6,})-\d{10,}\.rseg)(?:\.(.+))?\.tmp")   # without a token: before epochs/
 _OUR_TOP = {"fs.json", "secret", "MANIFEST", "segments", "epochs"}
 _OUR_TOP_TEMP = re.compile(r"\.(fs\.json|secret|MANIFEST)(\..+)?\.tmp")
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
