@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from harness import Rig, cli, run
-from rmemfs.baseline import Backend
+from rmemfs.store import open_store
 
 pytestmark = pytest.mark.mount
 
@@ -81,4 +81,4 @@ def test_paused_source_taken_over_refuses_every_write_after_resume(rig: Rig) -> 
         with contextlib.suppress(OSError):   # its buffered v3 is refused again at close
             held.close()
         subprocess.run(["fusermount3", "-u", "-z", str(m2)], capture_output=True)
-    assert Backend(rig.backend).read_manifest().epoch == 2
+    assert open_store(rig.backend).read_manifest().epoch == 2
