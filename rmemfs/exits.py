@@ -1,7 +1,8 @@
 """Every exit code of every rmemfs command, in one table (README.md's tables are checked against it).
 
-A command fails by raising ``QuietError(message, code)`` with one of these codes; ``cli/common.py``
-prints the message as one line and exits with the code. Codes 0-9 are shared conventions, 10-19
+A command fails by raising a typed ``errors.CommandError``; ``cli/common.py`` maps its type to one
+of these codes (``EXIT_OF``; a ``QuietError`` of ``cli/`` names its code), prints the message as one
+line and exits with the code. The library never picks a code. Codes 0-9 are shared conventions, 10-19
 concern the local host and the backend, 20-29 the recovery's source.
 """
 from __future__ import annotations

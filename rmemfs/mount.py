@@ -33,15 +33,15 @@ import trio
 from . import control, faults
 from .core import DEFAULT_DIRTY_CAPACITY, Filesystem, RoomWaiter
 from .dirty import read_ctl_header
-from .errors import BackendError, CorruptionError, FencedError, QuietError
+from .errors import (BackendError, BackendFailed, BackendUnclean, CorruptionError, ExporterFailed, FencedError,
+                     HostUnfit, MountpointUnusable, RegionsFailed, UsageError)
 from .secure import private_dir
 from .exporter import DEFAULT_PORT, exporter_alive, stop_exporter
 from .flusher import Flusher
 from .loader import live_map, load, region_file_writer
 from .regions import (CTL_REGION_ID, DEFAULT_DATA_REGION_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
                       check_region_directory, parse_region_file_name)
-from .exits import (EXIT_BACKEND, EXIT_ENVIRONMENT, EXIT_EXPORTER, EXIT_MOUNTPOINT,
-                    EXIT_REGIONS, EXIT_UNCLEAN, EXIT_USAGE)
+from .exits import EXIT_BACKEND
 from .store import STATE_CLEAN, STATE_MOUNTED, BaselineStore, LiveMap, Manifest, open_store, owner_info
 
 log = logging.getLogger(__name__)
@@ -153,12 +153,12 @@ class OptionSpec:
 
     def check(self, key: str, value: Any) -> None:
         if self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo):
-            raise QuietError(f"-o {key} must be {'more than' if self.open_lo else 'at least'} "
-                             f"{self.show(self.lo)} (got {self.show(value)})", EXIT_USAGE)
+            raise UsageError(f"-o {key} must be {'more than' if self.open_lo else 'at least'} "
+                             f"{self.show(self.lo)} (got {self.show(value)})")
         if self.hi is not None and value > self.hi:
-            raise QuietError(f"-o {key} must be at most {self.show(self.hi)} (got {self.show(value)})", EXIT_USAGE)
+            raise UsageError(f"-o {key} must be at most {self.show(self.hi)} (got {self.show(value)})")
         if self.multiple and value % self.multiple:
-            raise QuietError(f"-o {key} must be a multiple of {self.show(self.multiple)}", EXIT_USAGE)
+            raise UsageError(f"-o {key} must be a multiple of {self.show(self.multiple)}")
 
 
 # Upper bounds keep what a mount allocates per option sane: a data region costs a byte per page in the
@@ -200,14 +200,14 @@ def parse_options(items: list[str]) -> MountOptions:
             continue
         spec = OPTIONS.get(key)
         if spec is None:
-            raise QuietError(f"unknown mount option {key!r}; see --help", EXIT_USAGE)
+            raise UsageError(f"unknown mount option {key!r}; see --help")
         if spec.flag:
             setattr(opts, key, True)
             continue
         try:
             parsed = spec.parse(value)
         except (ValueError, OverflowError) as e:
-            raise QuietError(f"bad value for -o {key}: {value!r} ({e})", EXIT_USAGE) from None
+            raise UsageError(f"bad value for -o {key}: {value!r} ({e})") from None
         spec.check(key, parsed)
         setattr(opts, key, parsed)
     return opts
@@ -217,27 +217,25 @@ def parse_options(items: list[str]) -> MountOptions:
 
 def check_environment() -> None:
     if os.geteuid() != 0:
-        raise QuietError("rmemfs must run as root (it mounts FUSE and maps shared memory regions)",
-                         EXIT_ENVIRONMENT)
+        raise HostUnfit("rmemfs must run as root (it mounts FUSE and maps shared memory regions)")
     if not os.path.exists("/dev/fuse"):
-        raise QuietError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run where FUSE exists",
-                         EXIT_ENVIRONMENT)
+        raise HostUnfit("/dev/fuse is missing: load the fuse module (modprobe fuse) or run where FUSE exists")
     try:
         os.close(os.open("/dev/fuse", os.O_RDWR))
     except OSError as e:
-        raise QuietError(f"/dev/fuse cannot be opened: {e.strerror}", EXIT_ENVIRONMENT) from None
+        raise HostUnfit(f"/dev/fuse cannot be opened: {e.strerror}") from None
 
 
 def check_mountpoint(path: Path) -> None:
     if not path.exists():
         # A dead FUSE mount (ENOTCONN) also looks missing; say how to clear it.
         if is_mounted(path):
-            raise QuietError(f"mountpoint {path} holds a dead mount: run fusermount3 -u -z {path}", EXIT_MOUNTPOINT)
-        raise QuietError(f"mountpoint {path} does not exist: create it first", EXIT_MOUNTPOINT)
+            raise MountpointUnusable(f"mountpoint {path} holds a dead mount: run fusermount3 -u -z {path}")
+        raise MountpointUnusable(f"mountpoint {path} does not exist: create it first")
     if not path.is_dir():
-        raise QuietError(f"mountpoint {path} is not a directory", EXIT_MOUNTPOINT)
+        raise MountpointUnusable(f"mountpoint {path} is not a directory")
     if is_mounted(path):
-        raise QuietError(f"mountpoint {path} is busy: something is already mounted there", EXIT_MOUNTPOINT)
+        raise MountpointUnusable(f"mountpoint {path} is busy: something is already mounted there")
 
 
 def is_mounted(path: Path) -> bool:
@@ -270,9 +268,9 @@ def read_backend(backend_path: Path, opts: MountOptions) -> tuple[BaselineStore,
         manifest = backend.read_manifest()
         backend.secret()        # checked here: the exporter needs it, and would fail later with another code
     except (BackendError, CorruptionError) as e:
-        raise QuietError(str(e), EXIT_BACKEND) from None
+        raise BackendFailed(str(e)) from None
     if opts.fsid and opts.fsid != fsid:
-        raise QuietError(f"backend {backend_path} holds filesystem {fsid}, not {opts.fsid}", EXIT_BACKEND)
+        raise BackendFailed(f"backend {backend_path} holds filesystem {fsid}, not {opts.fsid}")
     return backend, fsid, manifest
 
 
@@ -280,13 +278,13 @@ def refuse_unclean(backend_path: Path, manifest: Manifest, mountpoint: Path) -> 
     owner = manifest.owner
     host = owner.get("host", "?")
     if host == socket.gethostname() and _pid_alive(owner.get("pid", 0)):
-        raise QuietError(f"backend {backend_path} is in use by rmemfs pid {owner['pid']} on this host "
-                         f"(mounted at {owner.get('mountpoint', '?')})", EXIT_UNCLEAN)
+        raise BackendUnclean(f"backend {backend_path} is in use by rmemfs pid {owner['pid']} on this host "
+                             f"(mounted at {owner.get('mountpoint', '?')})")
     source = owner.get("exporter_host") or host
-    raise QuietError(
+    raise BackendUnclean(
         f"backend {backend_path} was not unmounted cleanly (owner {host} pid {owner.get('pid')}, epoch "
         f"{manifest.epoch}, generation {manifest.generation}): recover it with rmemfs-recover --source "
-        f"{source}:{owner.get('exporter_port', DEFAULT_PORT)} --backend {backend_path} {mountpoint}", EXIT_UNCLEAN)
+        f"{source}:{owner.get('exporter_port', DEFAULT_PORT)} --backend {backend_path} {mountpoint}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -308,9 +306,9 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
             backend.create({"dirty_capacity": opts.dirty_capacity, "region_size": opts.region_size},
                            regions={})
     except BackendError as e:
-        raise QuietError(str(e), EXIT_BACKEND) from None
+        raise BackendFailed(str(e)) from None
     except OSError as e:
-        raise QuietError(f"cannot create a filesystem in {backend_path}: {e.strerror}", EXIT_BACKEND) from None
+        raise BackendFailed(f"cannot create a filesystem in {backend_path}: {e.strerror}") from None
     backend, fsid, manifest = read_backend(backend_path, opts)
     if manifest.state != STATE_CLEAN:
         refuse_unclean(backend_path, manifest, mountpoint)
@@ -318,7 +316,7 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
     try:
         private_dir(region_dir)   # before anything in it is read, signalled or written
     except OSError as e:
-        raise QuietError(f"region directory {region_dir}: {e}", EXIT_REGIONS) from None
+        raise RegionsFailed(f"region directory {region_dir}: {e}") from None
     warn = check_region_directory(region_dir)
     if warn:
         log.warning("%s", warn)
@@ -348,9 +346,9 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
                 fs = Filesystem.load(regions, fsid, epoch, fresh_ctl_capacity=opts.dirty_capacity)
                 live, how = result.live, "baseline"
     except CorruptionError as e:
-        raise QuietError(str(e), EXIT_BACKEND) from None
+        raise BackendFailed(str(e)) from None
     except OSError as e:
-        raise QuietError(f"region directory {region_dir}: {e}", EXIT_REGIONS) from None
+        raise RegionsFailed(f"region directory {region_dir}: {e}") from None
     fs.tracker.enabled = opts.tracking
     log.info("filesystem %s opened from %s (epoch %d, generation %d)", fsid, how, epoch, manifest.generation)
     return Opened(backend, manifest, fs, live, epoch, region_dir, how)
@@ -427,9 +425,9 @@ class ExporterLaunch:
                     lines = [ln for ln in proc.stderr.read().decode(errors="replace").splitlines()
                              if ln.strip() and not ln.startswith((" ", "|", "+"))]
                     line = lines[-1] if lines else "it exited"
-                raise QuietError(f"exporter failed to start: {line}", EXIT_EXPORTER)
+                raise ExporterFailed(f"exporter failed to start: {line}")
         proc.kill()
-        raise QuietError(f"exporter did not become ready within {timeout:.0f} s", EXIT_EXPORTER)
+        raise ExporterFailed(f"exporter did not become ready within {timeout:.0f} s")
 
     def abort(self) -> None:
         """Stop an exporter whose filesystem will not be served after all (in the process that started it)."""
@@ -538,11 +536,11 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
         # they are as protected as any write (this host's exporter serves them) until the flush
         # triggered below makes them part of a baseline.
     except FencedError as e:
-        raise QuietError(str(e), EXIT_BACKEND) from None
+        raise BackendFailed(str(e)) from None
     except (OSError, BackendError, CorruptionError) as e:
         # A publish that failed after its rename (a directory fsync) did mark the backend ours.
         session.startup.exporter_needed |= _published_epoch(opened.backend) != opened.manifest.epoch
-        raise QuietError(f"cannot publish to backend {opened.backend.spec}: {e}", EXIT_BACKEND) from None
+        raise BackendFailed(f"cannot publish to backend {opened.backend.spec}: {e}") from None
     # The backend says "mounted" by us: only a clean baseline releases the memory (see _abandon_start).
     session.startup.exporter_needed = True
     ready = False
@@ -598,7 +596,7 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> in
         fuse.mount(ops, str(session.mountpoint),
                    fuse.mount_options(opts.fsname, allow_other=opts.allow_other, extra=opts.extra_fuse))
     except RuntimeError as e:
-        raise QuietError(f"cannot mount {session.mountpoint}: {e}", EXIT_MOUNTPOINT) from None
+        raise MountpointUnusable(f"cannot mount {session.mountpoint}: {e}") from None
     unmounted = False
     try:
         async with trio.open_nursery() as nursery:

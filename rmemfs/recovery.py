@@ -56,9 +56,9 @@ from . import PAGE_SIZE
 from .core import Filesystem
 from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_header,
                     parse_list_count)
-from .errors import BackendError, CorruptionError, QuietError
-from .exits import (EXIT_ALIVE, EXIT_AUTH, EXIT_CAPACITY, EXIT_EPOCH, EXIT_FENCE, EXIT_FSID,
-                    EXIT_NAMESPACE, EXIT_REGIONS, EXIT_TRANSPORT, EXIT_UNREACHABLE, EXIT_VERIFY, EXIT_BACKEND)
+from .errors import (AuthFailed, BackendError, BackendFailed, CapacityExceeded, CorruptionError, EpochMismatch,
+                     FenceFailed, NamespaceInconsistent, RecoveryError, RegionsFailed, SourceAlive, SourceFsidMismatch,
+                     SourceUnreachable, TransportFailed, VerifyFailed)
 from .fencing import FenceRefused, request_fence
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
 from .mount import MountOptions, Opened, fresh_regions
@@ -218,8 +218,7 @@ async def connect_source(transport: str, host: str, port: int, fsid: str, secret
     catalog = await conn.register()
     if catalog.fsid != fsid:
         await conn.aclose()
-        raise QuietError(f"source {host}:{port} exports filesystem {catalog.fsid}, the backend holds {fsid}",
-                         EXIT_FSID)
+        raise SourceFsidMismatch(f"source {host}:{port} exports filesystem {catalog.fsid}, the backend holds {fsid}")
     return conn, catalog
 
 
@@ -265,10 +264,10 @@ async def check_source_dead(state: SourceState) -> None:
     try:
         again = await _read_ctl_header(state.conn, state.catalog)
     except (TransportError, CorruptionError) as e:
-        raise QuietError(f"re-reading the source's heartbeat: {e}", EXIT_TRANSPORT) from None
+        raise TransportFailed(f"re-reading the source's heartbeat: {e}") from None
     if again.heartbeat != first.heartbeat:
-        raise QuietError(f"the source filesystem is alive (heartbeat {first.heartbeat} -> {again.heartbeat}, "
-                         f"pid {again.pid}): unmount it, or stop it, before recovering", EXIT_ALIVE)
+        raise SourceAlive(f"the source filesystem is alive (heartbeat {first.heartbeat} -> {again.heartbeat}, "
+                          f"pid {again.pid}): unmount it, or stop it, before recovering")
 
 
 def fetch_plan(state: SourceState, extra: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -314,7 +313,7 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
     try:
         secret = backend.secret()
     except (BackendError, CorruptionError) as e:
-        raise QuietError(str(e), EXIT_BACKEND) from None
+        raise BackendFailed(str(e)) from None
     report.fsid = fsid
     report.baseline_generation, report.baseline_time_ns = manifest.generation, manifest.time_ns
     state: SourceState | None = None
@@ -327,7 +326,7 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
         try:
             private_dir(region_dir)
         except OSError as e:
-            raise QuietError(f"cannot create the region directory {region_dir}: {e}", EXIT_REGIONS) from None
+            raise RegionsFailed(f"cannot create the region directory {region_dir}: {e}") from None
         if regions_ready:
             regions_ready(region_dir, fsid)
 
@@ -335,7 +334,7 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
         try:
             base_plan.append(await trio.to_thread.run_sync(plan_load, backend, manifest))
         except CorruptionError as e:
-            raise QuietError(str(e), EXIT_BACKEND) from None
+            raise BackendFailed(str(e)) from None
 
     # 1-2: the source's catalog and header, while the baseline's indexes are read and its load planned; then
     # the liveness verdict, and only for a dead source the fence, the manifest again and the lists.
@@ -346,10 +345,10 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
                 nursery.start_soon(plan_baseline, manifest)
             try:
                 state = await open_source(source, transport, manifest, fsid, opts, secret, timeout, report)
-            except QuietError as e:
+            except SourceUnreachable as e:
                 # --baseline-only: a reachable source is still checked and fenced (issue 15 item 5); only an
                 # unreachable one is skipped.
-                if not baseline_only or e.exitcode != EXIT_UNREACHABLE:
+                if not baseline_only:
                     raise
                 log.warning("source unreachable, recovering from the baseline alone: %s", e)
             if state is not None:
@@ -391,10 +390,10 @@ def _reread_manifest(backend: BaselineStore, before: Manifest) -> Manifest:
     try:
         after = backend.read_manifest()
     except (BackendError, CorruptionError) as e:
-        raise QuietError(str(e), EXIT_BACKEND) from None
+        raise BackendFailed(str(e)) from None
     if after.epoch != before.epoch:
-        raise QuietError(f"the backend moved to epoch {after.epoch} during the recovery (it was at {before.epoch}): "
-                         f"another host recovered or remounted it", EXIT_EPOCH)
+        raise EpochMismatch(f"the backend moved to epoch {after.epoch} during the recovery (it was at {before.epoch}): "
+                            f"another host recovered or remounted it")
     return after
 
 
@@ -410,21 +409,21 @@ async def open_source(source: str | None, transport: str, manifest: Manifest, fs
     try:
         conn, catalog = await connect_source(transport, host, port, fsid, secret, timeout)
     except FsidMismatch as e:
-        raise QuietError(str(e), EXIT_FSID) from None
+        raise SourceFsidMismatch(str(e)) from None
     except AuthError as e:
-        raise QuietError(str(e), EXIT_AUTH) from None
+        raise AuthFailed(str(e)) from None
     except ConnectError as e:
-        raise QuietError(f"{e} (use --baseline-only to recover from the baseline alone)", EXIT_UNREACHABLE) from None
+        raise SourceUnreachable(f"{e} (use --baseline-only to recover from the baseline alone)") from None
     except TransportUnavailable as e:
-        raise QuietError(str(e), EXIT_TRANSPORT) from None
+        raise TransportFailed(str(e)) from None
     except TransportError as e:
-        raise QuietError(f"source {host}:{port}: {e}", EXIT_TRANSPORT) from None
+        raise TransportFailed(f"source {host}:{port}: {e}") from None
     report.transport = conn.transport
     try:
         header = await _read_ctl_header(conn, catalog)
     except (TransportError, CorruptionError) as e:
         await conn.aclose()
-        raise QuietError(f"reading the ctl header from {host}:{port}: {e}", EXIT_TRANSPORT) from None
+        raise TransportFailed(f"reading the ctl header from {host}:{port}: {e}") from None
     report.phase("connect").seconds = time.monotonic() - t
     return SourceState(conn, catalog, header, {})
 
@@ -435,7 +434,7 @@ async def fence_source(state: SourceState, epoch: int, report: RecoveryReport) -
     try:
         await request_fence(state.conn, epoch)
     except FenceRefused as e:
-        raise QuietError(f"source {report.source}: cannot fence it for epoch {epoch}: {e}", EXIT_FENCE) from None
+        raise FenceFailed(f"source {report.source}: cannot fence it for epoch {epoch}: {e}") from None
 
 
 async def read_lists(state: SourceState, fsid: str, manifest: Manifest, report: RecoveryReport) -> None:
@@ -444,13 +443,13 @@ async def read_lists(state: SourceState, fsid: str, manifest: Manifest, report: 
     try:
         read = await read_source_state(state.conn, state.catalog, report)
     except (TransportError, CorruptionError) as e:
-        raise QuietError(f"reading the dirty lists from {report.source}: {e}", EXIT_TRANSPORT) from None
+        raise TransportFailed(f"reading the dirty lists from {report.source}: {e}") from None
     state.header, state.lists = read.header, read.lists
     if state.header.fsid != fsid:
-        raise QuietError(f"source's dirty lists belong to filesystem {state.header.fsid}, not {fsid}", EXIT_FSID)
+        raise SourceFsidMismatch(f"source's dirty lists belong to filesystem {state.header.fsid}, not {fsid}")
     if state.header.epoch != manifest.epoch:
-        raise QuietError(f"the source's memory belongs to epoch {state.header.epoch}, but the backend is at "
-                         f"epoch {manifest.epoch}: it was already recovered or remounted elsewhere", EXIT_EPOCH)
+        raise EpochMismatch(f"the source's memory belongs to epoch {state.header.epoch}, but the backend is at "
+                            f"epoch {manifest.epoch}: it was already recovered or remounted elsewhere")
     report.phase("lists").seconds = time.monotonic() - t
 
 
@@ -475,7 +474,7 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
     try:
         regions = fresh_regions(region_dir, fsid, _shaped(manifest, shape), opts)
     except OSError as e:
-        raise QuietError(f"cannot allocate regions in {region_dir}: {e}", EXIT_REGIONS) from None
+        raise RegionsFailed(f"cannot allocate regions in {region_dir}: {e}") from None
 
     # 4-6: the baseline from the backend and the dirty pages from the source, at the same time.
     plan = fetch_plan(state, []) if state is not None else []
@@ -488,8 +487,8 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
     corrupt = [(r, p, seg) for r, p, seg in loaded.corrupt if r not in fetched or not fetched[r][p]]
     if corrupt and fetcher is None:
         region_id, page, seg = corrupt[0]
-        raise QuietError(f"baseline file {backend.describe(seg)} is corrupt (region {region_id} page "
-                         f"{page}, {len(corrupt)} pages in all) and the source is not used", EXIT_BACKEND)
+        raise BackendFailed(f"baseline file {backend.describe(seg)} is corrupt (region {region_id} page "
+                            f"{page}, {len(corrupt)} pages in all) and the source is not used")
     if corrupt and fetcher is not None:
         refetch = merge_runs([(r, p, 1) for r, p, _ in corrupt])
         await fetcher.fetch(refetch, Progress("corrupt pages", len(corrupt) * PAGE_SIZE, len(corrupt), progress),
@@ -509,12 +508,12 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
     try:
         fs = Filesystem.load(regions, fsid, new_epoch, fresh_ctl_capacity=opts.dirty_capacity)
     except CorruptionError as e:
-        raise QuietError(f"the rebuilt namespace is inconsistent: {e}", EXIT_NAMESPACE) from None
+        raise NamespaceInconsistent(f"the rebuilt namespace is inconsistent: {e}") from None
     try:
         fs.tracker.mark_runs(plan)
     except ListFull:
-        raise QuietError(f"the {len(plan)} runs of fetched pages do not fit a dirty list of {opts.dirty_capacity} "
-                         f"entries: recover again with -o dirty_capacity={2 * len(plan)}", EXIT_CAPACITY) from None
+        raise CapacityExceeded(f"the {len(plan)} runs of fetched pages do not fit a dirty list of {opts.dirty_capacity} "
+                               f"entries: recover again with -o dirty_capacity={2 * len(plan)}") from None
     fs.tracker.enabled = opts.tracking
     report.phase("namespace check").seconds = time.monotonic() - t
     report.files = sum(1 for i in fs.ns.inodes.values() if i.entries is None)
@@ -547,7 +546,7 @@ async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: Re
                 backend, write, lambda b, p: bar.update(b, p),
                 spans_done=lambda n: token.run_sync_soon(copied.set, n))))
         except CorruptionError as e:
-            raise QuietError(str(e), EXIT_BACKEND) from None
+            raise BackendFailed(str(e)) from None
         copied.set(len(load_plan.spans))
         bar.done()
         ph = report.phase("baseline load")
@@ -617,7 +616,7 @@ class Fetcher:
                         raise
                     nursery.start_soon(self._write_out, batch, buf)
         except TransportError as e:
-            raise QuietError(f"reading dirty pages from {self.report.source}: {e}", EXIT_TRANSPORT) from None
+            raise TransportFailed(f"reading dirty pages from {self.report.source}: {e}") from None
         ph = self.report.phase(phase)
         ph.seconds += time.monotonic() - t
         ph.bytes += nbytes
@@ -667,11 +666,11 @@ def _long_runs(runs: list[tuple[int, int, int]], regions: RegionSet) -> dict[int
 
 
 def _first_quiet(group: BaseExceptionGroup) -> BaseException:
-    """The QuietError inside a nursery's exception group (else the group's first exception)."""
+    """The RecoveryError inside a nursery's exception group (else the group's first exception)."""
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             exc = _first_quiet(exc)
-        if isinstance(exc, QuietError):
+        if isinstance(exc, RecoveryError):
             return exc
     return group.exceptions[0]
 
@@ -704,13 +703,12 @@ async def _verify(load_plan: LoadPlan, state: SourceState | None, plan: list[tup
                    for i in range(0, n, MAX_READ_PAGES) for m in [min(MAX_READ_PAGES, n - i)]]
             await state.conn.read_batch(ops)
             if scratch != regions[region_id].view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]:
-                raise QuietError(f"verify: region {region_id} pages {first}..{first + n - 1} differ from the source",
-                                 EXIT_VERIFY)
+                raise VerifyFailed(f"verify: region {region_id} pages {first}..{first + n - 1} differ from the source")
             checked += n
     bad, baseline_pages = load_plan.check_regions(lambda rid: regions[rid].view, exclude=fetched)
     if bad:
-        raise QuietError(f"verify: region {bad[0][0]} page {bad[0][1]} does not match the baseline "
-                         f"({len(bad)} pages in all)", EXIT_VERIFY)
+        raise VerifyFailed(f"verify: region {bad[0][0]} page {bad[0][1]} does not match the baseline "
+                           f"({len(bad)} pages in all)")
     return checked + baseline_pages
 
 

@@ -41,3 +41,22 @@ def test_readme_tables_match_the_exit_code_table() -> None:
 def test_codes_are_unique() -> None:
     codes = [e.code for e in TABLE]
     assert len(codes) == len(set(codes))
+
+
+def test_every_typed_error_has_an_exit_code() -> None:
+    """Each CommandError type the library raises maps to a code of exits.TABLE (cli/common.EXIT_OF)."""
+    from rmemfs import errors
+    from rmemfs.cli.common import EXIT_OF, exit_code
+    from rmemfs.exits import EXIT_ERROR, TABLE
+
+    def subclasses(kind: type) -> list[type]:
+        return [s for c in kind.__subclasses__() for s in (c, *subclasses(c))]
+
+    known = {e.code for e in TABLE}
+    typed = [k for k in subclasses(errors.CommandError) if k is not errors.QuietError
+             and k is not errors.RecoveryError]
+    assert len(typed) >= 15
+    for kind in typed:
+        code = exit_code(kind("x"))
+        assert code != EXIT_ERROR and code in known, kind.__name__
+    assert len({code for _, code in EXIT_OF}) == len(EXIT_OF)   # no two types share a code

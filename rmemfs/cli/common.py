@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 from collections.abc import Callable
 
-from ..errors import QuietError
+from .. import errors as E
+from .. import exits as X
 from ..secure import open_log
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,30 @@ def setup_logging(debug: bool = False, log_file: Path | None = None, quiet: bool
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
-E = TypeVar("E", bound=BaseException)
+# The one place an error's type becomes an exit code (the codes are exits.py's table).
+EXIT_OF: tuple[tuple[type[E.CommandError], int], ...] = (
+    (E.UsageError, X.EXIT_USAGE), (E.HostUnfit, X.EXIT_ENVIRONMENT), (E.MountpointUnusable, X.EXIT_MOUNTPOINT),
+    (E.BackendFailed, X.EXIT_BACKEND), (E.BackendUnclean, X.EXIT_UNCLEAN), (E.RegionsFailed, X.EXIT_REGIONS),
+    (E.ExporterFailed, X.EXIT_EXPORTER), (E.SourceUnreachable, X.EXIT_UNREACHABLE), (E.AuthFailed, X.EXIT_AUTH),
+    (E.SourceFsidMismatch, X.EXIT_FSID), (E.SourceAlive, X.EXIT_ALIVE), (E.TransportFailed, X.EXIT_TRANSPORT),
+    (E.EpochMismatch, X.EXIT_EPOCH), (E.NamespaceInconsistent, X.EXIT_NAMESPACE), (E.VerifyFailed, X.EXIT_VERIFY),
+    (E.CapacityExceeded, X.EXIT_CAPACITY), (E.FenceFailed, X.EXIT_FENCE))
 
 
-def first_of(exc: BaseException, kind: type[E]) -> E | None:
+def exit_code(e: E.CommandError) -> int:
+    """The exit code for a command's one-line failure."""
+    if isinstance(e, E.QuietError):
+        return e.exitcode
+    for kind, code in EXIT_OF:
+        if isinstance(e, kind):
+            return code
+    return X.EXIT_ERROR
+
+
+T = TypeVar("T", bound=BaseException)
+
+
+def first_of(exc: BaseException, kind: type[T]) -> T | None:
     """The first exception of ``kind`` in ``exc`` or, for trio's exception groups, inside it."""
     if isinstance(exc, kind):
         return exc
@@ -48,12 +69,12 @@ def first_of(exc: BaseException, kind: type[E]) -> E | None:
 
 
 def run_main(prog: str, body: Callable[[], int]) -> NoReturn:
-    """Run a command body; QuietError becomes one line on stderr and its exit code."""
+    """Run a command body; a CommandError becomes one line on stderr and its exit code."""
     try:
         code = body()
-    except QuietError as e:
+    except E.CommandError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(e.exitcode)
+        sys.exit(exit_code(e))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 import trio
 
-from ..errors import QuietError
+from ..errors import CommandError, QuietError
 from ..exits import EXIT_ERROR
 from ..mount import (OPTION_HELP, ExporterLaunch, MountOptions, Opened, Session, StartUp, check_environment,
                      check_mountpoint, open_backend, parse_options, serve, undo_failed_start)
-from .common import run_main, setup_logging
+from .common import exit_code, run_main, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,11 @@ def daemonize_and_run(foreground: bool, work: Callable[[Ready], int],
 
     try:
         code = work(ready)
-    except QuietError as e:
+    except CommandError as e:
         if not reported:
-            os.write(w, f"{e.exitcode} {e}\n".encode())
+            os.write(w, f"{exit_code(e)} {e}\n".encode())
         log.error("%s", e)
-        os._exit(e.exitcode)
+        os._exit(exit_code(e))
     except BaseException as e:
         log.exception("daemon failed")
         if not reported:
