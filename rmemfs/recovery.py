@@ -43,7 +43,6 @@ import bisect
 import json
 import logging
 import mmap
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,34 +156,39 @@ class SpanCounter:
             await self._changed.wait()
 
 
-class Progress:
-    """A one-line bar with bytes, pages and ETA on a terminal; silent otherwise."""
+@dataclass(frozen=True)
+class ProgressEvent:
+    """How far one phase of the rebuild is ("baseline", "dirty pages", "corrupt pages")."""
+    label: str
+    bytes: int
+    pages: int
+    total_bytes: int
+    total_pages: int
+    done: bool = False
 
-    def __init__(self, label: str, total_bytes: int, total_pages: int, enabled: bool | None = None) -> None:
+
+ProgressCallback = Callable[[ProgressEvent], None]
+"""Called for every step of progress, also from the recovery's worker threads: keep it cheap and thread-safe."""
+
+
+class Progress:
+    """Counts one phase's bytes and pages and reports each step to the caller's callback (if any)."""
+
+    def __init__(self, label: str, total_bytes: int, total_pages: int, on_progress: ProgressCallback | None) -> None:
         self.label, self.total_bytes, self.total_pages = label, max(total_bytes, 1), total_pages
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.on_progress = on_progress
         self.bytes = self.pages = 0
-        self.start = time.monotonic()
-        self._last = 0.0
 
     def update(self, nbytes: int, npages: int | None = None) -> None:
         self.bytes += nbytes
         self.pages += npages if npages is not None else nbytes // PAGE_SIZE
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.1 or self.bytes >= self.total_bytes):
-            self._last = now
-            frac = min(1.0, self.bytes / self.total_bytes)
-            elapsed = now - self.start
-            eta = elapsed / frac - elapsed if frac > 0 else 0
-            bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r{self.label:<14} [{bar:<30}] {frac * 100:5.1f}% "
-                             f"{self.bytes / (1 << 20):8.1f}/{self.total_bytes / (1 << 20):.1f} MiB "
-                             f"{self.pages}/{self.total_pages} pages ETA {eta:4.1f}s ")
-            sys.stderr.flush()
+        if self.on_progress:
+            self.on_progress(ProgressEvent(self.label, self.bytes, self.pages, self.total_bytes, self.total_pages))
 
     def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        if self.on_progress:
+            self.on_progress(ProgressEvent(self.label, self.bytes, self.pages, self.total_bytes, self.total_pages,
+                                           done=True))
 
 
 @dataclass
@@ -298,7 +302,7 @@ def fetch_plan(state: SourceState, extra: list[tuple[int, int, int]]) -> list[tu
 
 async def recover(backend_path: Path, source: str | None, opts: MountOptions, *, transport: str = "auto",
                   timeout: float = 10.0, dry_run: bool = False, verify: bool = False, baseline_only: bool = False,
-                  check_alive: bool = True, progress: bool | None = None, report: RecoveryReport | None = None,
+                  check_alive: bool = True, on_progress: ProgressCallback | None = None, report: RecoveryReport | None = None,
                   regions_ready: Callable[[Path, str], None] | None = None) -> tuple[Opened | None, RecoveryReport]:
     """Steps 1-7. Returns the rebuilt filesystem (None for a dry run) and the report.
 
@@ -378,7 +382,7 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
             base_plan.clear()
             await plan_baseline(manifest)
         return await _rebuild(backend, fsid, manifest, state, base_plan[0] if base_plan else None, region_dir,
-                              opts, report, dry_run=dry_run, verify=verify, progress=progress, t_total=t_total)
+                              opts, report, dry_run=dry_run, verify=verify, on_progress=on_progress, t_total=t_total)
     finally:
         if state is not None:
             await state.conn.aclose()
@@ -455,7 +459,7 @@ async def read_lists(state: SourceState, fsid: str, manifest: Manifest, report: 
 
 async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state: SourceState | None,
                    base_plan: LoadPlan | None, region_dir: Path | None, opts: MountOptions,
-                   report: RecoveryReport, *, dry_run: bool, verify: bool, progress: bool | None,
+                   report: RecoveryReport, *, dry_run: bool, verify: bool, on_progress: ProgressCallback | None,
                    t_total: float) -> tuple[Opened | None, RecoveryReport]:
     if dry_run:
         plan = fetch_plan(state, []) if state else []
@@ -482,7 +486,7 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
     load_plan = base_plan.cut(_long_runs(plan, regions))
     write = region_file_writer(regions)
     fetcher = Fetcher(state, write, report) if state is not None else None
-    loaded = await _load_and_fetch(backend, load_plan, write, fetcher, plan, report, progress)
+    loaded = await _load_and_fetch(backend, load_plan, write, fetcher, plan, report, on_progress)
     fetched = _page_marks(plan, regions)
     corrupt = [(r, p, seg) for r, p, seg in loaded.corrupt if r not in fetched or not fetched[r][p]]
     if corrupt and fetcher is None:
@@ -491,7 +495,7 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
                             f"{page}, {len(corrupt)} pages in all) and the source is not used")
     if corrupt and fetcher is not None:
         refetch = merge_runs([(r, p, 1) for r, p, _ in corrupt])
-        await fetcher.fetch(refetch, Progress("corrupt pages", len(corrupt) * PAGE_SIZE, len(corrupt), progress),
+        await fetcher.fetch(refetch, Progress("corrupt pages", len(corrupt) * PAGE_SIZE, len(corrupt), on_progress),
                             phase="corrupt page fetch")
         plan = plan + refetch
         fetched = _page_marks(plan, regions)
@@ -525,7 +529,7 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
 
 async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: RegionWriter, fetcher: Fetcher | None,
                           plan: list[tuple[int, int, int]], report: RecoveryReport,
-                          progress: bool | None) -> LoadResult:
+                          on_progress: ProgressCallback | None) -> LoadResult:
     """Copy the baseline into the regions while the planned pages are fetched over it.
 
     Long dirty runs were cut out of ``load_plan``, so they are fetched beside the load. A scattered
@@ -533,9 +537,9 @@ async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: Re
     and fetched over its baseline copy as soon as the span of the load that writes it is in.
     """
     t_load = time.monotonic()
-    bar = Progress("baseline", load_plan.bytes, load_plan.bytes // PAGE_SIZE, progress)
+    bar = Progress("baseline", load_plan.bytes, load_plan.bytes // PAGE_SIZE, on_progress)
     fetch_pages = sum(n for _, _, n in plan)
-    fetch_bar = Progress("dirty pages", fetch_pages * PAGE_SIZE, fetch_pages, progress)
+    fetch_bar = Progress("dirty pages", fetch_pages * PAGE_SIZE, fetch_pages, on_progress)
     copied = SpanCounter()
     holder: list[LoadResult] = []
 

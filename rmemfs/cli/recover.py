@@ -28,7 +28,7 @@ from ..exits import EXIT_USAGE
 from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options
 from ..exporter import retire
 from ..store import open_store
-from ..recovery import RecoveryReport, recover, write_report
+from ..recovery import ProgressEvent, RecoveryReport, recover, write_report
 from .common import run_main, setup_logging
 from .mount import Ready, build_parser, daemon_log, daemonize_and_run, exporter_log, run_session
 
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             opened, report = trio.run(lambda: recover(
                 args.backend.absolute(), args.source, opts, transport=args.transport, timeout=args.timeout,
                 dry_run=args.dry_run, verify=args.verify, baseline_only=args.baseline_only,
-                check_alive=not args.no_liveness_check, report=report, regions_ready=start_exporter))
+                check_alive=not args.no_liveness_check,
+                on_progress=TerminalProgress() if sys.stderr.isatty() else None, report=report, regions_ready=start_exporter))
             t_mount = time.monotonic()
             port = launched[0].ready() if opened is not None else None
         except BaseException:
@@ -121,6 +122,32 @@ def main(argv: list[str] | None = None) -> None:
         return daemonize_and_run(args.foreground, work, on_ready=finish)
 
     run_main("rmemfs-recover", body)
+
+
+class TerminalProgress:
+    """The recovery's progress as a one-line bar per phase on stderr, with bytes, pages and ETA."""
+
+    def __init__(self) -> None:
+        self._start: dict[str, float] = {}
+        self._last = 0.0
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        now = time.monotonic()
+        start = self._start.setdefault(ev.label, now)
+        if ev.done:
+            sys.stderr.write("\n")
+            return
+        if now - self._last <= 0.1 and ev.bytes < ev.total_bytes:
+            return
+        self._last = now
+        frac = min(1.0, ev.bytes / ev.total_bytes)
+        elapsed = now - start
+        eta = elapsed / frac - elapsed if frac > 0 else 0
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r{ev.label:<14} [{bar:<30}] {frac * 100:5.1f}% "
+                         f"{ev.bytes / (1 << 20):8.1f}/{ev.total_bytes / (1 << 20):.1f} MiB "
+                         f"{ev.pages}/{ev.total_pages} pages ETA {eta:4.1f}s ")
+        sys.stderr.flush()
 
 
 def discard_unpublished(backend_path: Path, region_dir: Path) -> None:
