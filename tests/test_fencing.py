@@ -8,10 +8,13 @@ import mmap
 import os
 import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
-from harness import Rig, cli, run
+from harness import Rig, cli, run, wait_gone
+from rmemfs.mount import is_mounted
 from rmemfs.store import open_store
 
 pytestmark = pytest.mark.mount
@@ -48,6 +51,7 @@ def test_paused_source_taken_over_refuses_every_write_after_resume(rig: Rig) -> 
         assert starter.returncode == 0, err
     finally:
         os.kill(fs_pid, signal.SIGCONT)
+    m2_pid = int(open_store(rig.backend).read_manifest().owner["pid"])
     try:
         assert (m2 / "a").read_bytes() == b"v2\n"
         # write() itself may land in the page cache only if writeback caching is on; fsync must fail then.
@@ -80,5 +84,21 @@ def test_paused_source_taken_over_refuses_every_write_after_resume(rig: Rig) -> 
         mfile.close()
         with contextlib.suppress(OSError):   # its buffered v3 is refused again at close
             held.close()
-        subprocess.run(["fusermount3", "-u", "-z", str(m2)], capture_output=True)
+        # Both mounts really unmounted, and their daemons gone (a lazy unmount left dead mounts behind);
+        # the rig's cleanup would only find the new owner, via the manifest.
+        unmount_and_wait(m2, m2_pid)
+        unmount_and_wait(m1, fs_pid)
     assert open_store(rig.backend).read_manifest().epoch == 2
+
+
+def unmount_and_wait(mountpoint: Path, pid: int, timeout: float = 30) -> None:
+    """Unmount (not lazily: retried while busy) and wait for the daemon to exit."""
+    deadline = time.monotonic() + timeout
+    while is_mounted(mountpoint):
+        proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+        if proc.returncode == 0:
+            break
+        assert time.monotonic() < deadline, f"{mountpoint} stays busy: {proc.stderr.strip()}"
+        time.sleep(0.1)
+    wait_gone(pid, timeout)
+    assert not is_mounted(mountpoint)
