@@ -13,8 +13,8 @@
 
 Exit codes: 0 success; 1 unexpected error; 2 usage; 3 not an rmemfs mount or not
 reachable; 4 the flush (for umount: the final flush) failed or did not finish in
-time; 5 verify found problems; 6 --retire refused (the memory may still be needed;
-the message says why); 7 the unmount was refused (busy); 10 backend unreadable.
+time; 5 verify found problems; 6 --retire refused (the memory may still be needed,
+or a live process still maps it; the message says why); 7 the unmount was refused (busy); 10 backend unreadable.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from .. import control
 from ..errors import BackendError, CorruptionError, QuietError
 from ..exits import (EXIT_BACKEND, EXIT_CTL_BUSY, EXIT_CTL_FLUSH, EXIT_CTL_RETIRE, EXIT_CTL_UNREACHABLE,
                      EXIT_CTL_VERIFY)
-from ..exporter import SOCKET_NAME, retire, stop_exporter, wait_exited, why_still_needed
+from ..exporter import SOCKET_NAME, RetireRefused, retire, stop_exporter, wait_exited, why_still_needed
 from ..dirty import read_ctl_header
 from ..store import STATE_CLEAN, BaselineStore, open_store
 from .common import run_main
@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> None:
                     raise QuietError(str(e), EXIT_BACKEND) from None
                 if reason:
                     raise QuietError(f"not retiring {regiondir}: {reason}", EXIT_CTL_RETIRE)
-                retire(regiondir)
+                try:
+                    retire(regiondir)
+                except RetireRefused as e:
+                    raise QuietError(str(e), EXIT_CTL_RETIRE) from None
                 print(f"retired {regiondir}: exporter stopped, memory freed")
                 return 0
             if args.stop:
