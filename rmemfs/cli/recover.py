@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                     try:
                         retire(old)
                     except RetireRefused as e:      # a live process still uses it (a fenced old mount)
-                        log.warning("%s; kept it", e)
+                        log.warning("%s; kept it (`rmemfs-ctl orphans --remove` frees it once that is gone)", e)
                     except Exception as e:
                         log.warning("could not retire the old regions in %s (%s): remove them by hand", old, e)
 
