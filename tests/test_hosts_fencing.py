@@ -5,7 +5,9 @@ calls in flight, each into a fresh slot. The test SIGSTOPs hostA's filesystem pr
 process of its own, keeps serving), hostB takes over with rmemfs-recover (liveness verdict, fence,
 dirty lists), hostA is SIGCONTed and the writers go on. Then on hostB's mount: every operation hostA
 acknowledged (write() returned, or msync did) holds exactly its bytes, every other byte is zero or a
-refused operation's own, and every operation started after the resume was refused (EROFS/EIO).
+refused operation's own, and every operation started after the takeover returned was refused (EROFS).
+The seed sometimes resumes hostA inside the takeover instead: before the liveness verdict it is then
+refused as alive (exit 23) and hostA, unfenced, must have refused nothing.
 
 Seeded like tests/test_hosts_recovery.py (which runs the same check as its "pause" kill mode):
 ``--seed S --trials N``; the seed and the replay command are printed.
@@ -18,6 +20,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,15 +73,45 @@ def pause_takeover_resume(a: Host, b: Host, backend: Path, rng: random.Random, p
             time.sleep(0.01)
         time.sleep(rng.uniform(0.05, 0.5))           # the writers are mid-call when the pause lands
         hold = rng.uniform(0, 1.0)                   # paused this long before hostB starts its takeover
+        # When hostA resumes: after the takeover returned, or at a random point inside it (before the
+        # liveness verdict: refused as alive, exit 23; between verdict and fence; or while it reads).
+        resume = rng.choice(["after", "after", "during"])
+        resume_at = rng.uniform(0, 4.0)
+        done: list[subprocess.CompletedProcess[str]] = []
+
+        def take_over() -> None:
+            done.append(b.recover_rmemfs(backend, b.dir / "mnt", a.addr, json_report=report_file, check=False,
+                                         extra=["--transport", "software", "--verify"], region_size=region_size))
         os.kill(pid, signal.SIGSTOP)
         paused_ns = time.monotonic_ns()
         try:
             time.sleep(hold)
-            rec = b.recover_rmemfs(backend, b.dir / "mnt", a.addr, json_report=report_file, check=False,
-                                   extra=["--transport", "software", "--verify"], region_size=region_size)
+            taker = threading.Thread(target=take_over)
+            taker.start()
+            if resume == "during":
+                taker.join(resume_at)
+                os.kill(pid, signal.SIGCONT)
+            taker.join(180)
+            assert done, f"rmemfs-recover hangs ({params})"
         finally:
             os.kill(pid, signal.SIGCONT)
-            resumed_ns = time.monotonic_ns()
+        # Every operation started after the takeover returned must be refused (it fenced before that).
+        resumed_ns = time.monotonic_ns()
+        rec = done[0]
+        params += f" resume={resume}" + (f" at {resume_at:.2f}s" if resume == "during" else "")
+        if rec.returncode == 23 and resume == "during":
+            # Resumed before the liveness verdict: refused as alive, nothing fenced, every write goes on.
+            time.sleep(rng.uniform(0.2, 1.0))
+            stop.touch()
+            out, err = writers.communicate(timeout=60)
+            assert writers.returncode == 0, f"pause writers failed ({params}):\n{out}\n{err}"
+            ops = json.loads(log_file.read_text())["ops"]
+            refused = [r for r in ops if not (r.get("written") or r["errno"] == 0)]
+            assert not refused, f"a source found alive refused writes ({params}): {refused[:3]}"
+            stats = json.loads(a.python(WORKLOAD, "ctl", a.dir / "mnt", "stats").stdout)
+            assert not stats.get("fenced"), f"a source found alive was fenced ({params}): {stats}"
+            return {"outcome": "refused as alive (exit 23)", "resume": f"during, at {resume_at:.2f}s",
+                    "acknowledged": len(ops)}
         assert rec.returncode == 0, f"rmemfs-recover exited {rec.returncode} ({params}):\n{rec.stderr}{rec.stdout}"
         time.sleep(rng.uniform(0.2, 1.0))            # the writers go on against the fenced mount
         stop.touch()
@@ -102,6 +135,8 @@ def pause_takeover_resume(a: Host, b: Host, backend: Path, rng: random.Random, p
     counts["in flight at the pause"] = sum(1 for r in ops if r["start_ns"] < paused_ns < r["end_ns"])
     assert counts["refused"], f"nothing was refused: the writers never met the fence ({params}): {counts}"
     assert counts["started after the resume"], f"no operation after the resume ({params}): {counts}"
+    counts["outcome"] = "taken over"
+    counts["resume"] = f"during, at {resume_at:.2f}s" if resume == "during" else "after"
     counts["report"] = json.loads(report_file.read_text())
     return counts
 
@@ -117,6 +152,6 @@ def test_pause_takeover_resume(seed: int) -> None:
         backend = a.dir.parent / "backend"
         a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M")
         counts = pause_takeover_resume(a, b, backend, rng, params, b.dir / "report.json")
-    report = counts.pop("report")
-    assert isinstance(report, dict)
-    print(f"ok in {time.monotonic() - t0:.1f} s: {counts}; dirty pages fetched {report['dirty_pages_fetched']}")
+    report = counts.pop("report", None)
+    fetched = report["dirty_pages_fetched"] if isinstance(report, dict) else "-"
+    print(f"ok in {time.monotonic() - t0:.1f} s: {counts}; dirty pages fetched {fetched}")
