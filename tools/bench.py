@@ -8,7 +8,8 @@ Sections (each figure is measured ``--repeat`` times; median, min and max are ke
 1. write path: sequential write() in 1 MiB blocks, mmap + memcpy + msync, and
    random 4 KiB writes through mmap, on rmemfs (tracking on), rmemfs (tracking
    off), tmpfs (/dev/shm) and fuse-overlayfs over a tmpfs folder (a C FUSE
-   reference);
+   reference); with ``--compare-tree DIR`` also rmemfs from another checkout,
+   in the same run (e.g. one with the fence checks removed: their cost);
 2. flush: a full baseline and incremental flushes at each dirty fraction, vs
    ``dd conv=fsync bs=1M`` of the same bytes into the same backend folder; and
    the write latency seen by a concurrent writer while a full flush runs;
