@@ -8,6 +8,7 @@ import mmap
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,3 +173,28 @@ def test_retire_refuses_while_any_process_maps_a_region_file(rig: Rig) -> None:
     done = run(retire)
     assert done.returncode == 0 and "retired" in done.stdout, done.stderr
     assert not rig.regiondir.exists()
+
+
+def test_orphans_keeps_a_directory_mapped_from_another_mount_namespace(rig: Rig) -> None:
+    """`rmemfs-ctl orphans` judged "mapped" by the path in /proc/*/maps; a process in another mount
+    namespace (a netns host, a container) names the same file differently, so its mapping went unseen and
+    `--remove` would free memory it maps. Now by dev+inode, as retire does. Fails before: listed."""
+    rig.mount(["flush_interval=3600"])
+    half = rig.regiondir.with_name(rig.regiondir.name + ".e9")    # no ctl region: otherwise an orphan
+    half.mkdir(mode=0o700)
+    (half / "data-0002.rgn").write_bytes(b"\0" * 8192)
+    elsewhere = rig.root / "elsewhere"
+    elsewhere.mkdir()
+    script = ("import mmap, sys; f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); "
+              "print('ready', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               'mount --bind "$1" "$2" && exec "$3" -c "$4" "$2/data-0002.rgn"', "sh",
+                               str(half), str(elsewhere), sys.executable, script],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        args = ["orphans", "--backend", str(rig.backend), "--regiondir", str(rig.regiondir)]
+        assert rig.ctl(*args).stdout.strip() == "", "a directory mapped in another mount namespace is listed"
+    finally:
+        holder.communicate("", timeout=20)
+    assert rig.ctl(*args).stdout.strip() == f"orphan {half}"
