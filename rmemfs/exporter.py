@@ -239,9 +239,95 @@ def kill_our_exporter(pid: int, start: object, region_dir: Path) -> None:
         os.close(pidfd)
 
 
+class RetireRefused(Exception):
+    """retire() would free memory that a live process still uses (the message says which)."""
+
+
+def _cmdline_of(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def mapping_processes(paths: list[Path], exclude: frozenset[int] = frozenset()) -> dict[int, str]:
+    """Live processes (pid -> command line) that map any of ``paths``, found in /proc/*/maps by device
+    and inode, so a process in another mount namespace (which names the file differently) counts too."""
+    wanted = set()
+    for path in paths:
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        wanted.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    found: dict[int, str] = {}
+    if not wanted:
+        return found
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        try:
+            with open(f"/proc/{name}/maps") as f:
+                for line in f:
+                    parts = line.split(None, 5)      # address perms offset dev inode [path]
+                    if len(parts) < 5 or parts[4] == "0":
+                        continue
+                    major, _, minor = parts[3].partition(":")
+                    if (int(major, 16), int(minor, 16), int(parts[4])) in wanted:
+                        found[int(name)] = b" ".join(_cmdline_of(int(name))).decode(errors="replace").strip()
+                        break
+        except (OSError, ValueError):
+            continue       # gone meanwhile, or not ours to read
+    return {pid: cmd for pid, cmd in found.items() if process_running(pid)}
+
+
+def _our_exporter_pid(region_dir: Path) -> int | None:
+    """The pid in exporter.json when it provably is that exporter (start time and command line)."""
+    info = exporter_info(region_dir)
+    pid = info.get("pid") if info else None
+    if not isinstance(pid, int) or pid <= 0 or info is None:
+        return None
+    argv = _cmdline_of(pid)
+    if (info.get("start") is not None and process_start_time(pid) == info.get("start")
+            and b"rmemfs.cli.exporter" in argv and os.fsencode(str(region_dir)) in argv):
+        return pid
+    return None
+
+
+def _why_in_use(region_dir: Path, files: list[Path], exclude: frozenset[int]) -> str | None:
+    # The ctl header's pid is the one that formatted it (a daemon's is its pre-fork parent): the maps
+    # scan is what finds a live filesystem process, this only adds a clearer message when it matches.
+    try:
+        fs_pid = read_ctl_header(region_dir).pid
+    except (OSError, CorruptionError):
+        fs_pid = 0
+    if fs_pid and fs_pid != os.getpid() and process_running(fs_pid) \
+            and any(b"rmemfs" in arg for arg in _cmdline_of(fs_pid)):
+        return f"its filesystem process (pid {fs_pid}) is still running: unmount it or let it exit first"
+    users = mapping_processes(files, exclude)
+    if users:
+        named = "; ".join(f"pid {pid} ({cmd[:80]})" for pid, cmd in sorted(users.items())[:3])
+        return f"{len(users)} live process(es) map its region files: {named}"
+    return None
+
+
 def retire(region_dir: Path) -> None:
-    """Stop the exporter of a region directory and free its memory (remove the directory)."""
-    stop_exporter(region_dir)
+    """Stop the exporter of a region directory and free its memory (remove the directory).
+
+    Never while something still uses that memory: raises RetireRefused (and changes nothing) when the
+    filesystem process the ctl region names is alive, or when any live process but the directory's own
+    exporter maps a region file; after the exporter stopped, nothing at all may map one. (A process
+    that maps a file after that last look would keep its pages: unlinking a mapped tmpfs file frees
+    nothing under it.)"""
+    files = [Path(e.path) for e in os.scandir(region_dir) if parse_region_file_name(e.name) is not None]
+    exporter = _our_exporter_pid(region_dir)
+    reason = _why_in_use(region_dir, files, frozenset({exporter} if exporter else ()))
+    if reason is None:
+        stop_exporter(region_dir)
+        reason = _why_in_use(region_dir, files, frozenset())
+    if reason is not None:
+        raise RetireRefused(f"not retiring {region_dir}: {reason}")
     for entry in os.scandir(region_dir):
         os.unlink(entry.path)
     os.rmdir(region_dir)

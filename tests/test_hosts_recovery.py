@@ -15,7 +15,14 @@ hostA's memory only through the exporter's TCP transport. Per trial (seeded):
 * hostB runs rmemfs-recover --source <hostA> --transport software --verify --json,
   and every file must match by XXH3, with no file or directory missing or extra.
 
-Default: 3 trials with a random first seed (printed). ``--trials N`` for more,
+The kill mode follows the seed (``seed % 4``, so any four consecutive seeds try each): "now", "delay",
+"mid-flush" (SIGKILL a few ms into a requested flush of a big dirty set) and "pause": instead of a
+SIGKILL, pause writers keep write()+fsync and mmap+msync in flight while hostA's fs process is
+SIGSTOPped, hostB takes over, hostA is SIGCONTed and the writers go on; then everything the first
+workload acknowledged and every operation the paused mount acknowledged is in hostB's copy, and every
+operation after the resume was refused (tests/test_hosts_fencing.py, which runs that check alone).
+
+Default: 4 trials (one per mode) with a random first seed (printed). ``--trials N`` for more,
 ``--seed S`` to replay: e.g. tools/test tests/test_hosts_recovery.py --seed 1234 --trials 1.
 """
 from __future__ import annotations
@@ -35,9 +42,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 from hosts import PYTHON, TwoHosts, cleanup_stale  # noqa: E402
+from test_hosts_fencing import PAUSE_DIR, pause_takeover_resume  # noqa: E402
 
 WORKLOAD = REPO / "tools" / "fsworkload.py"
-DEFAULT_TRIALS = 3
+DEFAULT_TRIALS = 4
+KILL_MODES = ("now", "delay", "mid-flush", "pause")
 
 pytestmark = pytest.mark.hosts
 
@@ -79,16 +88,18 @@ def test_two_host_recovery(seed: int, tmp_path: Path) -> None:
     flush_interval = rng.choice([0.3, 0.5, 0.7])
     workers, ops = rng.randint(2, 4), rng.randint(150, 400)
     # How the kill lands: at once (the last burst is surely after the last baseline), after a random delay
-    # within the flush interval, or a few ms into a requested flush of a big dirty set (mid-flush).
-    kill = rng.choice(["now", "delay", "mid-flush"])
-    kill_delay = {"now": 0.0, "delay": rng.uniform(0, flush_interval), "mid-flush": rng.uniform(0.002, 0.06)}[kill]
+    # within the flush interval, a few ms into a requested flush of a big dirty set (mid-flush), or not at
+    # all: a pause and a takeover while writers keep calls in flight (pause).
+    kill = KILL_MODES[seed % len(KILL_MODES)]
+    kill_delay = {"now": 0.0, "delay": rng.uniform(0, flush_interval), "mid-flush": rng.uniform(0.002, 0.06),
+                  "pause": 0.0}[kill]
     tail_big = rng.randint(16, 48) if kill == "mid-flush" else 0
     params = (f"seed={seed} flush_interval={flush_interval} workers={workers} ops/worker={ops} kill={kill} "
               f"after {kill_delay:.3f}s big={tail_big}MiB; replay: tools/test {Path(__file__).relative_to(REPO)} "
               f"--seed {seed} --trials 1")
     print(f"\ntrial {params}")
     t0 = time.monotonic()
-    with TwoHosts() as (a, b):
+    with TwoHosts(subnet="10.242.0", label="trial") as (a, b):
         backend, state_file, report_file = a.dir.parent / "backend", a.dir / "state.json", b.dir / "report.json"
         assert os.stat(a.path("/dev/shm")).st_dev != os.stat(b.path("/dev/shm")).st_dev, "shared /dev/shm"
         pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M")
@@ -98,6 +109,19 @@ def test_two_host_recovery(seed: int, tmp_path: Path) -> None:
                         check=False, timeout=120)
         assert work.returncode == 0, f"workload failed ({params}):\n{work.stdout}\n{work.stderr}"
         print(work.stdout.strip())
+
+        if kill == "pause":
+            pause_counts = pause_takeover_resume(a, b, backend, rng, params, report_file)
+            report = pause_counts.pop("report", None)
+            owner = b if isinstance(report, dict) else a     # a source resumed before the verdict keeps it
+            check = owner.python(WORKLOAD, "verify", owner.dir / "mnt", state_file, "--exclude", PAUSE_DIR,
+                                 check=False)
+            assert check.returncode == 0, (f"{owner.name}'s tree differs from the acknowledged state ({params}):"
+                                           f"\n{check.stdout[-4000:]}")
+            more = (f", dirty pages fetched {report['dirty_pages_fetched']}, verified {report['verified_pages']}"
+                    if isinstance(report, dict) else "")
+            print(f"ok in {time.monotonic() - t0:.1f} s: pause outcomes {pause_counts}{more}")
+            return
 
         flush = None
         if kill == "mid-flush":

@@ -8,7 +8,8 @@ Sections (each figure is measured ``--repeat`` times; median, min and max are ke
 1. write path: sequential write() in 1 MiB blocks, mmap + memcpy + msync, and
    random 4 KiB writes through mmap, on rmemfs (tracking on), rmemfs (tracking
    off), tmpfs (/dev/shm) and fuse-overlayfs over a tmpfs folder (a C FUSE
-   reference);
+   reference); with ``--compare-tree DIR`` also rmemfs from another checkout,
+   in the same run (e.g. one with the fence checks removed: their cost);
 2. flush: a full baseline and incremental flushes at each dirty fraction, vs
    ``dd conv=fsync bs=1M`` of the same bytes into the same backend folder; and
    the write latency seen by a concurrent writer while a full flush runs;
@@ -287,15 +288,16 @@ class RawSocket:
 class Rmemfs:
     """One rmemfs filesystem (backend + mountpoint), driven through the worktree's CLI."""
 
-    def __init__(self, work: Path, name: str, tracking: bool = True) -> None:
+    def __init__(self, work: Path, name: str, tracking: bool = True, root: Path = ROOT) -> None:
         self.backend = work / f"{name}.backend"
         self.mp = work / f"{name}.mnt"
         self.tracking = tracking
         self.region_dirs: set[Path] = set()
-        self.env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.root = root        # the checkout whose rmemfs runs (--compare-tree: another one)
+        self.env = dict(os.environ, PYTHONPATH=str(root))
 
     def _cli(self, module: str, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        r = run_cmd([sys.executable, "-m", module, *args], env=self.env, cwd=str(ROOT))
+        r = run_cmd([sys.executable, "-m", module, *args], env=self.env, cwd=str(self.root))
         if check and r.returncode != 0:
             raise RuntimeError(f"{module} {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()[-800:]}")
         return r
@@ -427,8 +429,8 @@ class Bench:
         shutil.rmtree(self.work, ignore_errors=True)
         shutil.rmtree(self.shm, ignore_errors=True)
 
-    def rmemfs(self, name: str, tracking: bool = True) -> Rmemfs:
-        fs = Rmemfs(self.work, name, tracking)
+    def rmemfs(self, name: str, tracking: bool = True, root: Path = ROOT) -> Rmemfs:
+        fs = Rmemfs(self.work, name, tracking, root)
         self.cleanups.append(fs.destroy)
         fs.mount()
         return fs
@@ -446,6 +448,11 @@ class Bench:
         targets: dict[str, tuple[Path, Rmemfs | None]] = {
             "rmemfs_tracking_on": (on.mp, on), "rmemfs_tracking_off": (off.mp, off),
             "tmpfs": (tmpfs_dir, None), "fuse_overlayfs_on_tmpfs": (ovl.mp, None)}
+        other = None
+        if self.args.compare_tree:
+            # The same build from another checkout (e.g. one with the fence checks removed), in this run.
+            other = self.rmemfs("write-other-tree", True, Path(self.args.compare_tree).resolve())
+            targets["rmemfs_compare_tree"] = (other.mp, other)
         npages = min(self.args.random_pages, size // PAGE)
         rng = random.Random(3)
         seq: dict[str, list[float]] = {t: [] for t in targets}
@@ -509,7 +516,13 @@ class Bench:
             "tracking_on_slowdown_random_4KiB": 1 - med("rmemfs_tracking_on", "mmap_random_4KiB")
             / med("rmemfs_tracking_off", "mmap_random_4KiB"),
         }
-        for fs in (on, off):
+        if other is not None:
+            res["compare_tree"] = str(Path(self.args.compare_tree).resolve())
+            for key, fig in (("seq_write", "seq_write_1MiB"), ("mmap", "mmap_memcpy_msync"),
+                             ("random_4KiB", "mmap_random_4KiB")):
+                res["ratios"][f"slowdown_vs_compare_tree_{key}"] = 1 - med("rmemfs_tracking_on", fig) \
+                    / med("rmemfs_compare_tree", fig)
+        for fs in (on, off, *([other] if other else [])):
             fs.destroy()
         ovl.destroy()
         shutil.rmtree(tmpfs_dir, ignore_errors=True)
@@ -883,6 +896,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     add("mmap+memcpy+msync vs tmpfs mmap", w.get("mmap_rmemfs_to_tmpfs"), ">=", 0.35)
     add("tracking on vs off, write() slowdown", w.get("tracking_on_slowdown_seq_write"), "<=", 0.05, "fraction")
     add("tracking on vs off, mmap slowdown", w.get("tracking_on_slowdown_mmap"), "<=", 0.05, "fraction")
+    if "slowdown_vs_compare_tree_seq_write" in w:     # e.g. the fence check's cost: --compare-tree without it
+        for key, label in (("seq_write", "write()"), ("mmap", "mmap"), ("random_4KiB", "random 4 KiB")):
+            add(f"vs --compare-tree, {label} slowdown", w.get(f"slowdown_vs_compare_tree_{key}"), "<=", 0.02,
+                "fraction")
     fl = _get(r, "flush", "ratios") or {}
     add("full flush throughput vs dd conv=fsync", fl.get("full_flush_to_dd_throughput"), ">=", 0.8)
     one = [v for k, v in fl.items() if k.startswith("flush_1pct")]
@@ -1122,6 +1139,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport-size", default=None, help="bytes for the transport test (default --size)")
     ap.add_argument("--transport-pages", type=int, default=None, help="scattered pages read (default 100000)")
     ap.add_argument("--workdir", default="/var/tmp", help="where backends live (a disk; default /var/tmp)")
+    ap.add_argument("--compare-tree", default=None, metavar="DIR",
+                    help="write section: also run rmemfs from the checkout DIR and report the slowdown against it "
+                         "(e.g. a checkout with one change reverted)")
     ap.add_argument("--only", default="", help="run only these sections: write,flush,recovery,transport,databases")
     ap.add_argument("--db-commits", type=int, default=None, help="transactions per database run (default 2000)")
     ap.add_argument("--db-size", default=None, help="file for the random 4 KiB runs (default 64M; --quick 4M)")

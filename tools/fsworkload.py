@@ -2,7 +2,9 @@
 """A seeded file workload for an rmemfs mount, and the check of a recovered copy against it.
 
     fsworkload.py run    ROOT --seed S --out STATE.json [--workers W] [--ops N] [--flushes F]
-    fsworkload.py verify ROOT STATE.json
+    fsworkload.py verify ROOT STATE.json [--exclude DIR]
+    fsworkload.py pause  ROOT --seed S --out LOG.json --ready FILE --stop FILE [--workers W]
+    fsworkload.py verify-pause ROOT LOG.json [--after-ns T]
     fsworkload.py ctl    ROOT {flush|stats}
 
 ``run`` drives W worker threads, each in its own directory (so each worker's
@@ -18,10 +20,27 @@ file's XXH3 and size and every directory.
 ``verify`` walks ROOT (a recovered mount) and compares it with STATE.json byte
 for byte via XXH3: missing, extra and different files and directories.
 Exit 0 when identical, 1 otherwise (the differences are printed).
+
+``pause`` is the writer side of a pause -> takeover -> resume trial: W threads
+keep write()+fsync and mmap+msync calls in flight until the STOP file exists
+(through a SIGSTOP of the filesystem process, a takeover elsewhere and the
+resume), creating READY once its files exist. Every operation writes a fresh
+slot (``SLOT`` bytes at its own offset, content regenerated from a per-op
+seed), so each one's outcome is checkable on its own; LOG.json records each
+operation's times (CLOCK_MONOTONIC, shared by every process on the machine) and
+outcome: for a write, whether write() returned (that alone acknowledges it
+without writeback_cache) and the errno of write() or fsync; for an mmap store,
+msync's. ``verify-pause`` checks a takeover's copy against it: every
+acknowledged slot holds exactly its bytes, every other byte of the files is
+either zero or the byte a refused operation tried to write (a refused request
+may have copied before it was refused), and with ``--after-ns T`` every
+operation started after T (the resume) was refused.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import mmap
 import os
@@ -195,6 +214,144 @@ class Worker:
         self.dirs.add(path)
 
 
+SLOT = 2 * PAGE          # one operation's bytes in the pause workload: up to two pages at a fresh offset
+PAUSE_SLOTS = 2048       # slots per file and worker
+
+
+def _slot_bytes(op_seed: int, n: int) -> bytes:
+    return random.Random(op_seed).randbytes(n)
+
+
+def pause_run(root: Path, seed: int, workers: int, ready: Path, stop: Path, max_seconds: float = 300) -> dict:
+    """Writers that keep calls in flight until ``stop`` exists; the per-operation log (see the docstring)."""
+    rng = random.Random(seed)
+    os.makedirs(root, exist_ok=True)
+    setup: list[dict] = []
+    for i in range(workers):
+        for name, size in ((f"w{i}.dat", 0), (f"m{i}.dat", PAUSE_SLOTS * SLOT)):
+            fd = os.open(root / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            setup.append({"file": name, "size": size})
+    logs: list[list[dict]] = [[] for _ in range(workers)]
+    errors: list[BaseException] = []
+    deadline = time.monotonic() + max_seconds
+
+    def body(i: int, wrng: random.Random) -> None:
+        wfd = os.open(root / f"w{i}.dat", os.O_WRONLY)
+        mfd = os.open(root / f"m{i}.dat", os.O_RDWR)
+        mm = mmap.mmap(mfd, PAUSE_SLOTS * SLOT, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        slots = {"write": 0, "mmap": 0}
+        try:
+            while not stop.exists() and time.monotonic() < deadline:
+                kind = wrng.choice(("write", "mmap"))
+                if slots[kind] >= PAUSE_SLOTS:
+                    kind = "mmap" if kind == "write" else "write"
+                    if slots[kind] >= PAUSE_SLOTS:
+                        break
+                off, n, op_seed = slots[kind] * SLOT, wrng.randint(1, SLOT), wrng.getrandbits(63)
+                slots[kind] += 1
+                content = _slot_bytes(op_seed, n)
+                rec: dict = {"kind": kind, "file": f"{kind[0]}{i}.dat", "off": off, "len": n, "seed": op_seed,
+                             "start_ns": time.monotonic_ns()}
+                if kind == "write":
+                    try:
+                        os.pwrite(wfd, content, off)
+                        rec["written"] = True          # acknowledged: the reply came after the fence re-check
+                        os.fsync(wfd)
+                        rec["errno"] = 0
+                    except OSError as e:
+                        rec.setdefault("written", False)
+                        rec["errno"] = e.errno
+                else:
+                    mm[off:off + n] = content
+                    try:
+                        mm.flush(off, SLOT)        # msync(MS_SYNC) of the slot: the acknowledgement
+                        rec["errno"] = 0
+                    except OSError as e:
+                        rec["errno"] = e.errno
+                rec["end_ns"] = time.monotonic_ns()
+                logs[i].append(rec)
+                if wrng.random() < 0.3:          # mostly back to back: calls are in flight when the pause lands
+                    time.sleep(wrng.uniform(0, 0.002))
+        except BaseException as e:      # reported by the main thread
+            errors.append(e)
+        finally:
+            with contextlib.suppress(OSError):   # a fenced mount may refuse the write-back at close
+                mm.close()
+            for fd in (wfd, mfd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    threads = [threading.Thread(target=body, args=(i, random.Random(rng.getrandbits(64)))) for i in range(workers)]
+    for t in threads:
+        t.start()
+    ready.write_text("ready\n")
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {"seed": seed, "setup": setup, "ops": [r for log in logs for r in log]}
+
+
+def _acked(rec: dict) -> bool:
+    return bool(rec.get("written")) or rec["errno"] == 0
+
+
+def verify_pause(root: Path, log: dict, after_ns: int | None = None) -> tuple[list[str], dict[str, int]]:
+    """Differences between a takeover's copy at ROOT and what the pause log allows (see the docstring),
+    and counts of the outcomes."""
+    problems: list[str] = []
+    counts: dict[str, int] = {"acknowledged": 0, "refused": 0}
+    by_file: dict[str, list[dict]] = {s["file"]: [] for s in log["setup"]}
+    for rec in log["ops"]:
+        by_file[rec["file"]].append(rec)
+        if _acked(rec):
+            counts["acknowledged"] += 1
+        else:
+            counts["refused"] += 1
+            counts[f"errno {errno.errorcode.get(rec['errno'], rec['errno'])}"] = \
+                counts.get(f"errno {errno.errorcode.get(rec['errno'], rec['errno'])}", 0) + 1
+        if after_ns is not None and rec["start_ns"] > after_ns and _acked(rec):
+            problems.append(f"{rec['file']} slot at {rec['off']} ({rec['kind']}) started after the resume and "
+                            f"was acknowledged")
+    if after_ns is not None:
+        counts["started after the resume"] = sum(r["start_ns"] > after_ns for r in log["ops"])
+    for setup in log["setup"]:
+        name = setup["file"]
+        try:
+            data = (root / name).read_bytes()
+        except OSError as e:
+            problems.append(f"missing file {name}: {e}")
+            continue
+        if name.startswith("m") and len(data) != setup["size"]:
+            problems.append(f"{name} is {len(data)} bytes, set up as {setup['size']}")
+        used: dict[int, int] = {}       # slot index -> bytes its operation wrote
+        for rec in by_file[name]:
+            off, n = rec["off"], rec["len"]
+            used[off // SLOT] = n
+            want = _slot_bytes(rec["seed"], n)
+            got = data[off:off + n]
+            if _acked(rec):
+                if got != want:
+                    problems.append(f"{name} slot at {off} ({rec['kind']}, {n} bytes, errno {rec['errno']}) was "
+                                    f"acknowledged but differs ({len(got)} bytes there)")
+            elif got != want and got.count(0) != len(got) and any(
+                    g and g != w for g, w in zip(got, want, strict=False)):
+                problems.append(f"{name} slot at {off} ({rec['kind']}) was refused and holds foreign bytes")
+        stray = []
+        for j in range(-(-len(data) // SLOT)):
+            rest = data[j * SLOT + used.get(j, 0):(j + 1) * SLOT]
+            if rest.count(0) != len(rest):
+                stray.append(j * SLOT)
+        if stray:
+            problems.append(f"{name}: bytes no operation wrote, in slots at {stray[:5]}")
+    return problems, counts
+
+
 def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: int,
         self_check: bool = False, tail_big: int = 0) -> dict:
     rng = random.Random(seed)
@@ -272,9 +429,13 @@ def scan(root: Path) -> tuple[dict[str, dict], list[str]]:
     return files, sorted(dirs)
 
 
-def verify(root: Path, state: dict, ignore: set[str] = frozenset()) -> list[str]:
-    """Differences between ROOT and the expected state, one line each (empty: identical)."""
+def verify(root: Path, state: dict, ignore: set[str] = frozenset(), exclude: str | None = None) -> list[str]:
+    """Differences between ROOT and the expected state, one line each (empty: identical); ``exclude`` is
+    a top-level directory left out (another workload's)."""
     files, dirs = scan(root)
+    if exclude:
+        files = {k: v for k, v in files.items() if k.split("/", 1)[0] != exclude}
+        dirs = [d for d in dirs if d.split("/", 1)[0] != exclude]
     want = {k: v for k, v in state["files"].items() if k not in ignore}
     files = {k: v for k, v in files.items() if k not in ignore}
     problems = [f"missing file {p}" for p in sorted(set(want) - set(files))]
@@ -305,6 +466,19 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify")
     v.add_argument("root", type=Path)
     v.add_argument("state", type=Path)
+    v.add_argument("--exclude", metavar="DIR", help="leave out this top-level directory (another workload's)")
+    pr = sub.add_parser("pause", help="writers that keep calls in flight until --stop exists (see above)")
+    pr.add_argument("root", type=Path)
+    pr.add_argument("--seed", type=int, required=True)
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--workers", type=int, default=3)
+    pr.add_argument("--ready", type=Path, required=True, help="created once the writers run")
+    pr.add_argument("--stop", type=Path, required=True, help="the writers stop once this file exists")
+    vp = sub.add_parser("verify-pause", help="check a takeover's copy against a pause log")
+    vp.add_argument("root", type=Path)
+    vp.add_argument("log", type=Path)
+    vp.add_argument("--after-ns", type=int, help="every operation started after this CLOCK_MONOTONIC time "
+                    "(the resume) must have been refused")
     c = sub.add_parser("ctl", help="send OP (flush, stats) to the rmemfs serving ROOT; print the JSON reply")
     c.add_argument("root", type=Path)
     c.add_argument("op")
@@ -325,7 +499,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workload seed {args.seed}: {len(state['files'])} files, {len(state['dirs'])} dirs, "
               f"ops {state['ops']}, flushes {state['flush_generations']}, {state['seconds']:.2f} s", flush=True)
         return 0
-    problems = verify(args.root, json.loads(args.state.read_text()))
+    if args.cmd == "pause":
+        log = pause_run(args.root, args.seed, args.workers, args.ready, args.stop)
+        args.out.write_text(json.dumps(log) + "\n")
+        acked = sum(map(_acked, log["ops"]))
+        print(f"pause workload seed {args.seed}: {len(log['ops'])} operations, {acked} acknowledged", flush=True)
+        return 0
+    if args.cmd == "verify-pause":
+        problems, counts = verify_pause(args.root, json.loads(args.log.read_text()), args.after_ns)
+        for line in problems:
+            print(line)
+        print(json.dumps(counts))
+        return 1 if problems else 0
+    problems = verify(args.root, json.loads(args.state.read_text()), exclude=args.exclude)
     for line in problems:
         print(line)
     if not problems:

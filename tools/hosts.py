@@ -33,7 +33,7 @@ PYTHON = str(REPO / ".venv" / "bin" / "python")
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from rmemfs.store import open_store  # noqa: E402
-NS_PREFIX = "rmh"          # every namespace this module creates starts with this (for stale cleanup)
+NS_PREFIX = "rmh"          # every namespace this module creates is rmh<owner pid>x<n><label><a|b> (stale cleanup)
 
 Cmd = str | Sequence[str | os.PathLike[str]]
 
@@ -202,17 +202,20 @@ def _kill(pid: int) -> None:
 class TwoHosts:
     """hostA (10.231.0.1) and hostB (10.231.0.2) on a veth pair; a shared work dir with ``backend/``.
 
-    Names carry this process's pid and a counter so parallel and leftover runs never clash; ``__exit__``
-    (also run on failure) kills the hosts' processes and deletes the namespaces and the work dir.
+    Names carry this process's pid and a counter so parallel and leftover runs never clash, plus an
+    optional ``label`` (letters) that says whose they are; ``__exit__`` (also run on failure) kills the
+    hosts' processes and deletes the namespaces and the work dir. ``subnet`` is the hosts' /24.
     """
 
     _count = 0
 
     def __init__(self, subnet: str = "10.231.0", workdir: Path | None = None, keep_workdir: bool = False,
-                 private_shm: bool = True, ceph: Path | None = None) -> None:
+                 private_shm: bool = True, ceph: Path | None = None, label: str = "") -> None:
+        if not (label.isascii() and (label.isalpha() or label == "")):
+            raise ValueError(f"label must be ASCII letters, not {label!r}")
         TwoHosts._count += 1
         tag = f"{os.getpid()}x{TwoHosts._count}"
-        self.netns = [f"{NS_PREFIX}{tag}a", f"{NS_PREFIX}{tag}b"]
+        self.netns = [f"{NS_PREFIX}{tag}{label}a", f"{NS_PREFIX}{tag}{label}b"]
         self.veth = [f"rh{tag}a"[:15], f"rh{tag}b"[:15]]
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"rmemfs-hosts-{tag}-", dir="/tmp"))
         self.keep_workdir, self.private_shm = keep_workdir, private_shm
@@ -267,14 +270,17 @@ class TwoHosts:
 
 
 def cleanup_stale() -> list[str]:
-    """Delete namespaces left by runs whose process is gone (e.g. killed with SIGKILL), with their processes."""
+    """Delete namespaces left by runs whose process is gone (e.g. killed with SIGKILL), with their processes.
+
+    Only names of this module's form (``rmh<pid>x...``) whose owner pid is gone: a live run's hosts, and
+    any other namespace that merely starts with ``rmh`` (a probe, someone else's), are left alone."""
     removed = []
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         ns = line.split()[0] if line.split() else ""
         if not ns.startswith(NS_PREFIX):
             continue
-        owner = ns[len(NS_PREFIX):].split("x", 1)[0]
-        if owner.isdigit() and (int(owner) == os.getpid() or Path(f"/proc/{owner}").exists()):
+        owner, sep, _ = ns[len(NS_PREFIX):].partition("x")
+        if not (sep and owner.isdigit()) or int(owner) == os.getpid() or Path(f"/proc/{owner}").exists():
             continue
         for pid in _ip("netns", "pids", ns, check=False).stdout.split():
             _kill(int(pid))

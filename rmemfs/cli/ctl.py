@@ -13,8 +13,8 @@
 
 Exit codes: 0 success; 1 unexpected error; 2 usage; 3 not an rmemfs mount or not
 reachable; 4 the flush (for umount: the final flush) failed or did not finish in
-time; 5 verify found problems; 6 --retire refused (the memory may still be needed;
-the message says why); 7 the unmount was refused (busy); 10 backend unreadable.
+time; 5 verify found problems; 6 --retire refused (the memory may still be needed,
+or a live process still maps it; the message says why); 7 the unmount was refused (busy); 10 backend unreadable.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from .. import control
 from ..errors import BackendError, CorruptionError, QuietError
 from ..exits import (EXIT_BACKEND, EXIT_CTL_BUSY, EXIT_CTL_FLUSH, EXIT_CTL_RETIRE, EXIT_CTL_UNREACHABLE,
                      EXIT_CTL_VERIFY)
-from ..exporter import SOCKET_NAME, retire, stop_exporter, wait_exited, why_still_needed
+from ..exporter import (SOCKET_NAME, RetireRefused, mapping_processes, retire, stop_exporter, wait_exited,
+                        why_still_needed)
 from ..dirty import read_ctl_header
 from ..store import STATE_CLEAN, BaselineStore, open_store
 from .common import run_main
@@ -102,21 +103,10 @@ def unmount_and_wait(mountpoint: Path, timeout: float) -> None:
     print(f"unmounted {mountpoint}: final baseline generation {manifest.generation} published")
 
 
-def mapped_directories() -> set[str]:
-    """Directories holding a file that some live process maps (/proc/*/maps)."""
-    out: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    parts = line.split(None, 5)
-                    if len(parts) == 6 and parts[5].startswith("/"):
-                        out.add(os.path.dirname(parts[5].rstrip("\n").removesuffix(" (deleted)")))
-        except OSError:
-            continue
-    return out
+def _mapped(directory: Path) -> bool:
+    """Whether a live process maps a file in ``directory`` (by dev+inode, so in any mount namespace)."""
+    files = [Path(e.path) for e in os.scandir(directory) if e.is_file(follow_symlinks=False)]
+    return bool(mapping_processes(files))
 
 
 def orphans(backend: BaselineStore, base: Path) -> list[Path]:
@@ -125,13 +115,12 @@ def orphans(backend: BaselineStore, base: Path) -> list[Path]:
     backend still needs (``why_still_needed``), or the clean regions of the published epoch that the
     next mount reuses, are kept."""
     manifest = backend.read_manifest()
-    mapped = mapped_directories()
     found = []
     for path in sorted(base.parent.glob(f"{base.name}*")):
         suffix = path.name[len(base.name):]
         if not (suffix == "" or (suffix.startswith(".e") and suffix[2:].isdigit())):
             continue
-        if path.is_symlink() or not path.is_dir() or str(path) in mapped:
+        if path.is_symlink() or not path.is_dir() or _mapped(path):
             continue
         try:
             header = read_ctl_header(path)
@@ -231,7 +220,10 @@ def main(argv: list[str] | None = None) -> None:
                     raise QuietError(str(e), EXIT_BACKEND) from None
                 if reason:
                     raise QuietError(f"not retiring {regiondir}: {reason}", EXIT_CTL_RETIRE)
-                retire(regiondir)
+                try:
+                    retire(regiondir)
+                except RetireRefused as e:
+                    raise QuietError(str(e), EXIT_CTL_RETIRE) from None
                 print(f"retired {regiondir}: exporter stopped, memory freed")
                 return 0
             if args.stop:

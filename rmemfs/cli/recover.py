@@ -26,7 +26,7 @@ from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 at start-up, no
 from ..errors import QuietError
 from ..exits import EXIT_USAGE
 from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options
-from ..exporter import retire
+from ..exporter import RetireRefused, retire
 from ..store import open_store
 from ..recovery import ProgressEvent, RecoveryReport, recover, write_report
 from .common import run_main, setup_logging
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
                     old = opts.region_dir(opened.fs.fsid)
                     try:
                         retire(old)
+                    except RetireRefused as e:      # a live process still uses it (a fenced old mount)
+                        log.warning("%s; kept it (`rmemfs-ctl orphans --remove` frees it once that is gone)", e)
                     except Exception as e:
                         log.warning("could not retire the old regions in %s (%s): remove them by hand", old, e)
 
