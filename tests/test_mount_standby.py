@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ SOURCE_OPTS = ["flush_interval=3600", "heartbeat_interval=0.02"]
 
 
 class Standby:
-    def __init__(self, rig: Rig, mnt: Path, extra: list[str]) -> None:
+    def __init__(self, rig: Rig, mnt: Path, extra: list[str], env: dict[str, str] | None = None) -> None:
         self.rig, self.mnt = rig, mnt
         mnt.mkdir(exist_ok=True)
         self.log = rig.root / "standby.log"
@@ -29,7 +30,7 @@ class Standby:
         self.proc = subprocess.Popen(
             cli("standby") + ["--backend", str(rig.backend), "--transport", "software", "--source",
                               f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0", *extra]), "-f", str(mnt)],
-            env=ENV, stdout=self.out, stderr=subprocess.STDOUT)
+            env={**ENV, **(env or {})}, stdout=self.out, stderr=subprocess.STDOUT)
 
     def status(self) -> dict:
         proc = run(cli("ctl") + ["standby", "status", "--json", str(self.mnt)])
@@ -172,3 +173,26 @@ def test_standby_restarted_while_watching(source: Rig, standby: Standby) -> None
         assert digest_tree(again.mnt) == want
     finally:
         again.stop()
+
+
+def _notify_socket(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    s.settimeout(30)
+    return s
+
+
+def test_systemd_readiness_of_rmemfs_and_the_standby(rig: Rig) -> None:
+    sock_path = rig.root / "notify.sock"
+    with _notify_socket(sock_path) as s:
+        rig.mount(SOURCE_OPTS, env={"NOTIFY_SOCKET": str(sock_path)})
+        assert is_mounted(rig.mountpoint)
+        assert s.recv(4096).startswith(b"READY=1")
+        sb = Standby(rig, rig.root / "mnt2", ["watch_interval=0.01", "dead_after=0.3"],
+                     env={"NOTIFY_SOCKET": str(sock_path)})
+        try:
+            msg = s.recv(4096)
+            assert msg.startswith(b"READY=1") and b"watching" in msg, msg
+            assert sb.status()["state"] == "watching"
+        finally:
+            sb.stop()

@@ -32,6 +32,7 @@ from ..errors import BackendError, CorruptionError, QuietError
 from ..exits import EXIT_BACKEND, EXIT_USAGE
 from ..mount import check_environment, check_mountpoint, parse_options, read_backend
 from ..recovery import parse_source
+from ..sdnotify import notify
 from ..standby import DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, status_file, status_socket
 from . import recover as recover_cli
 from .common import run_main, setup_logging
@@ -159,6 +160,7 @@ async def watch(watcher: Watcher, mountpoint: Path, dead_after: float | None, re
                  watcher.status.source, mountpoint, watcher.dead_after, watcher.watch_interval,
                  watcher.status.state)
         ready("")
+        notify(f"READY=1\nSTATUS=watching {watcher.status.source} ({watcher.status.state})")
 
         async def signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as rx:
