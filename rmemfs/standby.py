@@ -26,6 +26,7 @@ region that grew or an exporter that restarted is seen before a failure.
 """
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import time
@@ -92,10 +93,10 @@ class Watcher:
 
     def __init__(self, *, host: str, port: int, fsid: str, secret: bytes, transport: str = "auto",
                  watch_interval: float = DEFAULT_WATCH_INTERVAL, dead_after: float = DEFAULT_DEAD_AFTER,
-                 fence_cmd: str | None = None, timeout: float = 2.0) -> None:
+                 fence_cmd: str | None = None, timeout: float = 2.0, event_log: Path | None = None) -> None:
         self.host, self.port, self.fsid, self.secret = host, port, fsid, secret
         self.transport, self.watch_interval, self.dead_after = transport, watch_interval, dead_after
-        self.fence_cmd, self.timeout = fence_cmd, timeout
+        self.fence_cmd, self.timeout, self.event_log = fence_cmd, timeout, event_log
         self.status = WatchStatus(source=f"{host}:{port}")
         self.verdict: str | None = None
         self._conn: Connection | None = None
@@ -106,7 +107,11 @@ class Watcher:
         self._cancel.cancel()
 
     def _event(self, kind: str, **detail: Any) -> None:
-        self.status.events.append({"time_ns": time.time_ns(), "event": kind, **detail})
+        event = {"time_ns": time.time_ns(), "event": kind, "source": self.status.source, **detail}
+        del self.status.events[:-100]
+        self.status.events.append(event)
+        if self.event_log is not None:
+            write_event(self.event_log, event)
 
     async def _close(self) -> None:
         if self._conn is not None:
@@ -212,6 +217,46 @@ class Watcher:
             await self._close()
             if not started:
                 task_status.started()
+
+
+def write_event(path: Path, event: dict[str, Any]) -> None:
+    """One JSON line appended to the event log (a failure to log never stops the watch)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+    except OSError as e:
+        log.debug("event log %s: %s", path, e)
+
+
+def serve_metrics(addr: str, watcher: Watcher) -> None:
+    """Prometheus metrics of the watch on ``addr`` (HOST:PORT), from a thread of prometheus_client's."""
+    from prometheus_client import start_http_server
+    from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+    from prometheus_client.registry import Collector
+
+    class WatchCollector(Collector):
+        def collect(self) -> Any:
+            st = watcher.status.to_json()
+            yield InfoMetricFamily("rmemfs_standby", "the watched source and state",
+                                   value={"source": st["source"], "state": str(st["state"])})
+            age = GaugeMetricFamily("rmemfs_standby_heartbeat_age_seconds", "time since the heartbeat last moved")
+            age.add_metric([], st["heartbeat_age"] if st["heartbeat_age"] is not None else float("nan"))
+            yield age
+            gap = GaugeMetricFamily("rmemfs_standby_heartbeat_longest_gap_seconds",
+                                    "longest heartbeat silence seen while the source was alive")
+            gap.add_metric([], st["longest_gap"])
+            yield gap
+            yield CounterMetricFamily("rmemfs_standby_registrations", "handshakes with the source's exporter",
+                                      value=st["registrations"])
+            yield CounterMetricFamily("rmemfs_standby_detections", "sources declared dead",
+                                      value=1 if st["detected_after"] is not None else 0)
+            det = GaugeMetricFamily("rmemfs_standby_detection_seconds", "heartbeat silence at the detection")
+            det.add_metric([], st["detected_after"] if st["detected_after"] is not None else float("nan"))
+            yield det
+
+    host, _, port = addr.rpartition(":")
+    REGISTRY.register(WatchCollector())
+    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
 
 
 def status_socket(mountpoint: Path) -> Path:

@@ -196,3 +196,25 @@ def test_systemd_readiness_of_rmemfs_and_the_standby(rig: Rig) -> None:
             assert sb.status()["state"] == "watching"
         finally:
             sb.stop()
+
+
+def test_event_log_and_metrics(source: Rig) -> None:
+    import urllib.request
+
+    from harness import free_port
+    events, port = source.root / "events.jsonl", free_port()
+    sb = Standby(source, source.root / "mnt2", ["watch_interval=0.01", "dead_after=0.3", f"event_log={events}",
+                                                f"metrics=127.0.0.1:{port}"])
+    try:
+        sb.wait_state("watching")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        lines = {line.split()[0]: line.split()[-1] for line in text.splitlines() if line and line[0] != "#"}
+        assert float(lines["rmemfs_standby_registrations_total"]) >= 1
+        assert float(lines["rmemfs_standby_heartbeat_age_seconds"]) < 0.3
+        assert float(lines["rmemfs_standby_detections_total"]) == 0
+        source.kill()
+        sb.wait_mounted()
+        kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+        assert kinds[:2] == ["registered", "watching"] and kinds[-2:] == ["dead", "taking-over"], kinds
+    finally:
+        sb.stop()

@@ -8,6 +8,8 @@ Standby options (in -o, beside the mount options used after a takeover):
                      heartbeat intervals when that is longer)
   fence_cmd=CMD      run with HOST:PORT and the fsid when the exporter is unreachable; exit 0 means
                      the source is powered off or cut off, and the standby recovers from the baseline
+  event_log=PATH     append the watch's events (registered, watching, unreachable, dead, ...) as JSON lines
+  metrics=ADDR:PORT  serve Prometheus metrics of the watch (heartbeat age, detections, registrations)
 
 After a takeover the process serves the mount as the new owner (as rmemfs-recover -f does), and its
 exit codes are rmemfs-recover's. Before it: 0 stopped; 1 unexpected error; 2 usage; 10 backend missing;
@@ -33,13 +35,14 @@ from ..exits import EXIT_BACKEND, EXIT_USAGE
 from ..mount import check_environment, check_mountpoint, parse_options, read_backend
 from ..recovery import parse_source
 from ..sdnotify import notify
-from ..standby import DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, status_file, status_socket
+from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, serve_metrics, status_file,
+                       status_socket, write_event)
 from . import recover as recover_cli
 from .common import run_main, setup_logging
 from .mount import build_parser, daemonize_and_run
 
 log = logging.getLogger(__name__)
-STANDBY_KEYS = ("watch_interval", "dead_after", "fence_cmd")
+STANDBY_KEYS = ("watch_interval", "dead_after", "fence_cmd", "event_log", "metrics")
 
 
 def split_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -94,11 +97,20 @@ def main(argv: list[str] | None = None) -> None:
         host, port = parse_source(args.source, manifest, opts.port)
         watcher = Watcher(host=host, port=port, fsid=fsid, secret=secret, transport=args.transport,
                           watch_interval=watch_interval, dead_after=dead_after or DEFAULT_DEAD_AFTER,
-                          fence_cmd=mine.get("fence_cmd"))
+                          fence_cmd=mine.get("fence_cmd"),
+                          event_log=Path(mine["event_log"]).absolute() if "event_log" in mine else None)
+        metrics = mine.get("metrics")
+        if metrics is not None and not metrics.rpartition(":")[2].isdigit():
+            raise QuietError(f"option metrics must be ADDR:PORT (got {metrics})", EXIT_USAGE)
 
         def work(ready: Any) -> int:
             if args.log:
                 setup_logging(args.debug, args.log)
+            if metrics is not None:
+                try:
+                    serve_metrics(metrics, watcher)
+                except OSError as e:
+                    raise QuietError(f"cannot serve metrics on {metrics}: {e}", EXIT_USAGE) from None
             t0 = trio.run(watch, watcher, mountpoint, dead_after, ready)
             if watcher.verdict is None:
                 return 0
@@ -107,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
                         st.source, "is dead" if watcher.verdict == "dead" else "was fenced by fence_cmd",
                         (st.detected_after or 0) * 1000, mountpoint)
             save_status(mountpoint, {**st.to_json(), "state": "taking-over", "detected_mono": t0})
+            if watcher.event_log is not None:
+                write_event(watcher.event_log, {"time_ns": time.time_ns(), "event": "taking-over",
+                                                "source": st.source, "detected_after": st.detected_after})
             rargv = ["--backend", str(backend_path), "--source", f"{host}:{port}", "--transport", args.transport,
                      "--no-liveness-check", "-f", str(mountpoint)]
             if rest:
