@@ -624,7 +624,11 @@ async def _shutdown(session: Session) -> int:
     assert session.flusher is not None
     fs = session.opened.fs
     try:
-        generation = await session.flusher.flush(state=STATE_CLEAN)
+        # The heartbeat goes on through the final flush: a standby must not take a stopping source for dead.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_heartbeat, fs, session.opts.heartbeat_interval)
+            generation = await session.flusher.flush(state=STATE_CLEAN)
+            nursery.cancel_scope.cancel()
     except Exception as e:
         log.error("final flush failed (%s): the backend stays marked in use and the exporter keeps serving; "
                   "recover with rmemfs-recover", e)

@@ -13,6 +13,9 @@ Verdicts (``Watcher.verdict``), after which ``run`` returns:
   change seen, so clocks need not agree). The caller fences and recovers
   (``recovery.recover`` fences first: a source that was only paused resumes
   fenced and acknowledges nothing).
+A backend marked clean (the source unmounted on purpose) is never a verdict
+either: the watcher waits for the source to mount again.
+
 * ``fenced_by_cmd``: the exporter has been unreachable for ``dead_after`` and
   ``fence_cmd`` exited 0 (the source is powered off or cut off): the caller
   may recover from the baseline alone, losing what was dirty.
@@ -33,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 import trio
 
@@ -93,10 +97,12 @@ class Watcher:
 
     def __init__(self, *, host: str, port: int, fsid: str, secret: bytes, transport: str = "auto",
                  watch_interval: float = DEFAULT_WATCH_INTERVAL, dead_after: float = DEFAULT_DEAD_AFTER,
-                 fence_cmd: str | None = None, timeout: float = 2.0, event_log: Path | None = None) -> None:
+                 fence_cmd: str | None = None, timeout: float = 2.0, event_log: Path | None = None,
+                 source_stopped: Callable[[], bool] = lambda: False) -> None:
         self.host, self.port, self.fsid, self.secret = host, port, fsid, secret
         self.transport, self.watch_interval, self.dead_after = transport, watch_interval, dead_after
         self.fence_cmd, self.timeout, self.event_log = fence_cmd, timeout, event_log
+        self.source_stopped = source_stopped    # the backend says it was unmounted cleanly: nothing to take
         self.status = WatchStatus(source=f"{host}:{port}")
         self.verdict: str | None = None
         self._conn: Connection | None = None
@@ -162,7 +168,14 @@ class Watcher:
                             started = True
                             task_status.started()
                         if time.monotonic() - unreachable_since >= self.dead_after:
-                            if self.fence_cmd:
+                            if await trio.to_thread.run_sync(self.source_stopped):
+                                unreachable_since = time.monotonic()   # a remount's start-up gets dead_after anew
+                                if st.state != "source-stopped":
+                                    st.state = "source-stopped"
+                                    self._event("source-stopped")
+                                    log.info("source %s was unmounted cleanly: waiting for it to mount again",
+                                             st.source)
+                            elif self.fence_cmd:
                                 if await trio.to_thread.run_sync(run_fence_cmd, self.fence_cmd, self.host,
                                                                  self.port, self.fsid):
                                     st.state = self.verdict = "fenced_by_cmd"
@@ -206,7 +219,8 @@ class Watcher:
                         task_status.started()
                     assert st.last_change is not None
                     silent = now - st.last_change
-                    if silent >= self.dead_after and not header.fence:
+                    if (silent >= self.dead_after and not header.fence
+                            and not await trio.to_thread.run_sync(self.source_stopped)):
                         st.state = self.verdict = "dead"
                         st.detected_after = silent
                         st.detected_at_ns = time.time_ns()

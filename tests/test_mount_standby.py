@@ -218,3 +218,20 @@ def test_event_log_and_metrics(source: Rig) -> None:
         assert kinds[:2] == ["registered", "watching"] and kinds[-2:] == ["dead", "taking-over"], kinds
     finally:
         sb.stop()
+
+
+@pytest.mark.parametrize("standby", [["watch_interval=0.01", "dead_after=0.3", "fence_cmd=true"]], indirect=True)
+def test_clean_unmount_and_remount_are_not_taken_over_and_are_registered_again(source: Rig, standby: Standby
+                                                                              ) -> None:
+    first = standby.wait_state("watching")
+    source.ctl("umount", str(source.mountpoint))
+    standby.wait_state("source-stopped")
+    time.sleep(1.0)
+    assert not is_mounted(standby.mnt)
+    source.mount(SOURCE_OPTS)
+    again = standby.wait_state("watching")
+    assert again["registrations"] > first["registrations"]
+    want = digest_tree(source.mountpoint)
+    source.kill()
+    standby.wait_mounted()
+    assert digest_tree(standby.mnt) == want

@@ -35,6 +35,7 @@ from ..exits import EXIT_BACKEND, EXIT_USAGE
 from ..mount import check_environment, check_mountpoint, parse_options, read_backend
 from ..recovery import parse_source
 from ..sdnotify import notify
+from ..store import STATE_CLEAN, open_store
 from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, serve_metrics, status_file,
                        status_socket, write_event)
 from . import recover as recover_cli
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         watcher = Watcher(host=host, port=port, fsid=fsid, secret=secret, transport=args.transport,
                           watch_interval=watch_interval, dead_after=dead_after or DEFAULT_DEAD_AFTER,
                           fence_cmd=mine.get("fence_cmd"),
-                          event_log=Path(mine["event_log"]).absolute() if "event_log" in mine else None)
+                          event_log=Path(mine["event_log"]).absolute() if "event_log" in mine else None,
+                          source_stopped=lambda: backend_clean(backend_path))
         metrics = mine.get("metrics")
         if metrics is not None and not metrics.rpartition(":")[2].isdigit():
             raise QuietError(f"option metrics must be ADDR:PORT (got {metrics})", EXIT_USAGE)
@@ -143,6 +145,15 @@ def main(argv: list[str] | None = None) -> None:
         return daemonize_and_run(args.foreground, work)
 
     run_main("rmemfs-standby", body)
+
+
+def backend_clean(backend_path: Path) -> bool:
+    """The backend's manifest says the source unmounted cleanly (unreadable counts as not clean)."""
+    try:
+        return open_store(backend_path).read_manifest().state == STATE_CLEAN
+    except Exception as e:
+        log.debug("reading the backend's state: %s", e)
+        return False
 
 
 def save_status(mountpoint: Path, doc: dict[str, Any]) -> None:
