@@ -10,6 +10,9 @@
   rmemfs-ctl exporter --backend DIR [--stop | --retire]
                                        status of this host's exporter for that filesystem; or stop it;
                                        or, once another host owns the filesystem, stop it and free its memory
+  rmemfs-ctl standby status MOUNTPOINT [--json]
+                                       the standby watching for MOUNTPOINT: source, heartbeat age, state,
+                                       last detection time
 
 Exit codes: 0 success; 1 unexpected error; 2 usage; 3 not an rmemfs mount or not
 reachable; 4 the flush (for umount: the final flush) failed or did not finish in
@@ -55,6 +58,19 @@ def ask(mountpoint: Path, request: dict[str, Any]) -> dict[str, Any]:
     except OSError as e:
         raise QuietError(f"cannot reach the rmemfs process of {mountpoint} ({path}): {e}", EXIT_CTL_UNREACHABLE) from None
     return reply
+
+
+def standby_status(mountpoint: Path) -> dict[str, Any]:
+    """The watching standby's status socket, else the status it saved at its takeover."""
+    from ..standby import status_file, status_socket
+    try:
+        return control.call(status_socket(mountpoint), {"op": "standby-status"}, timeout=10)
+    except OSError:
+        pass
+    try:
+        return dict(json.loads(status_file(mountpoint).read_text()))
+    except (OSError, ValueError):
+        raise QuietError(f"no rmemfs-standby watches for {mountpoint}", EXIT_CTL_UNREACHABLE) from None
 
 
 def format_stats(s: dict[str, Any]) -> str:
@@ -168,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--regiondir", type=Path, help="region directory (default /dev/shm/rmemfs-<fsid>); its "
                     "<name>.e<epoch> siblings are the candidates, with it")
     sp.add_argument("--remove", action="store_true", help="remove them")
+    sp = sub.add_parser("standby", help="a standby's view of the source it watches for MOUNTPOINT")
+    sp.add_argument("action", choices=("status",))
+    sp.add_argument("mountpoint", type=Path)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -196,6 +216,10 @@ def main(argv: list[str] | None = None) -> None:
             pages = sum(s.entries for s in manifest.segments)
             print(f"generation {manifest.generation} (epoch {manifest.epoch}, {manifest.state}) verified: "
                   f"{len(manifest.segments)} segments, {pages} page entries, {manifest.live_pages} live pages")
+        elif args.command == "standby":
+            reply = standby_status(args.mountpoint)
+            print(json.dumps(reply, indent=1) if args.json else
+                  " ".join(f"{k}={v}" for k, v in reply.items() if k != "ok"))
         elif args.command == "orphans":
             try:
                 backend = open_store(args.backend)

@@ -20,6 +20,7 @@ from ..errors import CommandError, QuietError
 from ..exits import EXIT_ERROR
 from ..mount import (OPTION_HELP, ExporterLaunch, MountOptions, Opened, Session, StartUp, check_environment,
                      check_mountpoint, open_backend, parse_options, serve, undo_failed_start)
+from ..sdnotify import notify
 from .common import exit_code, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,14 @@ def main(argv: list[str] | None = None) -> None:
         opened = open_backend(args.backend.absolute(), opts, mountpoint)
         log_file = daemon_log(args, opened.region_dir)
 
-        return daemonize_and_run(args.foreground, lambda ready: run_session(
-            opened, mountpoint, opts, log_file, args.debug, mounted=lambda: ready("")))
+        def work(ready: Ready) -> int:
+            def mounted() -> None:
+                ready("")
+                notify("READY=1")     # systemd Type=notify (with -f): the mount is usable
+
+            return run_session(opened, mountpoint, opts, log_file, args.debug, mounted=mounted)
+
+        return daemonize_and_run(args.foreground, work)
 
     run_main("rmemfs", body)
 

@@ -1,0 +1,213 @@
+"""rmemfs-standby: watch a source host's filesystem and take it over by itself when it dies.
+
+  rmemfs-standby --source HOST[:PORT] --backend B [-o opts] [-f] MOUNTPOINT
+
+Standby options (in -o, beside the mount options used after a takeover):
+  watch_interval=S   seconds between heartbeat reads (default 0.01)
+  dead_after=S       heartbeat silence that counts as dead (default: 0.5, or 5 of the source's
+                     heartbeat intervals when that is longer)
+  fence_cmd=CMD      run with HOST:PORT and the fsid when the exporter is unreachable; exit 0 means
+                     the source is powered off or cut off, and the standby recovers from the baseline
+  event_log=PATH     append the watch's events (registered, watching, unreachable, dead, ...) as JSON lines
+  metrics=ADDR:PORT  serve Prometheus metrics of the watch (heartbeat age, detections, registrations)
+
+After a takeover the process serves the mount as the new owner (as rmemfs-recover -f does), and its
+exit codes are rmemfs-recover's. Before it: 0 stopped; 1 unexpected error; 2 usage; 10 backend missing;
+21 wrong secret; 22 filesystem id mismatch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .. import control
+from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 now, not on the takeover's clock)
+from ..errors import BackendError, CorruptionError, QuietError
+from ..exits import EXIT_BACKEND, EXIT_USAGE
+from ..mount import check_environment, check_mountpoint, parse_options, read_backend
+from ..recovery import parse_source
+from ..sdnotify import notify
+from ..store import STATE_CLEAN, open_store
+from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, serve_metrics, status_file,
+                       status_socket, write_event)
+from . import recover as recover_cli
+from .common import run_main, setup_logging
+from .mount import build_parser, daemonize_and_run
+
+log = logging.getLogger(__name__)
+STANDBY_KEYS = ("watch_interval", "dead_after", "fence_cmd", "event_log", "metrics")
+
+
+def split_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Standby options out of -o; the rest are mount options for after a takeover."""
+    mine: dict[str, str] = {}
+    rest: list[str] = []
+    for item in items:
+        for part in item.split(","):
+            key, sep, value = part.partition("=")
+            if key in STANDBY_KEYS:
+                if not sep or not value:
+                    raise QuietError(f"option {key} needs a value", EXIT_USAGE)
+                mine[key] = value
+            elif part:
+                rest.append(part)
+    return mine, rest
+
+
+def _seconds(mine: dict[str, str], key: str) -> float | None:
+    if key not in mine:
+        return None
+    try:
+        v = float(mine[key])
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and 0 < v <= 60):
+        raise QuietError(f"option {key} must be more than 0 and at most 60 seconds (got {mine[key]})", EXIT_USAGE)
+    return v
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser("rmemfs-standby", __doc__.splitlines()[0])
+    p.add_argument("--source", required=True, help="the source host's exporter, HOST[:PORT]")
+    p.add_argument("--transport", choices=("auto", "verbs", "software"), default="auto")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        setup_logging(args.debug, args.log if args.log else None)
+        mine, rest = split_options(args.options)
+        watch_interval = _seconds(mine, "watch_interval") or DEFAULT_WATCH_INTERVAL
+        dead_after = _seconds(mine, "dead_after")
+        opts = parse_options([",".join(rest)] if rest else [])
+        check_environment()
+        mountpoint = args.mountpoint.absolute()
+        check_mountpoint(mountpoint)
+        backend_path = args.backend.absolute()
+        backend, fsid, manifest = read_backend(backend_path, opts)
+        try:
+            secret = backend.secret()
+        except (BackendError, CorruptionError) as e:
+            raise QuietError(str(e), EXIT_BACKEND) from None
+        host, port = parse_source(args.source, manifest, opts.port)
+        watcher = Watcher(host=host, port=port, fsid=fsid, secret=secret, transport=args.transport,
+                          watch_interval=watch_interval, dead_after=dead_after or DEFAULT_DEAD_AFTER,
+                          fence_cmd=mine.get("fence_cmd"),
+                          event_log=Path(mine["event_log"]).absolute() if "event_log" in mine else None,
+                          source_stopped=lambda: backend_clean(backend_path))
+        metrics = mine.get("metrics")
+        if metrics is not None and not metrics.rpartition(":")[2].isdigit():
+            raise QuietError(f"option metrics must be ADDR:PORT (got {metrics})", EXIT_USAGE)
+
+        def work(ready: Any) -> int:
+            if args.log:
+                setup_logging(args.debug, args.log)
+            if metrics is not None:
+                try:
+                    serve_metrics(metrics, watcher)
+                except OSError as e:
+                    raise QuietError(f"cannot serve metrics on {metrics}: {e}", EXIT_USAGE) from None
+            t0 = trio.run(watch, watcher, mountpoint, dead_after, ready)
+            if watcher.verdict is None:
+                return 0
+            st = watcher.status
+            log.warning("standby: source %s %s after %.0f ms of heartbeat silence; taking over at %s",
+                        st.source, "is dead" if watcher.verdict == "dead" else "was fenced by fence_cmd",
+                        (st.detected_after or 0) * 1000, mountpoint)
+            save_status(mountpoint, {**st.to_json(), "state": "taking-over", "detected_mono": t0})
+            if watcher.event_log is not None:
+                write_event(watcher.event_log, {"time_ns": time.time_ns(), "event": "taking-over",
+                                                "source": st.source, "detected_after": st.detected_after})
+            rargv = ["--backend", str(backend_path), "--source", f"{host}:{port}", "--transport", args.transport,
+                     "--no-liveness-check", "-f", str(mountpoint)]
+            if rest:
+                rargv[0:0] = ["-o", ",".join(rest)]
+            if watcher.verdict == "fenced_by_cmd":
+                rargv.insert(0, "--baseline-only")
+            if args.log:
+                rargv[0:0] = ["--log", str(args.log)]
+            if args.debug:
+                rargv.insert(0, "--debug")
+            # In this process, the eager path of today's rmemfs-recover (lazy recovery will slot in here):
+            # it fences, fetches, publishes, mounts and serves until unmounted.
+            try:
+                recover_cli.main(rargv)
+            except SystemExit as e:
+                return int(e.code or 0)
+            return 0
+
+        return daemonize_and_run(args.foreground, work)
+
+    run_main("rmemfs-standby", body)
+
+
+def backend_clean(backend_path: Path) -> bool:
+    """The backend's manifest says the source unmounted cleanly (unreadable counts as not clean)."""
+    try:
+        return open_store(backend_path).read_manifest().state == STATE_CLEAN
+    except Exception as e:
+        log.debug("reading the backend's state: %s", e)
+        return False
+
+
+def save_status(mountpoint: Path, doc: dict[str, Any]) -> None:
+    path = status_file(mountpoint)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+async def watch(watcher: Watcher, mountpoint: Path, dead_after: float | None, ready: Any) -> float:
+    """Watch until a verdict (or SIGTERM); serve the status socket meanwhile. Returns the monotonic time
+    of the verdict."""
+    import signal
+    sock = status_socket(mountpoint)
+    sock.parent.mkdir(mode=0o700, exist_ok=True)
+
+    async def handle(req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("op") != "standby-status":
+            return {"ok": False, "error": f"unknown request {req.get('op')!r}"}
+        return {"ok": True, "mountpoint": str(mountpoint), "dead_after": watcher.dead_after,
+                "watch_interval": watcher.watch_interval, **watcher.status.to_json()}
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.serve, sock, handle)
+        await nursery.start(watcher.run)
+        if dead_after is None and watcher.status.heartbeat_interval:
+            # The default follows the source's own interval: 5 beats, at least DEFAULT_DEAD_AFTER.
+            watcher.dead_after = max(DEFAULT_DEAD_AFTER, 5 * watcher.status.heartbeat_interval)
+        log.info("standby: watching %s for %s (dead after %.3f s, every %.3f s; state %s)",
+                 watcher.status.source, mountpoint, watcher.dead_after, watcher.watch_interval,
+                 watcher.status.state)
+        ready("")
+        notify(f"READY=1\nSTATUS=watching {watcher.status.source} ({watcher.status.state})")
+
+        async def signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as rx:
+                async for _ in rx:
+                    log.info("standby: stopping")
+                    watcher.stop()
+                    return
+
+        nursery.start_soon(signals)
+        while watcher.verdict is None and not watcher._cancel.cancel_called:
+            await trio.sleep(watcher.watch_interval)
+            if watcher.status.state in ("dead", "fenced_by_cmd"):
+                break
+        nursery.cancel_scope.cancel()
+    try:
+        sock.unlink()
+    except FileNotFoundError:
+        pass
+    return time.monotonic()
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,143 @@
+"""Two netns hosts: rmemfs on hostA, rmemfs-standby on hostB watching it over the network and taking over.
+
+hostA and hostB are tools/hosts.py network namespaces (own subnet 10.242.0, own /dev/shm); hostB reaches
+hostA's memory only through the exporter's TCP transport.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+from hosts import PYTHON, Host, TwoHosts, cleanup_stale  # noqa: E402
+from test_hosts_recovery import _why_not  # noqa: E402
+
+WORKLOAD = REPO / "tools" / "fsworkload.py"
+SUBNET = "10.242.0"
+
+pytestmark = pytest.mark.hosts
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hosts_available() -> None:
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    cleanup_stale()
+
+
+def start_standby(b: Host, a: Host, backend: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log = b.dir / "standby.log"
+    (b.dir / "mnt").mkdir(exist_ok=True)
+    opts = ",".join([f"listen={b.addr}", "region_size=64M", "watch_interval=0.01", "dead_after=0.3", *extra])
+    proc = b.popen([PYTHON, "-m", "rmemfs.cli.standby", "--source", a.addr, "--backend", str(backend),
+                    "--transport", "software", "-o", opts, "-f", "--log", str(log), str(b.dir / "mnt")],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, log
+
+
+def status(b: Host) -> dict:
+    proc = b.python("-m", "rmemfs.cli.ctl", "standby", "status", "--json", str(b.dir / "mnt"), check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {"state": None}
+
+
+def wait_state(b: Host, proc: subprocess.Popen[bytes], log: Path, *states: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status(b)
+        if st.get("state") in states:
+            return st
+        assert proc.poll() is None, f"standby exited {proc.returncode}: {log.read_text() if log.exists() else ''}"
+        assert time.monotonic() < deadline, f"never {states}: {st}\n{log.read_text() if log.exists() else ''}"
+        time.sleep(0.05)
+
+
+def mounted(host: Host, mnt: Path) -> bool:
+    return host.run(["mountpoint", "-q", str(mnt)], check=False).returncode == 0
+
+
+def wait_mounted(b: Host, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not mounted(b, b.dir / "mnt"):
+        assert proc.poll() is None, f"standby exited {proc.returncode}: {log.read_text()}"
+        assert time.monotonic() < deadline, f"no takeover:\n{log.read_text()}"
+        time.sleep(0.05)
+
+
+def stop(b: Host, proc: subprocess.Popen[bytes]) -> None:
+    b.run(["fusermount3", "-u", str(b.dir / "mnt")], check=False)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_kill_is_taken_over_with_every_acknowledged_write() -> None:
+    with TwoHosts(subnet=SUBNET) as (a, b):
+        backend, state_file = a.dir.parent / "backend", a.dir / "state.json"
+        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=0.5, region_size="64M",
+                             heartbeat_interval=0.02)
+        proc, log = start_standby(b, a, backend)
+        try:
+            wait_state(b, proc, log, "watching")
+            work = a.python(WORKLOAD, "run", a.dir / "mnt", "--seed", "7", "--out", state_file, "--workers", "3",
+                            "--ops", "200", "--self-check", check=False, timeout=120)
+            assert work.returncode == 0, work.stdout + work.stderr
+            assert status(b)["state"] == "watching"
+            os.kill(pid, signal.SIGKILL)
+            wait_mounted(b, proc, log)
+            check = b.python(WORKLOAD, "verify", b.dir / "mnt", state_file, check=False)
+            assert check.returncode == 0, check.stdout[-4000:] + log.read_text()
+            assert "taking over" in log.read_text()
+        finally:
+            stop(b, proc)
+
+
+def test_long_pause_is_fenced_and_the_resumed_source_refuses_writes() -> None:
+    with TwoHosts(subnet=SUBNET) as (a, b):
+        backend = a.dir.parent / "backend"
+        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=3600, region_size="64M",
+                             heartbeat_interval=0.02)
+        a.run(["sh", "-c", f"echo v1 > {a.dir}/mnt/f && sync {a.dir}/mnt/f"])
+        proc, log = start_standby(b, a, backend)
+        try:
+            wait_state(b, proc, log, "watching")
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                wait_mounted(b, proc, log)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            late = a.run(["sh", "-c", f"echo v2 > {a.dir}/mnt/f && sync {a.dir}/mnt/f"], check=False)
+            assert late.returncode != 0, "the fenced old owner acknowledged a write"
+            assert b.run(["cat", str(b.dir / "mnt" / "f")]).stdout == "v1\n"
+        finally:
+            stop(b, proc)
+
+
+def test_partitioned_source_is_not_taken_over_without_fence_cmd() -> None:
+    with TwoHosts(subnet=SUBNET) as (a, b):
+        backend = a.dir.parent / "backend"
+        a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=3600, region_size="64M", heartbeat_interval=0.02)
+        proc, log = start_standby(b, a, backend)
+        try:
+            wait_state(b, proc, log, "watching")
+            a.run(["ip", "link", "set", "dev", "lo", "down"], check=False)
+            a.run(["sh", "-c", "ip -o link | awk -F': ' '/rh/{print $2}' | cut -d@ -f1 | "
+                   "xargs -I{} ip link set dev {} down"])
+            wait_state(b, proc, log, "needs-operator")
+            time.sleep(1.0)
+            assert not mounted(b, b.dir / "mnt") and proc.poll() is None
+            assert "operator" in log.read_text()
+        finally:
+            stop(b, proc)
