@@ -21,12 +21,14 @@ import importlib
 import os
 import random
 import struct
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import xxhash
@@ -104,7 +106,60 @@ def _directory(tmp_path: Path) -> Callable[[], BaselineStore]:
     return lambda: DirectoryStore(root)
 
 
-STORES: list[StoreKind] = [StoreKind("directory", _directory, DirectoryTamper())]
+class RadosTamper(Tamper):
+    """Raw access through the store's own ioctx: a segment is rewritten as one part plus a matching head."""
+
+    def read_segment(self, store: BaselineStore, name: str) -> bytes:
+        buf = bytearray(store.open_segment(name).size)
+        store.open_segment(name).readinto(0, memoryview(buf))
+        return bytes(buf)
+
+    def write_segment(self, store: BaselineStore, name: str, data: bytes) -> None:
+        import json
+        s: Any = store
+        s.delete_segment(name)
+        s.io.write_full(s._o(f"part.{name}.00000"), data)
+        s.io.write_full(s._o(f"seg.{name}"), json.dumps({"size": len(data), "parts": 1,
+                                                           "part_size": max(len(data), 1)}).encode())
+
+    def _newest(self, store: BaselineStore) -> str:
+        s: Any = store
+        return s._o(f"epoch.{s._epochs()[0]:010d}")
+
+    def read_manifest(self, store: BaselineStore) -> bytes:
+        s: Any = store
+        return bytes(s.io.read(self._newest(store), 1 << 20))
+
+    def write_manifest(self, store: BaselineStore, data: bytes) -> None:
+        s: Any = store
+        s.io.write_full(self._newest(store), data)
+
+    def add_foreign(self, store: BaselineStore) -> Callable[[], bool]:
+        s: Any = store
+        planted = [s._o(n) for n in ("thesis.txt", "seg.notes", "part.x")]
+        for key in planted:
+            s.io.write_full(key, b"not rmemfs's")
+
+        def there() -> bool:
+            try:
+                return all(s.io.stat(key) for key in planted)
+            except Exception:
+                return False
+        return there
+
+
+_CEPH: list[Any] = []      # the session's cluster, set by the kind fixture when a rados case runs
+
+
+def _rados(tmp_path: Path) -> Callable[[], BaselineStore]:
+    from rmemfs.store.rados import RadosStore
+    c = _CEPH[0]
+    prefix = f"contract-{uuid.uuid4().hex[:12]}"
+    return lambda: RadosStore(f"{c.pool}/{prefix}", ceph_conf=str(c.conf), ceph_id=c.admin_id)
+
+
+STORES: list[StoreKind] = [StoreKind("directory", _directory, DirectoryTamper()),
+                           StoreKind("rados", _rados, RadosTamper())]
 for spec in filter(None, os.environ.get("RMEMFS_CONTRACT_STORES", "").split(",")):
     module, _, func = spec.partition(":")
     STORES.extend(getattr(importlib.import_module(module), func)())
@@ -112,6 +167,15 @@ for spec in filter(None, os.environ.get("RMEMFS_CONTRACT_STORES", "").split(",")
 
 @pytest.fixture(params=STORES, ids=[k.name for k in STORES])
 def kind(request: pytest.FixtureRequest) -> StoreKind:
+    if request.param.name == "rados":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+        import cephcluster
+        missing = cephcluster.missing_packages()
+        if missing:
+            pytest.skip(f"ceph packages missing ({', '.join(missing)}): tools/setup installs them")
+        request.applymarker(pytest.mark.ceph)
+        if not _CEPH:
+            _CEPH.append(request.getfixturevalue("ceph_cluster"))
     return request.param
 
 

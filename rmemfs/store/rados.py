@@ -1,9 +1,9 @@
 """The RADOS store: a baseline store in a Ceph pool (``--backend rados:POOL[/PREFIX]``), issue 13.
 
-Work in progress (issue 13): a first cut, smoke-tested by hand against the test cluster but not yet run
-through tests/test_contract_store.py, with no CLI options (``ceph_conf``, ``ceph_id``) and no fault tests.
-Until it passes the contract suite, ``store/__init__`` does not import it, so ``rados:`` is not yet an
-accepted ``--backend``.
+Passes tests/test_contract_store.py (kind "rados", against the session's test cluster). ``rados:`` specs
+open it through the scheme registry with librados's own configuration lookup (``CEPH_CONF``, /etc/ceph)
+and user ``client.admin``; the CLI's ``-o ceph_conf=,ceph_id=`` options and the fault tests are still to
+come (issue 13 items 2-3).
 
 Objects, all named ``<PREFIX>/...`` (PREFIX defaults to ``rmemfs``) in POOL:
 
@@ -33,6 +33,7 @@ Objects, all named ``<PREFIX>/...`` (PREFIX defaults to ``rmemfs``) in POOL:
 from __future__ import annotations
 
 import json
+import re
 import logging
 import threading
 from typing import Any
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 PART_SIZE = 64 << 20        # below osd_max_write_size (90 MiB) and osd_max_object_size (128 MiB)
 IN_FLIGHT = 4               # aio writes/reads outstanding per sink/reader
 TIMEOUT = 10                # seconds: client_mount_timeout, rados_osd_op_timeout, rados_mon_op_timeout
+
+
+_CLUSTERS: dict[tuple[str, str | None], Any] = {}
+_LOCK = threading.Lock()
+_OURS = re.compile(r"fs\.json|secret|epoch\.\d{10}|seg\..+|part\..+\.\d{5}")
 
 
 def _rados() -> Any:
@@ -66,12 +72,19 @@ class RadosStore(BaselineStore):
         self.pool, self.prefix = pool, (prefix.strip("/") or "rmemfs")
         self.spec = f"rados:{rest}"
         self.token = writer_token()
+        self._warned: set[str] = set()
+        self._sinks: set[str] = set()       # segment names this instance is writing
         self.rados = _rados()
         conf = {"log_to_stderr": "false", "err_to_stderr": "false", "client_mount_timeout": str(TIMEOUT),
                 "rados_osd_op_timeout": str(TIMEOUT), "rados_mon_op_timeout": str(TIMEOUT)}
         try:
-            self.cluster = self.rados.Rados(conffile=ceph_conf or "", rados_id=ceph_id, conf=conf)
-            self.cluster.connect()
+            key = (ceph_conf or "", ceph_id)
+            with _LOCK:     # one connection per (conf, user) in a process: connecting costs a mon round trip
+                self.cluster = _CLUSTERS.get(key)
+                if self.cluster is None:
+                    self.cluster = self.rados.Rados(conffile=ceph_conf or "", rados_id=ceph_id, conf=conf)
+                    self.cluster.connect()
+                    _CLUSTERS[key] = self.cluster
             self.io = self.cluster.open_ioctx(pool)
         except self.rados.Error as e:
             raise BackendError(f"{self.spec}: cannot connect to the cluster or open pool {pool!r}: {e} "
@@ -118,7 +131,16 @@ class RadosStore(BaselineStore):
         pass    # connecting and opening the pool in __init__ checked it
 
     def is_empty(self) -> bool:
-        return not any(n.startswith("epoch.") for n in self._names())
+        names = self._names()
+        if any(n.startswith("epoch.") for n in names):
+            return False
+        for n in names:
+            if not _OURS.fullmatch(n) or (n.startswith("seg.") and parse_segment_name(n[4:]) is None):
+                raise BackendError(f"backend {self.spec} holds {n!r}, which is not an rmemfs file: "
+                                   f"give rmemfs a pool or prefix of its own")
+            if n.startswith("seg."):
+                raise BackendError(f"backend {self.spec} holds segments but no MANIFEST: it is damaged")
+        return True
 
     def create(self, settings: dict, regions: dict[int, int]) -> Manifest:
         import secrets
@@ -158,7 +180,7 @@ class RadosStore(BaselineStore):
 
     def _manifest_of(self, epoch: int) -> Manifest | None:
         raw = self._read(f"epoch.{epoch:010d}")
-        return None if raw is None else Manifest.from_bytes(raw, f"{self.spec}/epoch.{epoch:010d}")
+        return None if raw is None else Manifest.from_bytes(raw, f"{self.spec}/MANIFEST of epoch {epoch}")
 
     def read_manifest(self) -> Manifest:
         for _ in range(5):
@@ -185,7 +207,7 @@ class RadosStore(BaselineStore):
         if current.epoch != expect_epoch:
             raise self._fenced(expect_epoch)
         if manifest.epoch == expect_epoch:
-            if self.owned_epoch != expect_epoch or manifest.generation < current.generation:
+            if self.owned_epoch != expect_epoch or manifest.generation <= current.generation:
                 raise FencedError(f"backend {self.spec}: this writer may not publish in epoch {expect_epoch}")
             with self.rados.WriteOpCtx() as op:
                 op.omap_cmp("owner", self.token, self.rados.LIBRADOS_CMPXATTR_OP_EQ)
@@ -217,6 +239,7 @@ class RadosStore(BaselineStore):
             now = self._manifest_of(base.epoch)
             if now is None or now.generation != base.generation:
                 self.io.remove_object(self._o(name))
+                log.warning("withdrew this host's claim of epoch %d in %s", manifest.epoch, self.spec)
                 raise FencedError(f"backend {self.spec} moved on while this host took over: run it again")
         self.owned_epoch = manifest.epoch
 
@@ -235,7 +258,37 @@ class RadosStore(BaselineStore):
             raise CorruptionError(f"baseline segment {self.describe(name)}: bad head object") from None
 
     def list_segments(self) -> list[str]:
-        return [n[4:] for n in self._names() if n.startswith("seg.") and parse_segment_name(n[4:])]
+        out = []
+        for n in self._names():
+            if n.startswith("seg.") and parse_segment_name(n[4:]):
+                out.append(n[4:])
+            elif not _OURS.fullmatch(n) and n not in self._warned:
+                self._warned.add(n)
+                log.warning("%s/%s is not an rmemfs file; it is left alone", self.spec, n)
+        return out
+
+    def collect_partial(self, current: Manifest) -> int:
+        """Manifests of older epochs, and parts of our segment names that have no head (an aborted or
+        crashed writer) of epochs up to ``current``'s, not being written by this instance."""
+        names = self._names()
+        heads = {n[4:] for n in names if n.startswith("seg.")}
+        removed = 0
+        for n in names:
+            gone = False
+            if n.startswith("epoch.") and n[6:].isdigit() and int(n[6:]) < current.epoch:
+                gone = True
+            elif n.startswith("part.") and _OURS.fullmatch(n):
+                seg = n[5:-6]
+                parsed = parse_segment_name(seg)
+                gone = (parsed is not None and seg not in heads and seg not in self._sinks
+                        and parsed[0] <= current.epoch)
+            if gone:
+                try:
+                    self.io.remove_object(self._o(n))
+                    removed += 1
+                except self.rados.ObjectNotFound:
+                    pass
+        return removed
 
     def delete_segment(self, name: str) -> None:
         if parse_segment_name(name) is None:
@@ -257,6 +310,7 @@ class _RadosSink(SegmentSink):
         self.slots = threading.Semaphore(IN_FLIGHT)
         self.errors: list[int] = []
         self.pending: list[Any] = []
+        store._sinks.add(name)
 
     def _flush_part(self, data: bytes) -> None:
         self.slots.acquire()
@@ -288,10 +342,14 @@ class _RadosSink(SegmentSink):
         if self.errors:
             raise BackendError(f"{self.store.describe(self.name)}: writing a part failed (errno {-self.errors[0]})")
         head = json.dumps({"size": self.size, "parts": self.parts, "part_size": PART_SIZE}).encode()
-        if not self.store._create(f"seg.{self.name}", head):
-            raise BackendError(f"{self.store.describe(self.name)} exists already")
+        self.store._sinks.discard(self.name)
+        try:    # write_full replaces a head of an earlier attempt at this generation atomically
+            self.store.io.write_full(self.store._o(f"seg.{self.name}"), head)
+        except self.store.rados.Error as e:
+            raise BackendError(f"{self.store.describe(self.name)}: writing its head: {e}") from None
 
     def abort(self) -> None:
+        self.store._sinks.discard(self.name)
         for i in range(self.parts):
             try:
                 self.store.io.remove_object(self.store._o(f"part.{self.name}.{i:05d}"))
