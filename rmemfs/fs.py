@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Sequence
 import pyfuse3
 
 from . import PAGE_SIZE
-from .control import CONTROL_XATTR
 from .core import Filesystem
 from .errors import FsError
 from .namespace import Inode
@@ -51,13 +50,12 @@ def _errno_boundary(func: F) -> F:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
 
-    def __init__(self, fs: Filesystem, *, control_path: str = "", writeback_cache: bool = False) -> None:
+    def __init__(self, fs: Filesystem, *, writeback_cache: bool = False) -> None:
         super().__init__()
         self.fs = fs
-        self.control_path = control_path.encode()
         self.enable_writeback_cache = writeback_cache
         self._dir_handles: dict[int, list[tuple[bytes, Inode]]] = {}
-        self.counters = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0}
+        self.counters = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0, "getxattr": 0}
         self._next_dir_fh = 1
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -265,9 +263,10 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == pyfuse3.ROOT_INODE and name == CONTROL_XATTR and self.control_path:
-            return self.control_path
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        # ENOSYS, not ENOATTR: the kernel then stops sending GETXATTR, which it otherwise sends before every
+        # write() (security.capability, for file_remove_privs). rmemfs keeps no extended attributes.
+        self.counters["getxattr"] += 1
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_errno_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

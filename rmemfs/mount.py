@@ -589,7 +589,7 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> in
     assert flusher is not None
     fs = opened.fs
     control_path = opened.region_dir / CONTROL_SOCKET
-    ops = fuse.Operations(fs, control_path=str(control_path), writeback_cache=opts.writeback_cache)
+    ops = fuse.Operations(fs, writeback_cache=opts.writeback_cache)
     session.requests = ops.counters
     try:
         faults.fail("mount.fuse", RuntimeError)
@@ -598,7 +598,9 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> in
     except RuntimeError as e:
         raise MountpointUnusable(f"cannot mount {session.mountpoint}: {e}") from None
     unmounted = False
+    registered = None
     try:
+        registered = control.register_mount(session.mountpoint, control_path)
         async with trio.open_nursery() as nursery:
             await nursery.start(flusher.run)
             await nursery.start(control.serve, control_path, session.control)
@@ -613,6 +615,7 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> in
             flusher.stop()
             nursery.cancel_scope.cancel()
     finally:
+        control.unregister_mount(registered, control_path)
         fuse.close(unmount=session.terminated or not unmounted)
     return await _shutdown(session)
 

@@ -157,3 +157,18 @@ def test_help_documents_every_option() -> None:
     for name in OPTION_HELP:
         assert name in out
     assert "Exit codes" in out
+
+
+def test_a_write_costs_one_request_not_a_getxattr_too(rig: Rig, mnt: Path) -> None:
+    # Answering GETXATTR at all (even ENOATTR) made the kernel ask for security.capability before every
+    # write(): two requests per write. ENOSYS once stops it; rmemfs-ctl finds the mount without an xattr.
+    with open(mnt / "f", "wb", buffering=0) as f:
+        for i in range(200):
+            os.pwrite(f.fileno(), b"x" * 4096, i * 4096)
+    requests = rig.stats()["requests"]
+    assert requests["writes"] >= 200, requests
+    assert requests["getxattr"] <= 1, requests
+    with pytest.raises(OSError) as e:
+        os.getxattr(mnt / "f", "user.anything")
+    assert e.value.errno in (errno.EOPNOTSUPP, errno.ENODATA), e.value
+    rig.flush()                 # the control socket is still found

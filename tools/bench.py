@@ -312,7 +312,9 @@ class Rmemfs:
         self._after_mount()
 
     def _after_mount(self) -> None:
-        self.ctl = os.getxattr(self.mp, "user.rmemfs.control").decode()
+        ctl = control.find_control(self.mp)
+        assert ctl is not None, f"{self.mp} is not an rmemfs mount"
+        self.ctl = ctl
         self.region_dirs.add(Path(self.ctl).parent)
 
     def manifest(self) -> Manifest:

@@ -52,12 +52,15 @@ from pathlib import Path
 
 import xxhash
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rmemfs.control import find_control  # noqa: E402
+
 PAGE = mmap.PAGESIZE
 
 
 def _control_path(root: Path) -> str | None:
     try:
-        return os.getxattr(root, "user.rmemfs.control").decode()
+        return find_control(root)
     except OSError:
         return None
 

@@ -22,7 +22,6 @@ or a live process still maps it; the message says why); 7 the unmount was refuse
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import shutil
@@ -44,11 +43,12 @@ from .common import run_main
 
 def control_socket(mountpoint: Path) -> str:
     try:
-        return os.getxattr(mountpoint, control.CONTROL_XATTR.decode()).decode()
+        path = control.find_control(mountpoint)
     except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise QuietError(f"{mountpoint} is not the root of an rmemfs mount", EXIT_CTL_UNREACHABLE) from None
         raise QuietError(f"{mountpoint}: {e.strerror}", EXIT_CTL_UNREACHABLE) from None
+    if path is None:
+        raise QuietError(f"{mountpoint} is not the root of an rmemfs mount", EXIT_CTL_UNREACHABLE)
+    return path
 
 
 def ask(mountpoint: Path, request: dict[str, Any]) -> dict[str, Any]:
