@@ -1,0 +1,116 @@
+"""Lazy residency in process: demand waits, priority over the background load, store faults."""
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import trio
+
+from rmemfs import PAGE_SIZE
+from rmemfs.loader import plan_load, view_writer
+from rmemfs.sources.base import PageFailure
+from rmemfs.sources.baseline import BaselineSource
+from rmemfs.sources.lazy import CHUNK_PAGES, LazyLoader, Residency
+from rmemfs.store.directory import DirectoryStore
+from rmemfs.store.format import next_manifest
+
+PAGES = 16 * CHUNK_PAGES
+
+
+def page_bytes(p: int) -> bytes:
+    return p.to_bytes(4, "little") * (PAGE_SIZE // 4)
+
+
+def setup(tmp_path: Path) -> tuple[DirectoryStore, BaselineSource, Residency, bytearray, Path]:
+    store = DirectoryStore(tmp_path / "backend")
+    store.path.mkdir()
+    m = store.create({}, regions={2: PAGES * PAGE_SIZE})
+    w = store.new_segment(m.fsid, m.epoch, 1)
+    for p in range(PAGES):
+        if p % 97 != 5:                      # some zero pages: no copy run holds them
+            w.add(2, p, memoryview(page_bytes(p)))
+    info = w.finish()
+    m2 = next_manifest(m, generation=1, segments=(info,))
+    store.publish(m2, expect_epoch=m.epoch)
+    region = bytearray(PAGES * PAGE_SIZE)
+    source = BaselineSource(store, plan_load(store, m2), view_writer(lambda rid: memoryview(region)))
+    return store, source, Residency({2: PAGES}), region, store.segdir / info.name
+
+
+def expected(p: int) -> bytes:
+    return bytes(PAGE_SIZE) if p % 97 == 5 else page_bytes(p)
+
+
+class Recording:
+    def __init__(self, inner: BaselineSource) -> None:
+        self.inner, self.calls = inner, []  # type: ignore[var-annotated]
+
+    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        self.calls.append(runs)
+        return await self.inner.make_resident(runs)
+
+
+async def test_64_concurrent_readers_of_missing_pages_get_baseline_bytes(tmp_path: Path) -> None:
+    _, source, res, region, _ = setup(tmp_path)
+    pages = [(i * 61 + 7) % PAGES for i in range(64)]
+    assert len(set(pages)) == 64
+    got: dict[int, bytes] = {}
+
+    async def reader(p: int) -> None:
+        await res.ensure(2, p, 1)
+        got[p] = bytes(region[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])     # no await since ensure
+
+    loader = LazyLoader(res, source)
+    async with trio.open_nursery() as nursery:
+        for p in pages:
+            nursery.start_soon(reader, p)
+        nursery.start_soon(loader.run)
+    assert all(got[p] == expected(p) for p in pages)
+    assert res.complete and res.missing == 0 and loader.seconds is not None
+    assert bytes(region) == b"".join(expected(p) for p in range(PAGES))
+    assert res.is_resident(2, 0, PAGES)
+
+
+async def test_a_demand_is_served_before_the_rest_of_the_background_load(tmp_path: Path) -> None:
+    _, source, res, region, _ = setup(tmp_path)
+    rec = Recording(source)
+    last = PAGES - 3
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(LazyLoader(res, rec).run)
+        await res.ensure(2, last, 1)
+        assert region[last * PAGE_SIZE:(last + 1) * PAGE_SIZE] == expected(last)
+        assert not res.complete                  # the demand did not wait for the whole load
+    served = next(i for i, runs in enumerate(rec.calls) if (2, last, 1) in runs)
+    assert served <= 1                           # behind at most the chunk already in flight
+    assert len(rec.calls) > 2 and len(res.wait_seconds) == 1
+
+
+@pytest.mark.allow_log(r"lazy load: region 2 page 300 unreadable from .*checksum mismatch")
+async def test_a_corrupt_baseline_page_fails_its_request_with_eio_and_the_load_retries(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store, source, res, region, seg = setup(tmp_path)
+    plan = source.plan
+    run = next(r for r in plan.runs if r.first_page <= 300 < r.first_page + r.npages)
+    at = run.data_offset + (300 - run.first_page) * PAGE_SIZE
+    with seg.open("r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * 16)
+    loader = LazyLoader(res, source)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with pytest.raises(OSError) as e:
+            await res.ensure(2, 299, 3)
+        assert e.value.errno == errno.EIO and "page 300" in str(e.value)
+        await res.ensure(2, 299, 1)              # its neighbours are fine
+        await res.ensure(2, 301, 1)
+        while res.missing != 1:                  # everything else loads
+            await res.changed()
+        assert region[300 * PAGE_SIZE:301 * PAGE_SIZE] == bytes(PAGE_SIZE)    # never the corrupt bytes
+        with seg.open("r+b") as f:               # the store recovers: the next request retries
+            f.seek(at)
+            f.write(page_bytes(300)[:16])
+        await res.ensure(2, 300, 1)
+        assert region[300 * PAGE_SIZE:301 * PAGE_SIZE] == page_bytes(300)
+    assert res.complete and loader.seconds is not None
+    assert len([r for r in caplog.records if "page 300 unreadable" in r.getMessage()]) == 1
