@@ -9,7 +9,7 @@ import trio
 
 from rmemfs import PAGE_SIZE
 from rmemfs.loader import plan_load, view_writer
-from rmemfs.sources.base import PageFailure
+from rmemfs.sources.base import FallbackSource, PageFailure
 from rmemfs.sources.baseline import BaselineSource
 from rmemfs.sources.lazy import CHUNK_PAGES, LazyLoader, Residency
 from rmemfs.store.directory import DirectoryStore
@@ -114,3 +114,42 @@ async def test_a_corrupt_baseline_page_fails_its_request_with_eio_and_the_load_r
         assert region[300 * PAGE_SIZE:301 * PAGE_SIZE] == page_bytes(300)
     assert res.complete and loader.seconds is not None
     assert len([r for r in caplog.records if "page 300 unreadable" in r.getMessage()]) == 1
+
+
+class Patcher:
+    """A stand-in for a reachable source (a unit seam): writes its own bytes, or is unreachable."""
+
+    def __init__(self, region: bytearray, reachable: bool) -> None:
+        self.region, self.reachable = region, reachable
+        self.asked: list[tuple[int, int, int]] = []
+
+    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        if not self.reachable:
+            raise OSError(errno.EHOSTUNREACH, "source unreachable")
+        self.asked.extend(runs)
+        for _, p, n in runs:
+            for q in range(p, p + n):
+                self.region[q * PAGE_SIZE:(q + 1) * PAGE_SIZE] = page_bytes(q)
+        return []
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+@pytest.mark.allow_log(r"lazy load: region 2 page 300 unreadable")
+async def test_a_corrupt_baseline_page_is_refetched_from_a_reachable_source(tmp_path: Path, reachable: bool) -> None:
+    _, source, res, region, seg = setup(tmp_path)
+    run = next(r for r in source.plan.runs if r.first_page <= 300 < r.first_page + r.npages)
+    with seg.open("r+b") as f:
+        f.seek(run.data_offset + (300 - run.first_page) * PAGE_SIZE)
+        f.write(b"\xff" * 16)
+    patcher = Patcher(region, reachable)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(LazyLoader(res, FallbackSource(source, patcher)).run)
+        if reachable:
+            await res.ensure(2, 300, 1)
+            assert patcher.asked == [(2, 300, 1)]
+            assert region[300 * PAGE_SIZE:301 * PAGE_SIZE] == page_bytes(300)
+        else:
+            with pytest.raises(OSError) as e:
+                await res.ensure(2, 300, 1)
+            assert e.value.errno == errno.EIO and "page 300" in str(e.value)
+        nursery.cancel_scope.cancel()
