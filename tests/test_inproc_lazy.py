@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from rmemfs import PAGE_SIZE
 from rmemfs.loader import plan_load, view_writer
@@ -153,3 +154,36 @@ async def test_a_corrupt_baseline_page_is_refetched_from_a_reachable_source(tmp_
                 await res.ensure(2, 300, 1)
             assert e.value.errno == errno.EIO and "page 300" in str(e.value)
         nursery.cancel_scope.cancel()
+
+
+class HeldFirstCall:
+    """Holds its first (background) load until released: a chunk stuck in flight."""
+
+    def __init__(self, inner: BaselineSource) -> None:
+        self.inner, self.release, self.first = inner, trio.Event(), True
+
+    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        if self.first:
+            self.first = False
+            await self.release.wait()
+        return await self.inner.make_resident(runs)
+
+
+async def test_a_page_in_flight_is_not_loaded_twice_so_a_write_after_it_survives(tmp_path: Path) -> None:
+    _, source, res, region, _ = setup(tmp_path)
+    held = HeldFirstCall(source)
+    loader = LazyLoader(res, held)
+    mine = b"\xab" * PAGE_SIZE
+
+    async def release_later() -> None:
+        await trio.sleep(0.05)
+        held.release.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await trio.testing.wait_all_tasks_blocked()       # the first lane holds chunk 0
+        nursery.start_soon(release_later)
+        await res.ensure(2, 10, 1)                         # page 10 is in the held chunk
+        region[10 * PAGE_SIZE:11 * PAGE_SIZE] = mine       # a request writes it (no await since ensure)
+    assert res.complete
+    assert region[10 * PAGE_SIZE:11 * PAGE_SIZE] == mine

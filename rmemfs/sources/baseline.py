@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
 
 import trio
 import xxhash
@@ -31,7 +32,9 @@ class BaselineSource:
         for rid, runs in self._runs.items():
             runs.sort(key=lambda r: r.first_page)
             self._firsts[rid] = [r.first_page for r in runs]
-        self._readers: dict[int, SegmentReader] = {}
+        self._local = threading.local()              # readers per worker thread: calls may overlap
+        self._all: list[SegmentReader] = []
+        self._lock = threading.Lock()
         self.bytes_read = 0
 
     def _pieces(self, region_id: int, first: int, n: int) -> list[tuple[CopyRun, int, int]]:
@@ -48,9 +51,14 @@ class BaselineSource:
         return out
 
     def _reader(self, segment: int) -> SegmentReader:
-        reader = self._readers.get(segment)
+        readers: dict[int, SegmentReader] | None = getattr(self._local, "readers", None)
+        if readers is None:
+            readers = self._local.readers = {}
+        reader = readers.get(segment)
         if reader is None:
-            reader = self._readers[segment] = self.store.open_segment(self.plan.segments[segment].name)
+            reader = readers[segment] = self.store.open_segment(self.plan.segments[segment].name)
+            with self._lock:
+                self._all.append(reader)
         return reader
 
     def _copy(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
@@ -74,13 +82,16 @@ class BaselineSource:
                         self.write(region_id, (a + good_from) * PAGE_SIZE, buf[good_from * PAGE_SIZE:k * PAGE_SIZE])
                     good_from = k + 1
                 failed.extend(PageFailure(region_id, a + k, name, "checksum mismatch") for k in bad)
-                self.bytes_read += m * PAGE_SIZE
+                with self._lock:
+                    self.bytes_read += m * PAGE_SIZE
         return failed
 
     async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
         return await trio.to_thread.run_sync(self._copy, runs)
 
     def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-        self._readers.clear()
+        with self._lock:
+            for reader in self._all:
+                reader.close()
+            self._all.clear()
+        self._local = threading.local()

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_PAGES = 256          # a background read: 1 MiB, the longest a demand waits behind it
 RETRY_SECONDS = 1.0        # pause before a pass over the pages that failed
+LANES = 2                  # chunks in flight: one thread reads and checks while another writes
 
 
 class Residency:
@@ -120,6 +121,26 @@ class LazyLoader:
         self.started = time.monotonic()
         self.seconds: float | None = None          # the background load's duration, once complete
         self._logged: set[tuple[int, int]] = set()  # pages whose failure was logged: one line each
+        # 1 = a lane is loading the page: no other lane loads it too, or its late baseline write could land
+        # after the first lane marked the page resident and a request wrote it.
+        self.inflight = {rid: bytearray(len(m)) for rid, m in residency.maps.items()}
+
+    def _claim(self, region_id: int, first: int, n: int) -> list[tuple[int, int, int]]:
+        """The parts of a missing run no lane is loading, now claimed (a waiter on the rest waits for
+        the lane that has them)."""
+        m = self.inflight[region_id]
+        out: list[tuple[int, int, int]] = []
+        page, end = first, first + n
+        while page < end:
+            a = m.find(0, page, end)
+            if a < 0:
+                break
+            b = m.find(1, a, end)
+            b = end if b < 0 else b
+            m[a:b] = b"\x01" * (b - a)
+            out.append((region_id, a, b - a))
+            page = b
+        return out
 
     def rate(self) -> float:
         """Pages per second so far."""
@@ -127,10 +148,14 @@ class LazyLoader:
 
     async def _load(self, runs: list[tuple[int, int, int]], demand: bool) -> None:
         res = self.residency
-        runs = [m for r in runs for m in res.missing_runs(*r)]
+        runs = [m for r in runs for m in res.missing_runs(*r) for m in self._claim(*m)]
         if not runs:
             return
-        failures = await self.source.make_resident(runs)
+        try:
+            failures = await self.source.make_resident(runs)
+        finally:
+            for region_id, first, n in runs:
+                self.inflight[region_id][first:first + n] = bytes(n)
         bad = {(f.region_id, f.page): f for f in failures}
         for region_id, first, n in runs:
             page, end = first, first + n
@@ -148,23 +173,31 @@ class LazyLoader:
             log.error("lazy load: region %d page %d unreadable from %s (%s)%s", f.region_id, f.page, f.where,
                       f.why, ": the request gets EIO" if demand else ": retried later")
 
+    async def _lane(self, pending: deque[tuple[int, int, int]]) -> None:
+        res = self.residency
+        while pending or res.demands:
+            if res.demands:
+                demands = list(res.demands)
+                res.demands.clear()
+                await self._load(demands, demand=True)
+            else:
+                await self._load([pending.popleft()], demand=False)
+            await trio.lowlevel.checkpoint()          # let the waiters run before the next chunk
+
     async def run(self) -> None:
+        """Load until every page is resident. Lanes share the queues and claim pages (``inflight``)."""
         res = self.residency
         self.started = time.monotonic()
         while not res.complete:
             pending = deque(c for rid in sorted(res.maps) for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid]))))
-            while pending or res.demands:
-                if res.demands:
-                    demands = list(res.demands)
-                    res.demands.clear()
-                    await self._load(demands, demand=True)
-                else:
-                    await self._load([pending.popleft()], demand=False)
-                await trio.lowlevel.checkpoint()          # let the waiters run before the next chunk
+            async with trio.open_nursery() as nursery:
+                for _ in range(LANES):
+                    nursery.start_soon(self._lane, pending)
             if not res.complete:
                 res.demanded = trio.Event()
-                with trio.move_on_after(RETRY_SECONDS):
-                    await res.demanded.wait()
+                if not res.demands:                   # no await since the reset: no demand is missed
+                    with trio.move_on_after(RETRY_SECONDS):
+                        await res.demanded.wait()
         self.seconds = time.monotonic() - self.started
         log.info("lazy load complete: %d pages in %.2f s (%.0f pages/s)", self.loaded_pages, self.seconds,
                  self.rate())
