@@ -187,3 +187,34 @@ async def test_a_page_in_flight_is_not_loaded_twice_so_a_write_after_it_survives
         region[10 * PAGE_SIZE:11 * PAGE_SIZE] = mine       # a request writes it (no await since ensure)
     assert res.complete
     assert region[10 * PAGE_SIZE:11 * PAGE_SIZE] == mine
+
+
+async def test_remote_source_refetches_a_corrupt_page_over_the_software_transport(tmp_path: Path) -> None:
+    from functools import partial
+
+    from rmemfs.sources.remote import RemoteSource
+    from rmemfs.transport import software as sw
+    from rmemfs.transport.base import Catalog, ExportedRegion, RegionRole
+
+    _, source, res, region, seg = setup(tmp_path)
+    run = next(r for r in source.plan.runs if r.first_page <= 300 < r.first_page + r.npages)
+    with seg.open("r+b") as f:
+        f.seek(run.data_offset + (300 - run.first_page) * PAGE_SIZE)
+        f.write(b"\xff" * 16)
+    exported = bytearray(b"".join(page_bytes(p + 1) for p in range(PAGES)))     # the source's own bytes
+    backend = sw.SoftwareExportBackend()
+    backend.register(ExportedRegion(2, "data-0002.rgn", RegionRole.DATA, memoryview(exported), 0x7F0000000000))
+    regions = tuple(backend._by_id[i] for i in sorted(backend._by_id))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(sw.serve, host="127.0.0.1", port=0, fsid="fs-lazy", secret=b"s" * 16,
+                                           export=backend, catalog=lambda t: Catalog("fs-lazy", t, regions)))
+        conn = await sw.connect("127.0.0.1", port, fsid="fs-lazy", secret=b"s" * 16, timeout=5.0)
+        catalog = await conn.register()
+        remote = RemoteSource(conn, catalog, view_writer(lambda rid: memoryview(region)), "hostA")
+        nursery.start_soon(LazyLoader(res, FallbackSource(source, remote)).run)
+        await res.ensure(2, 299, 3)
+        assert region[300 * PAGE_SIZE:301 * PAGE_SIZE] == page_bytes(301)      # from the source
+        assert region[299 * PAGE_SIZE:300 * PAGE_SIZE] == expected(299)        # from the baseline
+        assert remote.bytes_read == PAGE_SIZE
+        await conn.aclose()
+        nursery.cancel_scope.cancel()
