@@ -71,6 +71,9 @@ async def test_64_concurrent_readers_of_missing_pages_get_baseline_bytes(tmp_pat
     assert res.complete and res.missing == 0 and loader.seconds is not None
     assert bytes(region) == b"".join(expected(p) for p in range(PAGES))
     assert res.is_resident(2, 0, PAGES)
+    stats = loader.stats()
+    assert stats["resident_pages"] == stats["total_pages"] == PAGES
+    assert stats["demand_waits"] == len(res.wait_seconds) > 0 and stats["demand_wait_p99_s"] is not None
 
 
 async def test_a_demand_is_served_before_the_rest_of_the_background_load(tmp_path: Path) -> None:

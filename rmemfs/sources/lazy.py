@@ -142,6 +142,14 @@ class LazyLoader:
             page = b
         return out
 
+    def stats(self) -> dict[str, float | int | None]:
+        """What ``rmemfs-ctl stats`` and the JSON report show of the load."""
+        res = self.residency
+        return {"resident_pages": res.total - res.missing, "total_pages": res.total,
+                "load_pages_per_s": self.rate(), "load_seconds": self.seconds,
+                "demand_waits": len(res.wait_seconds), "demand_wait_p50_s": percentile(res.wait_seconds, 0.5),
+                "demand_wait_p99_s": percentile(res.wait_seconds, 0.99)}
+
     def rate(self) -> float:
         """Pages per second so far."""
         return self.loaded_pages / max(1e-9, (self.seconds or time.monotonic() - self.started))
