@@ -1,0 +1,46 @@
+"""The page-source interface: make runs of pages resident in the regions."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PageFailure:
+    """A page a source could not deliver, and where it tried (a segment name, a host)."""
+    region_id: int
+    page: int
+    where: str
+    why: str
+
+
+class PageSource(Protocol):
+    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        """Write every page of ``runs`` (region id, first page, count) into the regions.
+
+        Returns the pages that could not be delivered (left as they were); raises only when the
+        source is unusable as a whole."""
+        ...
+
+
+class FallbackSource:
+    """Pages ``primary`` cannot deliver are asked of ``fallback`` (a lazy load's baseline, then the failed
+    source while it is still reachable); what neither delivers is reported, naming the primary's place."""
+
+    def __init__(self, primary: PageSource, fallback: PageSource | None) -> None:
+        self.primary, self.fallback = primary, fallback
+
+    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        failures = await self.primary.make_resident(runs)
+        if not failures or self.fallback is None:
+            return failures
+        try:
+            again = await self.fallback.make_resident([(f.region_id, f.page, 1) for f in failures])
+        except OSError as e:        # the fallback is gone: the primary's failures stand
+            log.info("fallback page source unusable: %s", e)
+            return failures
+        still = {(f.region_id, f.page) for f in again}
+        return [f for f in failures if (f.region_id, f.page) in still]

@@ -1,0 +1,223 @@
+"""Lazy residency: which pages of the regions are in, waits for the missing ones, and the loader.
+
+``Residency`` holds one byte per page of each region (1 = resident). ``complete`` is the fast path
+every request takes once the load is done (and from the start for regions fetched eagerly). A
+request touching a missing page calls ``ensure``, which queues a demand and waits; the
+``LazyLoader`` serves demands before its next background chunk, so a demand waits at most for the
+chunk in flight plus its own read.
+
+Atomicity (trio: only awaits break it). ``ensure`` returns right after a check that found every
+page resident, with no await in between; the caller must read or write the region with no await
+between ``ensure`` returning and that use. Every access to a missing page goes through
+``ensure``, full-page writes included: the loader writes a page from a worker thread while it is
+still marked missing, so a write that skipped ``ensure`` could be overwritten by the baseline copy.
+Once marked resident a page is never written by the loader again.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections import deque
+
+import trio
+
+from .base import PageFailure, PageSource
+
+log = logging.getLogger(__name__)
+
+CHUNK_PAGES = 256          # a background read: 1 MiB, the longest a demand waits behind it
+RETRY_SECONDS = 1.0        # pause before a pass over the pages that failed
+LANES = 2                  # chunks in flight: one thread reads and checks while another writes
+
+
+class Residency:
+    def __init__(self, region_pages: dict[int, int], *, resident: bool = False) -> None:
+        fill = 1 if resident else 0
+        self.maps = {rid: bytearray(bytes([fill]) * n) for rid, n in region_pages.items()}
+        self.total = sum(region_pages.values())
+        self.missing = 0 if resident else self.total
+        self.complete = self.missing == 0
+        self._changed = trio.Event()
+        self.demands: deque[tuple[int, int, int]] = deque()
+        self.demanded = trio.Event()
+        self.failed: dict[tuple[int, int], PageFailure] = {}    # pages whose last load failed
+        self.wait_seconds: list[float] = []                     # one per ensure that had to wait
+
+    def is_resident(self, region_id: int, first: int, n: int) -> bool:
+        if self.complete:
+            return True
+        m = self.maps.get(region_id)
+        return m is None or m.find(0, first, first + n) < 0
+
+    def mark(self, region_id: int, first: int, n: int) -> None:
+        """Pages first..first+n-1 are in (written by the loader, or fetched eagerly)."""
+        m = self.maps.get(region_id)
+        if m is None:
+            return
+        was = m[first:first + n].count(1)
+        m[first:first + n] = b"\x01" * n
+        self.missing -= n - was
+        self.complete = self.missing == 0
+        for page in range(first, first + n):
+            self.failed.pop((region_id, page), None)
+        self._wake()
+
+    def fail(self, failure: PageFailure) -> None:
+        self.failed[failure.region_id, failure.page] = failure
+        self._wake()
+
+    async def changed(self) -> None:
+        """Wait for the next page to become resident or fail."""
+        await self._changed.wait()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def ensure(self, region_id: int, first: int, n: int) -> None:
+        """Return once pages first..first+n-1 are resident (see the module doc on atomicity).
+
+        Raises OSError(EIO) when the loader could not deliver one of them; the next request retries."""
+        if self.is_resident(region_id, first, n):
+            return
+        t = time.monotonic()
+        for page in range(first, first + n):       # an earlier failure is retried, not reported again
+            self.failed.pop((region_id, page), None)
+        self.demands.append((region_id, first, n))
+        self.demanded.set()
+        while not self.is_resident(region_id, first, n):
+            bad = next((f for p in range(first, first + n) if (f := self.failed.get((region_id, p)))), None)
+            if bad is not None:
+                self.failed.pop((bad.region_id, bad.page), None)
+                raise OSError(errno.EIO, f"region {bad.region_id} page {bad.page} could not be loaded from "
+                                         f"{bad.where}: {bad.why}")
+            await self._changed.wait()
+        self.wait_seconds.append(time.monotonic() - t)
+
+    def missing_runs(self, region_id: int, first: int, n: int) -> list[tuple[int, int, int]]:
+        m = self.maps.get(region_id)
+        out: list[tuple[int, int, int]] = []
+        if m is None:
+            return out
+        page, end = first, min(first + n, len(m))
+        while page < end:
+            a = m.find(0, page, end)
+            if a < 0:
+                break
+            b = m.find(1, a, end)
+            b = end if b < 0 else b
+            out.append((region_id, a, b - a))
+            page = b
+        return out
+
+
+class LazyLoader:
+    """Makes every missing page resident from ``source``: demands first, then the rest in order."""
+
+    def __init__(self, residency: Residency, source: PageSource) -> None:
+        self.residency, self.source = residency, source
+        self.loaded_pages = 0
+        self.started = time.monotonic()
+        self.seconds: float | None = None          # the background load's duration, once complete
+        self._logged: set[tuple[int, int]] = set()  # pages whose failure was logged: one line each
+        # 1 = a lane is loading the page: no other lane loads it too, or its late baseline write could land
+        # after the first lane marked the page resident and a request wrote it.
+        self.inflight = {rid: bytearray(len(m)) for rid, m in residency.maps.items()}
+
+    def _claim(self, region_id: int, first: int, n: int) -> list[tuple[int, int, int]]:
+        """The parts of a missing run no lane is loading, now claimed (a waiter on the rest waits for
+        the lane that has them)."""
+        m = self.inflight[region_id]
+        out: list[tuple[int, int, int]] = []
+        page, end = first, first + n
+        while page < end:
+            a = m.find(0, page, end)
+            if a < 0:
+                break
+            b = m.find(1, a, end)
+            b = end if b < 0 else b
+            m[a:b] = b"\x01" * (b - a)
+            out.append((region_id, a, b - a))
+            page = b
+        return out
+
+    def stats(self) -> dict[str, float | int | None]:
+        """What ``rmemfs-ctl stats`` and the JSON report show of the load."""
+        res = self.residency
+        return {"resident_pages": res.total - res.missing, "total_pages": res.total,
+                "load_pages_per_s": self.rate(), "load_seconds": self.seconds,
+                "demand_waits": len(res.wait_seconds), "demand_wait_p50_s": percentile(res.wait_seconds, 0.5),
+                "demand_wait_p99_s": percentile(res.wait_seconds, 0.99)}
+
+    def rate(self) -> float:
+        """Pages per second so far."""
+        return self.loaded_pages / max(1e-9, (self.seconds or time.monotonic() - self.started))
+
+    async def _load(self, runs: list[tuple[int, int, int]], demand: bool) -> None:
+        res = self.residency
+        runs = [m for r in runs for m in res.missing_runs(*r) for m in self._claim(*m)]
+        if not runs:
+            return
+        try:
+            failures = await self.source.make_resident(runs)
+        finally:
+            for region_id, first, n in runs:
+                self.inflight[region_id][first:first + n] = bytes(n)
+        bad = {(f.region_id, f.page): f for f in failures}
+        for region_id, first, n in runs:
+            page, end = first, first + n
+            while page < end:                     # mark the stretches between failed pages
+                stop = next((p for p in range(page, end) if (region_id, p) in bad), end)
+                if stop > page:
+                    res.mark(region_id, page, stop - page)
+                    self.loaded_pages += stop - page
+                page = stop + 1 if stop < end else end
+        for f in failures:
+            res.fail(f)
+            if (f.region_id, f.page) in self._logged:
+                continue
+            self._logged.add((f.region_id, f.page))
+            log.error("lazy load: region %d page %d unreadable from %s (%s)%s", f.region_id, f.page, f.where,
+                      f.why, ": the request gets EIO" if demand else ": retried later")
+
+    async def _lane(self, pending: deque[tuple[int, int, int]]) -> None:
+        res = self.residency
+        while pending or res.demands:
+            if res.demands:
+                demands = list(res.demands)
+                res.demands.clear()
+                await self._load(demands, demand=True)
+            else:
+                await self._load([pending.popleft()], demand=False)
+            await trio.lowlevel.checkpoint()          # let the waiters run before the next chunk
+
+    async def run(self) -> None:
+        """Load until every page is resident. Lanes share the queues and claim pages (``inflight``)."""
+        res = self.residency
+        self.started = time.monotonic()
+        while not res.complete:
+            pending = deque(c for rid in sorted(res.maps) for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid]))))
+            async with trio.open_nursery() as nursery:
+                for _ in range(LANES):
+                    nursery.start_soon(self._lane, pending)
+            if not res.complete:
+                res.demanded = trio.Event()
+                if not res.demands:                   # no await since the reset: no demand is missed
+                    with trio.move_on_after(RETRY_SECONDS):
+                        await res.demanded.wait()
+        self.seconds = time.monotonic() - self.started
+        log.info("lazy load complete: %d pages in %.2f s (%.0f pages/s)", self.loaded_pages, self.seconds,
+                 self.rate())
+
+
+def _chunks(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    return [(rid, p, min(CHUNK_PAGES, first + n - p)) for rid, first, n in runs
+            for p in range(first, first + n, CHUNK_PAGES)]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

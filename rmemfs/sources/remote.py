@@ -1,0 +1,58 @@
+"""A page source reading pages of the failed host's regions over a transport (its exporter).
+
+Pages come through one registered bounce buffer (a verbs transport registers only it) and are
+written into the regions from a worker thread. A transport failure fails the pages asked for,
+naming the source; it is not raised, so a caller falls back or fails just those requests.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+
+import trio
+
+from .. import PAGE_SIZE
+from ..loader import RegionWriter
+from ..transport.base import Catalog, Connection, ReadOp, TransportError
+from .base import PageFailure
+
+log = logging.getLogger(__name__)
+
+BUFFER_BYTES = 4 << 20
+MAX_READ_PAGES = 256
+
+
+class RemoteSource:
+    def __init__(self, conn: Connection, catalog: Catalog, write: RegionWriter, where: str) -> None:
+        self.conn, self.write, self.where = conn, write, where
+        self._rkeys = {desc.region_id: desc.rkey for desc in catalog.regions}
+        self._buf = memoryview(mmap.mmap(-1, BUFFER_BYTES))
+        conn.register_local(self._buf)
+        self._lock = trio.Lock()                  # one bounce buffer: one batch at a time
+        self.bytes_read = 0
+
+    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        pieces = [(rid, p, min(MAX_READ_PAGES, first + n - p)) for rid, first, n in runs
+                  for p in range(first, first + n, MAX_READ_PAGES)]
+        failed: list[PageFailure] = []
+        async with self._lock:
+            while pieces:
+                batch, at = [], 0
+                while pieces and at + pieces[0][2] * PAGE_SIZE <= BUFFER_BYTES:
+                    batch.append((pieces.pop(0), at))
+                    at += batch[-1][0][2] * PAGE_SIZE
+                try:
+                    await self.conn.read_batch([ReadOp(self._rkeys[rid], p * PAGE_SIZE,
+                                                       self._buf[off:off + n * PAGE_SIZE])
+                                                for (rid, p, n), off in batch])
+                except (TransportError, KeyError) as e:
+                    why = f"region not exported ({e})" if isinstance(e, KeyError) else str(e)
+                    failed.extend(PageFailure(rid, p + k, self.where, why) for (rid, p, n), _ in batch for k in range(n))
+                    continue
+
+                def write_out(batch: list[tuple[tuple[int, int, int], int]] = batch) -> None:
+                    for (rid, p, n), off in batch:
+                        self.write(rid, p * PAGE_SIZE, self._buf[off:off + n * PAGE_SIZE])
+                await trio.to_thread.run_sync(write_out)
+                self.bytes_read += at
+        return failed

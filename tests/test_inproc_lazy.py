@@ -1,0 +1,223 @@
+"""Lazy residency in process: demand waits, priority over the background load, store faults."""
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from rmemfs import PAGE_SIZE
+from rmemfs.loader import plan_load, view_writer
+from rmemfs.sources.base import FallbackSource, PageFailure
+from rmemfs.sources.baseline import BaselineSource
+from rmemfs.sources.lazy import CHUNK_PAGES, LazyLoader, Residency
+from rmemfs.store.directory import DirectoryStore
+from rmemfs.store.format import next_manifest
+
+PAGES = 16 * CHUNK_PAGES
+
+
+def page_bytes(p: int) -> bytes:
+    return p.to_bytes(4, "little") * (PAGE_SIZE // 4)
+
+
+def setup(tmp_path: Path) -> tuple[DirectoryStore, BaselineSource, Residency, bytearray, Path]:
+    store = DirectoryStore(tmp_path / "backend")
+    store.path.mkdir()
+    m = store.create({}, regions={2: PAGES * PAGE_SIZE})
+    w = store.new_segment(m.fsid, m.epoch, 1)
+    for p in range(PAGES):
+        if p % 97 != 5:                      # some zero pages: no copy run holds them
+            w.add(2, p, memoryview(page_bytes(p)))
+    info = w.finish()
+    m2 = next_manifest(m, generation=1, segments=(info,))
+    store.publish(m2, expect_epoch=m.epoch)
+    region = bytearray(PAGES * PAGE_SIZE)
+    source = BaselineSource(store, plan_load(store, m2), view_writer(lambda rid: memoryview(region)))
+    return store, source, Residency({2: PAGES}), region, store.segdir / info.name
+
+
+def expected(p: int) -> bytes:
+    return bytes(PAGE_SIZE) if p % 97 == 5 else page_bytes(p)
+
+
+class Recording:
+    def __init__(self, inner: BaselineSource) -> None:
+        self.inner, self.calls = inner, []  # type: ignore[var-annotated]
+
+    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        self.calls.append(runs)
+        return await self.inner.make_resident(runs)
+
+
+async def test_64_concurrent_readers_of_missing_pages_get_baseline_bytes(tmp_path: Path) -> None:
+    _, source, res, region, _ = setup(tmp_path)
+    pages = [(i * 61 + 7) % PAGES for i in range(64)]
+    assert len(set(pages)) == 64
+    got: dict[int, bytes] = {}
+
+    async def reader(p: int) -> None:
+        await res.ensure(2, p, 1)
+        got[p] = bytes(region[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])     # no await since ensure
+
+    loader = LazyLoader(res, source)
+    async with trio.open_nursery() as nursery:
+        for p in pages:
+            nursery.start_soon(reader, p)
+        nursery.start_soon(loader.run)
+    assert all(got[p] == expected(p) for p in pages)
+    assert res.complete and res.missing == 0 and loader.seconds is not None
+    assert bytes(region) == b"".join(expected(p) for p in range(PAGES))
+    assert res.is_resident(2, 0, PAGES)
+    stats = loader.stats()
+    assert stats["resident_pages"] == stats["total_pages"] == PAGES
+    assert stats["demand_waits"] == len(res.wait_seconds) > 0 and stats["demand_wait_p99_s"] is not None
+
+
+async def test_a_demand_is_served_before_the_rest_of_the_background_load(tmp_path: Path) -> None:
+    _, source, res, region, _ = setup(tmp_path)
+    rec = Recording(source)
+    last = PAGES - 3
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(LazyLoader(res, rec).run)
+        await res.ensure(2, last, 1)
+        assert region[last * PAGE_SIZE:(last + 1) * PAGE_SIZE] == expected(last)
+        assert not res.complete                  # the demand did not wait for the whole load
+    served = next(i for i, runs in enumerate(rec.calls) if (2, last, 1) in runs)
+    assert served <= 1                           # behind at most the chunk already in flight
+    assert len(rec.calls) > 2 and len(res.wait_seconds) == 1
+
+
+@pytest.mark.allow_log(r"lazy load: region 2 page 300 unreadable from .*checksum mismatch")
+async def test_a_corrupt_baseline_page_fails_its_request_with_eio_and_the_load_retries(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store, source, res, region, seg = setup(tmp_path)
+    plan = source.plan
+    run = next(r for r in plan.runs if r.first_page <= 300 < r.first_page + r.npages)
+    at = run.data_offset + (300 - run.first_page) * PAGE_SIZE
+    with seg.open("r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * 16)
+    loader = LazyLoader(res, source)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with pytest.raises(OSError) as e:
+            await res.ensure(2, 299, 3)
+        assert e.value.errno == errno.EIO and "page 300" in str(e.value)
+        await res.ensure(2, 299, 1)              # its neighbours are fine
+        await res.ensure(2, 301, 1)
+        while res.missing != 1:                  # everything else loads
+            await res.changed()
+        assert region[300 * PAGE_SIZE:301 * PAGE_SIZE] == bytes(PAGE_SIZE)    # never the corrupt bytes
+        with seg.open("r+b") as f:               # the store recovers: the next request retries
+            f.seek(at)
+            f.write(page_bytes(300)[:16])
+        await res.ensure(2, 300, 1)
+        assert region[300 * PAGE_SIZE:301 * PAGE_SIZE] == page_bytes(300)
+    assert res.complete and loader.seconds is not None
+    assert len([r for r in caplog.records if "page 300 unreadable" in r.getMessage()]) == 1
+
+
+class Patcher:
+    """A stand-in for a reachable source (a unit seam): writes its own bytes, or is unreachable."""
+
+    def __init__(self, region: bytearray, reachable: bool) -> None:
+        self.region, self.reachable = region, reachable
+        self.asked: list[tuple[int, int, int]] = []
+
+    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        if not self.reachable:
+            raise OSError(errno.EHOSTUNREACH, "source unreachable")
+        self.asked.extend(runs)
+        for _, p, n in runs:
+            for q in range(p, p + n):
+                self.region[q * PAGE_SIZE:(q + 1) * PAGE_SIZE] = page_bytes(q)
+        return []
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+@pytest.mark.allow_log(r"lazy load: region 2 page 300 unreadable")
+async def test_a_corrupt_baseline_page_is_refetched_from_a_reachable_source(tmp_path: Path, reachable: bool) -> None:
+    _, source, res, region, seg = setup(tmp_path)
+    run = next(r for r in source.plan.runs if r.first_page <= 300 < r.first_page + r.npages)
+    with seg.open("r+b") as f:
+        f.seek(run.data_offset + (300 - run.first_page) * PAGE_SIZE)
+        f.write(b"\xff" * 16)
+    patcher = Patcher(region, reachable)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(LazyLoader(res, FallbackSource(source, patcher)).run)
+        if reachable:
+            await res.ensure(2, 300, 1)
+            assert patcher.asked == [(2, 300, 1)]
+            assert region[300 * PAGE_SIZE:301 * PAGE_SIZE] == page_bytes(300)
+        else:
+            with pytest.raises(OSError) as e:
+                await res.ensure(2, 300, 1)
+            assert e.value.errno == errno.EIO and "page 300" in str(e.value)
+        nursery.cancel_scope.cancel()
+
+
+class HeldFirstCall:
+    """Holds its first (background) load until released: a chunk stuck in flight."""
+
+    def __init__(self, inner: BaselineSource) -> None:
+        self.inner, self.release, self.first = inner, trio.Event(), True
+
+    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        if self.first:
+            self.first = False
+            await self.release.wait()
+        return await self.inner.make_resident(runs)
+
+
+async def test_a_page_in_flight_is_not_loaded_twice_so_a_write_after_it_survives(tmp_path: Path) -> None:
+    _, source, res, region, _ = setup(tmp_path)
+    held = HeldFirstCall(source)
+    loader = LazyLoader(res, held)
+    mine = b"\xab" * PAGE_SIZE
+
+    async def release_later() -> None:
+        await trio.sleep(0.05)
+        held.release.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await trio.testing.wait_all_tasks_blocked()       # the first lane holds chunk 0
+        nursery.start_soon(release_later)
+        await res.ensure(2, 10, 1)                         # page 10 is in the held chunk
+        region[10 * PAGE_SIZE:11 * PAGE_SIZE] = mine       # a request writes it (no await since ensure)
+    assert res.complete
+    assert region[10 * PAGE_SIZE:11 * PAGE_SIZE] == mine
+
+
+async def test_remote_source_refetches_a_corrupt_page_over_the_software_transport(tmp_path: Path) -> None:
+    from functools import partial
+
+    from rmemfs.sources.remote import RemoteSource
+    from rmemfs.transport import software as sw
+    from rmemfs.transport.base import Catalog, ExportedRegion, RegionRole
+
+    _, source, res, region, seg = setup(tmp_path)
+    run = next(r for r in source.plan.runs if r.first_page <= 300 < r.first_page + r.npages)
+    with seg.open("r+b") as f:
+        f.seek(run.data_offset + (300 - run.first_page) * PAGE_SIZE)
+        f.write(b"\xff" * 16)
+    exported = bytearray(b"".join(page_bytes(p + 1) for p in range(PAGES)))     # the source's own bytes
+    backend = sw.SoftwareExportBackend()
+    backend.register(ExportedRegion(2, "data-0002.rgn", RegionRole.DATA, memoryview(exported), 0x7F0000000000))
+    regions = tuple(backend._by_id[i] for i in sorted(backend._by_id))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(sw.serve, host="127.0.0.1", port=0, fsid="fs-lazy", secret=b"s" * 16,
+                                           export=backend, catalog=lambda t: Catalog("fs-lazy", t, regions)))
+        conn = await sw.connect("127.0.0.1", port, fsid="fs-lazy", secret=b"s" * 16, timeout=5.0)
+        catalog = await conn.register()
+        remote = RemoteSource(conn, catalog, view_writer(lambda rid: memoryview(region)), "hostA")
+        nursery.start_soon(LazyLoader(res, FallbackSource(source, remote)).run)
+        await res.ensure(2, 299, 3)
+        assert region[300 * PAGE_SIZE:301 * PAGE_SIZE] == page_bytes(301)      # from the source
+        assert region[299 * PAGE_SIZE:300 * PAGE_SIZE] == expected(299)        # from the baseline
+        assert remote.bytes_read == PAGE_SIZE
+        await conn.aclose()
+        nursery.cancel_scope.cancel()
