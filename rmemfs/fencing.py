@@ -63,6 +63,7 @@ import json
 import logging
 import os
 import struct
+import subprocess
 import threading
 from pathlib import Path
 
@@ -153,3 +154,22 @@ async def request_fence(conn: object, epoch: int) -> dict[str, int]:
     if not isinstance(reply, dict) or not reply.get("ok") or int(reply.get("fence", 0)) < epoch:
         raise FenceRefused(f"the exporter did not fence: {reply.get('error') if isinstance(reply, dict) else reply}")
     return reply
+
+
+# fence_cmd (rmemfs-recover, rmemfs-standby): the operator's STONITH agent, for a source whose exporter cannot
+# be reached, so cannot be fenced through its ctl word.
+FENCE_CMD_TIMEOUT = 60.0
+
+
+def run_fence_cmd(cmd: str, host: str, port: int, fsid: str) -> bool:
+    """``fence_cmd`` with the source address and fsid as arguments: exit 0 means the source is cut off."""
+    try:
+        proc = subprocess.run(["/bin/sh", "-c", f'{cmd} "$@"', "fence_cmd", f"{host}:{port}", fsid],
+                              capture_output=True, text=True, timeout=FENCE_CMD_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("fence_cmd %r failed: %s", cmd, e)
+        return False
+    if proc.returncode != 0:
+        log.warning("fence_cmd %r exited %d: %s", cmd, proc.returncode, proc.stderr.strip()[-200:])
+        return False
+    return True

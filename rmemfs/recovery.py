@@ -58,7 +58,7 @@ from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, pa
 from .errors import (AuthFailed, BackendError, BackendFailed, CapacityExceeded, CorruptionError, EpochMismatch,
                      FenceFailed, NamespaceInconsistent, RecoveryError, RegionsFailed, SourceAlive, SourceFsidMismatch,
                      SourceUnreachable, TransportFailed, VerifyFailed)
-from .fencing import FenceRefused, request_fence
+from .fencing import FenceRefused, request_fence, run_fence_cmd
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
 from .mount import MountOptions, Opened, fresh_regions
 from .regions import CTL_REGION_ID, RegionSet, mark_pages
@@ -303,8 +303,13 @@ def fetch_plan(state: SourceState, extra: list[tuple[int, int, int]]) -> list[tu
 async def recover(backend_path: Path, source: str | None, opts: MountOptions, *, transport: str = "auto",
                   timeout: float = 10.0, dry_run: bool = False, verify: bool = False, baseline_only: bool = False,
                   check_alive: bool = True, on_progress: ProgressCallback | None = None, report: RecoveryReport | None = None,
-                  regions_ready: Callable[[Path, str], None] | None = None) -> tuple[Opened | None, RecoveryReport]:
+                  regions_ready: Callable[[Path, str], None] | None = None,
+                  fence_cmd: str | None = None) -> tuple[Opened | None, RecoveryReport]:
     """Steps 1-7. Returns the rebuilt filesystem (None for a dry run) and the report.
+
+    An unreachable source is never taken over silently: it needs ``baseline_only`` (the operator accepts the
+    loss window) or a ``fence_cmd`` that exits 0 (the source is powered off or cut off); a failing fence_cmd
+    raises FenceFailed.
 
     ``regions_ready(region dir, fsid)`` is called once the new region directory is chosen and exists (to
     start the exporter of the new regions early); the region files appear in it later.
@@ -351,10 +356,21 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
                 state = await open_source(source, transport, manifest, fsid, opts, secret, timeout, report)
             except SourceUnreachable as e:
                 # --baseline-only: a reachable source is still checked and fenced (issue 15 item 5); only an
-                # unreachable one is skipped.
-                if not baseline_only:
+                # unreachable one is skipped, and only on the operator's word or fence_cmd's.
+                if fence_cmd and not baseline_only:
+                    host, _, port = report.source.rpartition(":")
+                    if not await trio.to_thread.run_sync(run_fence_cmd, fence_cmd, host, int(port), fsid):
+                        raise FenceFailed(f"source {report.source} is unreachable and fence_cmd did not confirm "
+                                          "it is cut off: not taking it over (it may still acknowledge writes)"
+                                          ) from None
+                    log.info("fence_cmd confirmed source %s is cut off", report.source)
+                    baseline_only = report.baseline_only = True
+                elif not baseline_only:
                     raise
-                log.warning("source unreachable, recovering from the baseline alone: %s", e)
+                age = max(0.0, time.time() - manifest.time_ns / 1e9)
+                log.warning("source unreachable, recovering from the baseline alone (%s): writes the source "
+                            "acknowledged after baseline generation %d (published %.0f s ago) are lost",
+                            e, manifest.generation, age)
             if state is not None:
                 if check_alive and not dry_run:
                     # The source's own interval (in its ctl header), not ours.
@@ -417,7 +433,9 @@ async def open_source(source: str | None, transport: str, manifest: Manifest, fs
     except AuthError as e:
         raise AuthFailed(str(e)) from None
     except ConnectError as e:
-        raise SourceUnreachable(f"{e} (use --baseline-only to recover from the baseline alone)") from None
+        raise SourceUnreachable(f"{e}; it cannot be fenced through its exporter: pass -o fence_cmd=CMD (exit 0 "
+                                "means the source is powered off or cut off) or --baseline-only (accepts losing "
+                                "writes since the last baseline)") from None
     except TransportUnavailable as e:
         raise TransportFailed(str(e)) from None
     except TransportError as e:

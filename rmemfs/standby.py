@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from collections.abc import Callable
 import trio
 
 from .errors import AuthFailed, CorruptionError, SourceFsidMismatch
+from .fencing import run_fence_cmd
 from .recovery import _read_ctl_header, connect_source
 from .transport.base import AuthError, Catalog, ConnectError, Connection, FsidMismatch, TransportError
 
@@ -52,7 +52,6 @@ DEFAULT_WATCH_INTERVAL = 0.01
 # keeps a false suspicion out of reach until that flush is split.
 DEFAULT_DEAD_AFTER = 0.5
 REFRESH_INTERVAL = 5.0
-FENCE_CMD_TIMEOUT = 60.0
 
 
 @dataclass
@@ -74,20 +73,6 @@ class WatchStatus:
                 "heartbeat_age": age, "heartbeat_interval": self.heartbeat_interval,
                 "registrations": self.registrations, "detected_after": self.detected_after,
                 "detected_at_ns": self.detected_at_ns, "longest_gap": self.longest_gap}
-
-
-def run_fence_cmd(cmd: str, host: str, port: int, fsid: str) -> bool:
-    """``fence_cmd`` with the source address and fsid as arguments: exit 0 means the source is cut off."""
-    try:
-        proc = subprocess.run(["/bin/sh", "-c", f'{cmd} "$@"', "fence_cmd", f"{host}:{port}", fsid],
-                              capture_output=True, text=True, timeout=FENCE_CMD_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log.warning("fence_cmd %r failed: %s", cmd, e)
-        return False
-    if proc.returncode != 0:
-        log.warning("fence_cmd %r exited %d: %s", cmd, proc.returncode, proc.stderr.strip()[-200:])
-        return False
-    return True
 
 
 class Watcher:

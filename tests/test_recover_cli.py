@@ -59,6 +59,37 @@ def test_unreachable_source_fails_fast_unless_baseline_only(crashed: Rig, tmp_pa
     assert (crashed.mountpoint / "b").read_bytes() == b"b" * 5000
 
 
+def test_unreachable_source_needs_fence_cmd_or_baseline_only(crashed: Rig, tmp_path: Path) -> None:
+    """Issue 10 item 3: an exporter that cannot be reached cannot fence; the refusal names both ways out, a
+    failing fence_cmd keeps it refused (exit 29), one that exits 0 lets the baseline-only recovery proceed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    source = f"127.0.0.1:{closed_port}"
+    one_line_error(run(recover_cmd(crashed, source=source)), 20, "fence_cmd", "--baseline-only")
+    seen = tmp_path / "fence-args"
+    refusing = tmp_path / "refuse.sh"
+    refusing.write_text(f'#!/bin/sh\necho "$@" > {seen}\necho "cannot reach the PDU" >&2\nexit 1\n')
+    confirming = tmp_path / "confirm.sh"
+    confirming.write_text(f'#!/bin/sh\necho "$@" > {seen}\nexit 0\n')
+    for script in (refusing, confirming):
+        script.chmod(0o755)
+    opts = ["-o", f"fence_cmd={refusing}"]
+    one_line_error(run(recover_cmd(crashed, *opts, source=source)), 29, "fence_cmd", source)
+    fsid = crashed.manifest().fsid
+    assert seen.read_text().split() == [source, fsid]
+    assert not os.path.ismount(crashed.mountpoint)
+    report = tmp_path / "r.json"
+    proc = run(recover_cmd(crashed, "-o", f"fence_cmd={confirming}", "--json", str(report), source=source))
+    assert proc.returncode == 0, proc.stderr
+    assert seen.read_text().split() == [source, fsid]
+    assert "are lost" in proc.stderr and "baseline generation" in proc.stderr, proc.stderr
+    doc = json.loads(report.read_text())
+    assert doc["baseline_only"] and doc["dirty_pages_fetched"] == 0
+    assert not (crashed.mountpoint / "late").exists()          # written after the baseline: lost, as warned
+    assert (crashed.mountpoint / "b").read_bytes() == b"b" * 5000
+
+
 def test_baseline_only_fences_a_reachable_dead_source(crashed: Rig, tmp_path: Path) -> None:
     """Issue 15 item 5: --baseline-only with the exporter reachable fences the (dead) source before the
     takeover, and loads the baseline alone."""

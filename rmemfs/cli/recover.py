@@ -3,13 +3,14 @@
 Exit codes: 0 recovered and mounted (or dry run done); 1 unexpected error; 2 usage;
 10 backend missing, foreign, or a baseline file missing/corrupt (named);
 12 mountpoint missing or busy; 13 not root or no /dev/fuse; 14 region directory
-unusable; 15 exporter failed; 20 source unreachable or timed out;
+unusable; 15 exporter failed; 20 source unreachable or timed out (it cannot be fenced: pass
+-o fence_cmd=CMD, run with HOST:PORT FSID, exit 0 = powered off or cut off; or --baseline-only);
 21 authentication failed (wrong secret); 22 filesystem id mismatch;
 23 the source filesystem is still alive; 24 transport unavailable or failed;
 25 the source's memory belongs to another epoch (already recovered);
 26 the rebuilt namespace is inconsistent; 27 --verify found a mismatch;
 28 the fetched pages do not fit the new dirty list (raise -o dirty_capacity);
-29 the source's exporter would not fence it (see README, fencing).
+29 the source's exporter would not fence it, or fence_cmd did not confirm it is cut off (README, fencing).
 """
 from __future__ import annotations
 
@@ -36,6 +37,25 @@ log = logging.getLogger(__name__)
 MAX_TIMEOUT = 24 * 3600.0
 
 
+def take_option(items: list[str], key: str) -> tuple[str | None, list[str]]:
+    """``key=VALUE`` out of the -o lists (a recovery option, not a mount option); the rest as given."""
+    value: str | None = None
+    rest: list[str] = []
+    for item in items:
+        parts = []
+        for part in item.split(","):
+            name, sep, v = part.partition("=")
+            if name == key:
+                if not sep or not v:
+                    raise QuietError(f"option {key} needs a value", EXIT_USAGE)
+                value = v
+            elif part:
+                parts.append(part)
+        if parts:
+            rest.append(",".join(parts))
+    return value, rest
+
+
 def main(argv: list[str] | None = None) -> None:
     p = build_parser("rmemfs-recover", __doc__.splitlines()[0])
     p.add_argument("--source", help="the failed host's exporter, HOST[:PORT] (default: the owner the backend "
@@ -54,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> int:
         setup_logging(args.debug, args.log if args.log and args.foreground else None, quiet=not args.debug)
-        opts = parse_options(args.options)
+        fence_cmd, mount_options = take_option(args.options, "fence_cmd")
+        opts = parse_options(mount_options)
         if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT):
             raise QuietError(f"--timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} seconds "
                              f"(got {args.timeout})", EXIT_USAGE)
@@ -79,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             opened, report = trio.run(lambda: recover(
                 args.backend.absolute(), args.source, opts, transport=args.transport, timeout=args.timeout,
                 dry_run=args.dry_run, verify=args.verify, baseline_only=args.baseline_only,
-                check_alive=not args.no_liveness_check,
+                check_alive=not args.no_liveness_check, fence_cmd=fence_cmd,
                 on_progress=TerminalProgress() if sys.stderr.isatty() else None, report=report, regions_ready=start_exporter))
             t_mount = time.monotonic()
             port = launched[0].ready() if opened is not None else None
