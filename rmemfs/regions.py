@@ -57,6 +57,19 @@ def mark_pages(maps: dict[int, bytearray], region_id: int, first: int, npages: i
     m[first:first + npages] = b"\x01" * npages
 
 
+def unset_runs(m: bytearray, first: int, end: int) -> Iterator[tuple[int, int]]:
+    """The [a, b) runs of zero bytes of a one-byte-per-page (or per-extent) map within [first, end)."""
+    pos = first
+    while pos < end:
+        a = m.find(0, pos, end)
+        if a < 0:
+            return
+        b = m.find(1, a, end)
+        b = end if b < 0 else b
+        yield a, b
+        pos = b
+
+
 def region_file_name(region_id: int) -> str:
     role = role_of(region_id)
     return f"{role.value}-{region_id:04d}.rgn"
@@ -260,15 +273,8 @@ class RegionSet:
         used = self._used.get(region_id)
         if used is None or npages <= 0:
             return
-        ext, stop = first // EXTENT_PAGES, (first + npages - 1) // EXTENT_PAGES + 1
-        while ext < stop:
-            free = used.find(0, ext, stop)
-            if free < 0:
-                return
-            end = used.find(1, free, stop)
-            end = stop if end < 0 else end
+        for free, end in unset_runs(used, first // EXTENT_PAGES, (first + npages - 1) // EXTENT_PAGES + 1):
             yield max(first, free * EXTENT_PAGES), min(first + npages, end * EXTENT_PAGES)
-            ext = end
 
     def extent_offset(self, ext: int) -> int:
         return ext * EXTENT_SIZE

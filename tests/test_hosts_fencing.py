@@ -28,7 +28,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from hosts import PYTHON, Host, TwoHosts, cleanup_stale  # noqa: E402
+from hosts import PYTHON, Host, TwoHosts  # noqa: E402
+from hosts_fixtures import hosts_available, parametrize_seeds  # noqa: E402, F401
 
 WORKLOAD = REPO / "tools" / "fsworkload.py"
 DEFAULT_TRIALS = 2
@@ -37,22 +38,8 @@ PAUSE_DIR = "p"             # the pause writers' directory in the mount
 pytestmark = pytest.mark.hosts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _hosts_available() -> None:
-    from test_hosts_recovery import _why_not
-    reason = _why_not()
-    if reason:
-        pytest.skip(reason)
-    cleanup_stale()
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "seed" in metafunc.fixturenames:
-        trials = metafunc.config.getoption("--trials") or DEFAULT_TRIALS
-        first = metafunc.config.getoption("--seed")
-        if first is None:
-            first = random.SystemRandom().randrange(1, 1 << 31)
-        metafunc.parametrize("seed", [first + i for i in range(trials)], ids=lambda s: f"seed={s}")
+    parametrize_seeds(metafunc, DEFAULT_TRIALS)
 
 
 def pause_takeover_resume(a: Host, b: Host, backend: Path, rng: random.Random, params: str,

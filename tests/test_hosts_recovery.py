@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +40,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from hosts import PYTHON, TwoHosts, cleanup_stale  # noqa: E402
+from hosts import PYTHON, TwoHosts  # noqa: E402
+from hosts_fixtures import hosts_available, parametrize_seeds  # noqa: E402, F401
 from test_hosts_fencing import PAUSE_DIR, pause_takeover_resume  # noqa: E402
 
 WORKLOAD = REPO / "tools" / "fsworkload.py"
@@ -51,36 +51,8 @@ KILL_MODES = ("now", "delay", "mid-flush", "pause")
 pytestmark = pytest.mark.hosts
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, FUSE)"
-    for tool in ("ip", "nsenter", "unshare", "fusermount3"):
-        if shutil.which(tool) is None:
-            return f"{tool} is missing (run tools/setup)"
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse"
-    probe = subprocess.run(["ip", "netns", "add", f"rmhprobe{os.getpid()}"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot create network namespaces: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", f"rmhprobe{os.getpid()}"], capture_output=True)
-    return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _hosts_available() -> None:
-    reason = _why_not()
-    if reason:
-        pytest.skip(reason)
-    cleanup_stale()
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "seed" in metafunc.fixturenames:
-        trials = metafunc.config.getoption("--trials") or DEFAULT_TRIALS
-        first = metafunc.config.getoption("--seed")
-        if first is None:
-            first = random.SystemRandom().randrange(1, 1 << 31)
-        metafunc.parametrize("seed", [first + i for i in range(trials)], ids=lambda s: f"seed={s}")
+    parametrize_seeds(metafunc, DEFAULT_TRIALS)
 
 
 def test_two_host_recovery(seed: int, tmp_path: Path) -> None:

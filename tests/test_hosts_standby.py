@@ -17,21 +17,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from hosts import PYTHON, Host, TwoHosts, cleanup_stale  # noqa: E402
-from test_hosts_recovery import _why_not  # noqa: E402
+from hosts import PYTHON, Host, TwoHosts  # noqa: E402
+from hosts_fixtures import hosts_available  # noqa: E402, F401
 
 WORKLOAD = REPO / "tools" / "fsworkload.py"
 SUBNET = "10.242.0"
 
 pytestmark = pytest.mark.hosts
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _hosts_available() -> None:
-    reason = _why_not()
-    if reason:
-        pytest.skip(reason)
-    cleanup_stale()
 
 
 def start_standby(b: Host, a: Host, backend: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:

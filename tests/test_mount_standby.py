@@ -14,7 +14,8 @@ import pytest
 
 from harness import ENV, Rig, cli, exporter_pid, run, wait_gone
 from rmemfs.mount import is_mounted
-from test_mount_lifecycle import digest_tree, populate
+from test_mount_lifecycle import digest_tree
+from test_recover_cli import baseline_then_changes
 
 pytestmark = pytest.mark.mount
 
@@ -69,14 +70,7 @@ class Standby:
 @pytest.fixture
 def source(rig: Rig) -> Rig:
     rig.mount(SOURCE_OPTS)
-    populate(rig.mountpoint)
-    rig.flush()
-    (rig.mountpoint / "late").write_bytes(os.urandom(50_000))
-    with open(rig.mountpoint / "dir" / "sub" / "a", "r+b") as f:
-        f.seek(100_000)
-        f.write(b"changed after the baseline")
-        f.flush()
-        os.fsync(f.fileno())
+    baseline_then_changes(rig)
     return rig
 
 

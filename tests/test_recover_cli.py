@@ -24,15 +24,22 @@ pytestmark = pytest.mark.mount
 def crashed(rig: Rig) -> Rig:
     """A filesystem with a baseline and later writes, whose daemon was SIGKILLed (exporter alive)."""
     rig.mount(["flush_interval=3600"])
+    baseline_then_changes(rig)
+    rig.want = digest_tree(rig.mountpoint)  # type: ignore[attr-defined]
+    rig.kill()
+    return rig
+
+
+def baseline_then_changes(rig: Rig) -> None:
+    """A populated tree in a published baseline, then a new file and a changed one that only memory holds."""
     populate(rig.mountpoint)
     rig.flush()
     (rig.mountpoint / "late").write_bytes(os.urandom(50_000))
     with open(rig.mountpoint / "dir" / "sub" / "a", "r+b") as f:
         f.seek(100_000)
         f.write(b"changed after the baseline")
-    rig.want = digest_tree(rig.mountpoint)  # type: ignore[attr-defined]
-    rig.kill()
-    return rig
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def recover_cmd(rig: Rig, *args: str, source: str | None = None, backend: Path | None = None) -> list[str]:

@@ -22,6 +22,7 @@ from collections import deque
 
 import trio
 
+from ..regions import unset_runs
 from .base import PageFailure, PageSource
 
 log = logging.getLogger(__name__)
@@ -97,19 +98,9 @@ class Residency:
 
     def missing_runs(self, region_id: int, first: int, n: int) -> list[tuple[int, int, int]]:
         m = self.maps.get(region_id)
-        out: list[tuple[int, int, int]] = []
         if m is None:
-            return out
-        page, end = first, min(first + n, len(m))
-        while page < end:
-            a = m.find(0, page, end)
-            if a < 0:
-                break
-            b = m.find(1, a, end)
-            b = end if b < 0 else b
-            out.append((region_id, a, b - a))
-            page = b
-        return out
+            return []
+        return [(region_id, a, b - a) for a, b in unset_runs(m, first, min(first + n, len(m)))]
 
 
 class LazyLoader:
@@ -130,16 +121,9 @@ class LazyLoader:
         the lane that has them)."""
         m = self.inflight[region_id]
         out: list[tuple[int, int, int]] = []
-        page, end = first, first + n
-        while page < end:
-            a = m.find(0, page, end)
-            if a < 0:
-                break
-            b = m.find(1, a, end)
-            b = end if b < 0 else b
+        for a, b in unset_runs(m, first, first + n):     # marking [a, b) does not move the scan past b
             m[a:b] = b"\x01" * (b - a)
             out.append((region_id, a, b - a))
-            page = b
         return out
 
     def stats(self) -> dict[str, float | int | None]:
