@@ -522,7 +522,7 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
     # orphans appends to the journal, zeroing), which re-reading the source would report as a mismatch.
     if verify:
         t = time.monotonic()
-        report.verified_pages = await _verify(load_plan, state, plan, regions, fetched)
+        report.verified_pages = await _verify(load_plan, fetcher, plan, regions, fetched)
         report.phase("verify").seconds = time.monotonic() - t
 
     # 7: namespace; fetched pages go on the new current list so the first flush publishes them.
@@ -646,6 +646,33 @@ class Fetcher:
         self.report.dirty_pages_fetched += nbytes // PAGE_SIZE
         self.report.dirty_bytes_fetched += nbytes
 
+    async def compare(self, plan: list[tuple[int, int, int]], regions: RegionSet) -> int:
+        """Re-read the plan's pages from the source into the same registered bounce buffers (a new buffer
+        per run would register, and pin, memory that grows with the dirty set) and compare them with
+        the rebuilt regions; returns the pages checked, raises VerifyFailed at the first mismatch."""
+        checked = 0
+        for batch in _batches(plan):
+            buf = await self._take.receive()
+            try:
+                ops, at = [], 0
+                for region_id, first, n in batch:
+                    ops.append(ReadOp(self._rkeys[region_id], first * PAGE_SIZE, buf[at:at + n * PAGE_SIZE]))
+                    at += n * PAGE_SIZE
+                try:
+                    await self.state.conn.read_batch(ops)
+                except TransportError as e:
+                    raise TransportFailed(f"verify: re-reading pages from {self.report.source}: {e}") from None
+                at = 0
+                for region_id, first, n in batch:
+                    if buf[at:at + n * PAGE_SIZE] != regions[region_id].view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]:
+                        raise VerifyFailed(f"verify: region {region_id} pages {first}..{first + n - 1} differ "
+                                           "from the source")
+                    at += n * PAGE_SIZE
+                    checked += n
+            finally:
+                self._return.send_nowait(buf)
+        return checked
+
     async def _write_out(self, batch: list[tuple[int, int, int]], buf: memoryview) -> None:
         def write_batch() -> None:
             at = 0
@@ -712,21 +739,10 @@ def _recovery_region_dir(opts: MountOptions, fsid: str, epoch: int) -> Path:
     return chosen.with_name(f"{chosen.name}.e{epoch}")
 
 
-async def _verify(load_plan: LoadPlan, state: SourceState | None, plan: list[tuple[int, int, int]],
+async def _verify(load_plan: LoadPlan, fetcher: Fetcher | None, plan: list[tuple[int, int, int]],
                   regions: RegionSet, fetched: dict[int, bytearray]) -> int:
     """Re-read every fetched page from the source and every baseline page's checksum; raise on a mismatch."""
-    checked = 0
-    if state is not None and plan:
-        for region_id, first, n in plan:
-            scratch = bytearray(n * PAGE_SIZE)
-            state.conn.register_local(memoryview(scratch))
-            desc = state.catalog.by_id(region_id)
-            ops = [ReadOp(desc.rkey, (first + i) * PAGE_SIZE, memoryview(scratch)[i * PAGE_SIZE:(i + m) * PAGE_SIZE])
-                   for i in range(0, n, MAX_READ_PAGES) for m in [min(MAX_READ_PAGES, n - i)]]
-            await state.conn.read_batch(ops)
-            if scratch != regions[region_id].view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]:
-                raise VerifyFailed(f"verify: region {region_id} pages {first}..{first + n - 1} differ from the source")
-            checked += n
+    checked = await fetcher.compare(plan, regions) if fetcher is not None and plan else 0
     bad, baseline_pages = load_plan.check_regions(lambda rid: regions[rid].view, exclude=fetched)
     if bad:
         raise VerifyFailed(f"verify: region {bad[0][0]} page {bad[0][1]} does not match the baseline "

@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -257,3 +258,43 @@ def test_failed_host_memory_is_retired_once_the_new_owner_has_flushed(crashed: R
     wait_gone(exporter)
     assert not old_dir.exists()
     assert digest_tree(crashed.mountpoint) == crashed.want  # type: ignore[attr-defined]
+
+
+def test_verify_rereads_through_the_fetchers_registered_buffers(crashed: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 5c: --verify registered a new scratch buffer for every dirty run and never freed it
+    (with verbs, memory and MRs grew with the dirty set); it re-reads through the fetcher's buffers now."""
+    import trio
+
+    from rmemfs import recovery
+    from rmemfs.mount import parse_options
+    from rmemfs.transport.software import SoftwareConnection
+
+    registered: list[int] = []       # registrations made while verifying
+    verifying = False
+    real_register, real_verify = SoftwareConnection.register_local, recovery._verify
+
+    def counting(self: SoftwareConnection, buffer: memoryview) -> None:
+        if verifying:
+            registered.append(len(buffer))
+        real_register(self, buffer)
+
+    async def verify(*args: Any) -> int:
+        nonlocal verifying
+        verifying = True
+        try:
+            return await real_verify(*args)
+        finally:
+            verifying = False
+
+    monkeypatch.setattr(SoftwareConnection, "register_local", counting)
+    monkeypatch.setattr(recovery, "_verify", verify)
+    opts = parse_options([crashed.opts(["port=0"])])
+    opened, report = trio.run(lambda: recovery.recover(crashed.backend, f"127.0.0.1:{crashed.port}", opts,
+                                                       transport="software", verify=True))
+    try:
+        assert opened is not None and report.verified_pages > 0
+        assert report.dirty_pages_fetched > 0
+        assert registered == [], registered
+    finally:
+        if opened is not None:
+            shutil.rmtree(opened.region_dir, ignore_errors=True)
