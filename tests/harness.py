@@ -80,11 +80,13 @@ class Rig:
     regiondir: Path = field(init=False)
     port: int = field(default_factory=free_port)
     options: list[str] = field(default_factory=list)
+    used_regiondirs: set[Path] = field(default_factory=set)     # every one this rig pointed at, for cleanup
 
     def __post_init__(self) -> None:
         self.backend = self.root / "backend"
         self.mountpoint = self.root / "mnt"
         self.regiondir = Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}"
+        self.used_regiondirs.add(self.regiondir)
         self.backend.mkdir(parents=True, exist_ok=True)
         self.mountpoint.mkdir(exist_ok=True)
 
@@ -102,6 +104,7 @@ class Rig:
         if regiondir is not None:
             opts = opts.replace(f"regiondir={self.regiondir}", f"regiondir={regiondir}")
             self.regiondir = regiondir
+            self.used_regiondirs.add(regiondir)
         return run(cli("recover") + ["--backend", str(self.backend), "--transport", transport,
                                      "--source", f"127.0.0.1:{self.port}", "-o", opts, *args,
                                      str(self.mountpoint)], check=check)
@@ -141,7 +144,10 @@ class Rig:
             except (OSError, ValueError, KeyError, Exception):
                 pass
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
-        dirs = {self.regiondir, *Path("/dev/shm").glob(f"{self.regiondir.name.split('.e')[0]}*")}
+        # Every region directory this rig used (a recovery into another one left the first one's exporter
+        # running, and its memory allocated, after the test), and their recovery (.e<epoch>) siblings.
+        dirs = {d for used in self.used_regiondirs | {self.regiondir}
+                for d in (used, *Path("/dev/shm").glob(f"{used.name.split('.e')[0]}*"))}
         for d in dirs:
             info = d / "exporter.json"
             if info.exists():
