@@ -8,9 +8,15 @@ call them in-process. Every mutation follows one order:
 3. journal the namespace record (its pages are marked first, too);
 4. apply it to the model / copy the data in.
 
-All methods except ``admit`` are synchronous: a whole operation runs without
-an await, so it is atomic with respect to the trio scheduler, and a flush's
-list swap can only fall between operations.
+All methods except ``admit`` and ``with_pages`` are synchronous: a whole
+operation runs without an await, so it is atomic with respect to the trio
+scheduler, and a flush's list swap can only fall between operations.
+
+During a lazy recovery's background load (``residency``), an operation that
+needs the old contents of a page not loaded yet raises ``NotResident`` in
+step 1, before it changes anything; ``with_pages`` waits for the page and runs
+it again. Pages it overwrites whole, zeroes or frees are claimed instead.
+Every page marked dirty is resident at the moment it is marked.
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import trio
 
 from . import PAGE_SIZE
@@ -34,12 +43,14 @@ from .namespace import (ROOT_INO, RENAME_EXCHANGE, RENAME_NOREPLACE, SET_ATIME, 
                         SET_MTIME, SET_SIZE, SET_UID, ExtentStore, Inode, Namespace, rec_create, rec_extent,
                         rec_free, rec_link, rec_rename, rec_setattr, rec_unlink, snapshot_growth)
 from .regions import (CTL_REGION_ID, EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet)
+from .sources.lazy import NotResident, Residency
 
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 DEFAULT_DIRTY_CAPACITY = 1 << 20          # entries per list: 8 MiB of exported memory each
 ADMIT_MARGIN = 1 << 14                    # entries kept free so any single operation fits
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,9 @@ class CoreStats:
 class Filesystem:
     """One mounted (or being recovered) filesystem's in-memory state."""
 
-    def __init__(self, regions: RegionSet, tracker: DirtyTracker, fsid: str) -> None:
+    def __init__(self, regions: RegionSet, tracker: DirtyTracker, fsid: str,
+                 residency: Residency | None = None) -> None:
+        self.residency = residency        # None, or a lazy load's map of the pages loaded so far
         self.regions = regions
         self.tracker = tracker
         self.fsid = fsid
@@ -94,11 +107,14 @@ class Filesystem:
         return fs
 
     @classmethod
-    def load(cls, regions: RegionSet, fsid: str, epoch: int, *, fresh_ctl_capacity: int | None = None) -> Filesystem:
+    def load(cls, regions: RegionSet, fsid: str, epoch: int, *, fresh_ctl_capacity: int | None = None,
+             residency: Residency | None = None) -> Filesystem:
         """Rebuild the namespace from the meta region's journal.
 
         With ``fresh_ctl_capacity`` the ctl region is (re)formatted: used after
         loading a baseline or a recovery, when the old lists mean nothing here.
+        With ``residency`` (a lazy recovery) the meta region is in, data pages
+        may not be: the replay loads what it needs through ``residency.fill_now``.
         """
         ctl = regions[CTL_REGION_ID]
         if fresh_ctl_capacity is not None:
@@ -111,10 +127,14 @@ class Filesystem:
                                       f"not {fsid}")
             tracker = DirtyTracker(ctl.view, header.capacity)
             tracker.take_ownership(epoch, os.getpid())
-        fs = cls(regions, tracker, fsid)
+        fs = cls(regions, tracker, fsid, residency)
         fs.replay()
         # A recovery fetches the pages of extents freed since the baseline (their release marked them):
         # zeros now, but memory. Free extents are holes after any load.
+        if residency is not None:       # and a lazy load never writes into them
+            for region_id, region in regions.regions.items():
+                for a, b in regions.free_page_ranges(region_id, 0, region.pages):
+                    residency.claim(region_id, a, b - a)
         regions.punch_free_extents()
         return fs
 
@@ -145,6 +165,8 @@ class Filesystem:
     def _release_extents(self, extents: list[tuple[int, int]]) -> None:
         # Mark contiguous extents as one run, so freeing a big file costs few list entries.
         for region_id, first, count in _extent_runs(extents):
+            if self.residency is not None:
+                self.residency.claim(region_id, first * EXTENT_PAGES, count * EXTENT_PAGES)
             self.tracker.mark(region_id, first * EXTENT_PAGES, count * EXTENT_PAGES)
             self.regions[region_id].release(first * EXTENT_SIZE, count * EXTENT_SIZE)
 
@@ -153,8 +175,40 @@ class Filesystem:
             return
         self._back(region_id, ext)
         start = ext * EXTENT_SIZE + offset
+        if self.residency is not None:
+            self._overwriting(region_id, start, length)
         self.tracker.mark_bytes(region_id, start, length)
         self.regions[region_id].view[start:start + length] = bytes(length)
+
+    def _overwriting(self, region_id: int, start: int, length: int) -> None:
+        """Pages [start, start + length) are about to change: whole pages are claimed, a partly covered one
+        must be in (NotResident: callers check this in their validation step, so it is not raised here
+        once serving; before the mount the replay loads it)."""
+        res = self.residency
+        if res is None or res.complete or length <= 0:
+            return
+        first, end = start // PAGE_SIZE, (start + length - 1) // PAGE_SIZE + 1
+        head, tail = start % PAGE_SIZE, (start + length) % PAGE_SIZE
+        if head:
+            res.require(region_id, first, 1)
+        if tail and end - 1 != first or tail and not head:
+            res.require(region_id, end - 1, 1)
+        res.claim(region_id, first, end - first)
+
+    def _need_pages(self, region_id: int, start: int, length: int) -> None:
+        if length > 0 and self.residency is not None:
+            first = start // PAGE_SIZE
+            self.residency.require(region_id, first, (start + length - 1) // PAGE_SIZE + 1 - first)
+
+    async def with_pages(self, op: Callable[[], T]) -> T:
+        """Run ``op`` (a sync operation); while it needs pages a lazy load has not brought in yet, wait for
+        them with priority and run it again (it changed nothing when it raised)."""
+        while True:
+            try:
+                return op()
+            except NotResident as e:
+                assert self.residency is not None
+                await self.residency.ensure(e.region_id, e.first, e.n)
 
     def _back(self, region_id: int, ext: int) -> None:
         try:
@@ -404,6 +458,10 @@ class Filesystem:
                 raise FsError(errno.EINVAL)
             if size > (1 << 48):
                 raise FsError(errno.EFBIG)
+            if self.residency is not None and size < inode.size and size % PAGE_SIZE:
+                loc = inode.extents.get(size // EXTENT_SIZE)     # the page the new end cuts keeps its head
+                if loc is not None:
+                    self._need_pages(loc[0], loc[1] * EXTENT_SIZE + size % EXTENT_SIZE, 1)
             mask |= SET_SIZE | SET_MTIME
         mask |= (SET_MODE if mode is not None else 0) | (SET_UID if uid is not None else 0) | \
             (SET_GID if gid is not None else 0) | (SET_ATIME if atime is not None else 0) | \
@@ -431,6 +489,11 @@ class Filesystem:
         if offset >= end:
             return b""
         parts: list[bytes | memoryview] = []
+        if self.residency is not None and not self.residency.complete:
+            for index, in_ext, n, _pos in _extent_pieces(offset, end):
+                loc = inode.extents.get(index)
+                if loc is not None:
+                    self._need_pages(loc[0], loc[1] * EXTENT_SIZE + in_ext, n)
         for index, in_ext, n, _pos in _extent_pieces(offset, end):
             loc = inode.extents.get(index)
             if loc is None:
@@ -449,6 +512,9 @@ class Filesystem:
         end = offset + len(src)
         if end > (1 << 48):
             raise FsError(errno.EFBIG)
+        res = self.residency
+        if res is not None and not res.complete:
+            self._check_partial_pages(inode, offset, end)
         # Pieces that lie back to back in one region (extents are mostly allocated in order) are copied
         # with one call; every piece is marked before any of its bytes are copied.
         run: list[int] = []                      # [region id, region offset, source offset, length]
@@ -462,6 +528,8 @@ class Filesystem:
                 self._do(rec_extent(ino, index, *loc))
             self._back(*loc)
             start = loc[1] * EXTENT_SIZE + in_ext
+            if res is not None:
+                self._overwriting(loc[0], start, n)
             self.tracker.mark_bytes(loc[0], start, n)
             if run and run[0] == loc[0] and run[1] + run[3] == start:
                 run[3] += n
@@ -477,6 +545,16 @@ class Filesystem:
         else:
             self._do(rec_setattr(ino, SET_MTIME | SET_CTIME, mtime=now, ctime=now))
         return len(src)
+
+    def _check_partial_pages(self, inode: Inode, offset: int, end: int) -> None:
+        """A write keeps the rest of the pages it covers in part: those must be in (validation step)."""
+        partial = {offset} if offset % PAGE_SIZE else set()
+        if end % PAGE_SIZE:
+            partial.add(end - 1)
+        for pos in partial:
+            loc = inode.extents.get(pos // EXTENT_SIZE)
+            if loc is not None:
+                self._need_pages(loc[0], loc[1] * EXTENT_SIZE + pos % EXTENT_SIZE, 1)
 
     def _copy_in(self, run: list[int], src: memoryview) -> None:
         region_id, start, at, n = run

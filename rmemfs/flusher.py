@@ -206,6 +206,8 @@ class Flusher:
             self.manifest = new
 
     def _want_full(self) -> bool:
+        if self.fs.residency is not None and not self.fs.residency.complete:
+            return False
         m = self.manifest
         garbage = m.segment_bytes() - self.live.count * PAGE_SIZE
         return (garbage > FULL_FLUSH_MIN_GARBAGE and garbage > FULL_FLUSH_GARBAGE_RATIO * self.live.count * PAGE_SIZE
@@ -222,6 +224,11 @@ class Flusher:
         else:
             tracker.swap()
         flushing = tracker.flushing
+        res = fs.residency
+        if full and res is not None and not res.complete:
+            # A full flush rewrites every live page from memory: not before the lazy load brought them in.
+            log.info("full flush deferred until the background load is complete; flushing what is dirty")
+            full = False
         full = full or self._want_full()
         runs = flushing.runs()
         if full:

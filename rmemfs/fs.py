@@ -93,7 +93,7 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         await self._mutating()
-        node = self.fs.setattr(
+        node = await self.fs.with_pages(lambda: self.fs.setattr(   # a truncate keeps the head of its last page
             inode,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -101,7 +101,7 @@ class Operations(pyfuse3.Operations):
             size=attr.st_size if fields.update_size else None,
             atime=attr.st_atime_ns if fields.update_atime else None,
             mtime=attr.st_mtime_ns if fields.update_mtime else None,
-            ctime=attr.st_ctime_ns if fields.update_ctime else None)
+            ctime=attr.st_ctime_ns if fields.update_ctime else None))
         self.fs.after_operation()
         self.fs.confirm_owner()   # the last check before the reply: no await after it (see fencing)
         return self._attrs(node)
@@ -191,7 +191,10 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        data = self.fs.read(fh, off, size)
+        if self.fs.residency is None:
+            data = self.fs.read(fh, off, size)
+        else:         # a lazy recovery's load may still be bringing the pages in
+            data = await self.fs.with_pages(lambda: self.fs.read(fh, off, size))
         self.counters["reads"] += 1
         self.counters["read_bytes"] += len(data)
         return data
@@ -199,7 +202,10 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         await self._mutating()
-        n = self.fs.write(fh, off, buf)
+        if self.fs.residency is None:
+            n = self.fs.write(fh, off, buf)
+        else:
+            n = await self.fs.with_pages(lambda: self.fs.write(fh, off, buf))
         self.fs.after_operation()
         self.counters["writes"] += 1
         self.counters["write_bytes"] += n

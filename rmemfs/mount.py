@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from collections.abc import Callable, Iterator
 
 import trio
@@ -43,6 +43,9 @@ from .regions import (CTL_REGION_ID, DEFAULT_DATA_REGION_SIZE, META_REGION_ID, M
                       check_region_directory, parse_region_file_name)
 from .exits import EXIT_BACKEND
 from .store import STATE_CLEAN, STATE_MOUNTED, BaselineStore, LiveMap, Manifest, open_store, owner_info
+
+if TYPE_CHECKING:
+    from .recovery import BackgroundLoad
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class MountOptions:
     fsid: str = ""
     tracking: bool = True
     fsname: str = "rmemfs"
+    load_rate: float = 0.0             # a lazy recovery's background load limit, bytes/s (0: as fast as it goes)
     extra_fuse: list[str] = field(default_factory=list)
 
     def region_dir(self, fsid: str) -> Path:
@@ -91,6 +95,8 @@ OPTION_HELP: dict[str, str] = {
     "fsid": "refuse to mount unless the backend holds this filesystem id",
     "tracking": "on|off: dirty page tracking; off only for benchmarks, it makes recovery impossible",
     "fsname": "name shown in the mount table (default rmemfs)",
+    "load_rate": "rmemfs-recover --load lazy: limit the background load to this many bytes/s (suffixes K, M, G; "
+                 "default 0, no limit), to leave the store and the network to requests",
 }
 
 
@@ -183,6 +189,7 @@ OPTIONS: dict[str, OptionSpec] = {
     "allow_other": OptionSpec(bool, flag=True),
     "writeback_cache": OptionSpec(bool, flag=True),
     "tracking": OptionSpec(_on_off),
+    "load_rate": OptionSpec(parse_size, lo=0, hi=1 << 40, show=_size_text),
 }
 FUSE_FLAGS = ("ro", "rw", "default_permissions", "noatime", "nosuid", "nodev", "dev", "suid")
 
@@ -258,6 +265,7 @@ class Opened:
     epoch: int
     region_dir: Path
     how: str                    # "new", "regions", "baseline", "recovered"
+    background: BackgroundLoad | None = None    # a lazy recovery's load, still to run once mounted
 
 
 def read_backend(backend_path: Path, opts: MountOptions) -> tuple[BaselineStore, str, Manifest]:
@@ -501,7 +509,9 @@ class Session:
             generation = await self.flusher.flush()
             return {"ok": True, "generation": generation}
         if op == "stats":
-            return {"ok": True, "fsid": self.opened.fs.fsid, "epoch": self.opened.epoch, "pid": os.getpid(),
+            bg = self.opened.background
+            return {"load": bg.loader.stats() if bg is not None else None,
+                    "ok": True, "fsid": self.opened.fs.fsid, "epoch": self.opened.epoch, "pid": os.getpid(),
                     "backend": self.opened.backend.spec, "mountpoint": str(self.mountpoint),
                     "core": self.opened.fs.statistics().__dict__,
                     "flush": self.flusher.statistics().__dict__, "requests": dict(self.requests),
@@ -606,6 +616,8 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> in
             await nursery.start(control.serve, control_path, session.control)
             nursery.start_soon(_heartbeat, fs, opts.heartbeat_interval)
             nursery.start_soon(_signals, session)
+            if opened.background is not None:
+                nursery.start_soon(opened.background.run, fs)
             on_ready()
             log.info("mounted %s at %s", fs.fsid, session.mountpoint)
             if fs.tracker.current.count:
@@ -634,7 +646,12 @@ async def _shutdown(session: Session) -> int:
         log.error("final flush failed (%s): the backend stays marked in use and the exporter keeps serving; "
                   "recover with rmemfs-recover", e)
         return EXIT_BACKEND
-    fs.tracker.set_clean_generation(generation)
+    if fs.residency is not None and not fs.residency.complete:
+        # Unmounted before a lazy load finished: the baseline is clean, but these region files are not whole,
+        # so they must not be taken for it (the next mount loads the baseline).
+        log.info("unmounted before the background load finished: the next mount loads from the baseline")
+    else:
+        fs.tracker.set_clean_generation(generation)
     stop_exporter(session.opened.region_dir)
     log.info("unmounted cleanly at generation %d", generation)
     return 0

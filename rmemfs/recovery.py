@@ -43,6 +43,7 @@ import bisect
 import json
 import logging
 import mmap
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,8 +62,12 @@ from .errors import (AuthFailed, BackendError, BackendFailed, CapacityExceeded, 
 from .fencing import FenceRefused, request_fence, run_fence_cmd
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
 from .mount import MountOptions, Opened, fresh_regions
-from .regions import CTL_REGION_ID, RegionSet, mark_pages
+from .regions import CTL_REGION_ID, META_REGION_ID, RegionSet, mark_pages
 from .secure import private_dir
+from .sources.base import FallbackSource, PageFailure, PageSource
+from .sources.baseline import BaselineSource
+from .sources.lazy import LazyLoader, Residency
+from .sources.remote import RemoteSource
 from .store import BaselineStore, Manifest
 from .transport import load as load_transport, resolve
 from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, ReadOp, RegionDesc, RegionRole,
@@ -106,6 +111,9 @@ class RecoveryReport:
     dry_run: bool = False
     verified_pages: int = 0
     total_seconds: float = 0.0
+    load: str = "eager"                    # "lazy": data pages come in after the mount (background_load)
+    time_to_mount_s: float | None = None   # from the start of the recovery to a usable mount
+    background_load: dict[str, Any] = field(default_factory=dict)   # the lazy load's figures (LazyLoader.stats)
 
     def phase(self, name: str) -> Phase:
         return self.phases.setdefault(name, Phase())
@@ -134,6 +142,10 @@ class RecoveryReport:
             rate = f", {ph.bytes / ph.seconds / (1 << 20):.0f} MiB/s" if ph.seconds and ph.bytes else ""
             lines.append(f"  {name:<16} {ph.seconds * 1000:9.1f} ms{rate}")
         lines.append(f"  total            {self.total_seconds * 1000:9.1f} ms")
+        if self.load == "lazy":
+            pages = self.background_load.get("total_pages", 0)
+            lines.append(f"  lazy: mounted first; {pages} baseline pages ({pages * PAGE_SIZE / (1 << 20):.1f} MiB) "
+                         "load in the background")
         if self.baseline_only:
             lines.append("  WARNING: baseline only: writes after this generation could not be fetched")
         return "\n".join(lines)
@@ -304,7 +316,7 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
                   timeout: float = 10.0, dry_run: bool = False, verify: bool = False, baseline_only: bool = False,
                   check_alive: bool = True, on_progress: ProgressCallback | None = None, report: RecoveryReport | None = None,
                   regions_ready: Callable[[Path, str], None] | None = None,
-                  fence_cmd: str | None = None) -> tuple[Opened | None, RecoveryReport]:
+                  fence_cmd: str | None = None, load: str = "eager") -> tuple[Opened | None, RecoveryReport]:
     """Steps 1-7. Returns the rebuilt filesystem (None for a dry run) and the report.
 
     An unreachable source is never taken over silently: it needs ``baseline_only`` (the operator accepts the
@@ -313,6 +325,9 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
 
     ``regions_ready(region dir, fsid)`` is called once the new region directory is chosen and exists (to
     start the exporter of the new regions early); the region files appear in it later.
+
+    ``load="lazy"``: only the namespace region and the dirty pages are in when this returns; the returned
+    ``Opened.background`` loads the rest of the baseline once the filesystem serves (``BackgroundLoad``).
     """
     from .mount import read_backend
 
@@ -397,8 +412,17 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
             # A flush published between our first read and the fence: load the newer generation.
             base_plan.clear()
             await plan_baseline(manifest)
+        report.load = load
+
+        def reconnect(write: RegionWriter) -> PageSource:
+            # The fenced source, for baseline pages the store cannot deliver during a lazy load; connected
+            # when first needed, from the serving process.
+            host, _, port = report.source.rpartition(":")
+            return ReconnectingSource(transport, host, int(port), fsid, secret, timeout, write)
+
         return await _rebuild(backend, fsid, manifest, state, base_plan[0] if base_plan else None, region_dir,
-                              opts, report, dry_run=dry_run, verify=verify, on_progress=on_progress, t_total=t_total)
+                              opts, report, dry_run=dry_run, verify=verify, on_progress=on_progress, t_total=t_total,
+                              source_again=reconnect if state is not None else None)
     finally:
         if state is not None:
             await state.conn.aclose()
@@ -478,7 +502,8 @@ async def read_lists(state: SourceState, fsid: str, manifest: Manifest, report: 
 async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state: SourceState | None,
                    base_plan: LoadPlan | None, region_dir: Path | None, opts: MountOptions,
                    report: RecoveryReport, *, dry_run: bool, verify: bool, on_progress: ProgressCallback | None,
-                   t_total: float) -> tuple[Opened | None, RecoveryReport]:
+                   t_total: float, source_again: Callable[[RegionWriter], PageSource] | None = None
+                   ) -> tuple[Opened | None, RecoveryReport]:
     if dry_run:
         plan = fetch_plan(state, []) if state else []
         report.dirty_pages_fetched = sum(n for _, _, n in plan)
@@ -501,7 +526,13 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
     # 4-6: the baseline from the backend and the dirty pages from the source, at the same time.
     plan = fetch_plan(state, []) if state is not None else []
     assert base_plan is not None
-    load_plan = base_plan.cut(_long_runs(plan, regions))
+    lazy = report.load == "lazy"
+    data_ids = [rid for rid in regions.regions if rid not in (CTL_REGION_ID, META_REGION_ID)]
+    if lazy:
+        # Before the mount: the namespace region; the data regions' baseline pages come after it.
+        load_plan = base_plan.cut({rid: bytearray(b"\x01") * regions[rid].pages for rid in data_ids})
+    else:
+        load_plan = base_plan.cut(_long_runs(plan, regions))
     write = region_file_writer(regions)
     fetcher = Fetcher(state, write, report) if state is not None else None
     loaded = await _load_and_fetch(backend, load_plan, write, fetcher, plan, report, on_progress)
@@ -525,12 +556,33 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
         report.verified_pages = await _verify(load_plan, fetcher, plan, regions, fetched)
         report.phase("verify").seconds = time.monotonic() - t
 
+    background: BackgroundLoad | None = None
+    residency: Residency | None = None
+    if lazy:
+        # What the background load writes: the data regions' baseline pages, except those fetched.
+        skip = dict(fetched)
+        skip[META_REGION_ID] = bytearray(b"\x01") * regions[META_REGION_ID].pages
+        rest = base_plan.cut(skip)
+        residency = Residency.missing_only(rest.covered, {rid: regions[rid].pages for rid in data_ids})
+        guarded = residency.guarded(write)
+        baseline_source = BaselineSource(backend, rest, guarded)
+        residency.fill_now = baseline_source.copy_now
+        again = _Later(lambda: source_again(guarded)) if source_again is not None else None
+        source: PageSource = FallbackSource(baseline_source, again)
+        background = BackgroundLoad(residency, LazyLoader(residency, source, rate_bytes=opts.load_rate),
+                                    baseline_source, report, t_total)
+        report.background_load = background.loader.stats()
+
     # 7: namespace; fetched pages go on the new current list so the first flush publishes them.
     t = time.monotonic()
     try:
-        fs = Filesystem.load(regions, fsid, new_epoch, fresh_ctl_capacity=opts.dirty_capacity)
+        fs = Filesystem.load(regions, fsid, new_epoch, fresh_ctl_capacity=opts.dirty_capacity, residency=residency)
     except CorruptionError as e:
         raise NamespaceInconsistent(f"the rebuilt namespace is inconsistent: {e}") from None
+    except OSError as e:       # the replay needed a baseline page neither the store nor the source delivered
+        raise BackendFailed(f"the rebuilt namespace needs a baseline page that could not be loaded: {e}") from None
+    if residency is not None:
+        residency.fill_now = None     # from the mount on, a missing page is waited for (NotResident)
     try:
         fs.tracker.mark_runs(plan)
     except ListFull:
@@ -542,7 +594,81 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
     report.directories = len(fs.ns.inodes) - report.files
 
     report.total_seconds = time.monotonic() - t_total
-    return Opened(backend, manifest, fs, loaded.live, new_epoch, region_dir, "recovered"), report
+    return Opened(backend, manifest, fs, loaded.live, new_epoch, region_dir, "recovered", background), report
+
+
+class BackgroundLoad:
+    """A lazy recovery's load of the remaining baseline pages, run by the serving session once mounted.
+
+    Every request that needs a page not in yet waits for it with priority (``Residency.ensure``); pages
+    the store cannot deliver are asked of the fenced source. The new owner's dirty lists hold what it
+    fetched from the source and what was written since, never pages loaded from the baseline: those
+    are in the store already, so a third host can recover from the store plus this host's lists.
+    """
+
+    def __init__(self, residency: Residency, loader: LazyLoader, baseline: BaselineSource, report: RecoveryReport,
+                 t_start: float) -> None:
+        self.residency, self.loader, self.baseline, self.report = residency, loader, baseline, report
+        self.t_start = t_start
+        self.on_complete: Callable[[], None] | None = None   # the serving session: rewrite the JSON report
+
+    async def run(self, fs: Filesystem) -> None:
+        try:
+            await self.loader.run()
+        finally:
+            self.baseline.close()
+            src = self.loader.source
+            if isinstance(src, FallbackSource) and isinstance(src.fallback, _Later):
+                await src.fallback.aclose()
+        fs.residency = None         # every page is in: requests take the plain path again
+        self.report.background_load = self.loader.stats()
+        if self.on_complete is not None:
+            self.on_complete()
+
+
+class _Later:
+    """A page source made when first needed (connecting to the source only if the store fails a page)."""
+
+    def __init__(self, make: Callable[[], PageSource]) -> None:
+        self.make = make
+        self.source: PageSource | None = None
+
+    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        if self.source is None:
+            self.source = self.make()
+        return await self.source.make_resident(runs)
+
+    async def aclose(self) -> None:
+        if isinstance(self.source, ReconnectingSource):
+            await self.source.aclose()
+
+
+class ReconnectingSource:
+    """The failed (fenced) source's exporter as a page source, connected on first use; once it cannot be
+    reached, every page fails naming it, and the next batch tries again."""
+
+    def __init__(self, transport: str, host: str, port: int, fsid: str, secret: bytes, timeout: float,
+                 write: RegionWriter) -> None:
+        self.args = (transport, host, port, fsid, secret, timeout)
+        self.where = f"source {host}:{port}"
+        self.conn: Connection | None = None
+        self.remote: RemoteSource | None = None
+        self.write = write
+
+    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        if self.remote is None:
+            try:
+                self.conn, catalog = await connect_source(*self.args)
+            except (TransportError, RecoveryError) as e:
+                return [PageFailure(rid, p, self.where, f"unreachable: {e}") for rid, first, n in runs
+                        for p in range(first, first + n)]
+            self.remote = RemoteSource(self.conn, catalog, self.write, self.where)
+        return await self.remote.make_resident(runs)
+
+    async def aclose(self) -> None:
+        if self.conn is not None:
+            await self.conn.aclose()
+            self.conn = self.remote = None
 
 
 async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: RegionWriter, fetcher: Fetcher | None,
@@ -751,6 +877,9 @@ async def _verify(load_plan: LoadPlan, fetcher: Fetcher | None, plan: list[tuple
 
 
 def write_report(path: Path, report: RecoveryReport) -> None:
-    path.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    """Atomically: a lazy recovery's report is rewritten while a reader may be looking."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    os.replace(tmp, path)
 
 

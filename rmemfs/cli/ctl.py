@@ -90,6 +90,12 @@ def format_stats(s: dict[str, Any]) -> str:
         f"  regions {core['region_count']}: {core['region_virtual_bytes'] / (1 << 20):.0f} MiB virtual, "
         f"{core['region_resident_bytes'] / (1 << 20):.1f} MiB resident",
     ]
+    load = s.get("load")
+    if load:
+        state = (f"complete in {load['load_seconds']:.1f} s" if load["load_seconds"] is not None
+                 else f"{load['load_pages_per_s'] * 4096 / (1 << 20):.0f} MiB/s")
+        lines.append(f"  background load: {load['resident_pages']}/{load['total_pages']} pages resident, {state}; "
+                     f"{load['demand_waits']} requests waited for a page")
     if fl["last_error"]:
         lines.append(f"  last flush error: {fl['last_error']}")
     if fl["fenced"]:

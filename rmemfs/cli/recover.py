@@ -24,6 +24,7 @@ from pathlib import Path
 import trio
 
 from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 at start-up, not on the recovery's clock)
+from .. import PAGE_SIZE
 from ..errors import QuietError
 from ..exits import EXIT_USAGE
 from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-only", action="store_true",
                    help="recover from the baseline alone when the source is gone (loses later writes)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the source (default 10)")
+    p.add_argument("--load", choices=("lazy", "eager"), default="lazy",
+                   help="lazy (default): mount once the namespace and the dirty pages are in, and load the "
+                   "baseline's other pages in the background, each on demand first; eager: load everything, "
+                   "then mount")
     p.add_argument("--no-liveness-check", action="store_true",
                    help="skip waiting to see that the source's heartbeat has stopped")
     args = p.parse_args(argv)
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             opened, report = trio.run(lambda: recover(
                 args.backend.absolute(), args.source, opts, transport=args.transport, timeout=args.timeout,
                 dry_run=args.dry_run, verify=args.verify, baseline_only=args.baseline_only,
-                check_alive=not args.no_liveness_check, fence_cmd=fence_cmd,
+                check_alive=not args.no_liveness_check, fence_cmd=fence_cmd, load=args.load,
                 on_progress=TerminalProgress() if sys.stderr.isatty() else None, report=report, regions_ready=start_exporter))
             t_mount = time.monotonic()
             port = launched[0].ready() if opened is not None else None
@@ -122,13 +127,48 @@ def main(argv: list[str] | None = None) -> None:
             ph = report.phase("publish+mount")
             ph.seconds = float(note) if note else time.monotonic() - t_mount
             report.total_seconds += ph.seconds
+            report.time_to_mount_s = report.total_seconds
             print(report.summary(), flush=True)
-            if args.json:
+            if args.json and opened.background is None:   # a lazy one's is written by the serving process
                 write_report(args.json, report)
+
+        bg = opened.background
+        json_path = args.json.absolute() if args.json else None
+        if bg is not None:
+            bar = TerminalProgress() if args.foreground and sys.stderr.isatty() else None
+            if bar is not None:
+                bg.loader.on_progress = lambda done, total: bar(ProgressEvent(
+                    "background", done * PAGE_SIZE, done, total * PAGE_SIZE, total, done >= total))
+
+            def loaded() -> None:
+                # The serving process adds the load's figures to the report once it is complete.
+                if json_path:
+                    write_report(json_path, report)
+            bg.on_complete = loaded
 
         def work(ready: Ready) -> int:
             def mounted() -> None:
-                ready(f"{time.monotonic() - t_mount:.6f}")
+                took = time.monotonic() - t_mount
+                if bg is not None and json_path:
+                    # Written here, in the serving process, which rewrites it when the load completes.
+                    report.phase("publish+mount").seconds = took
+                    report.time_to_mount_s = report.total_seconds + took
+                    bg.report.background_load = bg.loader.stats()
+                    write_report(json_path, report)
+                ready(f"{took:.6f}")
+                if local_source and bg is not None:
+                    # Its pages may still be asked for (baseline pages the store fails): once the load is done.
+                    then = bg.on_complete
+
+                    def loaded_then_retire() -> None:
+                        if then is not None:
+                            then()
+                        retire_old()
+                    bg.on_complete = loaded_then_retire
+                elif local_source:
+                    retire_old()
+
+            def retire_old() -> None:
                 if local_source:
                     # The new epoch is published: the old memory on this host is fenced and may go. This
                     # runs in the serving daemon, after the mount is reported: a failure here must not end it.

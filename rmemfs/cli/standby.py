@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                 rargv[0:0] = ["--log", str(args.log)]
             if args.debug:
                 rargv.insert(0, "--debug")
-            # In this process, the eager path of today's rmemfs-recover (lazy recovery will slot in here):
+            # In this process, rmemfs-recover (lazy by default: it mounts before the baseline is all in):
             # it fences, fetches, publishes, mounts and serves until unmounted.
             try:
                 recover_cli.main(rargv)

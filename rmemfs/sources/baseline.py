@@ -89,6 +89,10 @@ class BaselineSource:
     async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
         return await trio.to_thread.run_sync(self._copy, runs)
 
+    def copy_now(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+        """``make_resident`` in the calling thread (before the mount, when nothing else runs)."""
+        return self._copy(runs)
+
     def close(self) -> None:
         with self._lock:
             for reader in self._all:

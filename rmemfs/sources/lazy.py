@@ -8,20 +8,27 @@ chunk in flight plus its own read.
 
 Atomicity (trio: only awaits break it). ``ensure`` returns right after a check that found every
 page resident, with no await in between; the caller must read or write the region with no await
-between ``ensure`` returning and that use. Every access to a missing page goes through
-``ensure``, full-page writes included: the loader writes a page from a worker thread while it is
-still marked missing, so a write that skipped ``ensure`` could be overwritten by the baseline copy.
-Once marked resident a page is never written by the loader again.
+between ``ensure`` returning and that use. The filesystem core (sync) raises ``NotResident`` before
+it changes anything when an operation needs the old contents of a missing page (a read, a write or
+truncate that covers part of a page); its caller awaits ``ensure`` and runs the operation again.
+
+A page that is about to be overwritten whole, zeroed or freed needs no old contents: ``claim`` marks
+it resident at once. The loader writes through ``guarded`` under the same lock and only into pages
+still missing, so a claimed page never gets a late baseline copy written over it.
 """
 from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import trio
 
+from .. import PAGE_SIZE
+from ..loader import RegionWriter
 from ..regions import unset_runs
 from .base import PageFailure, PageSource
 
@@ -32,6 +39,17 @@ RETRY_SECONDS = 1.0        # pause before a pass over the pages that failed
 LANES = 2                  # chunks in flight: one thread reads and checks while another writes
 
 
+_FLIP = bytes([1, 0] + [0] * 254)
+
+
+class NotResident(Exception):
+    """An operation needs the old contents of pages not loaded yet: await ``ensure`` and run it again."""
+
+    def __init__(self, region_id: int, first: int, n: int) -> None:
+        super().__init__(region_id, first, n)
+        self.region_id, self.first, self.n = region_id, first, n
+
+
 class Residency:
     def __init__(self, region_pages: dict[int, int], *, resident: bool = False) -> None:
         fill = 1 if resident else 0
@@ -39,11 +57,33 @@ class Residency:
         self.total = sum(region_pages.values())
         self.missing = 0 if resident else self.total
         self.complete = self.missing == 0
+        self.to_load = self.missing          # missing at the start: what the load brings in
+        # Held by the loader's writes (worker threads) and by claim (event loop): a claimed page
+        # is never written by the loader afterwards.
+        self.lock = threading.Lock()
+        # Before the mount (journal replay, nothing else running): a synchronous loader for what the
+        # replay needs; None once serving, when a missing page raises NotResident instead.
+        self.fill_now: Callable[[list[tuple[int, int, int]]], list[PageFailure]] | None = None
         self._changed = trio.Event()
         self.demands: deque[tuple[int, int, int]] = deque()
         self.demanded = trio.Event()
         self.failed: dict[tuple[int, int], PageFailure] = {}    # pages whose last load failed
         self.wait_seconds: list[float] = []                     # one per ensure that had to wait
+
+    @classmethod
+    def missing_only(cls, covered: dict[int, bytearray], region_pages: dict[int, int]) -> Residency:
+        """Residency of regions whose pages are all in except those marked in ``covered`` (what a load writes)."""
+        res = cls(region_pages, resident=True)
+        for rid, m in res.maps.items():
+            c = covered.get(rid)
+            if c is None:
+                continue
+            c = c[:len(m)]
+            m[:len(c)] = c.translate(_FLIP)
+            res.missing += len(c) - m[:len(c)].count(1)
+        res.complete = res.missing == 0
+        res.to_load = res.missing
+        return res
 
     def is_resident(self, region_id: int, first: int, n: int) -> bool:
         if self.complete:
@@ -56,13 +96,49 @@ class Residency:
         m = self.maps.get(region_id)
         if m is None:
             return
-        was = m[first:first + n].count(1)
-        m[first:first + n] = b"\x01" * n
-        self.missing -= n - was
-        self.complete = self.missing == 0
-        for page in range(first, first + n):
-            self.failed.pop((region_id, page), None)
+        n = max(0, min(n, len(m) - first))
+        with self.lock:
+            was = m[first:first + n].count(1)
+            m[first:first + n] = b"\x01" * n
+            self.missing -= n - was
+            self.complete = self.missing == 0
+        if self.failed:
+            for page in range(first, first + n):
+                self.failed.pop((region_id, page), None)
         self._wake()
+
+    def claim(self, region_id: int, first: int, n: int) -> None:
+        """Pages about to be overwritten whole, zeroed or freed: resident now, never loaded."""
+        if not self.complete:
+            self.mark(region_id, first, n)
+
+    def require(self, region_id: int, first: int, n: int) -> None:
+        """Raise NotResident unless pages first..first+n-1 are in (before the mount: load them now)."""
+        if self.is_resident(region_id, first, n):
+            return
+        if self.fill_now is None:
+            raise NotResident(region_id, first, n)
+        runs = self.missing_runs(region_id, first, n)
+        bad = self.fill_now(runs)
+        if bad:
+            f = bad[0]
+            raise OSError(errno.EIO, f"region {f.region_id} page {f.page} could not be loaded from {f.where}: "
+                                     f"{f.why}")
+        for rid, a, k in runs:
+            self.mark(rid, a, k)
+
+    def guarded(self, write: RegionWriter) -> RegionWriter:
+        """``write`` for the loader: only into pages still missing, under the lock (see the module doc)."""
+        def guarded_write(region_id: int, offset: int, data: memoryview) -> None:
+            m = self.maps.get(region_id)
+            if m is None:
+                write(region_id, offset, data)
+                return
+            first, n = offset // PAGE_SIZE, len(data) // PAGE_SIZE
+            with self.lock:
+                for a, b in unset_runs(m, first, first + n):
+                    write(region_id, a * PAGE_SIZE, data[(a - first) * PAGE_SIZE:(b - first) * PAGE_SIZE])
+        return guarded_write
 
     def fail(self, failure: PageFailure) -> None:
         self.failed[failure.region_id, failure.page] = failure
@@ -106,8 +182,11 @@ class Residency:
 class LazyLoader:
     """Makes every missing page resident from ``source``: demands first, then the rest in order."""
 
-    def __init__(self, residency: Residency, source: PageSource) -> None:
+    def __init__(self, residency: Residency, source: PageSource, *, rate_bytes: float = 0.0,
+                 on_progress: Callable[[int, int], None] | None = None) -> None:
         self.residency, self.source = residency, source
+        self.rate_bytes = rate_bytes                # background load limit, bytes/s (0: none); demands are not
+        self.on_progress = on_progress              # (resident pages, total pages), after each chunk
         self.loaded_pages = 0
         self.started = time.monotonic()
         self.seconds: float | None = None          # the background load's duration, once complete
@@ -130,6 +209,7 @@ class LazyLoader:
         """What ``rmemfs-ctl stats`` and the JSON report show of the load."""
         res = self.residency
         return {"resident_pages": res.total - res.missing, "total_pages": res.total,
+                "missing_pages": res.missing, "to_load_pages": res.to_load,
                 "load_pages_per_s": self.rate(), "load_seconds": self.seconds,
                 "demand_waits": len(res.wait_seconds), "demand_wait_p50_s": percentile(res.wait_seconds, 0.5),
                 "demand_wait_p99_s": percentile(res.wait_seconds, 0.99)}
@@ -174,6 +254,15 @@ class LazyLoader:
                 await self._load(demands, demand=True)
             else:
                 await self._load([pending.popleft()], demand=False)
+                if self.rate_bytes:
+                    ahead = self.loaded_pages * PAGE_SIZE / self.rate_bytes - (time.monotonic() - self.started)
+                    if ahead > 0:
+                        with trio.move_on_after(ahead):   # a demand ends the pause
+                            res.demanded = trio.Event()
+                            if not res.demands:
+                                await res.demanded.wait()
+            if self.on_progress is not None:
+                self.on_progress(res.total - res.missing, res.total)
             await trio.lowlevel.checkpoint()          # let the waiters run before the next chunk
 
     async def run(self) -> None:
