@@ -12,8 +12,12 @@ hostA's memory only through the exporter's TCP transport. Per trial (seeded):
   (path -> XXH3, directories) to JSON;
 * after a random delay shorter than the flush interval (so sometimes during a
   flush) the test SIGKILLs the rmemfs daemon; its exporter must live on;
-* hostB runs rmemfs-recover --source <hostA> --transport software --verify --json,
-  and every file must match by XXH3, with no file or directory missing or extra.
+* hostB runs rmemfs-recover --source <hostA> --transport software --verify --json (lazy, the
+  default), and every file must match by XXH3, with no file or directory missing or extra;
+* in about half of the trials ("io during load") the background load is slowed (-o load_rate) and the
+  workers go on, on hostB, while it runs: writes, truncates and mmap stores on pages not loaded yet
+  (fsworkload.py resume, from the first run's saved bytes, without reading the mount first), then the
+  tree must match the state after those operations.
 
 The kill mode follows the seed (``seed % 4``, so any four consecutive seeds try each): "now", "delay",
 "mid-flush" (SIGKILL a few ms into a requested flush of a big dirty set) and "pause": instead of a
@@ -66,8 +70,10 @@ def test_two_host_recovery(seed: int, tmp_path: Path) -> None:
     kill_delay = {"now": 0.0, "delay": rng.uniform(0, flush_interval), "mid-flush": rng.uniform(0.002, 0.06),
                   "pause": 0.0}[kill]
     tail_big = rng.randint(16, 48) if kill == "mid-flush" else 0
+    io_during_load = kill != "pause" and rng.random() < 0.5
     params = (f"seed={seed} flush_interval={flush_interval} workers={workers} ops/worker={ops} kill={kill} "
-              f"after {kill_delay:.3f}s big={tail_big}MiB; replay: tools/test {Path(__file__).relative_to(REPO)} "
+              f"after {kill_delay:.3f}s big={tail_big}MiB io_during_load={io_during_load}; "
+              f"replay: tools/test {Path(__file__).relative_to(REPO)} "
               f"--seed {seed} --trials 1")
     print(f"\ntrial {params}")
     t0 = time.monotonic()
@@ -78,7 +84,7 @@ def test_two_host_recovery(seed: int, tmp_path: Path) -> None:
 
         work = a.python(WORKLOAD, "run", a.dir / "mnt", "--seed", str(seed), "--out", state_file,
                         "--workers", str(workers), "--ops", str(ops), "--tail-big", str(tail_big), "--self-check",
-                        check=False, timeout=120)
+                        "--contents", a.dir / "contents", check=False, timeout=120)
         assert work.returncode == 0, f"workload failed ({params}):\n{work.stdout}\n{work.stderr}"
         print(work.stdout.strip())
 
@@ -109,13 +115,25 @@ def test_two_host_recovery(seed: int, tmp_path: Path) -> None:
         assert pid not in a.pids(), "rmemfs survived SIGKILL?"
         assert a.exporter_pids(), f"the exporter died with rmemfs ({params})"
 
+        slow = {"load_rate": "64K"} if io_during_load else {}      # 16 pages/s
         rec = b.recover_rmemfs(backend, b.dir / "mnt", a.addr, json_report=report_file, check=False,
-                               extra=["--transport", "software", "--verify"], region_size="64M")
+                               extra=["--transport", "software", "--verify"], region_size="64M", **slow)
         assert rec.returncode == 0, f"rmemfs-recover exited {rec.returncode} ({params}):\n{rec.stderr}{rec.stdout}"
         report = json.loads(report_file.read_text())
         assert report["source"] == f"{a.addr}:7470" and report["transport"] == "software", report
         assert not report["rejected_entries"], report["rejected_entries"]
 
+        if io_during_load:
+            load = json.loads(b.python(WORKLOAD, "ctl", b.dir / "mnt", "stats").stdout)["load"]
+            print(f"background load at the mount: {load['missing_pages']} of {load['to_load_pages']} pages missing")
+            if load["to_load_pages"] >= 64:       # 4 s at 16 pages/s: surely still loading
+                assert load["missing_pages"] > 0, load
+            state_file = b.dir / "state2.json"
+            more = b.python(WORKLOAD, "resume", b.dir / "mnt", "--contents", a.dir / "contents", "--state",
+                            a.dir / "state.json", "--seed", str(seed + 1), "--ops", "40", "--out", state_file,
+                            check=False, timeout=120)
+            assert more.returncode == 0, f"workload during the load failed ({params}):\n{more.stdout}\n{more.stderr}"
+            print(more.stdout.strip())
         check = b.python(WORKLOAD, "verify", b.dir / "mnt", state_file, check=False)
         assert check.returncode == 0, (f"recovered tree differs from the acknowledged state ({params}):\n"
                                        f"{check.stdout[-4000:]}\nrecovery:\n{rec.stdout}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A seeded file workload for an rmemfs mount, and the check of a recovered copy against it.
 
-    fsworkload.py run    ROOT --seed S --out STATE.json [--workers W] [--ops N] [--flushes F]
+    fsworkload.py run    ROOT --seed S --out STATE.json [--workers W] [--ops N] [--flushes F] [--contents DIR]
+    fsworkload.py resume ROOT --contents DIR --state STATE.json --seed S --ops N --out STATE2.json
     fsworkload.py verify ROOT STATE.json [--exclude DIR]
     fsworkload.py pause  ROOT --seed S --out LOG.json --ready FILE --stop FILE [--workers W]
     fsworkload.py verify-pause ROOT LOG.json [--after-ns T]
@@ -16,6 +17,11 @@ overlap a flush. After the workers join it does a last burst of operations:
 they land after the last baseline. The model is updated only after an
 operation's syscalls returned (the acknowledgement); STATE.json holds every
 file's XXH3 and size and every directory.
+
+``--contents DIR`` also keeps every file's acknowledged bytes in DIR. ``resume`` goes on from there on
+another mount of the same tree (a recovered one, while its baseline still loads): the workers adopt
+their directories and files from DIR without reading the mount, so their partial writes, truncates and
+mmap stores land on pages the mount may not have loaded yet, and STATE2.json is the state after them.
 
 ``verify`` walks ROOT (a recovered mount) and compares it with STATE.json byte
 for byte via XXH3: missing, extra and different files and directories.
@@ -78,14 +84,26 @@ def request_flush(root: Path) -> int | None:
 class Worker:
     """One thread's files: the model maps a path relative to ROOT to its acknowledged content."""
 
-    def __init__(self, root: Path, name: str, rng: random.Random) -> None:
+    def __init__(self, root: Path, name: str, rng: random.Random, *, adopt: bool = False) -> None:
         self.root, self.rng = root, rng
         self.dir = name
         self.files: dict[str, bytearray] = {}
         self.dirs: set[str] = {name}
         self.ops: dict[str, int] = {}
         self.serial = 0
-        os.mkdir(root / name)
+        if not adopt:
+            os.mkdir(root / name)
+
+    @classmethod
+    def adopted(cls, root: Path, name: str, rng: random.Random, state: dict, contents: Path) -> Worker:
+        """This worker's part of a saved tree (``--contents``), to go on from on another mount of it."""
+        w = cls(root, name, rng, adopt=True)
+        index = json.loads((contents / "index.json").read_text())
+        w.files = {path: bytearray((contents / f"{n}.bin").read_bytes()) for path, n in index.items()
+                   if path.split("/", 1)[0] == name}
+        w.dirs = {d for d in state["dirs"] if d.split("/", 1)[0] == name}
+        w.serial = 100_000                  # new names never collide with the first run's
+        return w
 
     def data(self, n: int) -> bytes:
         # Mix random bytes with long zero runs: zero pages are a separate case in the baseline format.
@@ -356,7 +374,7 @@ def verify_pause(root: Path, log: dict, after_ns: int | None = None) -> tuple[li
 
 
 def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: int,
-        self_check: bool = False, tail_big: int = 0) -> dict:
+        self_check: bool = False, tail_big: int = 0, contents: Path | None = None) -> dict:
     rng = random.Random(seed)
     crew = [Worker(root, f"w{i}", random.Random(rng.getrandbits(64))) for i in range(workers)]
     errors: list[BaseException] = []
@@ -397,8 +415,45 @@ def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: i
         finally:
             os.close(fd)
         w.files[path] = bytearray(content)
+    if contents is not None:
+        save_contents(crew, contents)
     return {"seed": seed, **_state(crew), "flush_generations": generations, "seconds": time.monotonic() - t0,
             "done_ns": time.time_ns()}
+
+
+def save_contents(crew: list[Worker], contents: Path) -> None:
+    contents.mkdir(parents=True, exist_ok=True)
+    index: dict[str, int] = {}
+    for w in crew:
+        for path, content in w.files.items():
+            index[path] = len(index)
+            (contents / f"{index[path]}.bin").write_bytes(content)
+    (contents / "index.json").write_text(json.dumps(index))
+
+
+def resume(root: Path, state: dict, contents: Path, seed: int, ops: int) -> dict:
+    """Go on with the saved tree's workers on ``root``, concurrently, ``ops`` operations each."""
+    rng = random.Random(seed)
+    names = sorted({d.split("/", 1)[0] for d in state["dirs"]})
+    crew = [Worker.adopted(root, name, random.Random(rng.getrandbits(64)), state, contents) for name in names]
+    errors: list[BaseException] = []
+
+    def body(w: Worker) -> None:
+        try:
+            for _ in range(ops):
+                w.step()
+        except BaseException as e:     # reported by the main thread
+            errors.append(e)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=body, args=(w,)) for w in crew]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {"seed": seed, **_state(crew), "seconds": time.monotonic() - t0}
 
 
 def _state(crew: list[Worker]) -> dict:
@@ -466,6 +521,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--self-check", action="store_true",
                    help="verify the mount against the model before the last burst (tells model bugs from "
                         "recovery bugs)")
+    r.add_argument("--contents", type=Path, metavar="DIR", help="also save every file's acknowledged bytes here")
+    rs = sub.add_parser("resume", help="go on with a saved tree's workers on another mount of it")
+    rs.add_argument("root", type=Path)
+    rs.add_argument("--contents", type=Path, required=True)
+    rs.add_argument("--state", type=Path, required=True)
+    rs.add_argument("--seed", type=int, required=True)
+    rs.add_argument("--ops", type=int, default=50, help="operations per worker")
+    rs.add_argument("--out", type=Path, required=True)
     v = sub.add_parser("verify")
     v.add_argument("root", type=Path)
     v.add_argument("state", type=Path)
@@ -497,10 +560,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if reply.get("ok") else 1
     if args.cmd == "run":
         state = run(args.root, args.seed, args.workers, args.ops, args.flushes, args.tail_ops, args.self_check,
-                    args.tail_big)
+                    args.tail_big, args.contents)
         args.out.write_text(json.dumps(state, indent=1) + "\n")
         print(f"workload seed {args.seed}: {len(state['files'])} files, {len(state['dirs'])} dirs, "
               f"ops {state['ops']}, flushes {state['flush_generations']}, {state['seconds']:.2f} s", flush=True)
+        return 0
+    if args.cmd == "resume":
+        state = resume(args.root, json.loads(args.state.read_text()), args.contents, args.seed, args.ops)
+        args.out.write_text(json.dumps(state, indent=1) + "\n")
+        print(f"resumed workload seed {args.seed}: {len(state['files'])} files, ops {state['ops']}, "
+              f"{state['seconds']:.2f} s", flush=True)
         return 0
     if args.cmd == "pause":
         log = pause_run(args.root, args.seed, args.workers, args.ready, args.stop)

@@ -270,7 +270,10 @@ class LazyLoader:
         res = self.residency
         self.started = time.monotonic()
         while not res.complete:
-            pending = deque(c for rid in sorted(res.maps) for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid]))))
+            # A rate limit loads in chunks of about 50 ms of it, so that it is smooth at any rate.
+            size = CHUNK_PAGES if not self.rate_bytes else max(1, min(CHUNK_PAGES, int(self.rate_bytes / 20 / PAGE_SIZE)))
+            pending = deque(c for rid in sorted(res.maps)
+                            for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid])), size))
             async with trio.open_nursery() as nursery:
                 for _ in range(LANES):
                     nursery.start_soon(self._lane, pending)
@@ -284,9 +287,8 @@ class LazyLoader:
                  self.rate())
 
 
-def _chunks(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    return [(rid, p, min(CHUNK_PAGES, first + n - p)) for rid, first, n in runs
-            for p in range(first, first + n, CHUNK_PAGES)]
+def _chunks(runs: list[tuple[int, int, int]], size: int = CHUNK_PAGES) -> list[tuple[int, int, int]]:
+    return [(rid, p, min(size, first + n - p)) for rid, first, n in runs for p in range(first, first + n, size)]
 
 
 def percentile(values: list[float], q: float) -> float | None:
