@@ -78,6 +78,10 @@ def test_bench_quick_report(tmp_path: Path) -> None:
     assert rec["fractions"]["50"]["dirty_bytes"]["median"] > rec["fractions"]["1"]["dirty_bytes"]["median"]
     assert rec["small_files"]["files"] == 40
     _figure(rec["small_files"]["total"], "s")
+    lz = rec["lazy"]["sizes"][str(4 << 20)]       # --quick: lazy vs eager at --size only
+    assert lz["lazy"]["time_to_mount_s"] > 0 and lz["eager"]["time_to_mount_s"] > 0
+    assert lz["lazy"]["first_read"]["reads"] == 20 and lz["lazy"]["background_load"]["load_seconds"] is not None
+    assert lz["seq_read_ratio"] > 0 and lz["load_throughput_ratio"] > 0
 
     tr = rep["transport"]
     assert tr["data_verified"] is True
@@ -110,7 +114,7 @@ def test_bench_quick_report(tmp_path: Path) -> None:
         assert set(t) == {"target", "value", "op", "bound", "unit", "pass"}
         # only the 10%-dirty recovery target is unmeasured here (--dirty 1,50)
         assert (t["pass"] is None) == t["target"].startswith("recovery, 10%")
-    for png in ("recovery.png", "write.png", "flush.png", "databases.png"):
+    for png in ("recovery.png", "recovery_lazy.png", "write.png", "flush.png", "databases.png"):
         assert (out / png).stat().st_size > 1000
         assert png in rep["plots"]
     # nothing left behind: no mounts, no region directories of ours
