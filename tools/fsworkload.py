@@ -373,10 +373,8 @@ def verify_pause(root: Path, log: dict, after_ns: int | None = None) -> tuple[li
     return problems, counts
 
 
-def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: int,
-        self_check: bool = False, tail_big: int = 0, contents: Path | None = None) -> dict:
-    rng = random.Random(seed)
-    crew = [Worker(root, f"w{i}", random.Random(rng.getrandbits(64))) for i in range(workers)]
+def start_crew(crew: list[Worker], ops: int) -> tuple[list[threading.Thread], list[BaseException]]:
+    """One thread per worker, ``ops`` steps each; the list collects their exceptions for the main thread."""
     errors: list[BaseException] = []
 
     def body(w: Worker) -> None:
@@ -387,9 +385,17 @@ def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: i
             errors.append(e)
 
     threads = [threading.Thread(target=body, args=(w,)) for w in crew]
-    t0 = time.monotonic()
     for t in threads:
         t.start()
+    return threads, errors
+
+
+def run(root: Path, seed: int, workers: int, ops: int, flushes: int, tail_ops: int,
+        self_check: bool = False, tail_big: int = 0, contents: Path | None = None) -> dict:
+    rng = random.Random(seed)
+    crew = [Worker(root, f"w{i}", random.Random(rng.getrandbits(64))) for i in range(workers)]
+    t0 = time.monotonic()
+    threads, errors = start_crew(crew, ops)
     generations = []
     for _ in range(flushes):           # baselines while the workers write
         time.sleep(rng.uniform(0.05, 0.3))
@@ -436,19 +442,8 @@ def resume(root: Path, state: dict, contents: Path, seed: int, ops: int) -> dict
     rng = random.Random(seed)
     names = sorted({d.split("/", 1)[0] for d in state["dirs"]})
     crew = [Worker.adopted(root, name, random.Random(rng.getrandbits(64)), state, contents) for name in names]
-    errors: list[BaseException] = []
-
-    def body(w: Worker) -> None:
-        try:
-            for _ in range(ops):
-                w.step()
-        except BaseException as e:     # reported by the main thread
-            errors.append(e)
-
     t0 = time.monotonic()
-    threads = [threading.Thread(target=body, args=(w,)) for w in crew]
-    for t in threads:
-        t.start()
+    threads, errors = start_crew(crew, ops)
     for t in threads:
         t.join()
     if errors:
