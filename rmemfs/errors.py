@@ -43,12 +43,25 @@ class BackendError(RmemfsError):
     """The backend directory is unusable (missing, foreign, fenced, ...)."""
 
 
+class StoreUnreachable(BackendError):
+    """The store's servers did not answer in time (a RADOS cluster down, its monitors unreachable)."""
+
+
 class FencedError(BackendError):
     """A newer owner (epoch) has taken over this filesystem's backend."""
 
 
 class BackendFailed(CommandError):
     """The backend is missing, unwritable, foreign, or a baseline file of it is missing or corrupt."""
+
+
+class BackendUnreachable(BackendFailed):
+    """The backend's servers did not answer in time (a RADOS cluster down): try again once it is up."""
+
+
+def backend_failed(e: BackendError | CorruptionError) -> BackendFailed:
+    """The command error for a store's error (its message as is)."""
+    return BackendUnreachable(str(e)) if isinstance(e, StoreUnreachable) else BackendFailed(str(e))
 
 
 class RegionsFailed(CommandError):

@@ -33,8 +33,9 @@ import trio
 from . import control, faults
 from .core import DEFAULT_DIRTY_CAPACITY, Filesystem, RoomWaiter
 from .dirty import read_ctl_header
-from .errors import (BackendError, BackendFailed, BackendUnclean, CorruptionError, ExporterFailed, FencedError,
-                     HostUnfit, MountpointUnusable, RegionsFailed, UsageError)
+from .errors import (BackendError, BackendFailed, BackendUnclean, BackendUnreachable, CorruptionError, ExporterFailed,
+                     FencedError, HostUnfit, MountpointUnusable, RegionsFailed, StoreUnreachable, UsageError,
+                     backend_failed)
 from .secure import private_dir
 from .exporter import DEFAULT_PORT, exporter_alive, stop_exporter
 from .flusher import Flusher
@@ -42,7 +43,8 @@ from .loader import live_map, load, region_file_writer
 from .regions import (CTL_REGION_ID, DEFAULT_DATA_REGION_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
                       check_region_directory, parse_region_file_name)
 from .exits import EXIT_BACKEND
-from .store import STATE_CLEAN, STATE_MOUNTED, BaselineStore, LiveMap, Manifest, open_store, owner_info
+from .store import (STATE_CLEAN, STATE_MOUNTED, BaselineStore, LiveMap, Manifest, open_store, owner_info,
+                    store_argv, store_option, store_option_names)
 
 if TYPE_CHECKING:
     from .recovery import BackgroundLoad
@@ -72,6 +74,7 @@ class MountOptions:
     fsname: str = "rmemfs"
     load_rate: float = 0.0             # a lazy recovery's background load limit, bytes/s (0: as fast as it goes)
     extra_fuse: list[str] = field(default_factory=list)
+    store: dict[str, str] = field(default_factory=dict)    # the backend's own options (ceph_conf, ceph_id)
 
     def region_dir(self, fsid: str) -> Path:
         return Path(self.regiondir or f"/dev/shm/rmemfs-{fsid}")
@@ -97,6 +100,9 @@ OPTION_HELP: dict[str, str] = {
     "fsname": "name shown in the mount table (default rmemfs)",
     "load_rate": "rmemfs-recover --load lazy: limit the background load to this many bytes/s (suffixes K, M, G; "
                  "default 0, no limit), to leave the store and the network to requests",
+    "ceph_conf": "rados: backends: the cluster's ceph.conf (default: librados's lookup, CEPH_CONF, "
+                 "/etc/ceph/ceph.conf); its keyring setting says where the key is",
+    "ceph_id": "rados: backends: the cephx user, without client. (default admin)",
 }
 
 
@@ -197,11 +203,15 @@ FUSE_FLAGS = ("ro", "rw", "default_permissions", "noatime", "nosuid", "nodev", "
 def parse_options(items: list[str]) -> MountOptions:
     """Parse ``-o`` items; any bad one is a usage error (exit 2) naming the option and its bound."""
     opts = MountOptions()
+    store_names = store_option_names()
     for item in ",".join(items).split(","):
         item = item.strip()
         if not item:
             continue
         key, eq, value = item.partition("=")
+        if key in store_names:
+            opts.store[key] = store_option(key, value)
+            continue
         if key in FUSE_FLAGS:
             opts.extra_fuse.append(key)
             continue
@@ -268,21 +278,22 @@ class Opened:
     background: BackgroundLoad | None = None    # a lazy recovery's load, still to run once mounted
 
 
-def read_backend(backend_path: Path, opts: MountOptions) -> tuple[BaselineStore, str, Manifest]:
-    backend = open_store(backend_path)
+def read_backend(backend_path: str | os.PathLike[str], opts: MountOptions,
+                 backend: BaselineStore | None = None) -> tuple[BaselineStore, str, Manifest]:
     try:
+        backend = backend or open_store(backend_path, opts.store)
         backend.check_usable()
         fsid = backend.fsid()
         manifest = backend.read_manifest()
         backend.secret()        # checked here: the exporter needs it, and would fail later with another code
     except (BackendError, CorruptionError) as e:
-        raise BackendFailed(str(e)) from None
+        raise backend_failed(e) from None
     if opts.fsid and opts.fsid != fsid:
         raise BackendFailed(f"backend {backend_path} holds filesystem {fsid}, not {opts.fsid}")
     return backend, fsid, manifest
 
 
-def refuse_unclean(backend_path: Path, manifest: Manifest, mountpoint: Path) -> None:
+def refuse_unclean(backend_path: str | os.PathLike[str], manifest: Manifest, mountpoint: Path) -> None:
     owner = manifest.owner
     host = owner.get("host", "?")
     if host == socket.gethostname() and _pid_alive(owner.get("pid", 0)):
@@ -305,19 +316,19 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Opened:
+def open_backend(backend_path: str | os.PathLike[str], opts: MountOptions, mountpoint: Path) -> Opened:
     """Everything before FUSE: returns a filesystem ready to serve (not yet published as ours)."""
-    backend = open_store(backend_path)
     try:
+        backend = open_store(backend_path, opts.store)
         backend.check_usable()
         if backend.is_empty():
             backend.create({"dirty_capacity": opts.dirty_capacity, "region_size": opts.region_size},
                            regions={})
     except BackendError as e:
-        raise BackendFailed(str(e)) from None
+        raise backend_failed(e) from None
     except OSError as e:
         raise BackendFailed(f"cannot create a filesystem in {backend_path}: {e.strerror}") from None
-    backend, fsid, manifest = read_backend(backend_path, opts)
+    backend, fsid, manifest = read_backend(backend_path, opts, backend)
     if manifest.state != STATE_CLEAN:
         refuse_unclean(backend_path, manifest, mountpoint)
     region_dir = opts.region_dir(fsid)
@@ -353,8 +364,8 @@ def open_backend(backend_path: Path, opts: MountOptions, mountpoint: Path) -> Op
                                           f"{region_id} page {page} and {len(result.corrupt) - 1} more pages)")
                 fs = Filesystem.load(regions, fsid, epoch, fresh_ctl_capacity=opts.dirty_capacity)
                 live, how = result.live, "baseline"
-    except CorruptionError as e:
-        raise BackendFailed(str(e)) from None
+    except (BackendError, CorruptionError) as e:     # loading the baseline (a RADOS cluster may time out)
+        raise backend_failed(e) from None
     except OSError as e:
         raise RegionsFailed(f"region directory {region_dir}: {e}") from None
     fs.tracker.enabled = opts.tracking
@@ -398,10 +409,10 @@ class ExporterLaunch:
     regions exist and let the interpreter start-up overlap the rebuild.
     """
 
-    def __init__(self, region_dir: Path, backend_path: str, fsid: str, opts: MountOptions,
+    def __init__(self, region_dir: Path, backend_path: str | os.PathLike[str], fsid: str, opts: MountOptions,
                  log_file: Path | None) -> None:
         cmd = [sys.executable, "-m", "rmemfs.cli.exporter", "--region-dir", str(region_dir), "--backend",
-               str(backend_path), "--listen", opts.listen, "--port", str(opts.port)]
+               str(backend_path), "--listen", opts.listen, "--port", str(opts.port), *store_argv(opts.store)]
         if log_file:
             cmd += ["--log", str(log_file)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -512,7 +523,8 @@ class Session:
             bg = self.opened.background
             return {"load": bg.loader.stats() if bg is not None else None,
                     "ok": True, "fsid": self.opened.fs.fsid, "epoch": self.opened.epoch, "pid": os.getpid(),
-                    "backend": self.opened.backend.spec, "mountpoint": str(self.mountpoint),
+                    "backend": self.opened.backend.spec, "backend_options": self.opened.backend.options,
+                    "mountpoint": str(self.mountpoint),
                     "core": self.opened.fs.statistics().__dict__,
                     "flush": self.flusher.statistics().__dict__, "requests": dict(self.requests),
                     "heartbeat": self.opened.fs.tracker.header().heartbeat,
@@ -550,7 +562,8 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
     except (OSError, BackendError, CorruptionError) as e:
         # A publish that failed after its rename (a directory fsync) did mark the backend ours.
         session.startup.exporter_needed |= _published_epoch(opened.backend) != opened.manifest.epoch
-        raise BackendFailed(f"cannot publish to backend {opened.backend.spec}: {e}") from None
+        kind = BackendUnreachable if isinstance(e, StoreUnreachable) else BackendFailed
+        raise kind(f"cannot publish to backend {opened.backend.spec}: {e}") from None
     # The backend says "mounted" by us: only a clean baseline releases the memory (see _abandon_start).
     session.startup.exporter_needed = True
     ready = False

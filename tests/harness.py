@@ -80,6 +80,8 @@ class Rig:
     regiondir: Path = field(init=False)
     port: int = field(default_factory=free_port)
     options: list[str] = field(default_factory=list)
+    spec: str = ""          # a --backend other than the directory ``backend`` (rados:POOL/PREFIX)
+    store: list[str] = field(default_factory=list)     # that backend's -o options (ceph_conf=..., ceph_id=...)
     used_regiondirs: set[Path] = field(default_factory=set)     # every one this rig pointed at, for cleanup
 
     def __post_init__(self) -> None:
@@ -90,12 +92,24 @@ class Rig:
         self.backend.mkdir(parents=True, exist_ok=True)
         self.mountpoint.mkdir(exist_ok=True)
 
+    @property
+    def backend_arg(self) -> str:
+        return self.spec or str(self.backend)
+
+    def backend_args(self) -> list[str]:
+        """--backend and its store options, as rmemfs-ctl verify/orphans/exporter take them."""
+        return ["--backend", self.backend_arg, *(["-o", ",".join(self.store)] if self.store else [])]
+
+    def store_options(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.store)
+
     def opts(self, extra: list[str] | None = None) -> str:
-        return ",".join([f"regiondir={self.regiondir}", f"port={self.port}", *self.options, *(extra or [])])
+        return ",".join([f"regiondir={self.regiondir}", f"port={self.port}", *self.store, *self.options,
+                         *(extra or [])])
 
     def mount(self, extra: list[str] | None = None, env: dict[str, str] | None = None,
               check: bool = True) -> subprocess.CompletedProcess[str]:
-        return run(cli("mount") + ["--backend", str(self.backend), "-o", self.opts(extra), str(self.mountpoint)],
+        return run(cli("mount") + ["--backend", self.backend_arg, "-o", self.opts(extra), str(self.mountpoint)],
                    env=env, check=check)
 
     def recover(self, *args: str, extra: list[str] | None = None, regiondir: Path | None = None,
@@ -105,7 +119,7 @@ class Rig:
             opts = opts.replace(f"regiondir={self.regiondir}", f"regiondir={regiondir}")
             self.regiondir = regiondir
             self.used_regiondirs.add(regiondir)
-        return run(cli("recover") + ["--backend", str(self.backend), "--transport", transport,
+        return run(cli("recover") + ["--backend", self.backend_arg, "--transport", transport,
                                      "--source", f"127.0.0.1:{self.port}", "-o", opts, *args,
                                      str(self.mountpoint)], check=check)
 
@@ -119,7 +133,7 @@ class Rig:
         return json.loads(self.ctl("stats", "--json", str(self.mountpoint)).stdout)
 
     def manifest(self):  # type: ignore[no-untyped-def]
-        return open_store(self.backend).read_manifest()
+        return open_store(self.backend_arg, self.store_options()).read_manifest()
 
     def daemon_pid(self) -> int:
         return int(self.manifest().owner["pid"])

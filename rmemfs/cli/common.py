@@ -36,7 +36,8 @@ def setup_logging(debug: bool = False, log_file: Path | None = None, quiet: bool
 # The one place an error's type becomes an exit code (the codes are exits.py's table).
 EXIT_OF: tuple[tuple[type[E.CommandError], int], ...] = (
     (E.UsageError, X.EXIT_USAGE), (E.HostUnfit, X.EXIT_ENVIRONMENT), (E.MountpointUnusable, X.EXIT_MOUNTPOINT),
-    (E.BackendFailed, X.EXIT_BACKEND), (E.BackendUnclean, X.EXIT_UNCLEAN), (E.RegionsFailed, X.EXIT_REGIONS),
+    (E.BackendUnreachable, X.EXIT_BACKEND_UNREACHABLE), (E.BackendFailed, X.EXIT_BACKEND),
+    (E.BackendUnclean, X.EXIT_UNCLEAN), (E.RegionsFailed, X.EXIT_REGIONS),
     (E.ExporterFailed, X.EXIT_EXPORTER), (E.SourceUnreachable, X.EXIT_UNREACHABLE), (E.AuthFailed, X.EXIT_AUTH),
     (E.SourceFsidMismatch, X.EXIT_FSID), (E.SourceAlive, X.EXIT_ALIVE), (E.TransportFailed, X.EXIT_TRANSPORT),
     (E.EpochMismatch, X.EXIT_EPOCH), (E.NamespaceInconsistent, X.EXIT_NAMESPACE), (E.VerifyFailed, X.EXIT_VERIFY),

@@ -3,11 +3,13 @@
   rmemfs-ctl flush MOUNTPOINT          flush a baseline now and wait for it to be published
   rmemfs-ctl umount MOUNTPOINT         unmount, and wait until the final baseline is published
   rmemfs-ctl stats MOUNTPOINT [--json] dirty pages per list, last generation, flush figures, regions
-  rmemfs-ctl verify --backend DIR      check the latest baseline against its checksums
-  rmemfs-ctl orphans --backend DIR [--remove]
+  rmemfs-ctl verify --backend B [-o ceph_conf=PATH,ceph_id=NAME]
+                                       check the latest baseline against its checksums (B: a directory,
+                                       or rados:POOL[/PREFIX]; -o: its options, also for orphans, exporter)
+  rmemfs-ctl orphans --backend B [--remove]
                                        region directories of that filesystem on this host that nothing
                                        maps or needs (an old recovery's <dir>.e<epoch>); or remove them
-  rmemfs-ctl exporter --backend DIR [--stop | --retire]
+  rmemfs-ctl exporter --backend B [--stop | --retire]
                                        status of this host's exporter for that filesystem; or stop it;
                                        or, once another host owns the filesystem, stop it and free its memory
   rmemfs-ctl standby status MOUNTPOINT [--json]
@@ -17,7 +19,8 @@
 Exit codes: 0 success; 1 unexpected error; 2 usage; 3 not an rmemfs mount or not
 reachable; 4 the flush (for umount: the final flush) failed or did not finish in
 time; 5 verify found problems; 6 --retire refused (the memory may still be needed,
-or a live process still maps it; the message says why); 7 the unmount was refused (busy); 10 backend unreadable.
+or a live process still maps it; the message says why); 7 the unmount was refused (busy); 10 backend unreadable;
+16 backend unreachable (a RADOS cluster that did not answer in time).
 """
 from __future__ import annotations
 
@@ -31,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import control
-from ..errors import BackendError, CorruptionError, QuietError
-from ..exits import (EXIT_BACKEND, EXIT_CTL_BUSY, EXIT_CTL_FLUSH, EXIT_CTL_RETIRE, EXIT_CTL_UNREACHABLE,
+from ..errors import BackendError, CorruptionError, QuietError, backend_failed
+from ..exits import (EXIT_CTL_BUSY, EXIT_CTL_FLUSH, EXIT_CTL_RETIRE, EXIT_CTL_UNREACHABLE,
                      EXIT_CTL_VERIFY)
 from ..exporter import (SOCKET_NAME, RetireRefused, mapping_processes, retire, stop_exporter, wait_exited,
                         why_still_needed)
 from ..dirty import read_ctl_header
-from ..store import STATE_CLEAN, BaselineStore, open_store
+from ..store import STATE_CLEAN, BaselineStore, backend_spec, open_store, parse_store_options
 from .common import run_main
 
 
@@ -107,7 +110,10 @@ def unmount_and_wait(mountpoint: Path, timeout: float) -> None:
     """Unmount, then wait for the daemon to publish its final (clean) baseline and exit: only then may
     the host go down without a recovery."""
     info = ask(mountpoint, {"op": "stats"})
-    pid, backend = int(info["pid"]), open_store(info["backend"])
+    try:
+        pid, backend = int(info["pid"]), open_store(info["backend"], info.get("backend_options"))
+    except BackendError as e:
+        raise backend_failed(e) from None
     proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
@@ -118,7 +124,7 @@ def unmount_and_wait(mountpoint: Path, timeout: float) -> None:
     try:
         manifest = backend.read_manifest()
     except (BackendError, CorruptionError) as e:
-        raise QuietError(str(e), EXIT_BACKEND) from None
+        raise backend_failed(e) from None
     if manifest.state != STATE_CLEAN or manifest.owner.get("pid") != pid:
         raise QuietError(f"the final flush of {mountpoint} did not complete (see the log in its region directory): "
                          f"the backend stays marked in use; recover it with rmemfs-recover", EXIT_CTL_FLUSH)
@@ -160,6 +166,20 @@ def orphans(backend: BaselineStore, base: Path) -> list[Path]:
     return found
 
 
+def backend_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--backend", type=backend_spec, required=True, help="a directory, or rados:POOL[/PREFIX]")
+    sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                    help="the backend's options: ceph_conf=PATH,ceph_id=NAME (rados: backends)")
+
+
+def open_backend_arg(args: argparse.Namespace) -> BaselineStore:
+    """The store --backend and -o name; its failure is one line (exit 10, or 16: unreachable)."""
+    try:
+        return open_store(args.backend, parse_store_options(args.options))
+    except BackendError as e:
+        raise backend_failed(e) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="rmemfs-ctl", description=__doc__.splitlines()[0],
                                 epilog="\n".join(__doc__.splitlines()[2:]),
@@ -175,9 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("mountpoint", type=Path)
     sp.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the final flush (default 600)")
     sp = sub.add_parser("verify", help="verify the backend's latest baseline")
-    sp.add_argument("--backend", type=Path, required=True)
+    backend_args(sp)
     sp = sub.add_parser("exporter", help="status of this host's exporter for a backend's filesystem")
-    sp.add_argument("--backend", type=Path, required=True)
+    backend_args(sp)
     sp.add_argument("--regiondir", type=Path, help="region directory (default /dev/shm/rmemfs-<fsid>)")
     act = sp.add_mutually_exclusive_group()
     act.add_argument("--stop", action="store_true", help="stop it; its region files (the memory) stay")
@@ -186,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                           "baseline of its own: stop the exporter and free the memory (refused before that)")
     sp = sub.add_parser("orphans", help="list (or --remove) this host's region directories of a backend's "
                                         "filesystem that nothing needs")
-    sp.add_argument("--backend", type=Path, required=True)
+    backend_args(sp)
     sp.add_argument("--regiondir", type=Path, help="region directory (default /dev/shm/rmemfs-<fsid>); its "
                     "<name>.e<epoch> siblings are the candidates, with it")
     sp.add_argument("--remove", action="store_true", help="remove them")
@@ -209,12 +229,12 @@ def main(argv: list[str] | None = None) -> None:
             reply = ask(args.mountpoint, {"op": "stats"})
             print(json.dumps(reply, indent=1) if args.json else format_stats(reply))
         elif args.command == "verify":
-            backend = open_store(args.backend)
+            backend = open_backend_arg(args)
             try:
                 manifest = backend.read_manifest()
+                problems = backend.verify(manifest)
             except (BackendError, CorruptionError) as e:
-                raise QuietError(str(e), EXIT_BACKEND) from None
-            problems = backend.verify(manifest)
+                raise backend_failed(e) from None
             for problem in problems:
                 print(problem)
             if problems:
@@ -227,27 +247,28 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(reply, indent=1) if args.json else
                   " ".join(f"{k}={v}" for k, v in reply.items() if k != "ok"))
         elif args.command == "orphans":
+            backend = open_backend_arg(args)
             try:
-                backend = open_store(args.backend)
                 base = args.regiondir or Path(f"/dev/shm/rmemfs-{backend.fsid()}")
                 found = orphans(backend, base)
             except (BackendError, CorruptionError) as e:
-                raise QuietError(str(e), EXIT_BACKEND) from None
+                raise backend_failed(e) from None
             for path in found:
                 if args.remove:
                     shutil.rmtree(path)
                 print(f"{'removed' if args.remove else 'orphan'} {path}")
         else:
+            backend = open_backend_arg(args)
             try:
-                fsid = open_store(args.backend).fsid()
+                fsid = backend.fsid()
             except (BackendError, CorruptionError) as e:
-                raise QuietError(str(e), EXIT_BACKEND) from None
+                raise backend_failed(e) from None
             regiondir = args.regiondir or Path(f"/dev/shm/rmemfs-{fsid}")
             if args.retire:
                 try:
-                    reason = why_still_needed(open_store(args.backend), regiondir)
+                    reason = why_still_needed(backend, regiondir)
                 except (BackendError, CorruptionError) as e:
-                    raise QuietError(str(e), EXIT_BACKEND) from None
+                    raise backend_failed(e) from None
                 if reason:
                     raise QuietError(f"not retiring {regiondir}: {reason}", EXIT_CTL_RETIRE)
                 try:

@@ -1,9 +1,10 @@
-"""rmemfs: mount a recoverable memory filesystem whose baselines live in a backend directory.
+"""rmemfs: mount a recoverable memory filesystem whose baselines live in a backend (a directory or RADOS).
 
 Exit codes: 0 mounted (daemon) or cleanly unmounted (-f); 1 unexpected error;
-2 usage; 10 backend missing, unwritable, foreign or corrupt; 11 backend not
-unmounted cleanly (run rmemfs-recover); 12 mountpoint missing or busy;
-13 not root or no /dev/fuse; 14 region directory unusable; 15 exporter failed.
+2 usage; 10 backend missing, unwritable, foreign or corrupt (a missing pool, refused
+credentials); 11 backend not unmounted cleanly (run rmemfs-recover); 12 mountpoint missing
+or busy; 13 not root or no /dev/fuse; 14 region directory unusable; 15 exporter failed;
+16 backend unreachable (a RADOS cluster that did not answer in time).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..exits import EXIT_ERROR
 from ..mount import (OPTION_HELP, ExporterLaunch, MountOptions, Opened, Session, StartUp, check_environment,
                      check_mountpoint, open_backend, parse_options, serve, undo_failed_start)
 from ..sdnotify import notify
+from ..store import backend_spec
 from .common import exit_code, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,9 @@ def option_epilog() -> str:
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description, epilog=option_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", required=True, type=Path, help="backend directory shared by the hosts")
+    p.add_argument("--backend", required=True, type=backend_spec,
+                   help="the baseline store the hosts share: a directory, or rados:POOL[/PREFIX] "
+                        "(with -o ceph_conf=PATH,ceph_id=NAME)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                    help="comma-separated mount options (see below)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground (default: daemonize "
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         check_environment()
         mountpoint = args.mountpoint.absolute()
         check_mountpoint(mountpoint)
-        opened = open_backend(args.backend.absolute(), opts, mountpoint)
+        opened = open_backend(args.backend, opts, mountpoint)
         log_file = daemon_log(args, opened.region_dir)
 
         def work(ready: Ready) -> int:

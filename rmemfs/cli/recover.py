@@ -3,7 +3,8 @@
 Exit codes: 0 recovered and mounted (or dry run done); 1 unexpected error; 2 usage;
 10 backend missing, foreign, or a baseline file missing/corrupt (named);
 12 mountpoint missing or busy; 13 not root or no /dev/fuse; 14 region directory
-unusable; 15 exporter failed; 20 source unreachable or timed out (it cannot be fenced: pass
+unusable; 15 exporter failed; 16 backend unreachable (a RADOS cluster that did not answer in time);
+20 source unreachable or timed out (it cannot be fenced: pass
 -o fence_cmd=CMD, run with HOST:PORT FSID, exit 0 = powered off or cut off; or --baseline-only);
 21 authentication failed (wrong secret); 22 filesystem id mismatch;
 23 the source filesystem is still alive; 24 transport unavailable or failed;
@@ -29,7 +30,7 @@ from ..errors import QuietError
 from ..exits import EXIT_USAGE
 from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options
 from ..exporter import RetireRefused, retire
-from ..store import open_store
+from ..store import StoreOptions, open_store
 from ..recovery import ProgressEvent, RecoveryReport, recover, write_report
 from .common import run_main, setup_logging
 from .mount import Ready, build_parser, daemon_log, daemonize_and_run, exporter_log, run_session
@@ -98,12 +99,14 @@ def main(argv: list[str] | None = None) -> None:
                 new_dirs.append(region_dir)
                 if "port=" not in ",".join(args.options):
                     opts.port = 0    # a local source's exporter still holds the default port
-            launched.append(ExporterLaunch(region_dir, args.backend.absolute(), fsid, opts,
+            launched.append(ExporterLaunch(region_dir, args.backend, fsid, opts,
                                            exporter_log(daemon_log(args, region_dir))))
 
         try:
+            # recover() takes a Path; a rados: spec passes through Path() unchanged (backend_spec
+            # normalised its slashes), and recover() gives it to mount.read_backend with opts.store.
             opened, report = trio.run(lambda: recover(
-                args.backend.absolute(), args.source, opts, transport=args.transport, timeout=args.timeout,
+                Path(args.backend), args.source, opts, transport=args.transport, timeout=args.timeout,
                 dry_run=args.dry_run, verify=args.verify, baseline_only=args.baseline_only,
                 check_alive=not args.no_liveness_check, fence_cmd=fence_cmd, load=args.load,
                 on_progress=TerminalProgress() if sys.stderr.isatty() else None, report=report, regions_ready=start_exporter))
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             for launch in launched:
                 launch.abort()
             for region_dir in new_dirs:
-                discard_unpublished(args.backend.absolute(), region_dir)
+                discard_unpublished(args.backend, opts.store, region_dir)
             raise
         if opened is None:
             print(dry_run_summary(report))
@@ -213,12 +216,12 @@ class TerminalProgress:
         sys.stderr.flush()
 
 
-def discard_unpublished(backend_path: Path, region_dir: Path) -> None:
+def discard_unpublished(backend_path: str, store_options: StoreOptions, region_dir: Path) -> None:
     """Remove a recovery's own ``<dir>.e<epoch>`` region directory after a failure, unless the backend's
     published epoch reached that epoch (then its memory may be the only copy, and it stays)."""
     epoch = region_dir.name.rpartition(".e")[2]
     try:
-        published = open_store(backend_path).read_manifest().epoch
+        published = open_store(backend_path, store_options).read_manifest().epoch
     except Exception as e:      # cannot tell: keep it, and say so
         log.warning("kept %s: the backend's epoch is unreadable (%s)", region_dir, e)
         return

@@ -13,7 +13,8 @@ Standby options (in -o, beside the mount options used after a takeover):
 
 After a takeover the process serves the mount as the new owner (as rmemfs-recover -f does), and its
 exit codes are rmemfs-recover's. Before it: 0 stopped; 1 unexpected error; 2 usage; 10 backend missing;
-21 wrong secret; 22 filesystem id mismatch.
+16 backend unreachable; 21 wrong secret; 22 filesystem id mismatch. B is a directory or rados:POOL[/PREFIX]
+(with -o ceph_conf=PATH,ceph_id=NAME, passed on to the takeover).
 """
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ import trio
 
 from .. import control
 from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 now, not on the takeover's clock)
-from ..errors import BackendError, CorruptionError, QuietError
-from ..exits import EXIT_BACKEND, EXIT_USAGE
+from ..errors import BackendError, CorruptionError, QuietError, backend_failed
+from ..exits import EXIT_USAGE
 from ..mount import check_environment, check_mountpoint, parse_options, read_backend
 from ..recovery import parse_source
 from ..sdnotify import notify
-from ..store import STATE_CLEAN, open_store
+from ..store import STATE_CLEAN, StoreOptions, open_store
 from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, serve_metrics, status_file,
                        status_socket, write_event)
 from . import recover as recover_cli
@@ -89,18 +90,18 @@ def main(argv: list[str] | None = None) -> None:
         check_environment()
         mountpoint = args.mountpoint.absolute()
         check_mountpoint(mountpoint)
-        backend_path = args.backend.absolute()
+        backend_path = args.backend
         backend, fsid, manifest = read_backend(backend_path, opts)
         try:
             secret = backend.secret()
         except (BackendError, CorruptionError) as e:
-            raise QuietError(str(e), EXIT_BACKEND) from None
+            raise backend_failed(e) from None
         host, port = parse_source(args.source, manifest, opts.port)
         watcher = Watcher(host=host, port=port, fsid=fsid, secret=secret, transport=args.transport,
                           watch_interval=watch_interval, dead_after=dead_after or DEFAULT_DEAD_AFTER,
                           fence_cmd=mine.get("fence_cmd"),
                           event_log=Path(mine["event_log"]).absolute() if "event_log" in mine else None,
-                          source_stopped=lambda: backend_clean(backend_path))
+                          source_stopped=lambda: backend_clean(backend_path, opts.store))
         metrics = mine.get("metrics")
         if metrics is not None and not metrics.rpartition(":")[2].isdigit():
             raise QuietError(f"option metrics must be ADDR:PORT (got {metrics})", EXIT_USAGE)
@@ -147,10 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     run_main("rmemfs-standby", body)
 
 
-def backend_clean(backend_path: Path) -> bool:
+def backend_clean(backend_path: str, store_options: StoreOptions) -> bool:
     """The backend's manifest says the source unmounted cleanly (unreadable counts as not clean)."""
     try:
-        return open_store(backend_path).read_manifest().state == STATE_CLEAN
+        return open_store(backend_path, store_options).read_manifest().state == STATE_CLEAN
     except Exception as e:
         log.debug("reading the backend's state: %s", e)
         return False

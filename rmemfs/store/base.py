@@ -2,8 +2,8 @@
 
 A ``BaselineStore`` holds one filesystem: its identity (fsid, fs.json) and secret,
 the published MANIFEST (one generation: which segments make up the baseline),
-and the segments (page images, format in ``format.py``). ``open_store(spec)``
-maps a ``--backend`` spec to an implementation: a plain path is a
+and the segments (page images, format in ``format.py``). ``open_store(spec, options)``
+maps a ``--backend`` spec (and its ``-o`` store options) to an implementation: a plain path is a
 ``DirectoryStore`` (``directory.py``); other schemes (``rados:POOL[/PREFIX]``)
 register themselves with ``register_scheme``. Every implementation must pass
 ``tests/test_contract_store.py``.
@@ -55,12 +55,12 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import xxhash
 
 from .. import PAGE_SIZE
-from ..errors import BackendError, CorruptionError
+from ..errors import BackendError, CorruptionError, UsageError
 from .format import (ENTRY, FOOTER_SIZE, HEADER_SIZE, SEG_HEAD, ZERO_BYTES, ZERO_HASH, ZERO_PAGE, Manifest,
                      SegmentFooter, SegmentHeader, SegmentInfo, segment_epoch, segment_name, split_key)
 
@@ -213,8 +213,10 @@ class BaselineStore(ABC):
     """One filesystem's baseline store. See the module docstring for what each operation guarantees."""
 
     spec: str     # the --backend string that opens this store again (for messages and other processes)
+    options: dict[str, str]     # with the -o store options (open_store sets them): open_store(spec, options)
 
     def __init__(self) -> None:
+        self.options = {}
         self.owned_epoch: int | None = None    # the epoch this instance claimed by publishing (or creating)
         self._fsid: str | None = None
         # Test hook: called with a step name between the steps of publish and GC (the contract suite
@@ -366,24 +368,81 @@ class BaselineStore(ABC):
         return problems
 
 
-# --- the registry: --backend spec -> store -------------------------------------------
+# --- the registry: --backend spec (+ its -o store options) -> store ----------------------
 
-StoreFactory = Callable[[str], BaselineStore]
-_SCHEMES: dict[str, StoreFactory] = {}
+StoreOptions = Mapping[str, str]     # -o options a scheme takes, e.g. rados: ceph_conf, ceph_id
+StoreFactory = Callable[[str, StoreOptions], BaselineStore]
+_SCHEMES: dict[str, tuple[StoreFactory, frozenset[str]]] = {}
 _SCHEME = re.compile(r"([a-z][a-z0-9+]*):(.*)", re.S)
 
 
-def register_scheme(scheme: str, factory: StoreFactory) -> None:
-    """Make ``SCHEME:REST`` specs open ``factory(REST)`` (e.g. ``rados`` -> RadosStore)."""
-    _SCHEMES[scheme] = factory
+def register_scheme(scheme: str, factory: StoreFactory, options: tuple[str, ...] = ()) -> None:
+    """Make ``SCHEME:REST`` specs open ``factory(REST, options)`` (e.g. ``rados`` -> RadosStore);
+    ``options`` names the -o options the scheme takes (each command accepts them beside --backend)."""
+    _SCHEMES[scheme] = (factory, frozenset(options))
 
 
-def open_store(spec: str | os.PathLike[str]) -> BaselineStore:
-    """The store a ``--backend`` spec names: ``SCHEME:REST`` for a registered scheme, else a directory."""
-    text = os.fspath(spec)
+def store_option_names() -> frozenset[str]:
+    """Every -o option some store scheme takes."""
+    return frozenset().union(*(names for _, names in _SCHEMES.values()))
+
+
+def _scheme_of(text: str) -> tuple[str, str] | None:
     m = _SCHEME.fullmatch(text)
-    if m and m.group(1) in _SCHEMES:
-        return _SCHEMES[m.group(1)](m.group(2))
-    from .directory import DirectoryStore
-    return DirectoryStore(Path(text))
+    return (m.group(1), m.group(2)) if m and m.group(1) in _SCHEMES else None
 
+
+def backend_spec(text: str | os.PathLike[str]) -> str:
+    """A --backend argument as every process of the filesystem will open it: a scheme spec as given
+    (its slashes normalised), a directory as an absolute path (another process may have another cwd)."""
+    text = os.fspath(text)
+    scheme = _scheme_of(text)
+    if scheme is not None:
+        return f"{scheme[0]}:" + re.sub(r"/+", "/", scheme[1]).rstrip("/")
+    return str(Path(text).absolute())
+
+
+def store_option(key: str, value: str) -> str:
+    """A store option's value as every process of the mount uses it (a relative ceph_conf made absolute)."""
+    if not value:
+        raise UsageError(f"option {key} needs a value")
+    return os.path.abspath(value) if key == "ceph_conf" else value
+
+
+def parse_store_options(items: list[str]) -> dict[str, str]:
+    """``-o`` items of a command that takes only store options beside --backend (rmemfs-ctl, the exporter)."""
+    names, out = store_option_names(), {}
+    for item in ",".join(items).split(","):
+        key, _, value = item.strip().partition("=")
+        if not key:
+            continue
+        if key not in names:
+            raise UsageError(f"unknown option {key!r} (options here: {', '.join(sorted(names))})")
+        out[key] = store_option(key, value)
+    return out
+
+
+def store_argv(store: dict[str, str]) -> list[str]:
+    """The ``-o`` arguments that give another process the same store options."""
+    return ["-o", ",".join(f"{k}={v}" for k, v in sorted(store.items()))] if store else []
+
+
+def open_store(spec: str | os.PathLike[str], options: StoreOptions | None = None) -> BaselineStore:
+    """The store a ``--backend`` spec names: ``SCHEME:REST`` for a registered scheme, else a directory.
+    ``options`` (-o ceph_conf=... and the like) must be ones the scheme takes: UsageError otherwise."""
+    text = os.fspath(spec)
+    options = dict(options or {})
+    scheme = _scheme_of(text)
+    allowed = _SCHEMES[scheme[0]][1] if scheme else frozenset()
+    wrong = sorted(set(options) - allowed)
+    if wrong:
+        takers = sorted(s for s, (_, names) in _SCHEMES.items() if wrong[0] in names)
+        where = f"{'/'.join(t + ':' for t in takers)} backends only" if takers else "no backend"
+        raise UsageError(f"-o {wrong[0]} applies to {where}, not to --backend {text}")
+    if scheme is not None:
+        store = _SCHEMES[scheme[0]][0](scheme[1], options)
+    else:
+        from .directory import DirectoryStore
+        store = DirectoryStore(Path(text))
+    store.options = options
+    return store

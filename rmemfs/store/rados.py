@@ -1,9 +1,14 @@
 """The RADOS store: a baseline store in a Ceph pool (``--backend rados:POOL[/PREFIX]``), issue 13.
 
 Passes tests/test_contract_store.py (kind "rados", against the session's test cluster). ``rados:`` specs
-open it through the scheme registry with librados's own configuration lookup (``CEPH_CONF``, /etc/ceph)
-and user ``client.admin``; the CLI's ``-o ceph_conf=,ceph_id=`` options and the fault tests are still to
-come (issue 13 items 2-3).
+open it through the scheme registry with the store options ``ceph_conf`` (default: librados's own lookup,
+``CEPH_CONF``, /etc/ceph/ceph.conf) and ``ceph_id`` (default ``admin``), which every command takes as
+``-o ceph_conf=PATH,ceph_id=NAME`` beside ``--backend``.
+
+Failures are store errors with one-line messages: a cluster that does not answer (connect, or any operation,
+within TIMEOUT seconds unless the conf file sets its own librados timeouts) is ``StoreUnreachable``;
+a missing conf, keyring or pool, refused credentials, missing OSD caps and a full pool (quota or cluster
+full ratio: writes fail at once with EDQUOT/ENOSPC, ``set_osdmap_full_try``) are ``BackendError``s.
 
 Objects, all named ``<PREFIX>/...`` (PREFIX defaults to ``rmemfs``) in POOL:
 
@@ -32,15 +37,17 @@ Objects, all named ``<PREFIX>/...`` (PREFIX defaults to ``rmemfs``) in POOL:
 """
 from __future__ import annotations
 
+import errno
 import json
-import re
 import logging
+import os
+import re
 import threading
 from typing import Any
 from collections.abc import Sequence
 
-from ..errors import BackendError, CorruptionError, FencedError
-from .base import BaselineStore, SegmentReader, SegmentSink, register_scheme, writer_token
+from ..errors import BackendError, CorruptionError, FencedError, StoreUnreachable
+from .base import BaselineStore, SegmentReader, SegmentSink, StoreOptions, register_scheme, writer_token
 from .format import STATE_CLEAN, Identity, Manifest, decode_secret, encode_secret, parse_segment_name
 
 log = logging.getLogger(__name__)
@@ -48,11 +55,26 @@ log = logging.getLogger(__name__)
 PART_SIZE = 64 << 20        # below osd_max_write_size (90 MiB) and osd_max_object_size (128 MiB)
 IN_FLIGHT = 4               # aio writes/reads outstanding per sink/reader
 TIMEOUT = 10                # seconds: client_mount_timeout, rados_osd_op_timeout, rados_mon_op_timeout
+# librados's defaults of those (300 s, 0 = wait forever, 0): a conf file that sets another value keeps it
+TIMEOUTS = {"client_mount_timeout": "300", "rados_osd_op_timeout": "0", "rados_mon_op_timeout": "0"}
 
 
 _CLUSTERS: dict[tuple[str, str | None], Any] = {}
 _LOCK = threading.Lock()
 _OURS = re.compile(r"fs\.json|secret|epoch\.\d{10}|seg\..+|part\..+\.\d{5}")
+
+
+def _op_error(store: RadosStore, what: str, errno_: int, text: str) -> BackendError:
+    errno_ = abs(errno_)
+    if errno_ == errno.ETIMEDOUT:
+        return StoreUnreachable(f"{store.spec}: {what}: the cluster did not answer within {TIMEOUT} s "
+                                f"(rados_osd_op_timeout; an OSD down?)")
+    if errno_ in (errno.EPERM, errno.EACCES):
+        return BackendError(f"{store.spec}: {what}: {store.who} may not use pool {store.pool!r} (its OSD caps)")
+    if errno_ in (errno.ENOSPC, errno.EDQUOT):
+        return BackendError(f"{store.spec}: {what}: pool {store.pool!r} is full "
+                            f"({'its quota is reached' if errno_ == errno.EDQUOT else 'the cluster is full'})")
+    return BackendError(f"{store.spec}: {what}: {text or os.strerror(errno_)}")
 
 
 def _rados() -> Any:
@@ -75,20 +97,55 @@ class RadosStore(BaselineStore):
         self._warned: set[str] = set()
         self._sinks: set[str] = set()       # segment names this instance is writing
         self.rados = _rados()
-        conf = {"log_to_stderr": "false", "err_to_stderr": "false", "client_mount_timeout": str(TIMEOUT),
-                "rados_osd_op_timeout": str(TIMEOUT), "rados_mon_op_timeout": str(TIMEOUT)}
+        if ceph_conf and not os.path.isfile(ceph_conf):
+            raise BackendError(f"{self.spec}: ceph_conf {ceph_conf} does not exist (or is not a file)")
+        self.who = f"client.{ceph_id or 'admin'}"
         try:
             key = (ceph_conf or "", ceph_id)
             with _LOCK:     # one connection per (conf, user) in a process: connecting costs a mon round trip
                 self.cluster = _CLUSTERS.get(key)
                 if self.cluster is None:
-                    self.cluster = self.rados.Rados(conffile=ceph_conf or "", rados_id=ceph_id, conf=conf)
-                    self.cluster.connect()
+                    self.cluster = self._connect(ceph_conf, ceph_id)
                     _CLUSTERS[key] = self.cluster
             self.io = self.cluster.open_ioctx(pool)
         except self.rados.Error as e:
-            raise BackendError(f"{self.spec}: cannot connect to the cluster or open pool {pool!r}: {e} "
-                               f"(check ceph_conf, ceph_id, the keyring and the pool)") from None
+            raise self._connect_error(e, ceph_conf) from None
+        # A full pool or cluster fails writes at once (ENOSPC, EDQUOT) instead of holding them until it
+        # has room again: a flush then fails like one on a full disk, keeps its marks, and retries.
+        self.io.set_osdmap_full_try()
+
+    def _connect(self, ceph_conf: str | None, ceph_id: str | None) -> Any:
+        # conffile "" is librados's own lookup (CEPH_CONF, /etc/ceph/ceph.conf, ~/.ceph, ./ceph.conf).
+        cluster = self.rados.Rados(conffile=ceph_conf or "", rados_id=ceph_id,
+                                   conf={"log_to_stderr": "false", "err_to_stderr": "false"})
+        for name, default in TIMEOUTS.items():     # ours unless the conf file sets its own
+            if cluster.conf_get(name) == default:
+                cluster.conf_set(name, str(TIMEOUT))
+        cluster.connect()
+        return cluster
+
+    def _connect_error(self, e: Exception, ceph_conf: str | None) -> BackendError:
+        conf = ceph_conf or "librados's default ceph.conf (CEPH_CONF, /etc/ceph/ceph.conf)"
+        text = str(e)
+        if "conf_read_file" in text:
+            return BackendError(f"{self.spec}: cannot read {conf}: give -o ceph_conf=PATH")
+        if isinstance(e, self.rados.TimedOut):
+            return StoreUnreachable(f"{self.spec}: the cluster is unreachable: no monitor of {conf} answered "
+                                    f"within {TIMEOUT} s (client_mount_timeout)")
+        if isinstance(e, (self.rados.PermissionDeniedError, self.rados.PermissionError)):
+            return BackendError(f"{self.spec}: the cluster refused {self.who}: wrong key or user "
+                                f"(check -o ceph_id and the keyring {conf} names)")
+        if "opening pool" in text:
+            return BackendError(f"{self.spec}: pool {self.pool!r} does not exist "
+                                f"(create it: ceph osd pool create {self.pool})")
+        if isinstance(e, self.rados.ObjectNotFound):
+            return BackendError(f"{self.spec}: no keyring for {self.who} (the keyring setting of {conf}; "
+                                f"check -o ceph_id)")
+        return BackendError(f"{self.spec}: cannot connect to the cluster as {self.who}: {e}")
+
+    def _failed(self, what: str, e: Exception) -> BackendError:
+        """The store error for a failed operation: unreachable (timed out), not permitted, full, other."""
+        return _op_error(self, what, getattr(e, "errno", 0) or 0, str(e))
 
     def _o(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -103,14 +160,14 @@ class RadosStore(BaselineStore):
         except self.rados.ObjectNotFound:
             return None
         except self.rados.Error as e:
-            raise BackendError(f"{self.spec}: reading {name}: {e}") from None
+            raise self._failed(f"reading {name}", e) from None
 
     def _names(self) -> list[str]:
         start = self.prefix + "/"
         try:
             return [o.key[len(start):] for o in self.io.list_objects() if o.key.startswith(start)]
         except self.rados.Error as e:
-            raise BackendError(f"{self.spec}: listing the pool: {e}") from None
+            raise self._failed("listing the pool", e) from None
 
     def _create(self, name: str, data: bytes, omap: dict[str, bytes] | None = None) -> bool:
         with self.rados.WriteOpCtx() as op:
@@ -123,7 +180,7 @@ class RadosStore(BaselineStore):
             except self.rados.ObjectExists:
                 return False
             except self.rados.Error as e:
-                raise BackendError(f"{self.spec}: writing {name}: {e}") from None
+                raise self._failed(f"writing {name}", e) from None
         return True
 
     # --- identity ---------------------------------------------------------------
@@ -215,10 +272,10 @@ class RadosStore(BaselineStore):
                 self.step("publish.written")
                 try:
                     self.io.operate_write_op(op, self._o(f"epoch.{expect_epoch:010d}"))
-                except (self.rados.ObjectNotFound, self.rados.OSError) as e:
-                    if isinstance(e, self.rados.ObjectNotFound) or getattr(e, "errno", 0) == 125:
+                except self.rados.Error as e:
+                    if isinstance(e, self.rados.ObjectNotFound) or getattr(e, "errno", 0) == errno.ECANCELED:
                         raise self._fenced(expect_epoch) from None
-                    raise BackendError(f"{self.spec}: publishing epoch {expect_epoch}: {e}") from None
+                    raise self._failed(f"publishing epoch {expect_epoch}", e) from None
             self.step("publish.renamed")
             if self._epochs()[0] > expect_epoch:
                 raise self._fenced(expect_epoch)
@@ -238,7 +295,7 @@ class RadosStore(BaselineStore):
         if base is not None:
             now = self._manifest_of(base.epoch)
             if now is None or now.generation != base.generation:
-                self.io.remove_object(self._o(name))
+                self._remove(name)
                 log.warning("withdrew this host's claim of epoch %d in %s", manifest.epoch, self.spec)
                 raise FencedError(f"backend {self.spec} moved on while this host took over: run it again")
         self.owned_epoch = manifest.epoch
@@ -282,12 +339,8 @@ class RadosStore(BaselineStore):
                 parsed = parse_segment_name(seg)
                 gone = (parsed is not None and seg not in heads and seg not in self._sinks
                         and parsed[0] <= current.epoch)
-            if gone:
-                try:
-                    self.io.remove_object(self._o(n))
-                    removed += 1
-                except self.rados.ObjectNotFound:
-                    pass
+            if gone and self._remove(n):
+                removed += 1
         return removed
 
     def delete_segment(self, name: str) -> None:
@@ -295,10 +348,17 @@ class RadosStore(BaselineStore):
             raise ValueError(f"{name!r} is not a segment name")
         for n in self._names():
             if n == f"seg.{name}" or n.startswith(f"part.{name}."):
-                try:
-                    self.io.remove_object(self._o(n))
-                except self.rados.ObjectNotFound:
-                    pass
+                self._remove(n)
+
+    def _remove(self, name: str) -> bool:
+        """Remove one object; False if it was not there."""
+        try:
+            self.io.remove_object(self._o(name))
+        except self.rados.ObjectNotFound:
+            return False
+        except self.rados.Error as e:
+            raise self._failed(f"removing {name}", e) from None
+        return True
 
 
 class _RadosSink(SegmentSink):
@@ -340,13 +400,13 @@ class _RadosSink(SegmentSink):
         for _ in range(IN_FLIGHT):
             self.slots.release()
         if self.errors:
-            raise BackendError(f"{self.store.describe(self.name)}: writing a part failed (errno {-self.errors[0]})")
+            raise _op_error(self.store, f"writing a part of segment {self.name}", self.errors[0], "")
         head = json.dumps({"size": self.size, "parts": self.parts, "part_size": PART_SIZE}).encode()
         self.store._sinks.discard(self.name)
         try:    # write_full replaces a head of an earlier attempt at this generation atomically
             self.store.io.write_full(self.store._o(f"seg.{self.name}"), head)
         except self.store.rados.Error as e:
-            raise BackendError(f"{self.store.describe(self.name)}: writing its head: {e}") from None
+            raise self.store._failed(f"writing the head of segment {self.name}", e) from None
 
     def abort(self) -> None:
         self.store._sinks.discard(self.name)
@@ -392,11 +452,13 @@ class _RadosReader(SegmentReader):
         with cond:
             cond.wait_for(lambda: left[0] == 0)
         if bad:
+            if abs(bad[0]) in (errno.ETIMEDOUT, errno.EPERM, errno.EACCES):    # the cluster's failure, not the data's
+                raise _op_error(self.store, f"reading segment {self.name}", bad[0], "")
             raise CorruptionError(f"{where}: a part could not be read (rv {bad[0]})")
 
 
-def _factory(rest: str) -> BaselineStore:
-    return RadosStore(rest)
+def _factory(rest: str, options: StoreOptions) -> BaselineStore:
+    return RadosStore(rest, ceph_conf=options.get("ceph_conf"), ceph_id=options.get("ceph_id"))
 
 
-register_scheme("rados", _factory)
+register_scheme("rados", _factory, ("ceph_conf", "ceph_id"))
