@@ -104,3 +104,29 @@ def test_connected_client_resumes_after_osd_restart(ceph_cluster) -> None:  # ty
         io.write_full("resume", b"after")
         assert io.read("resume") == b"after"
         io.remove_object("resume")
+
+
+def _ctl_verify(spec: str, *options: str):  # type: ignore[no-untyped-def]
+    import subprocess
+    cmd = [sys.executable, "-m", "rmemfs.cli.ctl", "verify", "--backend", spec]
+    if options:
+        cmd += ["-o", ",".join(options)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_ctl_verify_names_rados_faults_with_their_exit_codes(ceph_cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """One line and a documented code for each: a missing pool and an unknown user are backend errors
+    (10; a missing pool exited 1 with an unexpected BackendError before), an unreachable cluster is 16,
+    a store option on a directory backend is a usage error (2)."""
+    conf = f"ceph_conf={ceph_cluster.conf}"
+    cases = [(_ctl_verify("rados:no-such-pool/x", conf), 10, "no-such-pool"),
+             (_ctl_verify(f"rados:{ceph_cluster.pool}/x", conf, "ceph_id=nobody-here"), 10, "nobody-here")]
+    dead = tmp_path / "dead.conf"
+    dead.write_text("[global]\nmon_host = 127.0.0.1:1\nauth_supported = none\n")
+    cases.append((_ctl_verify(f"rados:{ceph_cluster.pool}/x", f"ceph_conf={dead}"), 16, ""))
+    (tmp_path / "dir").mkdir()
+    cases.append((_ctl_verify(str(tmp_path / "dir"), conf), 2, "ceph_conf"))
+    for proc, code, word in cases:
+        assert proc.returncode == code, (code, proc.returncode, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr and word in lines[0], proc.stderr
