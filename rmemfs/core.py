@@ -27,9 +27,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
-
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import trio

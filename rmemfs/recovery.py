@@ -567,10 +567,9 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
         guarded = residency.guarded(write)
         baseline_source = BaselineSource(backend, rest, guarded)
         residency.fill_now = baseline_source.copy_now
-        again = _Later(lambda: source_again(guarded)) if source_again is not None else None
+        again = source_again(guarded) if source_again is not None else None     # connects on first use
         source: PageSource = FallbackSource(baseline_source, again)
-        background = BackgroundLoad(residency, LazyLoader(residency, source, rate_bytes=opts.load_rate),
-                                    baseline_source, report, t_total)
+        background = BackgroundLoad(LazyLoader(residency, source, rate_bytes=opts.load_rate), baseline_source, report)
         report.background_load = background.loader.stats()
 
     # 7: namespace; fetched pages go on the new current list so the first flush publishes them.
@@ -606,10 +605,8 @@ class BackgroundLoad:
     are in the store already, so a third host can recover from the store plus this host's lists.
     """
 
-    def __init__(self, residency: Residency, loader: LazyLoader, baseline: BaselineSource, report: RecoveryReport,
-                 t_start: float) -> None:
-        self.residency, self.loader, self.baseline, self.report = residency, loader, baseline, report
-        self.t_start = t_start
+    def __init__(self, loader: LazyLoader, baseline: BaselineSource, report: RecoveryReport) -> None:
+        self.loader, self.baseline, self.report = loader, baseline, report
         self.on_complete: Callable[[], None] | None = None   # the serving session: rewrite the JSON report
 
     async def run(self, fs: Filesystem) -> None:
@@ -618,7 +615,7 @@ class BackgroundLoad:
         finally:
             self.baseline.close()
             src = self.loader.source
-            if isinstance(src, FallbackSource) and isinstance(src.fallback, _Later):
+            if isinstance(src, FallbackSource) and isinstance(src.fallback, ReconnectingSource):
                 await src.fallback.aclose()
         fs.residency = None         # every page is in: requests take the plain path again
         self.report.background_load = self.loader.stats()
@@ -626,26 +623,10 @@ class BackgroundLoad:
             self.on_complete()
 
 
-class _Later:
-    """A page source made when first needed (connecting to the source only if the store fails a page)."""
-
-    def __init__(self, make: Callable[[], PageSource]) -> None:
-        self.make = make
-        self.source: PageSource | None = None
-
-    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
-        if self.source is None:
-            self.source = self.make()
-        return await self.source.make_resident(runs)
-
-    async def aclose(self) -> None:
-        if isinstance(self.source, ReconnectingSource):
-            await self.source.aclose()
-
-
 class ReconnectingSource:
-    """The failed (fenced) source's exporter as a page source, connected on first use; once it cannot be
-    reached, every page fails naming it, and the next batch tries again."""
+    """The failed (fenced) source's exporter as a page source, connected on first use (only when the store
+    fails a page). While it cannot be connected to, every page fails naming it and the next batch tries
+    again; a connection that breaks later is not re-made (its batches fail, the load retries them)."""
 
     def __init__(self, transport: str, host: str, port: int, fsid: str, secret: bytes, timeout: float,
                  write: RegionWriter) -> None:

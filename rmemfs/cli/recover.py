@@ -135,6 +135,17 @@ def main(argv: list[str] | None = None) -> None:
             if args.json and opened.background is None:   # a lazy one's is written by the serving process
                 write_report(args.json, report)
 
+        def retire_old() -> None:
+            # The new epoch is published: the old memory on this host is fenced and may go. This runs in
+            # the serving daemon, after the mount is reported: a failure here must not end it.
+            old = opts.region_dir(opened.fs.fsid)
+            try:
+                retire(old)
+            except RetireRefused as e:      # a live process still uses it (a fenced old mount)
+                log.warning("%s; kept it (`rmemfs-ctl orphans --remove` frees it once that is gone)", e)
+            except Exception as e:
+                log.warning("could not retire the old regions in %s (%s): remove them by hand", old, e)
+
         bg = opened.background
         json_path = args.json.absolute() if args.json else None
         if bg is not None:
@@ -144,9 +155,12 @@ def main(argv: list[str] | None = None) -> None:
                     "background", done * PAGE_SIZE, done, total * PAGE_SIZE, total, done >= total))
 
             def loaded() -> None:
-                # The serving process adds the load's figures to the report once it is complete.
+                # The serving process adds the load's figures to the report once it is complete; a local
+                # source's pages may be asked for until then (baseline pages the store fails).
                 if json_path:
                     write_report(json_path, report)
+                if local_source:
+                    retire_old()
             bg.on_complete = loaded
 
         def work(ready: Ready) -> int:
@@ -156,32 +170,11 @@ def main(argv: list[str] | None = None) -> None:
                     # Written here, in the serving process, which rewrites it when the load completes.
                     report.phase("publish+mount").seconds = took
                     report.time_to_mount_s = report.total_seconds + took
-                    bg.report.background_load = bg.loader.stats()
+                    report.background_load = bg.loader.stats()
                     write_report(json_path, report)
                 ready(f"{took:.6f}")
-                if local_source and bg is not None:
-                    # Its pages may still be asked for (baseline pages the store fails): once the load is done.
-                    then = bg.on_complete
-
-                    def loaded_then_retire() -> None:
-                        if then is not None:
-                            then()
-                        retire_old()
-                    bg.on_complete = loaded_then_retire
-                elif local_source:
+                if local_source and bg is None:
                     retire_old()
-
-            def retire_old() -> None:
-                if local_source:
-                    # The new epoch is published: the old memory on this host is fenced and may go. This
-                    # runs in the serving daemon, after the mount is reported: a failure here must not end it.
-                    old = opts.region_dir(opened.fs.fsid)
-                    try:
-                        retire(old)
-                    except RetireRefused as e:      # a live process still uses it (a fenced old mount)
-                        log.warning("%s; kept it (`rmemfs-ctl orphans --remove` frees it once that is gone)", e)
-                    except Exception as e:
-                        log.warning("could not retire the old regions in %s (%s): remove them by hand", old, e)
 
             return run_session(opened, mountpoint, opts, log_file, args.debug, mounted, port)
 
