@@ -559,13 +559,13 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
     background: BackgroundLoad | None = None
     residency: Residency | None = None
     if lazy:
-        # What the background load writes: the data regions' baseline pages, except those fetched.
-        skip = dict(fetched)
-        skip[META_REGION_ID] = bytearray(b"\x01") * regions[META_REGION_ID].pages
-        rest = base_plan.cut(skip)
-        residency = Residency.missing_only(rest.covered, {rid: regions[rid].pages for rid in data_ids})
+        # What the background load writes: the data regions' baseline pages, except those fetched. The plan
+        # is not cut by the fetched pages (at 1 % scattered that cut took 0.25 s of a 4 GiB mount): they are
+        # resident from the start, and the loader asks the source only for missing pages.
+        residency = Residency.missing_only(base_plan.covered, {rid: regions[rid].pages for rid in data_ids},
+                                           resident=fetched)
         guarded = residency.guarded(write)
-        baseline_source = BaselineSource(backend, rest, guarded)
+        baseline_source = BaselineSource(backend, base_plan, guarded)
         residency.fill_now = baseline_source.copy_now
         again = source_again(guarded) if source_again is not None else None     # connects on first use
         source: PageSource = FallbackSource(baseline_source, again)

@@ -221,3 +221,12 @@ async def test_remote_source_refetches_a_corrupt_page_over_the_software_transpor
         assert remote.bytes_read == PAGE_SIZE
         await conn.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_missing_only_leaves_out_pages_the_load_does_not_write_and_pages_already_written() -> None:
+    covered = {1: bytearray([1, 1, 1, 0, 1, 1]), 2: bytearray([1, 1])}
+    fetched = {1: bytearray([0, 1, 0, 0, 0, 1, 0, 0]), 2: bytearray(2)}
+    res = Residency.missing_only(covered, {1: 8, 2: 2, 3: 4}, resident=fetched)
+    assert res.maps == {1: bytearray([0, 1, 0, 1, 0, 1, 1, 1]), 2: bytearray(2), 3: bytearray([1] * 4)}
+    assert (res.missing, res.to_load, res.complete) == (5, 5, False)
+    assert not res.is_resident(1, 0, 1) and res.is_resident(1, 5, 3) and res.is_resident(3, 0, 4)

@@ -71,8 +71,10 @@ class Residency:
         self.wait_seconds: list[float] = []                     # one per ensure that had to wait
 
     @classmethod
-    def missing_only(cls, covered: dict[int, bytearray], region_pages: dict[int, int]) -> Residency:
-        """Residency of regions whose pages are all in except those marked in ``covered`` (what a load writes)."""
+    def missing_only(cls, covered: dict[int, bytearray], region_pages: dict[int, int],
+                     resident: dict[int, bytearray] | None = None) -> Residency:
+        """Residency of regions whose pages are all in except those marked in ``covered`` (what a load
+        writes) and not marked in ``resident`` (written already, e.g. fetched from the source)."""
         res = cls(region_pages, resident=True)
         for rid, m in res.maps.items():
             c = covered.get(rid)
@@ -80,6 +82,10 @@ class Residency:
                 continue
             c = c[:len(m)]
             m[:len(c)] = c.translate(_FLIP)
+            written = (resident or {}).get(rid)
+            if written is not None and written.find(1) >= 0:     # both one 0/1 byte per page: OR as integers
+                w = bytes(written[:len(c)]).ljust(len(c), b"\0")
+                m[:len(c)] = (int.from_bytes(m[:len(c)], "little") | int.from_bytes(w, "little")).to_bytes(len(c), "little")
             res.missing += len(c) - m[:len(c)].count(1)
         res.complete = res.missing == 0
         res.to_load = res.missing
