@@ -626,7 +626,8 @@ class BackgroundLoad:
 class ReconnectingSource:
     """The failed (fenced) source's exporter as a page source, connected on first use (only when the store
     fails a page). While it cannot be connected to, every page fails naming it and the next batch tries
-    again; a connection that breaks later is not re-made (its batches fail, the load retries them)."""
+    again. A connection that breaks later (exporter restarted, idle connection dropped) fails its batch
+    (the load retries those pages) and is dropped, so the next batch connects afresh."""
 
     def __init__(self, transport: str, host: str, port: int, fsid: str, secret: bytes, timeout: float,
                  write: RegionWriter) -> None:
@@ -635,16 +636,22 @@ class ReconnectingSource:
         self.conn: Connection | None = None
         self.remote: RemoteSource | None = None
         self.write = write
+        self._lock = trio.Lock()     # lanes call concurrently: one connection, dropped once
 
     async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
-        if self.remote is None:
-            try:
-                self.conn, catalog = await connect_source(*self.args)
-            except (TransportError, RecoveryError) as e:
-                return [PageFailure(rid, p, self.where, f"unreachable: {e}") for rid, first, n in runs
-                        for p in range(first, first + n)]
-            self.remote = RemoteSource(self.conn, catalog, self.write, self.where)
-        return await self.remote.make_resident(runs)
+        async with self._lock:       # costs no parallelism: RemoteSource reads one batch at a time anyway
+            if self.remote is None:
+                try:
+                    self.conn, catalog = await connect_source(*self.args)
+                except (TransportError, RecoveryError) as e:
+                    return [PageFailure(rid, p, self.where, f"unreachable: {e}") for rid, first, n in runs
+                            for p in range(first, first + n)]
+                self.remote = RemoteSource(self.conn, catalog, self.write, self.where)
+            failed = await self.remote.make_resident(runs)
+            if self.remote.broken is not None:
+                log.info("%s: connection lost (%s); the next batch reconnects", self.where, self.remote.broken)
+                await self.aclose()
+            return failed
 
     async def aclose(self) -> None:
         if self.conn is not None:

@@ -230,3 +230,45 @@ def test_missing_only_leaves_out_pages_the_load_does_not_write_and_pages_already
     assert res.maps == {1: bytearray([0, 1, 0, 1, 0, 1, 1, 1]), 2: bytearray(2), 3: bytearray([1] * 4)}
     assert (res.missing, res.to_load, res.complete) == (5, 5, False)
     assert not res.is_resident(1, 0, 1) and res.is_resident(1, 5, 3) and res.is_resident(3, 0, 4)
+
+
+async def _exporter(nursery: trio.Nursery, exported: bytearray, port: int = 0,
+                    **serve_kw: float) -> tuple[int, trio.CancelScope]:
+    """A real software-transport server exporting ``exported`` as region 2; cancel the scope to stop it."""
+    from rmemfs.transport import software as sw
+    from rmemfs.transport.base import Catalog, ExportedRegion, RegionRole
+
+    backend = sw.SoftwareExportBackend()             # fresh rkeys, as a restarted exporter has
+    backend.register(ExportedRegion(2, "data-0002.rgn", RegionRole.DATA, memoryview(exported), 0x7F0000000000))
+    regions = tuple(backend._by_id.values())
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await sw.serve(host="127.0.0.1", port=port, fsid="fs-lazy", secret=b"s" * 16, export=backend,
+                           catalog=lambda t: Catalog("fs-lazy", t, regions), task_status=task_status, **serve_kw)
+    return await nursery.start(run), scope
+
+
+@pytest.mark.allow_log(r"connection broken: .*closed by the exporter")
+async def test_reconnecting_source_remakes_a_connection_the_restarted_exporter_dropped(tmp_path: Path) -> None:
+    from rmemfs.recovery import ReconnectingSource
+
+    region = bytearray(64 * PAGE_SIZE)
+    first = bytearray(b"".join(page_bytes(p + 1) for p in range(64)))
+    second = bytearray(b"".join(page_bytes(p + 1000) for p in range(64)))
+    async with trio.open_nursery() as nursery:
+        port, stop = await _exporter(nursery, first)
+        src = ReconnectingSource("software", "127.0.0.1", port, "fs-lazy", b"s" * 16, 5.0,
+                                 view_writer(lambda rid: memoryview(region)))
+        assert await src.make_resident([(2, 0, 4)]) == []
+        assert region[:4 * PAGE_SIZE] == first[:4 * PAGE_SIZE]
+        stop.cancel()                                    # the exporter restarts on the same port
+        await trio.testing.wait_all_tasks_blocked()
+        await _exporter(nursery, second, port)
+        failed = await src.make_resident([(2, 8, 2)])    # on the dead connection: failed, retried later
+        assert [(f.page, f.where) for f in failed] == [(8, f"source 127.0.0.1:{port}"), (9, f"source 127.0.0.1:{port}")]
+        assert await src.make_resident([(2, 8, 2)]) == []     # reconnected, with the new catalog's rkeys
+        assert region[8 * PAGE_SIZE:10 * PAGE_SIZE] == second[8 * PAGE_SIZE:10 * PAGE_SIZE]
+        await src.aclose()
+        nursery.cancel_scope.cancel()

@@ -2,7 +2,8 @@
 
 Pages come through one registered bounce buffer (a verbs transport registers only it) and are
 written into the regions from a worker thread. A transport failure fails the pages asked for,
-naming the source; it is not raised, so a caller falls back or fails just those requests.
+naming the source; it is not raised, so a caller falls back or fails just those requests. ``broken``
+says the connection itself failed (not just a read refused), so a caller can make a new one.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import trio
 
 from .. import PAGE_SIZE
 from ..loader import RegionWriter
-from ..transport.base import Catalog, Connection, ReadOp, TransportError
+from ..transport.base import Catalog, Connection, ReadOp, RemoteAccessError, TransportError
 from .base import PageFailure
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class RemoteSource:
         conn.register_local(self._buf)
         self._lock = trio.Lock()                  # one bounce buffer: one batch at a time
         self.bytes_read = 0
+        self.broken: str | None = None            # why the connection failed (not just a read refused)
 
     async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
         pieces = [(rid, p, min(MAX_READ_PAGES, first + n - p)) for rid, first, n in runs
@@ -47,6 +49,8 @@ class RemoteSource:
                                                 for (rid, p, n), off in batch])
                 except (TransportError, KeyError) as e:
                     why = f"region not exported ({e})" if isinstance(e, KeyError) else str(e)
+                    if isinstance(e, TransportError) and not isinstance(e, RemoteAccessError):
+                        self.broken = why
                     failed.extend(PageFailure(rid, p + k, self.where, why) for (rid, p, n), _ in batch for k in range(n))
                     continue
 
