@@ -1,6 +1,7 @@
 """The Ceph test bed itself: durability across an OSD crash, cephx refusals, missing pools, netns reach."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -130,3 +131,24 @@ def test_ctl_verify_names_rados_faults_with_their_exit_codes(ceph_cluster, tmp_p
         assert proc.returncode == code, (code, proc.returncode, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in proc.stderr and word in lines[0], proc.stderr
+
+
+def test_daemon_mode_mount_on_rados_serves_and_publishes(ceph_cluster, rig, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """rmemfs without -f forks after opening the store: librados's threads do not survive a fork, so the
+    daemon hung before the mount was ready (the mount command timed out) until the store reconnected in
+    the child."""
+    import uuid
+    rig.spec = f"rados:{ceph_cluster.pool}/daemon-{uuid.uuid4().hex[:8]}"
+    rig.store = [f"ceph_conf={ceph_cluster.conf}", f"ceph_id={ceph_cluster.user_id}"]
+    rig.mount()                                    # daemon mode: returns once the mount is ready
+    data = bytes(range(256)) * 4096 * 2            # 2 MiB
+    with open(rig.mountpoint / "f.bin", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    rig.flush()
+    rig.ctl("umount", str(rig.mountpoint))
+    assert rig.ctl("verify", *rig.backend_args()).returncode == 0
+    rig.mount()
+    assert (rig.mountpoint / "f.bin").read_bytes() == data
+    rig.ctl("umount", str(rig.mountpoint))

@@ -59,7 +59,7 @@ TIMEOUT = 10                # seconds: client_mount_timeout, rados_osd_op_timeou
 TIMEOUTS = {"client_mount_timeout": "300", "rados_osd_op_timeout": "0", "rados_mon_op_timeout": "0"}
 
 
-_CLUSTERS: dict[tuple[str, str | None], Any] = {}
+_CLUSTERS: dict[tuple[int, str, str | None], Any] = {}   # by (pid, conf, user)
 _LOCK = threading.Lock()
 _OURS = re.compile(r"fs\.json|secret|epoch\.\d{10}|seg\..+|part\..+\.\d{5}")
 
@@ -100,19 +100,31 @@ class RadosStore(BaselineStore):
         if ceph_conf and not os.path.isfile(ceph_conf):
             raise BackendError(f"{self.spec}: ceph_conf {ceph_conf} does not exist (or is not a file)")
         self.who = f"client.{ceph_id or 'admin'}"
+        self._conf, self._id = ceph_conf, ceph_id
+        self._open()
+
+    def _open(self) -> None:
         try:
-            key = (ceph_conf or "", ceph_id)
+            key = (os.getpid(), self._conf or "", self._id)
             with _LOCK:     # one connection per (conf, user) in a process: connecting costs a mon round trip
-                self.cluster = _CLUSTERS.get(key)
-                if self.cluster is None:
-                    self.cluster = self._connect(ceph_conf, ceph_id)
-                    _CLUSTERS[key] = self.cluster
-            self.io = self.cluster.open_ioctx(pool)
+                cluster = _CLUSTERS.get(key)
+                if cluster is None:
+                    cluster = _CLUSTERS[key] = self._connect(self._conf, self._id)
+            self._io = cluster.open_ioctx(self.pool)
         except self.rados.Error as e:
-            raise self._connect_error(e, ceph_conf) from None
+            raise self._connect_error(e, self._conf) from None
+        self._pid = os.getpid()
         # A full pool or cluster fails writes at once (ENOSPC, EDQUOT) instead of holding them until it
         # has room again: a flush then fails like one on a full disk, keeps its marks, and retries.
-        self.io.set_osdmap_full_try()
+        self._io.set_osdmap_full_try()
+
+    @property
+    def io(self) -> Any:
+        """The pool's I/O context, in this process: librados's threads do not survive a fork (a daemon
+        opens its store before it forks), so a forked child connects again instead of hanging."""
+        if self._pid != os.getpid():
+            self._open()
+        return self._io
 
     def _connect(self, ceph_conf: str | None, ceph_id: str | None) -> Any:
         # conffile "" is librados's own lookup (CEPH_CONF, /etc/ceph/ceph.conf, ~/.ceph, ./ceph.conf).
