@@ -109,11 +109,13 @@ def test_bench_quick_report(tmp_path: Path) -> None:
         assert db["ratios"][key] > 0
     assert "databases (median" in r.stdout
 
-    assert len(rep["targets"]) == 10
+    assert "skipped under --quick" in rep["store"]["skipped"]     # no Ceph cluster in a smoke run
+    assert "store: skipped under --quick" in r.stdout
+    assert len(rep["targets"]) == 12
     for t in rep["targets"]:
         assert set(t) == {"target", "value", "op", "bound", "unit", "pass"}
-        # only the 10%-dirty recovery target is unmeasured here (--dirty 1,50)
-        assert (t["pass"] is None) == t["target"].startswith("recovery, 10%")
+        # unmeasured here: the 10%-dirty recovery target (--dirty 1,50) and the store's (skipped)
+        assert (t["pass"] is None) == t["target"].startswith(("recovery, 10%", "RADOS "))
     for png in ("recovery.png", "recovery_lazy.png", "write.png", "flush.png", "databases.png"):
         assert (out / png).stat().st_size > 1000
         assert png in rep["plots"]

@@ -21,7 +21,9 @@ Sections (each figure is measured ``--repeat`` times; median, min and max are ke
 4. transport: tools/bench_transport.py (software transport vs a raw socket);
 5. footprint: region memory, RSS of the filesystem and exporter processes, dirty-list bytes;
 6. databases: tools/bench_databases.py (SQLite and LMDB commits, random 4 KiB mmap and pwrite on rmemfs,
-   tmpfs, fuse-overlayfs and tools/minimalfs.py, the pyfuse3 ceiling, in both cache modes).
+   tmpfs, fuse-overlayfs and tools/minimalfs.py, the pyfuse3 ceiling, in both cache modes);
+7. store: tools/bench_store.py (the RADOS store's full flush and load vs raw RADOS aio of the same bytes,
+   on a throw-away cluster; the directory store beside it; skipped under --quick).
 
 Writes DIR/report.json (every figure with its unit) and PNG plots, and prints
 a table with the ratios against the targets. Needs root and /dev/fuse.
@@ -56,7 +58,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from rmemfs import control  # noqa: E402
 from rmemfs.exporter import wait_exited  # noqa: E402
-from rmemfs.store import Manifest, open_store  # noqa: E402
+from rmemfs.store import BaselineStore, Manifest, open_store  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4096
@@ -308,7 +310,7 @@ class Rmemfs:
     def mount(self) -> None:
         self.backend.mkdir(parents=True, exist_ok=True)
         self.mp.mkdir(parents=True, exist_ok=True)
-        self._cli("rmemfs.cli.mount", ["--backend", str(self.backend), "-o", self.options(), str(self.mp)])
+        self._cli("rmemfs.cli.mount", ["--backend", self.spec(), "-o", self.options(), str(self.mp)])
         self._after_mount()
 
     def _after_mount(self) -> None:
@@ -317,8 +319,15 @@ class Rmemfs:
         self.ctl = ctl
         self.region_dirs.add(Path(self.ctl).parent)
 
+    def spec(self) -> str:
+        """The --backend argument (tools/bench_store.py: a rados: spec)."""
+        return str(self.backend)
+
+    def store(self) -> BaselineStore:
+        return open_store(self.backend)
+
     def manifest(self) -> Manifest:
-        return open_store(self.backend).read_manifest()
+        return self.store().read_manifest()
 
     def pid(self) -> int:
         return int(self.manifest().owner["pid"])
@@ -340,7 +349,7 @@ class Rmemfs:
         return control.call(self.ctl, {"op": "stats"})
 
     def segment_files(self) -> list[Path]:
-        store = open_store(self.backend)
+        store = self.store()
         return [Path(store.describe(s.name)) for s in store.read_manifest().segments]
 
     def kill(self) -> None:
@@ -351,7 +360,7 @@ class Rmemfs:
 
     def recover(self, report: Path, load: str = "eager") -> tuple[dict[str, Any], float]:
         t = time.perf_counter()
-        self._cli("rmemfs.cli.recover", ["--backend", str(self.backend), "--source", "127.0.0.1", "--transport",
+        self._cli("rmemfs.cli.recover", ["--backend", self.spec(), "--source", "127.0.0.1", "--transport",
                                          "software", "--json", str(report), "--no-liveness-check", "--load", load,
                                          "-o", self.options(), str(self.mp)])
         wall = time.perf_counter() - t
@@ -366,7 +375,7 @@ class Rmemfs:
         if pid:
             wait_gone(pid, 60)
         with contextlib.suppress(Exception):
-            fsid = open_store(self.backend).fsid()
+            fsid = self.store().fsid()
             self.region_dirs.update(Path("/dev/shm").glob(f"rmemfs-{fsid}*"))
         for d in self.region_dirs:
             info = d / "exporter.json"
@@ -950,6 +959,11 @@ class Bench:
         import bench_databases
         return bench_databases.run(self)
 
+    # 7 ----------------------------------------------------------------------------------------
+    def store(self) -> dict[str, Any]:
+        import bench_store
+        return bench_store.run(self)
+
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         started = datetime.datetime.now(datetime.UTC)
@@ -964,7 +978,8 @@ class Bench:
                        "started": started.isoformat(timespec="seconds")}
         sections: list[tuple[str, Callable[[], Any]]] = [
             ("write", self.write_path), ("flush", self.flush_and_footprint),
-            ("recovery", self.recovery), ("transport", self.transport), ("databases", self.databases)]
+            ("recovery", self.recovery), ("transport", self.transport), ("databases", self.databases),
+            ("store", self.store)]
         only = set(self.args.only.split(",")) if self.args.only else None
         for name, fn in sections:
             if only and name not in only:
@@ -1030,6 +1045,9 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     add("software transport 1 MiB reads vs raw socket", _get(r, "transport", "ratio_software_to_raw"), ">=", 0.8)
     add("software transport 4 KiB scattered reads", _get(r, "transport", "software_4KiB_scattered", "median"),
         ">=", 100_000, "pages/s")
+    st = _get(r, "store", "ratios") or {}
+    add("RADOS full flush vs raw aio write, same run", st.get("flush_to_raw_write"), ">=", 0.8)
+    add("RADOS full load vs raw aio read, same run", st.get("load_to_raw_read"), ">=", 0.8)
     return out
 
 
@@ -1121,12 +1139,15 @@ def table(r: dict[str, Any]) -> str:
     if isinstance(r.get("databases"), dict):
         import bench_databases
         lines += bench_databases.table(r["databases"])
+    if isinstance(r.get("store"), dict):
+        import bench_store
+        lines += bench_store.table(r["store"])
     lines.append("targets")
     for t in r.get("targets", []):
         mark = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
         bound = _fmt(t["bound"], t["unit"]) if t["unit"] != "fraction" else f"{t['bound'] * 100:.0f} %"
         lines.append(f"  [{mark:4}] {t['target']:<58} {_fmt(t['value'], t['unit']):>18}  (target {t['op']} {bound})")
-    for name in ("write", "flush", "recovery", "transport", "databases"):
+    for name in ("write", "flush", "recovery", "transport", "databases", "store"):
         if isinstance(r.get(name), dict) and "error" in r[name]:
             lines.append(f"  section {name} failed: {r[name]['error']}")
     return "\n".join(lines)
@@ -1286,7 +1307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-tree", default=None, metavar="DIR",
                     help="write section: also run rmemfs from the checkout DIR and report the slowdown against it "
                          "(e.g. a checkout with one change reverted)")
-    ap.add_argument("--only", default="", help="run only these sections: write,flush,recovery,transport,databases")
+    ap.add_argument("--only", default="", help="run only these sections: write,flush,recovery,transport,databases,store")
     ap.add_argument("--db-commits", type=int, default=None, help="transactions per database run (default 2000)")
     ap.add_argument("--db-size", default=None, help="file for the random 4 KiB runs (default 64M; --quick 4M)")
     args = ap.parse_args(argv)
@@ -1316,7 +1337,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nreport: {bench.out / 'report.json'}; plots: " + ", ".join(str(bench.out / p) for p in report["plots"]))
     print(f"elapsed {time.monotonic() - T0:.0f} s")
     return 0 if not any(isinstance(report.get(s), dict) and "error" in report[s]
-                        for s in ("write", "flush", "recovery", "transport")) else 1
+                        for s in ("write", "flush", "recovery", "transport", "store")) else 1
 
 
 if __name__ == "__main__":
