@@ -3,7 +3,7 @@
 The reference the RADOS store's flush and load are measured against (issue 13: ≥ 0.8× of these, same run,
 same object size and concurrency). Uses librados aio (aio_write_full / aio_read with completions).
 
-    /usr/bin/python3 tools/bench_rados.py --conf DIR/ceph.conf [--size 1G] [--objects 4M,8M] [--depths 1,4,16]
+    /usr/bin/python3 tools/bench_rados.py --conf DIR/ceph.conf [--size 1G] [--objects 4M,8M] [--depths 1,4,16] [--op 4M]
     /usr/bin/python3 tools/bench_rados.py --start    # starts a throw-away cluster in a temp dir, then stops it
 """
 from __future__ import annotations
@@ -52,13 +52,23 @@ def _run_aio(n: int, depth: int, submit) -> None:  # type: ignore[no-untyped-def
         raise OSError(-errors[0], f"aio operation failed: {os.strerror(-errors[0])}")
 
 
-def bench(io, total: int, obj: int, depth: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    n = total // obj
-    payload = os.urandom(obj)
+def bench(io, total: int, obj: int, depth: int, op: int | None = None) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Write, read back and remove ``total`` bytes as objects of ``obj`` bytes, each in ops of ``op`` bytes
+    (default: the whole object; the first op of an object is a write_full), ``depth`` ops in flight."""
+    op = op or obj
+    if obj % op:
+        raise ValueError(f"object size {obj} is not a multiple of the op size {op}")
+    n, per = total // obj, obj // op
+    payload = os.urandom(op)
     names = [f"bench-{obj}-{i}" for i in range(n)]
+
+    def write(k, done):  # type: ignore[no-untyped-def]
+        i, j = divmod(k, per)
+        cb = lambda c: done(c.get_return_value())  # noqa: E731
+        return (io.aio_write_full(names[i], payload, oncomplete=cb) if j == 0 else
+                io.aio_write(names[i], payload, j * op, oncomplete=cb))
     t0 = time.perf_counter()
-    _run_aio(n, depth, lambda i, done: io.aio_write_full(names[i], payload,
-                                                          oncomplete=lambda c: done(c.get_return_value())))
+    _run_aio(n * per, depth, write)
     t_write = time.perf_counter() - t0
     got = [0]
 
@@ -70,12 +80,12 @@ def bench(io, total: int, obj: int, depth: int) -> dict[str, float]:  # type: ig
             done(rv)
         return cb
     t0 = time.perf_counter()
-    _run_aio(n, depth, lambda i, done: io.aio_read(names[i], obj, 0, on_read(done)))
+    _run_aio(n * per, depth, lambda k, done: io.aio_read(names[k // per], op, k % per * op, on_read(done)))
     t_read = time.perf_counter() - t0
     if got[0] != n * obj:
         raise RuntimeError(f"read {got[0]} bytes, expected {n * obj}")
     _run_aio(n, 16, lambda i, done: io.aio_remove(names[i], oncomplete=lambda c: done(c.get_return_value())))
-    return {"object_size": obj, "depth": depth, "bytes": n * obj,
+    return {"object_size": obj, "op_size": op, "depth": depth, "bytes": n * obj,
             "write_s": t_write, "read_s": t_read,
             "write_MBps": n * obj / MiB / t_write, "read_MBps": n * obj / MiB / t_read}
 
@@ -89,6 +99,7 @@ def main() -> int:
     ap.add_argument("--size", default="1G")
     ap.add_argument("--objects", default="4M,8M", help="object sizes, comma-separated")
     ap.add_argument("--depths", default="1,4,16", help="operations in flight, comma-separated")
+    ap.add_argument("--op", default=None, help="bytes per operation (default: the whole object)")
     ap.add_argument("--json", type=Path, default=Path("bench-rados.json"))
     args = ap.parse_args()
     if not args.conf and not args.start:
@@ -107,7 +118,7 @@ def main() -> int:
                          conf={"client_mount_timeout": "30"}) as r, r.open_ioctx(args.pool) as io:
             for obj in map(_size, args.objects.split(",")):
                 for depth in map(int, args.depths.split(",")):
-                    res = bench(io, _size(args.size), obj, depth)
+                    res = bench(io, _size(args.size), obj, depth, _size(args.op) if args.op else None)
                     results.append(res)
                     print(f"object {obj // MiB:>3} MiB  depth {depth:>2}  write {res['write_MBps']:7.1f} MiB/s"
                           f"  read {res['read_MBps']:7.1f} MiB/s", flush=True)

@@ -9,8 +9,9 @@ OSD's first writes also allocate its sparse block file). Per repeat, in this ord
   the published generation in this process, as recovery's baseline load does it: ``plan_load`` (the
   indexes) + ``LoadPlan.copy`` through the RadosStore into fresh region files;
 * raw, right before and right after the two: tools/bench_rados.py's ``bench``, ``--size`` bytes written
-  and read back as objects of the store's part size (rados.PART_SIZE) with the store's concurrency
-  (rados.IN_FLIGHT aio ops in flight); the reference is the mean of the two (drift hits both sides);
+  and read back as objects of the store's part size (rados.PART_SIZE) in ops of the store's write size
+  (base.STAGE_BYTES) with the store's concurrency (rados.IN_FLIGHT aio ops in flight), for reads too;
+  the reference is the mean of the two (drift hits both sides);
 * directory: the same data, flush and load with the directory store on --workdir (a reference).
 
 Ratios are per repeat (raw measured beside it), median over repeats: flush throughput / raw write, load
@@ -110,11 +111,12 @@ def flush_and_load(b: Any, fs: Rmemfs, seed: int, label: str) -> dict[str, Any]:
     return out
 
 
-def raw_bench(io: Any, size: int, part: int, depth: int, label: str) -> dict[str, Any]:
-    """tools/bench_rados.py's aio write + read of ``size`` bytes as ``part``-byte objects, ``depth`` in flight."""
-    raw = bench_rados.bench(io, size, part, depth)
+def raw_bench(io: Any, size: int, part: int, depth: int, op: int, label: str) -> dict[str, Any]:
+    """tools/bench_rados.py's aio write + read of ``size`` bytes as ``part``-byte objects in ``op``-byte
+    operations, ``depth`` in flight."""
+    raw = bench_rados.bench(io, size, part, depth, op)
     raw["write_throughput"], raw["read_throughput"] = raw["bytes"] / raw["write_s"], raw["bytes"] / raw["read_s"]
-    log(f"store: raw {label:<9} {raw['bytes'] // part} objects of {human(part)}, {depth} in flight: "
+    log(f"store: raw {label:<9} {raw['bytes'] // part} objects of {human(part)}, ops of {human(op)}, {depth} in flight: "
         f"write {raw['write_throughput'] / MiB:.0f} MiB/s, read {raw['read_throughput'] / MiB:.0f} MiB/s")
     return raw
 
@@ -154,7 +156,8 @@ def run(b: Any) -> dict[str, Any]:
     import rados
 
     from rmemfs.store import rados as rados_store
-    part, depth = rados_store.PART_SIZE, rados_store.IN_FLIGHT
+    from rmemfs.store.base import STAGE_BYTES
+    part, depth, op = rados_store.PART_SIZE, rados_store.IN_FLIGHT, STAGE_BYTES
     cephcluster.cleanup_stale()
     cdir = Path(tempfile.mkdtemp(prefix=f"rmemfs-ceph-{os.getpid()}-"))
     b.cleanups.append(lambda: cephcluster.stop(cdir, remove=True))
@@ -163,7 +166,7 @@ def run(b: Any) -> dict[str, Any]:
         c = cephcluster.start(cdir, owner=os.getpid())
         start_s = time.monotonic() - t0
         log(f"store: cluster started in {start_s:.1f} s ({cdir})")
-        res: dict[str, Any] = {"size_bytes": b.size, "part_size": part, "in_flight": depth,
+        res: dict[str, Any] = {"size_bytes": b.size, "part_size": part, "op_size": op, "in_flight": depth,
                                "cluster_start_s": start_s,
                                "load_reads": "one reader thread; spans of up to loader.SPAN_BYTES per aio read"}
         runs: list[dict[str, Any]] = []
@@ -171,15 +174,15 @@ def run(b: Any) -> dict[str, Any]:
                 r.open_ioctx(c.pool) as io:
             res["cluster"] = cluster_setup(c, r)
             # Untimed: the OSD's first writes also allocate its sparse block file on this machine's disk.
-            raw_bench(io, b.size, part, depth, "warm-up (not counted)")
+            raw_bench(io, b.size, part, depth, op, "warm-up (not counted)")
             for rep in range(b.repeat):
                 tag = f"{rep + 1}/{b.repeat}"
                 # Raw right before and right after the store's flush + load: the reference is their mean,
                 # so drift in the shared machine's load hits both sides alike.
-                one: dict[str, Any] = {"raw_before": raw_bench(io, b.size, part, depth, f"before {tag}")}
+                one: dict[str, Any] = {"raw_before": raw_bench(io, b.size, part, depth, op, f"before {tag}")}
                 one["rados"] = flush_and_load(b, RadosRmemfs(b.work, f"store-rados-{rep}", c.conf, c.pool),
                                               600 + rep, f"rados {tag}")
-                one["raw_after"] = raw_bench(io, b.size, part, depth, f"after {tag}")
+                one["raw_after"] = raw_bench(io, b.size, part, depth, op, f"after {tag}")
                 one["raw_write_throughput"] = statistics.mean(one[k]["write_throughput"]
                                                               for k in ("raw_before", "raw_after"))
                 one["raw_read_throughput"] = statistics.mean(one[k]["read_throughput"]
@@ -217,7 +220,7 @@ def table(r: dict[str, Any]) -> list[str]:
         return [f"store: {r['skipped']}"] if isinstance(r, dict) and "skipped" in r else []
     sp, q = bench._spread, r["ratios"]
     return [
-        f"store (1 bluestore OSD, {human(r['part_size'])} objects, {r['in_flight']} in flight; "
+        f"store (1 bluestore OSD, {human(r['part_size'])} objects, {human(r['op_size'])} ops, {r['in_flight']} in flight; "
         f"{human(r['size_bytes'])}, median [min .. max])",
         f"  rados: full flush {sp(r['rados_flush'])}, full load {sp(r['rados_load'])}",
         f"  raw aio: write {sp(r['raw_write'])}, read {sp(r['raw_read'])}",

@@ -19,7 +19,8 @@ Objects, all named ``<PREFIX>/...`` (PREFIX defaults to ``rmemfs``) in POOL:
                             newest manifest, omap key ``owner`` = the claimer's token
     seg.<name>              a finished segment's head: JSON {size, parts, part_size}; created exclusively,
                             last, so a segment is visible all at once
-    part.<name>.<i:05d>     its bytes, in parts of PART_SIZE (below osd_max_write_size, 90 MiB)
+    part.<name>.<i:05d>     its bytes, in parts of PART_SIZE (below osd_max_write_size, 90 MiB), written
+                            in ops of up to 4 MiB (the segment writer's staging size), IN_FLIGHT at once
 
 **publish is a compare-and-swap on the epoch, from RADOS's atomic ops** (one WriteOp applies all or nothing):
 
@@ -53,7 +54,7 @@ from .format import STATE_CLEAN, Identity, Manifest, decode_secret, encode_secre
 log = logging.getLogger(__name__)
 
 PART_SIZE = 64 << 20        # below osd_max_write_size (90 MiB) and osd_max_object_size (128 MiB)
-IN_FLIGHT = 4               # aio writes/reads outstanding per sink/reader
+IN_FLIGHT = 16              # aio write ops (of up to base.STAGE_BYTES, 4 MiB) outstanding per sink
 TIMEOUT = 10                # seconds: client_mount_timeout, rados_osd_op_timeout, rados_mon_op_timeout
 # librados's defaults of those (300 s, 0 = wait forever, 0): a conf file that sets another value keeps it
 TIMEOUTS = {"client_mount_timeout": "300", "rados_osd_op_timeout": "0", "rados_mon_op_timeout": "0"}
@@ -374,17 +375,30 @@ class RadosStore(BaselineStore):
 
 
 class _RadosSink(SegmentSink):
-    """Parts written with aio, up to IN_FLIGHT at once; the head object, created last, makes it visible."""
+    """Parts written with aio, in ops of the writer's staging size, up to IN_FLIGHT ops at once; the head
+    object, created last, makes the segment visible.
+
+    Why ops and not one write_full per part: librados lets at most objecter_inflight_op_bytes (100 MiB) be
+    in flight per client, so whole 64 MiB parts went one at a time, and each waited to be gathered (three
+    copies of it, into fresh memory) before its write could start. Now each piece the segment writer hands
+    over is copied once (``bytes``; librados copies it again into its own buffer) and sent at once: the
+    first op of a part is a write_full (it truncates what an earlier attempt at this generation left), the
+    rest are writes at their offset, which RADOS applies in order (one client, one object).
+    """
 
     def __init__(self, store: RadosStore, name: str) -> None:
         super().__init__(name)
-        self.store, self.buf, self.parts, self.size = store, bytearray(), 0, 0
+        self.store, self.size = store, 0
         self.slots = threading.Semaphore(IN_FLIGHT)
         self.errors: list[int] = []
         self.pending: list[Any] = []
         store._sinks.add(name)
 
-    def _flush_part(self, data: bytes) -> None:
+    @property
+    def parts(self) -> int:
+        return max(1, -(-self.size // PART_SIZE))
+
+    def _submit(self, part: int, offset: int, data: bytes) -> None:
         self.slots.acquire()
 
         def done(comp: Any) -> None:
@@ -392,25 +406,31 @@ class _RadosSink(SegmentSink):
             if rv < 0:
                 self.errors.append(rv)
             self.slots.release()
-        key = self.store._o(f"part.{self.name}.{self.parts:05d}")
-        self.pending.append(self.store.io.aio_write_full(key, data, oncomplete=done))
-        self.parts += 1
+        key = self.store._o(f"part.{self.name}.{part:05d}")
+        io = self.store.io
+        comp = (io.aio_write_full(key, data, oncomplete=done) if offset == 0 else
+                io.aio_write(key, data, offset, oncomplete=done))
+        self.pending.append(comp)
+        if len(self.pending) > 4 * IN_FLIGHT:   # done ones: keep the list short
+            self.pending = [c for c in self.pending if not c.is_complete()]
 
     def write(self, data: memoryview) -> None:
-        self.buf += data
-        self.size += len(data)
-        while len(self.buf) >= PART_SIZE:
-            self._flush_part(bytes(self.buf[:PART_SIZE]))
-            del self.buf[:PART_SIZE]
+        view = memoryview(data)
+        while len(view):
+            part, offset = divmod(self.size, PART_SIZE)
+            n = min(len(view), PART_SIZE - offset)
+            self._submit(part, offset, bytes(view[:n]))
+            self.size += n
+            view = view[n:]
 
     def finish(self) -> None:
-        if self.buf or not self.parts:
-            self._flush_part(bytes(self.buf))
-            self.buf = bytearray()
-        for _ in range(IN_FLIGHT):
+        if not self.size:
+            self._submit(0, 0, b"")
+        for _ in range(IN_FLIGHT):      # every callback has run (not wait_for_complete: docs/rados-notes.md)
             self.slots.acquire()
         for _ in range(IN_FLIGHT):
             self.slots.release()
+        self.pending.clear()
         if self.errors:
             raise _op_error(self.store, f"writing a part of segment {self.name}", self.errors[0], "")
         head = json.dumps({"size": self.size, "parts": self.parts, "part_size": PART_SIZE}).encode()
@@ -422,6 +442,8 @@ class _RadosSink(SegmentSink):
 
     def abort(self) -> None:
         self.store._sinks.discard(self.name)
+        for _ in range(IN_FLIGHT):      # ops in flight end first (each within rados_osd_op_timeout)
+            self.slots.acquire()
         for i in range(self.parts):
             try:
                 self.store.io.remove_object(self.store._o(f"part.{self.name}.{i:05d}"))
