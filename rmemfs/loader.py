@@ -14,7 +14,8 @@ A load is planned from the segment indexes alone, then copied:
   *span* (through the small gaps between them). Spans of different region
   files go to different *lanes*, taken in turns: a write into a region file
   holds its inode lock, so one writer per file is all the kernel allows.
-* **copy** (``LoadPlan.copy``): a reader thread reads spans ahead into
+* **copy** (``LoadPlan.copy``): a reader thread (or the store's
+  ``load_reads_in_flight``: one for a directory, four for RADOS) reads spans ahead into
   reusable buffers and hands each to its lane's writer thread, which
   ``pwrite``s its runs into the region files (both calls release the GIL;
   reads go through the store's ``SegmentReader``, which for the directory
@@ -172,7 +173,7 @@ class LoadPlan:
             for lane_readers in readers:
                 for info in self.segments:
                     lane_readers.append(store.open_segment(info.name, sequential=True))
-            self._copy(readers, write, progress, result, spans_done)
+            self._copy(readers, write, progress, result, spans_done, max(1, store.load_reads_in_flight))
         finally:
             for reader in (r for lane_readers in readers for r in lane_readers):
                 reader.close()
@@ -180,11 +181,13 @@ class LoadPlan:
 
     def _copy(self, readers: list[list[SegmentReader]], write: RegionWriter,
               progress: Callable[[int, int], None] | None, result: LoadResult,
-              spans_done: Callable[[int], None] | None) -> None:
-        # Three stages per span, each on threads of its own: read (the disk), write (the kernel's copy
-        # into region memory; one writer per lane) and checksum (here). Reads run up to LOAD_BUFFERS
-        # spans ahead.
-        free_buffers = [memoryview(mmap.mmap(-1, SPAN_BYTES)) for _ in range(LOAD_BUFFERS)]
+              spans_done: Callable[[int], None] | None, in_flight: int = 1) -> None:
+        # Three stages per span, each on threads of its own: read (the store; ``in_flight`` reads at
+        # once), write (the kernel's copy into region memory; one writer per lane) and checksum (here).
+        # Reads run up to LOAD_BUFFERS spans ahead (more when more are read at once). Spans are checked
+        # and reported done in plan order, whichever read ends first.
+        nbuf = LOAD_BUFFERS + in_flight - 1
+        free_buffers = [memoryview(mmap.mmap(-1, SPAN_BYTES)) for _ in range(nbuf)]
 
         def read(span: Span, buf: memoryview) -> None:
             readers[span.lane][span.segment].readinto(span.start, buf[:span.end - span.start])
@@ -197,7 +200,7 @@ class LoadPlan:
         reads: deque[tuple[Span, memoryview, Future[Future[None]]]] = deque()
         spans = iter(self.spans)
         writers = [ThreadPoolExecutor(1, thread_name_prefix=f"baseline-write-{lane}") for lane in range(LOAD_LANES)]
-        with ThreadPoolExecutor(1, thread_name_prefix="baseline-read") as reader:
+        with ThreadPoolExecutor(in_flight, thread_name_prefix="baseline-read") as reader:
             def read_then_queue_write(span: Span, buf: memoryview) -> Future[None]:
                 # The reader queues the write itself, so no writer waits on this thread.
                 read(span, buf)

@@ -364,3 +364,63 @@ def test_two_creators_make_one_filesystem(tmp_path: Path) -> None:
     mb = b.create({}, regions={})                   # as if it had raced: it adopts the first one
     assert ma.fsid == mb.fsid == DirectoryStore(root).fsid() and a.secret() == b.secret()
     assert a.owned_epoch == 0 and b.owned_epoch is None
+
+
+class _SlowFirstReads(DirectoryStore):
+    """A directory store whose loads read several spans at once, the earlier ones slowest, so the reads
+    end out of plan order; it records how many were in progress at once."""
+    load_reads_in_flight = 4
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        import threading
+        self.lock, self.now, self.most, self.reads = threading.Lock(), 0, 0, 0
+
+    def open_segment(self, name: str, *, sequential: bool = False) -> loader.SegmentReader:
+        import time
+        inner, store = super().open_segment(name, sequential=sequential), self
+
+        class Slow(loader.SegmentReader):
+            def readinto(self, offset: int, buf: memoryview) -> None:
+                with store.lock:
+                    store.now += 1
+                    store.most = max(store.most, store.now)
+                    k = store.reads
+                    store.reads += 1
+                time.sleep(max(0.0, 0.08 - 0.02 * k))
+                inner.readinto(offset, buf)
+                with store.lock:
+                    store.now -= 1
+
+            def close(self) -> None:
+                inner.close()
+        return Slow(name, inner.size)
+
+
+def test_load_with_reads_in_flight_ends_out_of_order_and_reports_in_order(tmp_path: Path) -> None:
+    """A store with load_reads_in_flight > 1 (RADOS: 4) gets that many span reads at once; the spans
+    still land whole and are reported done in plan order."""
+    regions = tuple(range(2, 10))            # one span per region: 8 spans
+    backend, m = make_backend(tmp_path, regions=regions)
+    fills = {(rid, p): rid * 16 + p % 7 + 1 for rid in regions for p in range(0, REGION_PAGES, 3)}
+    m = write_segment(backend, m, 1, {k: page(v) for k, v in fills.items()})
+    slow = _SlowFirstReads(backend.path)
+    plan = plan_load(slow, slow.read_manifest())
+    assert len(plan.spans) == len(regions)
+    imgs = images(m)
+    done: list[int] = []
+    seen_whole: list[bool] = []
+
+    def spans_done(n: int) -> None:
+        done.append(n)
+        span = plan.spans[n - 1]
+        seen_whole.append(all(imgs[r.region_id][r.first_page * PAGE_SIZE:(r.first_page + r.npages) * PAGE_SIZE]
+                              == b"".join(page(fills[r.region_id, p]) for p in range(r.first_page,
+                                                                                      r.first_page + r.npages))
+                              for r in span.runs))
+    result = plan.copy(slow, view_writer(lambda rid: memoryview(imgs[rid])), spans_done=spans_done)
+    assert result.corrupt == []
+    assert slow.most > 1, "the span reads ran one at a time"
+    assert done == list(range(1, len(plan.spans) + 1)) and all(seen_whole)
+    for (rid, p), fill in fills.items():
+        assert imgs[rid][p * PAGE_SIZE:(p + 1) * PAGE_SIZE] == page(fill)

@@ -214,6 +214,9 @@ class BaselineStore(ABC):
 
     spec: str     # the --backend string that opens this store again (for messages and other processes)
     options: dict[str, str]     # with the -o store options (open_store sets them): open_store(spec, options)
+    # Span reads a baseline load keeps in flight at once: one suits a disk read front to back (with the
+    # kernel's read-ahead); a store whose reads wait on the network wants more.
+    load_reads_in_flight: int = 1
 
     def __init__(self) -> None:
         self.options = {}
