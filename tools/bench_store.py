@@ -138,6 +138,7 @@ def cluster_setup(c: cephcluster.Cluster, r: Any) -> dict[str, Any]:
         "osd_memory_target": int(setting["osd_memory_target"]),
         "osd_max_object_size": osd_config("osd_max_object_size"),
         "osd_max_write_size_MiB": osd_config("osd_max_write_size"),
+        "client_objecter_inflight_op_bytes": int(r.conf_get("objecter_inflight_op_bytes")),
         "ceph_version": bench.run_cmd(["ceph", "--version"]).stdout.strip(),
         "librados_version": str(r.version()),
         "python3_rados": bench.run_cmd(["dpkg-query", "-W", "-f", "${Version}", "python3-rados"]).stdout.strip(),
@@ -211,6 +212,7 @@ def run(b: Any) -> dict[str, Any]:
                    "flush_to_raw_write_per_run": [x["flush_to_raw_write"] for x in runs],
                    "load_to_raw_read_per_run": [x["load_to_raw_read"] for x in runs]},
         "runs": runs,
+        "loadavg_at_end": os.getloadavg(),     # the machine is shared: how busy it was
     })
     return res
 
