@@ -147,6 +147,7 @@ class Flusher:
         self._stats: dict[str, Any] = dict(flushes=0, failures=0, last_duration_s=0.0, last_pages=0, last_bytes=0,
                            last_full=False, total_bytes=0, last_error="")
         self._failures_in_row = 0
+        self._rearm = False         # a flush failed: the loop's wait becomes the failure backoff
 
     # --- service ------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -159,6 +160,9 @@ class Flusher:
             self.kick = trio.Event()
             if self._stop:
                 break
+            if self._rearm:         # woken by a failure (maybe of a flush asked for by rmemfs-ctl): the
+                self._rearm = False  # retry waits the backoff, not what was left of flush_interval
+                continue
             tracker = self.fs.tracker
             if not tracker.current.count and not tracker.flushing.count:
                 continue   # nothing changed since the last generation
@@ -187,6 +191,9 @@ class Flusher:
                 self._stats["failures"] += 1
                 self._stats["last_error"] = str(e)
                 self._failures_in_row += 1
+                if isinstance(e, Exception) and not isinstance(e, FencedError):
+                    self._rearm = True
+                    self.kick.set()
                 raise
             finally:
                 self.completed += 1

@@ -152,3 +152,73 @@ def test_daemon_mode_mount_on_rados_serves_and_publishes(ceph_cluster, rig, tmp_
     rig.mount()
     assert (rig.mountpoint / "f.bin").read_bytes() == data
     rig.ctl("umount", str(rig.mountpoint))
+
+
+@pytest.mark.mount
+@pytest.mark.slow
+def test_osd_killed_during_flush_fails_it_keeps_marks_and_retry_succeeds(ceph_cluster, rig) -> None:  # type: ignore[no-untyped-def]
+    """Issue 13, faults: the only OSD SIGKILLed while a flush writes its segment. The flush fails (rmemfs-ctl
+    flush: exit 4, one line, "did not answer"), nothing is published, every dirty mark is kept; once the OSD
+    is back the flusher's own retry publishes it, and the data survives an unmount and a mount."""
+    import contextlib
+    import subprocess
+    import time
+    import uuid
+
+    import rados
+    prefix = f"osdkill-{uuid.uuid4().hex[:8]}"
+    rig.spec = f"rados:{ceph_cluster.pool}/{prefix}"
+    rig.store = [f"ceph_conf={ceph_cluster.conf}", f"ceph_id={ceph_cluster.user_id}"]
+    rig.options = ["flush_interval=3600"]          # only explicit flushes and the failure retries
+    rig.mount()
+    (rig.mountpoint / "small").write_bytes(b"first baseline\n")
+    rig.flush()
+    published = rig.manifest().generation
+    size = 192 << 20                               # a flush of a few seconds on the test cluster
+    data = os.urandom(1 << 20) * (size >> 20)
+    with open(rig.mountpoint / "big.bin", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    pages = size // 4096
+    flush = subprocess.Popen([sys.executable, "-m", "rmemfs.cli.ctl", "flush", str(rig.mountpoint)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Kill the OSD once the flush's first part object exists: mid-segment.
+    with _connect(ceph_cluster) as r, r.open_ioctx(ceph_cluster.pool) as io:
+        deadline = time.monotonic() + 60
+        while not any(o.key.startswith(f"{prefix}/part.") for o in io.list_objects()):
+            assert time.monotonic() < deadline and flush.poll() is None, "the flush wrote no part object"
+            time.sleep(0.01)
+    ceph_cluster.osd_stop()
+    try:
+        _, err = flush.communicate(timeout=120)
+        assert flush.returncode == 4, (flush.returncode, err)
+        assert len(err.strip().splitlines()) == 1 and "did not answer" in err and "Traceback" not in err, err
+        st = rig.stats()
+        assert st["flush"]["failures"] >= 1 and st["flush"]["generation"] == published
+        core = st["core"]
+        assert core["dirty_current_pages"] + core["dirty_flushing_pages"] >= pages, core
+    finally:
+        ceph_cluster.osd_start()
+    # The flusher retries on its own (backoff, not the 3600 s interval) and publishes once the OSD is back.
+    deadline = time.monotonic() + 180
+    while True:
+        st = rig.stats()
+        core = st["core"]
+        if st["flush"]["generation"] > published and core["dirty_current_pages"] + core["dirty_flushing_pages"] == 0:
+            break
+        assert time.monotonic() < deadline, (st["flush"], core["dirty_current_pages"], core["dirty_flushing_pages"],
+                                             (rig.regiondir / "rmemfs.log").read_text()[-3000:])
+        time.sleep(0.5)
+    assert rig.manifest().generation > published
+    rig.ctl("umount", str(rig.mountpoint))
+    assert rig.ctl("verify", *rig.backend_args()).returncode == 0
+    rig.mount()
+    assert (rig.mountpoint / "big.bin").read_bytes() == data
+    assert (rig.mountpoint / "small").read_bytes() == b"first baseline\n"
+    rig.ctl("umount", str(rig.mountpoint))
+    with _connect(ceph_cluster) as r, r.open_ioctx(ceph_cluster.pool) as io:
+        for o in list(io.list_objects()):
+            if o.key.startswith(prefix + "/"):
+                with contextlib.suppress(rados.ObjectNotFound):
+                    io.remove_object(o.key)
