@@ -9,16 +9,23 @@ veth link, and everything acknowledged is checked byte for byte on hostB.
 Every acknowledged write is also applied to a shadow copy outside rmemfs, so
 the expected XXH3 of each file never comes from rmemfs itself.
 Exit status 0 when every check passed, 1 otherwise. Cleans up on any exit.
+
+``--backend rados``: the same story with the baseline in a Ceph pool: a throw-away one-OSD cluster
+(tools/cephcluster.py) on a bridge both hosts reach, the store ``rados:rmemfs/demo-<pid>``, and the
+cluster's least-privileged user (client.rmemfs: this pool only). The cluster is stopped and removed after.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import signal
 import sys
 import time
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -94,15 +101,18 @@ class Files:
                 "dirs": dirs}
 
 
-def story(a: Host, b: Host, backend: Path) -> None:
+def story(a: Host, b: Host, backend: Path | str, store: dict[str, str] | None = None,
+          shared: str | None = None) -> None:
+    """``store``: the backend's -o options (rados: ceph_conf, ceph_id); ``shared``: how the hosts share it."""
+    store = store or {}
     mnt_a, mnt_b = a.dir / "mnt", b.dir / "mnt"
     shadow = a.dir / "shadow"
     shadow.mkdir()
     say(f"Two hosts: {a.name} {a.addr} (netns {a.netns}) and {b.name} {b.addr} (netns {b.netns}), a veth "
-        f"pair between them. Each has a private /dev/shm; the backend {backend} is shared.")
+        f"pair between them. Each has a private /dev/shm; {shared or f'the backend {backend} is shared'}.")
     say(f"{a.name}: mount rmemfs, exporter listening on {a.addr}:7470 (periodic flushes every 30 s; we ask "
         "for one explicitly below)")
-    pid = a.mount_rmemfs(backend, mnt_a, flush_interval=30, region_size="256M")
+    pid = a.mount_rmemfs(backend, mnt_a, flush_interval=30, region_size="256M", **store)
     show(a, a.run(["sh", "-c", f"grep ' {mnt_a} ' /proc/self/mounts; ls /dev/shm"]).stdout)
     show(a, f"rmemfs pid {pid}, exporter pid {a.exporter_pids()}")
 
@@ -122,6 +132,12 @@ def story(a: Host, b: Host, backend: Path) -> None:
     say(f"{a.name}: flush a baseline to the backend now")
     gen = json.loads(a.python(WORK, "ctl", mnt_a, "flush").stdout)["generation"]
     show(a, f"baseline generation {gen} published in {backend}")
+    if store:       # rados: what the pool holds, listed from hostA as the filesystem's cephx user
+        prefix = str(backend).partition(":")[2].partition("/")[2] + "/"
+        pool = str(backend).partition(":")[2].partition("/")[0]
+        objs = sorted(o for o in a.run(["rados", "--conf", store["ceph_conf"], "--id", store["ceph_id"], "-p", pool,
+                                        "ls"]).stdout.split() if o.startswith(prefix))
+        show(a, f"$ rados -p {pool} ls  ({len(objs)} objects under {prefix})\n" + "\n".join(objs))
 
     say(f"{a.name}: more writes after the last baseline (only in hostA's memory and its dirty page lists)")
     out = f.kvstore("load", "800", "--seed", "8", "--keys", "2000")
@@ -151,7 +167,7 @@ def story(a: Host, b: Host, backend: Path) -> None:
     t = time.monotonic()
     # On a terminal its progress bars show live (stderr not captured); otherwise just the summary.
     r = b.recover_rmemfs(backend, mnt_b, a.addr, json_report=report, extra=["--transport", "software", "--verify"],
-                         check=False, capture=not sys.stderr.isatty(), region_size="256M")
+                         check=False, capture=not sys.stderr.isatty(), region_size="256M", **store)
     show(b, (r.stdout or "") + (r.stderr or ""))
     if r.returncode != 0:
         fail(f"rmemfs-recover exited {r.returncode}")
@@ -181,13 +197,50 @@ def story(a: Host, b: Host, backend: Path) -> None:
     show(b, f"dump: all {len(got)} keys hold their last acknowledged values")
 
 
+def rados_story() -> None:
+    """The story with the baseline in a throw-away Ceph cluster's pool, which both hosts reach."""
+    import cephcluster
+    missing = cephcluster.missing_packages()
+    if missing:
+        fail(f"ceph is not installed ({', '.join(missing)} missing): run tools/setup")
+    cephcluster.cleanup_stale()
+    cdir = Path(tempfile.mkdtemp(prefix=f"rmemfs-ceph-{os.getpid()}-"))
+    try:
+        say("Starting a throw-away Ceph cluster: one monitor, one manager, one bluestore OSD on a file, "
+            "pool 'rmemfs' (size 1), cephx on")
+        c = cephcluster.start(cdir, net=True, owner=os.getpid())
+        show_line(f"mon at {c.addr}:{c.port} on bridge {c.bridge}; ceph.conf {c.conf}; "
+                  f"started in {time.monotonic() - T0:.1f} s")
+        backend = f"rados:{c.pool}/demo-{os.getpid()}"
+        store: dict[str, Any] = {"ceph_conf": str(c.conf), "ceph_id": "rmemfs"}
+        hosts = TwoHosts(ceph=c.dir)
+        with hosts as (a, b):
+            story(a, b, backend, store, shared=f"the backend is {backend}: pool {c.pool!r} of that cluster, which "
+                  f"both reach over a bridge ({a.name} {a.ceph_addr}, {b.name} {b.ceph_addr}), as user client.rmemfs "
+                  f"(read/write on this pool only)")
+    finally:
+        cephcluster.stop(cdir, remove=True)
+
+
+def show_line(text: str) -> None:
+    print(f"  {DIM}{text}{OFF}", flush=True)
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser(description="The rmemfs two-host recovery story, narrated (tools/demo).")
+    ap.add_argument("--backend", choices=("directory", "rados"), default="directory",
+                    help="where the baselines go: a directory both hosts share (default), or a Ceph pool "
+                         "of a throw-away cluster")
+    args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the cleanup on SIGTERM too
     cleanup_stale()
-    hosts = TwoHosts()
     try:
-        with hosts as (a, b):
-            story(a, b, hosts.backend)
+        if args.backend == "rados":
+            rados_story()
+        else:
+            hosts = TwoHosts()
+            with hosts as (a, b):
+                story(a, b, hosts.backend)
     except SystemExit as e:
         if e.code not in (0, None):
             print(f"\n{e.code}" if isinstance(e.code, str) else "", file=sys.stderr)

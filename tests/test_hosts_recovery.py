@@ -152,3 +152,18 @@ def test_demo_runs() -> None:
     assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert "PASS" in proc.stdout
     assert time.monotonic() - t0 < 60, "the demo should take under a minute"
+
+
+@pytest.mark.ceph
+@pytest.mark.slow
+def test_demo_runs_on_rados() -> None:
+    """tools/demo --backend rados: the same story with the baselines in a throw-away cluster's pool, which
+    both hosts reach; the cluster and its bridge are gone afterwards."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([PYTHON, str(REPO / "examples" / "demo.py"), "--backend", "rados"], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert "PASS" in proc.stdout and "published in rados:rmemfs/demo-" in proc.stdout
+    assert "/secret" in proc.stdout and "/epoch.0000000001" in proc.stdout     # listed from hostA as client.rmemfs
+    conf = next(line for line in proc.stdout.splitlines() if "ceph.conf " in line).split("ceph.conf ")[1].split(";")[0]
+    assert not Path(conf).exists(), "the demo left its cluster directory behind"

@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from rmemfs.store import open_store  # noqa: E402
 NS_PREFIX = "rmh"          # every namespace this module creates is rmh<owner pid>x<n><label><a|b> (stale cleanup)
+STORE_OPTIONS = ("ceph_conf", "ceph_id")     # -o options that belong to the backend (rados:), not the mount
 
 Cmd = str | Sequence[str | os.PathLike[str]]
 
@@ -120,15 +121,15 @@ class Host:
         opts = [k if v is True else f"{k}={v}" for k, v in options.items() if v is not None and v is not False]
         return ["-o", ",".join(opts)] if opts else []
 
-    def mount_rmemfs(self, backend: Path, mountpoint: Path, **options: Any) -> int:
+    def mount_rmemfs(self, backend: Path | str, mountpoint: Path, **options: Any) -> int:
         """Mount (daemonized) and return the daemon's pid. Options become ``-o k=v``; listen defaults to our
         address so the exporter is reachable from the other host."""
         options.setdefault("listen", self.addr)
         mountpoint.mkdir(parents=True, exist_ok=True)
         self.python("-m", "rmemfs.cli.mount", "--backend", backend, *self._options(options), mountpoint)
-        return self.rmemfs_pid(backend)
+        return self.rmemfs_pid(backend, {k: str(options[k]) for k in STORE_OPTIONS if k in options})
 
-    def recover_rmemfs(self, backend: Path, mountpoint: Path, source: str, *, json_report: Path | None = None,
+    def recover_rmemfs(self, backend: Path | str, mountpoint: Path, source: str, *, json_report: Path | None = None,
                        extra: Sequence[str] = (), check: bool = True, capture: bool = True, **options: Any
                        ) -> subprocess.CompletedProcess[str]:
         """rmemfs-recover from ``source`` (HOST[:PORT]); capture=False lets its progress bars reach a terminal."""
@@ -139,9 +140,10 @@ class Host:
             args += ["--json", str(json_report)]
         return self.python(*args, *self._options(options), str(mountpoint), check=check, capture=capture)
 
-    def rmemfs_pid(self, backend: Path) -> int:
-        """The pid of the rmemfs daemon that owns ``backend``, per the MANIFEST owner, checked to be ours."""
-        owner = open_store(backend).read_manifest().owner
+    def rmemfs_pid(self, backend: Path | str, store: dict[str, str] | None = None) -> int:
+        """The pid of the rmemfs daemon that owns ``backend`` (a directory or a rados: spec, with its store
+        options), per the MANIFEST owner, checked to be ours."""
+        owner = open_store(backend, store).read_manifest().owner
         pid = int(owner["pid"])
         if pid not in self.pids():
             raise HostError(f"{self.name}: MANIFEST owner pid {pid} ({owner.get('host')}) is not on this host")
