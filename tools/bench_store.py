@@ -35,7 +35,7 @@ import bench_rados
 import cephcluster
 from bench import MiB, Rmemfs, human, log, summary
 
-from rmemfs.loader import plan_load, region_file_writer
+from rmemfs.loader import SPAN_BYTES, plan_load, region_file_writer
 from rmemfs.mount import fresh_regions, parse_options
 from rmemfs.store import BaselineStore, open_store
 
@@ -169,7 +169,8 @@ def run(b: Any) -> dict[str, Any]:
         log(f"store: cluster started in {start_s:.1f} s ({cdir})")
         res: dict[str, Any] = {"size_bytes": b.size, "part_size": part, "op_size": op, "in_flight": depth,
                                "cluster_start_s": start_s,
-                               "load_reads": "one reader thread; spans of up to loader.SPAN_BYTES per aio read"}
+                               "load_reads_in_flight": rados_store.RadosStore.load_reads_in_flight,
+                               "load_read_bytes": SPAN_BYTES}
         runs: list[dict[str, Any]] = []
         with rados.Rados(conffile=str(c.conf), rados_id="admin", conf={"client_mount_timeout": "30"}) as r, \
                 r.open_ioctx(c.pool) as io:
