@@ -569,7 +569,8 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
         residency.fill_now = baseline_source.copy_now
         again = source_again(guarded) if source_again is not None else None     # connects on first use
         source: PageSource = FallbackSource(baseline_source, again)
-        background = BackgroundLoad(LazyLoader(residency, source, rate_bytes=opts.load_rate), baseline_source, report)
+        background = BackgroundLoad(LazyLoader(residency, source, bulk=baseline_source, rate_bytes=opts.load_rate),
+                                    baseline_source, report)
         report.background_load = background.loader.stats()
 
     # 7: namespace; fetched pages go on the new current list so the first flush publishes them.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,16 @@ class PageSource(Protocol):
 
         Returns the pages that could not be delivered (left as they were); raises only when the
         source is unusable as a whole."""
+        ...
+
+
+class BulkSource(Protocol):
+    def stream(self, chunks: list[tuple[int, int, int]], gate: Callable[[int], bool],
+               done: Callable[[tuple[int, int, int], list[PageFailure]], None]) -> None:
+        """Make every chunk (region id, first page, count) resident, in order; blocks (a worker thread).
+
+        ``gate(nbytes)`` is called before each chunk is read and may block; False stops the stream.
+        ``done(chunk, failures)`` follows each chunk: all of it is in but the failed pages."""
         ...
 
 

@@ -3,8 +3,8 @@
 ``Residency`` holds one byte per page of each region (1 = resident). ``complete`` is the fast path
 every request takes once the load is done (and from the start for regions fetched eagerly). A
 request touching a missing page calls ``ensure``, which queues a demand and waits; the
-``LazyLoader`` serves demands before its next background chunk, so a demand waits at most for the
-chunk in flight plus its own read.
+``LazyLoader`` serves demands at once, on a task of their own, and pauses its background load
+meanwhile, so a demand competes at most with the background chunks already in flight.
 
 Atomicity (trio: only awaits break it). ``ensure`` returns right after a check that found every
 page resident, with no await in between; the caller must read or write the region with no await
@@ -30,11 +30,12 @@ import trio
 from .. import PAGE_SIZE
 from ..loader import RegionWriter
 from ..regions import unset_runs
-from .base import PageFailure, PageSource
+from .base import BulkSource, PageFailure, PageSource
 
 log = logging.getLogger(__name__)
 
-CHUNK_PAGES = 256          # a background read: 1 MiB, the longest a demand waits behind it
+CHUNK_PAGES = 256          # a lane's read: 1 MiB
+BULK_CHUNK_PAGES = 256     # a bulk pass's read: 1 MiB; a demand waits behind the few in flight
 RETRY_SECONDS = 1.0        # pause before a pass over the pages that failed
 LANES = 2                  # chunks in flight: one thread reads and checks while another writes
 
@@ -186,11 +187,19 @@ class Residency:
 
 
 class LazyLoader:
-    """Makes every missing page resident from ``source``: demands first, then the rest in order."""
+    """Makes every missing page resident: demands at once, the rest in order in the background.
 
-    def __init__(self, residency: Residency, source: PageSource, *, rate_bytes: float = 0.0,
-                 on_progress: Callable[[int, int], None] | None = None) -> None:
-        self.residency, self.source = residency, source
+    Demands are served by a task of their own as they come, through ``source``, and the background
+    load pauses while they are (it yields to demand). With a ``bulk`` source the background load is
+    one pipelined pass in worker threads (``BulkSource.stream``), with no trip through the event loop
+    per chunk. What that pass could not deliver goes through ``source`` (whose fallback may be the
+    failed host) right away; what is still missing after it, and everything when there is no bulk
+    source, is loaded in chunks through ``source`` by LANES lanes, again every RETRY_SECONDS until in.
+    """
+
+    def __init__(self, residency: Residency, source: PageSource, *, bulk: BulkSource | None = None,
+                 rate_bytes: float = 0.0, on_progress: Callable[[int, int], None] | None = None) -> None:
+        self.residency, self.source, self.bulk = residency, source, bulk
         self.rate_bytes = rate_bytes                # background load limit, bytes/s (0: none); demands are not
         self.on_progress = on_progress              # (resident pages, total pages), after each chunk
         self.loaded_pages = 0
@@ -200,6 +209,10 @@ class LazyLoader:
         # 1 = a lane is loading the page: no other lane loads it too, or its late baseline write could land
         # after the first lane marked the page resident and a request wrote it.
         self.inflight = {rid: bytearray(len(m)) for rid, m in residency.maps.items()}
+        self._go = threading.Event()                # cleared while demands are served: the bulk pass waits
+        self._go.set()
+        self._stop = threading.Event()              # the bulk pass ends (the load was cancelled)
+        self._refetch: deque[tuple[int, int, int]] = deque()    # pages the bulk pass failed: through source
 
     def _claim(self, region_id: int, first: int, n: int) -> list[tuple[int, int, int]]:
         """The parts of a missing run no lane is loading, now claimed (a waiter on the rest waits for
@@ -224,6 +237,20 @@ class LazyLoader:
         """Pages per second so far."""
         return self.loaded_pages / max(1e-9, (self.seconds or time.monotonic() - self.started))
 
+    def _landed(self, region_id: int, first: int, n: int, bad: set[int]) -> None:
+        """Pages first..first+n-1 are in, but for the pages in ``bad``."""
+        page = first
+        for stop in sorted(p for p in bad if first <= p < first + n) + [first + n]:
+            if stop > page:
+                self.residency.mark(region_id, page, stop - page)
+                self.loaded_pages += stop - page
+            page = stop + 1
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            res = self.residency
+            self.on_progress(res.total - res.missing, res.total)
+
     async def _load(self, runs: list[tuple[int, int, int]], demand: bool) -> None:
         res = self.residency
         runs = [m for r in runs for m in res.missing_runs(*r) for m in self._claim(*m)]
@@ -234,15 +261,11 @@ class LazyLoader:
         finally:
             for region_id, first, n in runs:
                 self.inflight[region_id][first:first + n] = bytes(n)
-        bad = {(f.region_id, f.page): f for f in failures}
+        bad: dict[int, set[int]] = {}
+        for f in failures:
+            bad.setdefault(f.region_id, set()).add(f.page)
         for region_id, first, n in runs:
-            page, end = first, first + n
-            while page < end:                     # mark the stretches between failed pages
-                stop = next((p for p in range(page, end) if (region_id, p) in bad), end)
-                if stop > page:
-                    res.mark(region_id, page, stop - page)
-                    self.loaded_pages += stop - page
-                page = stop + 1 if stop < end else end
+            self._landed(region_id, first, n, bad.get(region_id, set()))
         for f in failures:
             res.fail(f)
             if (f.region_id, f.page) in self._logged:
@@ -251,46 +274,112 @@ class LazyLoader:
             log.error("lazy load: region %d page %d unreadable from %s (%s)%s", f.region_id, f.page, f.where,
                       f.why, ": the request gets EIO" if demand else ": retried later")
 
-    async def _lane(self, pending: deque[tuple[int, int, int]]) -> None:
+    async def _serve_demands(self) -> None:
+        """Serve demands (and the bulk pass's failures) as they come, the background load paused meanwhile."""
         res = self.residency
-        while pending or res.demands:
-            if res.demands:
-                demands = list(res.demands)
-                res.demands.clear()
-                await self._load(demands, demand=True)
-            else:
-                await self._load([pending.popleft()], demand=False)
-                if self.rate_bytes:
-                    ahead = self.loaded_pages * PAGE_SIZE / self.rate_bytes - (time.monotonic() - self.started)
-                    if ahead > 0:
-                        with trio.move_on_after(ahead):   # a demand ends the pause
-                            res.demanded = trio.Event()
-                            if not res.demands:
-                                await res.demanded.wait()
-            if self.on_progress is not None:
-                self.on_progress(res.total - res.missing, res.total)
+        while True:
+            if not res.demands and not self._refetch:
+                res.demanded = trio.Event()
+                if not res.demands and not self._refetch:       # no await since the check: none is missed
+                    await res.demanded.wait()
+                continue
+            self._go.clear()
+            try:
+                while res.demands or self._refetch:
+                    if res.demands:
+                        demands = list(res.demands)
+                        res.demands.clear()
+                        await self._load(demands, demand=True)
+                    else:
+                        again = list(self._refetch)
+                        self._refetch.clear()
+                        await self._load(again, demand=False)
+                    self._progress()
+            finally:
+                self._go.set()
+
+    async def _lane(self, pending: deque[tuple[int, int, int]]) -> None:
+        while pending:
+            await self._load([pending.popleft()], demand=False)
+            if self.rate_bytes:
+                ahead = self.loaded_pages * PAGE_SIZE / self.rate_bytes - (time.monotonic() - self.started)
+                if ahead > 0:
+                    await trio.sleep(ahead)
+            self._progress()
             await trio.lowlevel.checkpoint()          # let the waiters run before the next chunk
 
+    async def _bulk_pass(self, bulk: BulkSource) -> None:
+        res = self.residency
+        token = trio.lowlevel.current_trio_token()
+        size = BULK_CHUNK_PAGES if not self.rate_bytes else _rate_chunk(self.rate_bytes, BULK_CHUNK_PAGES)
+        chunks = [c for rid in sorted(res.maps) for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid])), size)]
+        passed = 0                                    # bytes through the gate, for the rate limit
+
+        def gate(nbytes: int) -> bool:                # the stream's thread, before each chunk
+            nonlocal passed
+            while not self._stop.is_set():
+                if not self._go.wait(0.05):
+                    continue
+                if self.rate_bytes:
+                    ahead = passed / self.rate_bytes - (time.monotonic() - self.started)
+                    if ahead > 0:
+                        self._stop.wait(min(ahead, 0.05))
+                        continue
+                passed += nbytes
+                return True
+            return False
+
+        def landed(chunk: tuple[int, int, int], failed: list[PageFailure]) -> None:    # the event loop
+            self._landed(*chunk, {f.page for f in failed})
+            if failed:
+                self._refetch.extend((f.region_id, f.page, 1) for f in failed)
+                res.demanded.set()
+            self._progress()
+
+        def done(chunk: tuple[int, int, int], failed: list[PageFailure]) -> None:      # the stream's thread
+            try:
+                token.run_sync_soon(landed, chunk, failed)
+            except trio.RunFinishedError:
+                pass
+
+        async def stop_when_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._stop.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_when_cancelled)
+            await trio.to_thread.run_sync(bulk.stream, chunks, gate, done)
+            nursery.cancel_scope.cancel()
+
     async def run(self) -> None:
-        """Load until every page is resident. Lanes share the queues and claim pages (``inflight``)."""
+        """Load until every page is resident."""
         res = self.residency
         self.started = time.monotonic()
-        while not res.complete:
-            # A rate limit loads in chunks of about 50 ms of it, so that it is smooth at any rate.
-            size = CHUNK_PAGES if not self.rate_bytes else max(1, min(CHUNK_PAGES, int(self.rate_bytes / 20 / PAGE_SIZE)))
-            pending = deque(c for rid in sorted(res.maps)
-                            for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid])), size))
-            async with trio.open_nursery() as nursery:
-                for _ in range(LANES):
-                    nursery.start_soon(self._lane, pending)
-            if not res.complete:
-                res.demanded = trio.Event()
-                if not res.demands:                   # no await since the reset: no demand is missed
-                    with trio.move_on_after(RETRY_SECONDS):
-                        await res.demanded.wait()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_demands)
+            if self.bulk is not None and not res.complete:
+                await self._bulk_pass(self.bulk)
+            while not res.complete:
+                size = CHUNK_PAGES if not self.rate_bytes else _rate_chunk(self.rate_bytes, CHUNK_PAGES)
+                pending = deque(c for rid in sorted(res.maps)
+                                for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid])), size))
+                async with trio.open_nursery() as lanes:
+                    for _ in range(LANES):
+                        lanes.start_soon(self._lane, pending)
+                with trio.move_on_after(RETRY_SECONDS):      # pages failed: retry after a pause
+                    while not res.complete:
+                        await res.changed()
+            nursery.cancel_scope.cancel()
         self.seconds = time.monotonic() - self.started
         log.info("lazy load complete: %d pages in %.2f s (%.0f pages/s)", self.loaded_pages, self.seconds,
                  self.rate())
+
+
+def _rate_chunk(rate_bytes: float, most: int) -> int:
+    """Pages per chunk under a rate limit: about 50 ms of it, so that the load is smooth at any rate."""
+    return max(1, min(most, int(rate_bytes / 20 / PAGE_SIZE)))
 
 
 def _chunks(runs: list[tuple[int, int, int]], size: int = CHUNK_PAGES) -> list[tuple[int, int, int]]:
