@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -302,11 +303,11 @@ async def test_the_bulk_pass_never_writes_over_a_page_claimed_after_it_began(tmp
     class HeldBulk:
         """The bulk source, its first chunk (pages 0-255, planned before the claim) held until page 10 is claimed."""
 
-        def stream(self, chunks, gate, done):  # type: ignore[no-untyped-def]
-            def held_gate(nbytes: int) -> bool:
+        def stream(self, chunks, chunk_pages, gate, done):  # type: ignore[no-untyped-def]
+            def held_gate(wait: bool) -> bool:
                 claimed.wait(5)
-                return gate(nbytes)
-            source.stream(chunks, held_gate, done)
+                return gate(wait)
+            source.stream(chunks, chunk_pages, held_gate, done)
 
     loader = LazyLoader(res, source, bulk=HeldBulk())
     async with trio.open_nursery() as nursery:
@@ -319,11 +320,13 @@ async def test_the_bulk_pass_never_writes_over_a_page_claimed_after_it_began(tmp
     assert bytes(region) == b"".join(mine if p == 10 else expected(p) for p in range(PAGES))
 
 
-async def test_the_bulk_pass_pauses_while_a_demand_is_served(tmp_path: Path) -> None:
+@pytest.mark.parametrize("share_every", [10.0, 0.2])
+async def test_the_bulk_pass_pauses_while_a_demand_is_served_but_for_its_share(tmp_path: Path,
+                                                                               share_every: float) -> None:
     _, source, res, region, _ = setup(tmp_path)
     held = HeldFirstCall(source)                          # through ``source`` come only the demands
     rate = 64 * PAGE_SIZE                                 # the pass: 3-page chunks, 20 a second
-    loader = LazyLoader(res, held, bulk=source, rate_bytes=rate)
+    loader = LazyLoader(res, held, bulk=source, rate_bytes=rate, share_every=share_every)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
         await trio.sleep(0.2)
@@ -338,7 +341,10 @@ async def test_the_bulk_pass_pauses_while_a_demand_is_served(tmp_path: Path) -> 
                 await res.changed()
         resumed = before - landed - res.missing
         nursery.cancel_scope.cancel()
-    assert landed <= 2 * 3, landed                        # only what was in flight when the demand came
+    if share_every > 1:
+        assert landed <= 2 * 3, landed                    # only what was in flight when the demand came
+    else:
+        assert 2 * 3 <= landed <= (2 + 0.5 / share_every + 1) * 3, landed   # and a chunk every share_every
     assert resumed >= 6, resumed
 
 
@@ -351,3 +357,32 @@ async def test_cancelling_the_load_stops_the_bulk_pass_before_it_is_done(tmp_pat
     written = bytes(region)
     await trio.sleep(0.3)                                 # the stream's thread is gone: nothing lands later
     assert bytes(region) == written and 0 < res.total - res.missing < PAGES
+
+
+async def test_a_sequential_reader_moves_the_bulk_pass_to_where_it_reads(tmp_path: Path) -> None:
+    _, source, res, region, _ = setup(tmp_path)
+    taken: list[int] = []
+
+    class Recorded:
+        def stream(self, chunks, chunk_pages, gate, done):  # type: ignore[no-untyped-def]
+            def recorded() -> Iterator[tuple[int, int, int]]:
+                for chunk in chunks:
+                    taken.append(chunk[1])
+                    yield chunk
+            source.stream(recorded(), chunk_pages, gate, done)
+
+    loader = LazyLoader(res, source, bulk=Recorded(), rate_bytes=64 * PAGE_SIZE)   # 3-page chunks, 20 a second
+    middle = PAGES // 2
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await trio.sleep(0.2)
+        await res.ensure(2, middle, 1)                    # at random: the pass pauses, stays where it is
+        before = len(taken)
+        for p in range(middle + 1, middle + 4):           # reading on: the pass jumps there
+            await res.ensure(2, p, 1)
+        await trio.sleep(0.3)
+        after = taken[before:]
+        nursery.cancel_scope.cancel()
+    assert all(p < middle for p in taken[:before]), taken[:before]
+    assert after and after[-1] > middle, after
+    assert all(first >= middle for first in after[1:]), after    # the one in flight, then on from the reader

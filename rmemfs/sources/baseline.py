@@ -15,12 +15,10 @@ import bisect
 import logging
 import mmap
 import threading
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import trio
-import xxhash
 
 from .. import PAGE_SIZE
 from ..errors import CorruptionError
@@ -30,7 +28,6 @@ from .base import PageFailure
 
 log = logging.getLogger(__name__)
 
-STREAM_BUFFERS = 4      # chunks in flight in ``stream``: read ahead, checked, written; a demand waits behind these
 
 # A piece of a chunk: the copy run holding it, its first page, its page count and where it sits in the buffer.
 _Piece = tuple[CopyRun, int, int, int]
@@ -86,16 +83,7 @@ class BaselineSource:
                 except (CorruptionError, OSError) as e:
                     failed.extend(PageFailure(region_id, a + k, name, str(e)) for k in range(m))
                     continue
-                want = self.plan.digests[run.segment]
-                entry = run.entry + a - run.first_page
-                bad = [k for k in range(m)
-                       if xxhash.xxh3_64_intdigest(buf[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]) != want[entry + k]]
-                good_from = 0
-                for k in bad + [m]:          # write the good stretches between bad pages
-                    if k > good_from:
-                        self.write(region_id, (a + good_from) * PAGE_SIZE, buf[good_from * PAGE_SIZE:k * PAGE_SIZE])
-                    good_from = k + 1
-                failed.extend(PageFailure(region_id, a + k, name, "checksum mismatch") for k in bad)
+                failed.extend(self._check_and_write(run, a, m, buf))
                 with self._lock:
                     self.bytes_read += m * PAGE_SIZE
         return failed
@@ -103,21 +91,19 @@ class BaselineSource:
     async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
         return await trio.to_thread.run_sync(self._copy, runs)
 
-    def stream(self, chunks: list[tuple[int, int, int]], gate: Callable[[int], bool],
+    def stream(self, chunks: Iterator[tuple[int, int, int]], chunk_pages: int, gate: Callable[[bool], bool],
                done: Callable[[tuple[int, int, int], list[PageFailure]], None]) -> None:
-        """Make every chunk (region id, first page, count) resident, in order; blocks (a worker thread).
+        """Make every chunk (region id, first page, count of at most ``chunk_pages``) resident, in the order
+        ``chunks`` yields them (taken one by one, so the order may change as it goes); blocks (a worker thread).
 
-        ``gate(nbytes)`` is called before each chunk is read and may block (a lazy load pauses for
-        demands, or keeps to its rate); False stops the stream once the chunks in flight are in.
-        ``done(chunk, failures)`` is called after each chunk is written: every page of it but the
-        failed ones (read errors, checksum mismatches: not written) is in the regions. Nothing is raised
-        for a page; a failure of the store as a whole fails its chunks' pages."""
-        size = max((n for _, _, n in chunks), default=0) * PAGE_SIZE
-        if not size:
-            return
-        free = [memoryview(mmap.mmap(-1, size)) for _ in range(STREAM_BUFFERS)]
+        Two stages overlap: a reader thread reads the next chunk while this thread checks the XXH3 of every
+        page of the last one and writes the good ones. ``gate(wait)`` is asked before each chunk is taken:
+        with ``wait`` it may block (a lazy load pauses for demands, or keeps to its rate), and it is only
+        asked so when every chunk taken is in; False stops the stream (or, without ``wait``, says not yet).
+        ``done(chunk, failures)`` follows each chunk: all of it is in but the failed pages (read errors,
+        checksum mismatches), which are not written, so no bad copy lands where a request may read."""
+        free = [memoryview(mmap.mmap(-1, chunk_pages * PAGE_SIZE)) for _ in range(2)]
         readers: dict[int, SegmentReader] = {}          # the read thread's own: its own read-ahead
-        todo = iter(chunks)
 
         def read(chunk: tuple[int, int, int], buf: memoryview) -> tuple[list[_Piece], list[PageFailure]]:
             pieces: list[_Piece] = []
@@ -139,65 +125,47 @@ class BaselineSource:
                 at += m * PAGE_SIZE
             return pieces, failed
 
-        def write(pieces: list[tuple[int, int, memoryview]]) -> None:
-            for region_id, offset, data in pieces:
-                self.write(region_id, offset, data)
+        Read = tuple[tuple[int, int, int], memoryview, Future[tuple[list[_Piece], list[PageFailure]]]]
+        pool = ThreadPoolExecutor(1, thread_name_prefix="lazy-read")
 
-        in_flight: deque[tuple[tuple[int, int, int], memoryview, Future[tuple[list[_Piece], list[PageFailure]]]]] = deque()
-        writes: deque[tuple[tuple[int, int, int], memoryview, list[PageFailure], Future[None]]] = deque()
+        def start(wait: bool) -> Read | None:
+            chunk = next(chunks, None) if gate(wait) else None
+            if chunk is None:
+                return None
+            buf = free.pop()
+            return chunk, buf, pool.submit(read, chunk, buf)
 
-        def submit_read() -> None:
-            chunk = next(todo, None)
-            if chunk is not None and gate(chunk[2] * PAGE_SIZE):
-                buf = free.pop()
-                in_flight.append((chunk, buf, reader_pool.submit(read, chunk, buf)))
-
-        def retire_write() -> None:
-            chunk, buf, failed, fut = writes.popleft()
-            fut.result()
-            with self._lock:
-                self.bytes_read += chunk[2] * PAGE_SIZE
-            done(chunk, failed)
-            free.append(buf)
-
-        reader_pool = ThreadPoolExecutor(1, thread_name_prefix="lazy-read")
-        writer_pool = ThreadPoolExecutor(1, thread_name_prefix="lazy-write")
         try:
-            submit_read()
-            while in_flight:
-                chunk, buf, fut = in_flight.popleft()
-                if free:
-                    submit_read()        # the next read overlaps this chunk's check and write
+            current = start(True)
+            while current is not None:
+                chunk, buf, fut = current
                 pieces, failed = fut.result()
-                good: list[tuple[int, int, memoryview]] = []
+                following = start(False)            # read on while this one is checked and written
                 for run, a, m, at in pieces:
-                    # Check before writing: a page whose checksum fails is never written, so no copy of it
-                    # lands in a page a request may read once something else delivered it.
-                    got = _page_digests(buf, at, m)
-                    want = self.plan.digests[run.segment]
-                    entry = run.entry + a - run.first_page
-                    bad = ([] if memoryview(got) == want[entry:entry + m]
-                           else [k for k in range(m) if got[k] != want[entry + k]])
-                    start = 0
-                    for k in bad + [m]:
-                        if k > start:
-                            good.append((run.region_id, (a + start) * PAGE_SIZE,
-                                         buf[at + start * PAGE_SIZE:at + k * PAGE_SIZE]))
-                        start = k + 1
-                    failed.extend(PageFailure(run.region_id, a + k, self.plan.segments[run.segment].name,
-                                              "checksum mismatch") for k in bad)
-                writes.append((chunk, buf, failed, writer_pool.submit(write, good)))
-                while writes and (writes[0][3].done() or not free):
-                    retire_write()
-                if free and not in_flight:
-                    submit_read()
-            while writes:
-                retire_write()
+                    failed.extend(self._check_and_write(run, a, m, buf[at:at + m * PAGE_SIZE]))
+                with self._lock:
+                    self.bytes_read += chunk[2] * PAGE_SIZE
+                done(chunk, failed)
+                free.append(buf)
+                current = following if following is not None else start(True)
         finally:
-            reader_pool.shutdown(cancel_futures=True)       # waits for a read in progress: then close its readers
-            writer_pool.shutdown()
+            pool.shutdown(cancel_futures=True)          # waits for a read in progress: then close its readers
             for r in readers.values():
                 r.close()
+
+    def _check_and_write(self, run: CopyRun, first: int, n: int, buf: memoryview) -> list[PageFailure]:
+        """Write pages first..first+n-1 of ``run``, read into ``buf``, but those whose XXH3 is wrong (returned)."""
+        got = _page_digests(buf, 0, n)
+        entry = run.entry + first - run.first_page
+        want = self.plan.digests[run.segment]
+        bad = [] if memoryview(got) == want[entry:entry + n] else [k for k in range(n) if got[k] != want[entry + k]]
+        start = 0
+        for k in bad + [n]:                 # the good stretches between bad pages
+            if k > start:
+                self.write(run.region_id, (first + start) * PAGE_SIZE, buf[start * PAGE_SIZE:k * PAGE_SIZE])
+            start = k + 1
+        name = self.plan.segments[run.segment].name
+        return [PageFailure(run.region_id, first + k, name, "checksum mismatch") for k in bad]
 
     def copy_now(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
         """``make_resident`` in the calling thread (before the mount, when nothing else runs)."""

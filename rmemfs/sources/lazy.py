@@ -18,12 +18,13 @@ still missing, so a claimed page never gets a late baseline copy written over it
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 CHUNK_PAGES = 256          # a lane's read: 1 MiB
 BULK_CHUNK_PAGES = 256     # a bulk pass's read: 1 MiB; a demand waits behind the few in flight
 RETRY_SECONDS = 1.0        # pause before a pass over the pages that failed
+# The bulk pass resumes once no demand came for DEMAND_QUIET (a faulting reader asks again within a
+# millisecond or so: resuming between its faults would put a chunk on the disk ahead of each), but
+# under a steady stream of demands it still reads one chunk every BULK_SHARE_EVERY, so that it ends.
+DEMAND_QUIET = 0.01
+BULK_SHARE_EVERY = 0.05
 LANES = 2                  # chunks in flight: one thread reads and checks while another writes
 
 
@@ -198,8 +204,10 @@ class LazyLoader:
     """
 
     def __init__(self, residency: Residency, source: PageSource, *, bulk: BulkSource | None = None,
-                 rate_bytes: float = 0.0, on_progress: Callable[[int, int], None] | None = None) -> None:
+                 rate_bytes: float = 0.0, on_progress: Callable[[int, int], None] | None = None,
+                 share_every: float = BULK_SHARE_EVERY) -> None:
         self.residency, self.source, self.bulk = residency, source, bulk
+        self.share_every = share_every
         self.rate_bytes = rate_bytes                # background load limit, bytes/s (0: none); demands are not
         self.on_progress = on_progress              # (resident pages, total pages), after each chunk
         self.loaded_pages = 0
@@ -212,6 +220,8 @@ class LazyLoader:
         self._go = threading.Event()                # cleared while demands are served: the bulk pass waits
         self._go.set()
         self._stop = threading.Event()              # the bulk pass ends (the load was cancelled)
+        self._last_demand = 0.0                     # when the last demand was served (monotonic)
+        self._order: _BulkOrder | None = None       # the bulk pass's, while it runs
         self._refetch: deque[tuple[int, int, int]] = deque()    # pages the bulk pass failed: through source
 
     def _claim(self, region_id: int, first: int, n: int) -> list[tuple[int, int, int]]:
@@ -274,8 +284,18 @@ class LazyLoader:
             log.error("lazy load: region %d page %d unreadable from %s (%s)%s", f.region_id, f.page, f.where,
                       f.why, ": the request gets EIO" if demand else ": retried later")
 
+    def _sequential(self, demands: list[tuple[int, int, int]]) -> bool:
+        """Whether a burst of demands reads on from resident pages (a reader following the load's front, or
+        reading a file from its start) rather than at random."""
+        res = self.residency
+        return all(first == 0 or res.is_resident(rid, first - 1, 1) for rid, first, _ in demands)
+
     async def _serve_demands(self) -> None:
-        """Serve demands (and the bulk pass's failures) as they come, the background load paused meanwhile."""
+        """Serve demands (and the bulk pass's failures) as they come.
+
+        Random demands pause the bulk pass (see DEMAND_QUIET). A sequential burst does not: the pass jumps
+        to it instead, so it loads just ahead of the reader, and the reader waits for its chunks in flight
+        rather than reading them a second time."""
         res = self.residency
         while True:
             if not res.demands and not self._refetch:
@@ -283,19 +303,29 @@ class LazyLoader:
                 if not res.demands and not self._refetch:       # no await since the check: none is missed
                     await res.demanded.wait()
                 continue
+            demands = list(res.demands)
+            res.demands.clear()
+            if demands and self._order is not None and self._sequential(demands):
+                rid, first, _ = demands[-1]
+                self._order.jump(rid, first)
+                await self._load(demands, demand=True)
+                self._progress()
+                continue
             self._go.clear()
             try:
-                while res.demands or self._refetch:
-                    if res.demands:
-                        demands = list(res.demands)
+                while demands or res.demands or self._refetch:
+                    if demands or res.demands:
+                        demands += res.demands
                         res.demands.clear()
                         await self._load(demands, demand=True)
+                        demands = []
                     else:
                         again = list(self._refetch)
                         self._refetch.clear()
                         await self._load(again, demand=False)
                     self._progress()
             finally:
+                self._last_demand = time.monotonic()
                 self._go.set()
 
     async def _lane(self, pending: deque[tuple[int, int, int]]) -> None:
@@ -312,24 +342,49 @@ class LazyLoader:
         res = self.residency
         token = trio.lowlevel.current_trio_token()
         size = BULK_CHUNK_PAGES if not self.rate_bytes else _rate_chunk(self.rate_bytes, BULK_CHUNK_PAGES)
-        chunks = [c for rid in sorted(res.maps) for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid])), size)]
-        passed = 0                                    # bytes through the gate, for the rate limit
+        order = self._order = _BulkOrder([c for rid in sorted(res.maps)
+                                          for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid])), size)])
+        passed = 0                                    # bytes taken, for the rate limit
 
-        def gate(nbytes: int) -> bool:                # the stream's thread, before each chunk
+        def chunks() -> Iterator[tuple[int, int, int]]:     # the stream's thread, after the gate
             nonlocal passed
+            while (chunk := order.take()) is not None:
+                rid, first, n = chunk
+                if res.maps[rid].find(0, first, first + n) < 0:
+                    continue                          # brought in by demands meanwhile
+                self.inflight[rid][first:first + n] = b"\x01" * n     # a demand for these waits for the pass
+                passed += n * PAGE_SIZE
+                yield chunk
+
+        def gate(wait: bool) -> bool:                 # the stream's thread, before each chunk
+            held_since: float | None = None
             while not self._stop.is_set():
-                if not self._go.wait(0.05):
-                    continue
+                now = time.monotonic()
+                quiet_in = self._last_demand + DEMAND_QUIET - now
+                if not self._go.is_set() or quiet_in > 0:           # demands: wait, but not past our share
+                    held_since = now if held_since is None else held_since
+                    share_in = held_since + self.share_every - now
+                    if share_in > 0:
+                        if not wait:
+                            return False
+                        if self._go.is_set():
+                            self._stop.wait(min(quiet_in, share_in))
+                        else:
+                            self._go.wait(share_in)
+                        continue
                 if self.rate_bytes:
                     ahead = passed / self.rate_bytes - (time.monotonic() - self.started)
                     if ahead > 0:
+                        if not wait:
+                            return False
                         self._stop.wait(min(ahead, 0.05))
                         continue
-                passed += nbytes
                 return True
             return False
 
         def landed(chunk: tuple[int, int, int], failed: list[PageFailure]) -> None:    # the event loop
+            rid, first, n = chunk
+            self.inflight[rid][first:first + n] = bytes(n)
             self._landed(*chunk, {f.page for f in failed})
             if failed:
                 self._refetch.extend((f.region_id, f.page, 1) for f in failed)
@@ -350,7 +405,10 @@ class LazyLoader:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_when_cancelled)
-            await trio.to_thread.run_sync(bulk.stream, chunks, gate, done)
+            try:
+                await trio.to_thread.run_sync(bulk.stream, chunks(), size, gate, done)
+            finally:
+                self._order = None
             nursery.cancel_scope.cancel()
 
     async def run(self) -> None:
@@ -375,6 +433,36 @@ class LazyLoader:
         self.seconds = time.monotonic() - self.started
         log.info("lazy load complete: %d pages in %.2f s (%.0f pages/s)", self.loaded_pages, self.seconds,
                  self.rate())
+
+
+class _BulkOrder:
+    """The bulk pass's chunks in region order, taken one at a time from a cursor. A sequential reader moves
+    the cursor to where it reads (``jump``), so that the pass loads just ahead of it; the chunks a jump
+    skipped are taken once the end is reached."""
+
+    def __init__(self, chunks: list[tuple[int, int, int]]) -> None:
+        self.chunks = chunks
+        self.keys = [(rid, first) for rid, first, _ in chunks]
+        self.taken = bytearray(len(chunks))
+        self.cursor = 0
+        self.lock = threading.Lock()                 # take: the stream's thread; jump: the event loop
+
+    def take(self) -> tuple[int, int, int] | None:
+        with self.lock:
+            i = self.taken.find(0, self.cursor)
+            if i < 0:
+                i = self.taken.find(0)
+                if i < 0:
+                    return None
+            self.taken[i] = 1
+            self.cursor = i + 1
+            return self.chunks[i]
+
+    def jump(self, region_id: int, page: int) -> None:
+        """Take next the chunk holding ``page`` (or the first one after it not taken yet)."""
+        i = bisect.bisect_right(self.keys, (region_id, page)) - 1
+        with self.lock:
+            self.cursor = max(0, i)
 
 
 def _rate_chunk(rate_bytes: float, most: int) -> int:
