@@ -272,3 +272,22 @@ async def test_reconnecting_source_remakes_a_connection_the_restarted_exporter_d
         assert region[8 * PAGE_SIZE:10 * PAGE_SIZE] == second[8 * PAGE_SIZE:10 * PAGE_SIZE]
         await src.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.allow_log(r"connection broken: .*closed by the exporter")
+async def test_reconnecting_source_remakes_a_connection_the_exporter_dropped_as_idle(tmp_path: Path) -> None:
+    from rmemfs.recovery import ReconnectingSource
+
+    region = bytearray(64 * PAGE_SIZE)
+    exported = bytearray(b"".join(page_bytes(p + 1) for p in range(64)))
+    async with trio.open_nursery() as nursery:
+        port, _ = await _exporter(nursery, exported, idle_timeout=0.2)
+        src = ReconnectingSource("software", "127.0.0.1", port, "fs-lazy", b"s" * 16, 5.0,
+                                 view_writer(lambda rid: memoryview(region)))
+        assert await src.make_resident([(2, 0, 4)]) == []
+        await trio.sleep(1.0)                            # the store delivers for a while: the exporter drops us
+        assert [f.page for f in await src.make_resident([(2, 8, 2)])] == [8, 9]     # found dead: retried later
+        assert await src.make_resident([(2, 8, 2)]) == []
+        assert region[:10 * PAGE_SIZE] == exported[:4 * PAGE_SIZE] + bytes(4 * PAGE_SIZE) + exported[8 * PAGE_SIZE:10 * PAGE_SIZE]
+        await src.aclose()
+        nursery.cancel_scope.cancel()

@@ -645,3 +645,34 @@ async def test_flood_of_unauthenticated_connections_is_capped(server):
     assert closed == 17 and time.monotonic() - t0 < HANDSHAKE_TIMEOUT, closed
     for s in flood:
         s.close()
+
+
+async def test_idle_authenticated_connection_is_dropped_while_others_are_served(nursery, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=sw.__name__)
+    idle_timeout = 0.5
+    backend = sw.SoftwareExportBackend()
+    region, data, _ = _make_region(tmp_path, 5, "data-0005.rgn", RegionRole.DATA, 1 << 20, 5)
+    desc = backend.register(region)
+    port = await nursery.start(partial(sw.serve, host="127.0.0.1", port=0, fsid=FSID, secret=SECRET, export=backend,
+                                       catalog=lambda t: Catalog(FSID, t, (desc,)), idle_timeout=idle_timeout))
+    server = Server(port, backend, {5: data}, Catalog(FSID, "software", (desc,)))
+    idle = await _raw_authed(server)
+    unauthenticated = await _raw(server)             # the handshake timeout (10 s here) governs it, not idleness
+    async with await _conn(server) as busy:
+        dest = bytearray(PAGE)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 * idle_timeout:  # reads 10 times per idle timeout: never idle
+            await busy.read(desc.rkey, PAGE, memoryview(dest))
+            assert dest == data[PAGE:2 * PAGE]
+            await trio.sleep(idle_timeout / 10)
+        with idle:
+            await _assert_dropped(idle, within=0.1)      # gone by now, after one timeout of silence
+        await busy.read(desc.rkey, 0, memoryview(dest))
+        assert dest == data[:PAGE]
+    drops = [r for r in caplog.records if "idle for" in r.getMessage()]
+    assert len(drops) == 1 and drops[0].levelno == logging.INFO
+    assert drops[0].getMessage().endswith("idle for 0.5s; dropping")
+    with unauthenticated:
+        with trio.move_on_after(0.05) as still_open:
+            await unauthenticated.recv(1)
+        assert still_open.cancelled_caught               # not closed: idleness counts only once authenticated

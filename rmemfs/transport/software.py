@@ -29,7 +29,8 @@ Integers are big-endian (network order)::
 
 Anything else (bad magic, other version, unknown type, oversized length, a
 frame cut short) makes the receiver drop the connection; a server first sends
-a best-effort ERROR frame.
+a best-effort ERROR frame. A server also drops (without an ERROR) an
+authenticated connection that starts no frame for ``idle_timeout`` seconds.
 
 Handshake (client speaks first; the server allows ``handshake_timeout``
 seconds for all of it). ``fsid`` is UTF-8, ``secret`` the per-filesystem
@@ -112,6 +113,10 @@ MAX_HANDSHAKE_PAYLOAD = 4096             # unauthenticated peers cannot make us 
 MAX_PAYLOAD = 16 << 20
 MAX_READ_OPS = 1024                      # = IOV_MAX: one gathered sendmsg per response
 MAX_READ_BYTES = 16 << 20
+# An authenticated peer silent this long between requests is dropped, so leaked or stuck clients do
+# not hold fds for ever. Generous: a lazily loading new owner asks its fallback source only when the
+# store fails a page, and reconnects on the next batch after a drop (recovery.ReconnectingSource).
+IDLE_TIMEOUT = 300.0
 READ_OP = struct.Struct("!QQQ")
 ERROR_HEAD = struct.Struct("!HI")
 NONCE_SIZE = 32
@@ -212,6 +217,10 @@ class _PeerClosed(Exception):
     """The peer closed the connection between frames (not an error on the server)."""
 
 
+class _Idle(Exception):
+    """An authenticated peer sent nothing for the idle timeout (dropped; not an error on the server)."""
+
+
 def _as_bytes_view(buf: memoryview) -> memoryview:
     return buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
 
@@ -291,7 +300,8 @@ class _ServerConn:
 
     def __init__(self, sock: trio.socket.SocketType, peer: str, fsid: str, secret: bytes,
                  export: SoftwareExportBackend, catalog: Callable[[str], Catalog],
-                 extensions: Mapping[str, ControlExtension], frame_timeout: float) -> None:
+                 extensions: Mapping[str, ControlExtension], frame_timeout: float,
+                 idle_timeout: float = math.inf) -> None:
         self.sock = sock
         self.peer = peer
         self.fsid = fsid
@@ -300,6 +310,7 @@ class _ServerConn:
         self.catalog = catalog
         self.extensions = extensions
         self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
         self._hdr = bytearray(HEADER_SIZE)
         self.scope = trio.CancelScope()    # cancelled to evict it while it is still in its handshake
 
@@ -313,15 +324,20 @@ class _ServerConn:
                 raise ProtocolError(f"truncated frame: connection closed after {got} of {len(view)} bytes")
             got += n
 
-    async def recv_frame(self, limit: int) -> tuple[int, int, bytearray]:
-        await self._recv_into(memoryview(self._hdr), between_frames=True)
-        ftype, length, req_id = _parse_header(self._hdr, limit)
-        # Never allocate the announced size up front: many peers announcing 16 MiB
-        # and sending nothing would cost 16 MiB each. Grow as bytes arrive.
-        payload = bytearray(min(length, _RECV_CHUNK))
-        if length:
-            # A peer that sends a header and then stalls must not hold the task forever.
-            with trio.fail_after(self.frame_timeout):
+    async def recv_frame(self, limit: int, idle_timeout: float = math.inf) -> tuple[int, int, bytearray]:
+        """The next frame; _Idle if not even its first byte comes within ``idle_timeout``."""
+        with trio.move_on_after(idle_timeout) as idle:
+            await self._recv_into(memoryview(self._hdr)[:1], between_frames=True)
+        if idle.cancelled_caught:
+            raise _Idle()
+        # A peer that starts a frame and then stalls must not hold the task forever.
+        with trio.fail_after(self.frame_timeout):
+            await self._recv_into(memoryview(self._hdr)[1:], between_frames=False)
+            ftype, length, req_id = _parse_header(self._hdr, limit)
+            # Never allocate the announced size up front: many peers announcing 16 MiB
+            # and sending nothing would cost 16 MiB each. Grow as bytes arrive.
+            payload = bytearray(min(length, _RECV_CHUNK))
+            if length:
                 got = 0
                 while got < length:
                     if got == len(payload):
@@ -373,7 +389,7 @@ class _ServerConn:
 
     async def serve_requests(self) -> None:
         while True:
-            ftype, req_id, payload = await self.recv_frame(MAX_PAYLOAD)
+            ftype, req_id, payload = await self.recv_frame(MAX_PAYLOAD, self.idle_timeout)
             if ftype == Frame.READ_REQ:
                 await self.handle_read(req_id, payload)
             elif ftype == Frame.CATALOG_REQ:
@@ -461,6 +477,8 @@ class _ServerConn:
             await self.serve_requests()
         except _PeerClosed:
             log.info("%s: closed the connection", self.peer)
+        except _Idle:
+            log.info("%s: idle for %gs; dropping", self.peer, self.idle_timeout)
         except trio.TooSlowError:
             log.warning("%s: frame not completed within %.1fs; dropping", self.peer, self.frame_timeout)
         except ProtocolError as e:
@@ -485,6 +503,7 @@ async def serve(*, host: str, port: int, fsid: str, secret: bytes,
                 extensions: Mapping[str, ControlExtension] = {},
                 handshake_timeout: float = 10.0,
                 frame_timeout: float = 30.0,
+                idle_timeout: float = IDLE_TIMEOUT,
                 max_unauthenticated: int = 64,
                 max_unauthenticated_per_source: int = 16,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -492,7 +511,8 @@ async def serve(*, host: str, port: int, fsid: str, secret: bytes,
 
     ``task_status.started()`` gets the bound port (useful with ``port=0``).
     ``handshake_timeout`` bounds a peer's whole handshake; ``frame_timeout``
-    bounds how long an authenticated peer may take to finish a started frame.
+    bounds how long an authenticated peer may take to finish a started frame;
+    one that starts none for ``idle_timeout`` seconds is dropped.
     At most ``max_unauthenticated`` connections (``max_unauthenticated_per_source``
     per source address) may be in their handshake at once; more are closed at
     accept, so a flood of idle connections cannot use up the fds that
@@ -535,7 +555,8 @@ async def serve(*, host: str, port: int, fsid: str, secret: bytes,
                     pending.release(oldest)
                     oldest.scope.cancel()
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn = _ServerConn(sock, peer, fsid, secret, export, catalog, extensions, frame_timeout)
+                conn = _ServerConn(sock, peer, fsid, secret, export, catalog, extensions, frame_timeout,
+                                   idle_timeout)
                 pending.add(conn, src)
                 nursery.start_soon(_run_counted, conn, handshake_timeout, pending,
                                    name=f"software-conn {peer}")
