@@ -31,6 +31,8 @@ Anything else (bad magic, other version, unknown type, oversized length, a
 frame cut short) makes the receiver drop the connection; a server first sends
 a best-effort ERROR frame. A server also drops (without an ERROR) an
 authenticated connection that starts no frame for ``idle_timeout`` seconds.
+Whatever control extensions hold for a connection (its ``ControlSession``:
+verbs QPs) is freed when it ends, however it ends.
 
 Handshake (client speaks first; the server allows ``handshake_timeout``
 seconds for all of it). ``fsid`` is UTF-8, ``secret`` the per-filesystem
@@ -92,6 +94,7 @@ from .base import (
     ConnectError,
     Connection,
     ControlExtension,
+    ControlSession,
     ExportBackend,
     ExportedRegion,
     FsidMismatch,
@@ -313,6 +316,7 @@ class _ServerConn:
         self.idle_timeout = idle_timeout
         self._hdr = bytearray(HEADER_SIZE)
         self.scope = trio.CancelScope()    # cancelled to evict it while it is still in its handshake
+        self.session = ControlSession(peer)  # what extensions hold for this client, freed when it ends
 
     async def _recv_into(self, view: memoryview, between_frames: bool) -> None:
         got = 0
@@ -454,7 +458,11 @@ class _ServerConn:
             await self.send_error(req_id, Err.NO_SUCH_EXTENSION, f"no control extension named {name!r}")
             return
         try:
-            reply = ext.handle(bytes(payload[2 + nlen:]))
+            reply = ext.handle_in(self.session, bytes(payload[2 + nlen:]))
+        except TransportError as e:  # a refusal (e.g. a resource cap): one line, no traceback
+            log.warning("%s: control extension %r refused: %s", self.peer, name, e)
+            await self.send_error(req_id, Err.EXTENSION_FAILED, f"extension {name!r} refused: {e}")
+            return
         except Exception as e:  # an extension's bug must not take the exporter down
             log.exception("%s: control extension %r failed", self.peer, name)
             await self.send_error(req_id, Err.EXTENSION_FAILED, f"extension {name!r} failed: {e}")
@@ -494,6 +502,7 @@ class _ServerConn:
         except Exception:
             log.exception("%s: unexpected error; dropping", self.peer)
         finally:
+            self.session.close()
             self.sock.close()
 
 
