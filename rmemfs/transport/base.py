@@ -162,6 +162,12 @@ class Connection(abc.ABC):
     async def read(self, rkey: int, offset: int, dest: memoryview) -> None:
         await self.read_batch([ReadOp(rkey, offset, dest)])
 
+    def peer_closed(self) -> bool:
+        """True when the exporter has already closed this connection (e.g. dropped it as idle), found
+        without sending anything: a caller holding an idle connection reconnects before its next request
+        instead of failing it. False when it cannot tell (a request in flight; a transport that cannot)."""
+        return False
+
     @abc.abstractmethod
     async def aclose(self) -> None: ...
 

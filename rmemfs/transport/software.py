@@ -838,6 +838,19 @@ class SoftwareConnection(Connection):
         except OSError:
             pass
 
+    def peer_closed(self) -> bool:
+        if self._lock.locked() or self._broken == "closed":
+            return False             # mid-request the bytes are a reply; closed by us is not the peer
+        if self._broken is not None:
+            return True
+        try:
+            self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False             # nothing pending: open, as far as we can tell
+        except OSError:
+            return True              # reset
+        return True                  # EOF, or bytes nobody asked for: the stream is unusable either way
+
     async def register(self) -> Catalog:
         """The registration handshake: the exporter's catalog of regions for this transport."""
         return await self.request_catalog("software")

@@ -499,6 +499,10 @@ class VerbsConnection(Connection):
         except TransportError as e:
             log.debug("closing exporter QP %d: %s", qpn, e)
 
+    def peer_closed(self) -> bool:
+        # The exporter destroys our QP when it ends the control connection: that connection tells.
+        return not self._closed and bool(getattr(self._control, "peer_closed", lambda: False)())
+
     async def register(self) -> Catalog:
         cat: Catalog = await self._control.request_catalog("verbs")
         if cat.transport != "verbs":
