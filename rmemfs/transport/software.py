@@ -145,6 +145,7 @@ MAC_SIZE = 32
 TAG_SIZE = 16                            # Poly1305
 _U64 = 1 << 64
 _IOV_MAX = 1024
+_THREAD_TAG_BYTES = 1 << 20             # replies this large are tagged in a worker thread
 _RECV_CHUNK = 64 << 10                # first allocation for an incoming frame; doubles as bytes arrive
 _CLIENT_LABEL = b"rmemfs-software-v2 client"
 _SERVER_LABEL = b"rmemfs-software-v2 server"
@@ -417,10 +418,35 @@ class _ServerConn:
                                           f"replayed or reordered on the way?)") from None
         return ftype, req_id, payload
 
-    async def send(self, bufs: list[Any]) -> None:
-        """Send one frame's buffers, gathered, handling partial sends (no copies); tagged once authenticated."""
-        if self._tx is not None:
-            bufs.append(self._tx.tag(bufs))
+    async def send(self, bufs: list[Any], nbytes: int = 0) -> None:
+        """Send one frame's buffers (``nbytes`` of payload, if known), gathered, handling partial sends
+        (no copies); tagged once authenticated."""
+        tx = self._tx
+        if tx is None:
+            await self._send_all(bufs)
+        elif nbytes < _THREAD_TAG_BYTES:
+            await self._send_all([*bufs, tx.tag(bufs)])
+        else:
+            # Tag a large reply in a thread (Poly1305 drops the GIL) while the loop sends it: other
+            # connections are not held up for the milliseconds it takes, and hashing overlaps sending.
+            tag: list[bytes] = []
+
+            async def compute() -> None:
+                tag.append(await trio.to_thread.run_sync(tx.tag, list(bufs)))
+
+            failure: Exception | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(compute)
+                try:
+                    await self._send_all(bufs)
+                except Exception as e:   # raised as itself, not in the nursery's ExceptionGroup
+                    failure = e
+                    nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+            await self._send_all(tag)
+
+    async def _send_all(self, bufs: list[Any]) -> None:
         bufs = [b for b in bufs if len(b)]
         i = 0
         while i < len(bufs):
@@ -501,7 +527,7 @@ class _ServerConn:
         if total > MAX_READ_BYTES:
             raise ProtocolError(f"READ_REQ asks for {total} bytes, over the limit of {MAX_READ_BYTES}")
         bufs[0] = _header(Frame.READ_DATA, total, req_id)
-        await self.send(bufs)
+        await self.send(bufs, total)
 
     async def handle_catalog(self, req_id: int, payload: bytearray) -> None:
         try:
