@@ -627,8 +627,9 @@ class BackgroundLoad:
 class ReconnectingSource:
     """The failed (fenced) source's exporter as a page source, connected on first use (only when the store
     fails a page). While it cannot be connected to, every page fails naming it and the next batch tries
-    again. A connection that breaks later (exporter restarted, idle connection dropped) fails its batch
-    (the load retries those pages) and is dropped, so the next batch connects afresh."""
+    again. A connection the exporter closed between batches (dropped as idle, or the exporter restarted)
+    is seen before the next batch is sent, which then goes over a fresh connection; one that breaks
+    during a batch fails that batch (the load retries those pages) and the next connects afresh."""
 
     def __init__(self, transport: str, host: str, port: int, fsid: str, secret: bytes, timeout: float,
                  write: RegionWriter) -> None:
@@ -641,6 +642,11 @@ class ReconnectingSource:
 
     async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
         async with self._lock:       # costs no parallelism: RemoteSource reads one batch at a time anyway
+            if self.conn is not None and self.conn.peer_closed():
+                # Dropped while we held it (the exporter's idle timeout): reconnect now rather than
+                # fail this batch and only connect again on the next.
+                log.info("%s: the exporter closed the connection; reconnecting", self.where)
+                await self.aclose()
             if self.remote is None:
                 try:
                     self.conn, catalog = await connect_source(*self.args)

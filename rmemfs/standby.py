@@ -135,6 +135,12 @@ class Watcher:
                 while True:
                     now = time.monotonic()
                     try:
+                        if self._conn is not None and self._conn.peer_closed():
+                            # Dropped between reads (the exporter's idle timeout, or a restart): that
+                            # is not an outage, so register again instead of reading on a dead connection.
+                            log.info("source exporter %s closed the watch connection; registering again",
+                                     self.status.source)
+                            await self._close()
                         if self._conn is None or now - registered_at > REFRESH_INTERVAL:
                             await self._register()
                             registered_at = time.monotonic()
