@@ -818,7 +818,9 @@ class Bench:
         done = self._wait_load(fs, report)
         bl = done["background_load"]
         lat.sort()
+        # The bound is "0.2 s plus the dirty fetch": what the mount took beyond the fetch, apart.
         res["lazy"] = {"time_to_mount_s": rep["time_to_mount_s"], "wall_s": wall,
+                       "beyond_dirty_fetch_s": rep["time_to_mount_s"] - rep["phases"].get("page fetch", {}).get("seconds", 0.0),
                        "phases_s": {k: v["seconds"] for k, v in rep["phases"].items()},
                        "dirty_bytes": rep["dirty_bytes_fetched"],
                        "first_read": {"reads": len(lat), "p50": percentile(lat, 50), "p99": percentile(lat, 99),
@@ -1095,8 +1097,9 @@ def table(r: dict[str, Any]) -> str:
                 continue
             e, lz, fr = v["eager"], v["lazy"], v["lazy"]["first_read"]
             lr = v["load_throughput_ratio"]
-            lines.append(f"  lazy vs eager, {human(int(k))}, 1% dirty: mount {lz['time_to_mount_s']:.3f} s vs "
-                         f"{e['time_to_mount_s']:.3f} s (liveness check skipped); first 4 KiB read p50 "
+            lines.append(f"  lazy vs eager, {human(int(k))}, 1% dirty: mount {lz['time_to_mount_s']:.3f} s "
+                         f"({lz.get('beyond_dirty_fetch_s', 0.0):.3f} s beyond the dirty fetch; wall incl. CLI start "
+                         f"{lz['wall_s']:.3f} s) vs {e['time_to_mount_s']:.3f} s (liveness check skipped); first 4 KiB read p50 "
                          f"{fr['p50'] * 1e3:.2f} ms p99 {fr['p99'] * 1e3:.2f} ms; load throughput "
                          f"{'n/a' if lr is None else f'{lr:.2f}'}× eager; seq read of {human(v['seq_read_bytes'])} "
                          f"{v['lazy_read']['recover_wall_s'] + v['lazy_read']['seq_read_s']:.2f} s vs "
