@@ -409,3 +409,30 @@ async def test_reconnecting_source_remakes_a_connection_the_exporter_dropped_as_
             f"source 127.0.0.1:{port}: the exporter closed the connection; reconnecting"]
         await src.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.allow_log(r"lazy load: the bulk pass failed .*loading the rest page by page")
+async def test_a_bulk_pass_that_fails_as_a_whole_leaves_the_rest_to_the_lanes(tmp_path: Path) -> None:
+    _, source, res, region, _ = setup(tmp_path)
+    taken = threading.Event()
+    go_on = threading.Event()
+
+    class Broken:
+        """Takes its first chunk (pages 0-255 in flight, so a request for them waits for it), then fails."""
+
+        def stream(self, chunks, chunk_pages, gate, done):  # type: ignore[no-untyped-def]
+            next(chunks)
+            taken.set()
+            go_on.wait(5)
+            raise OSError(errno.EIO, "store gone")
+
+    loader = LazyLoader(res, source, bulk=Broken())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await trio.to_thread.run_sync(taken.wait, 5)
+        nursery.start_soon(res.ensure, 2, 10, 1)          # waits for the pass, which then fails
+        await trio.sleep(0.05)
+        go_on.set()
+        with trio.fail_after(5):
+            await res.ensure(2, 10, 1)
+    assert res.complete and bytes(region) == b"".join(expected(p) for p in range(PAGES))

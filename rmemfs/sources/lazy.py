@@ -30,7 +30,7 @@ import trio
 
 from .. import PAGE_SIZE
 from ..loader import RegionWriter
-from ..regions import unset_runs
+from ..regions import set_runs, unset_runs
 from .base import BulkSource, PageFailure, PageSource
 
 log = logging.getLogger(__name__)
@@ -407,6 +407,12 @@ class LazyLoader:
             nursery.start_soon(stop_when_cancelled)
             try:
                 await trio.to_thread.run_sync(bulk.stream, chunks(), size, gate, done)
+            except Exception as e:        # a store failing as a whole: the lanes go on with what is missing
+                log.error("lazy load: the bulk pass failed (%r); loading the rest page by page", e)
+                for rid, m in self.inflight.items():  # what it took but did not land: requests may wait for it
+                    self._refetch.extend(r for a, b in set_runs(m, 0, len(m)) for r in res.missing_runs(rid, a, b - a))
+                    m[:] = bytes(len(m))
+                res.demanded.set()
             finally:
                 self._order = None
             nursery.cancel_scope.cancel()
