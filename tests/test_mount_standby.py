@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -229,3 +230,38 @@ def test_clean_unmount_and_remount_are_not_taken_over_and_are_registered_again(s
     source.kill()
     standby.wait_mounted()
     assert digest_tree(standby.mnt) == want
+
+
+def _standby_cmd(rig: Rig, mnt: Path, *extra: str, backend: Path | None = None, source: str | None = None,
+                 transport: str = "software") -> list[str]:
+    return cli("standby") + ["--backend", str(backend or rig.backend), "--transport", transport, "--source",
+                             source or f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0", *extra]), "-f", str(mnt)]
+
+
+def test_exit_codes_before_a_takeover(source: Rig, tmp_path: Path) -> None:
+    """Each way rmemfs-standby ends before a takeover: one line and its code (exits.py's standby column)."""
+    from test_mount_lifecycle import one_line_error
+    mnt = source.root / "mnt2"
+    mnt.mkdir()
+    one_line_error(run(_standby_cmd(source, mnt, "dead_after=0")), 2, "dead_after")
+    one_line_error(run(_standby_cmd(source, mnt, backend=tmp_path / "nope")), 10, "does not exist")
+    one_line_error(run(_standby_cmd(source, tmp_path / "no-mnt" / "x")), 12)
+    forged = tmp_path / "forged"
+    shutil.copytree(source.backend, forged)
+    (forged / "secret").write_text("00" * 32 + "\n")
+    one_line_error(run(_standby_cmd(source, mnt, backend=forged)), 21, "secret")
+    other = Rig(tmp_path / "other")
+    try:
+        other.mount()
+        one_line_error(run(_standby_cmd(source, mnt, source=f"127.0.0.1:{other.port}")), 22, "mismatch")
+    finally:
+        other.cleanup()
+    # verbs without an RDMA device here: the transport cannot run, which no retry mends
+    one_line_error(run(_standby_cmd(source, mnt, transport="verbs")), 24)
+    sb = Standby(source, mnt, ["watch_interval=0.01", "dead_after=0.3"])
+    try:
+        sb.wait_state("watching")
+        sb.proc.send_signal(signal.SIGTERM)
+        assert sb.proc.wait(30) == 0
+    finally:
+        sb.stop()
