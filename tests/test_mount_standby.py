@@ -197,9 +197,9 @@ def test_event_log_and_metrics(source: Rig) -> None:
     import urllib.request
 
     from harness import free_port
-    events, port = source.root / "events.jsonl", free_port()
+    events, port, report = source.root / "events.jsonl", free_port(), source.root / "takeover.json"
     sb = Standby(source, source.root / "mnt2", ["watch_interval=0.01", "dead_after=0.3", f"event_log={events}",
-                                                f"metrics=127.0.0.1:{port}"])
+                                                f"metrics=127.0.0.1:{port}", f"report={report}"])
     try:
         sb.wait_state("watching")
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -211,6 +211,9 @@ def test_event_log_and_metrics(source: Rig) -> None:
         sb.wait_mounted()
         kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
         assert kinds[:2] == ["registered", "watching"] and kinds[-2:] == ["dead", "taking-over"], kinds
+        # The takeover's own report: each phase of the recovery (tools/bench's failover split uses them).
+        phases = json.loads(report.read_text())["phases"]
+        assert {"connect", "fence", "lists", "publish+mount"} <= set(phases), phases
     finally:
         sb.stop()
 

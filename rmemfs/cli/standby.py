@@ -10,6 +10,7 @@ Standby options (in -o, beside the mount options used after a takeover):
                      the source is powered off or cut off, and the standby recovers from the baseline
   event_log=PATH     append the watch's events (registered, watching, unreachable, dead, ...) as JSON lines
   metrics=ADDR:PORT  serve Prometheus metrics of the watch (heartbeat age, detections, registrations)
+  report=PATH        write the takeover's recovery report (its phases) as JSON, as rmemfs-recover --json
 
 After a takeover the process serves the mount as the new owner (as rmemfs-recover -f does), and its
 exit codes are rmemfs-recover's. Before it: 0 stopped (SIGTERM, SIGINT); 1 unexpected error; 2 usage;
@@ -45,7 +46,7 @@ from .common import first_of, run_main, setup_logging
 from .mount import build_parser, daemonize_and_run
 
 log = logging.getLogger(__name__)
-STANDBY_KEYS = ("watch_interval", "dead_after", "fence_cmd", "event_log", "metrics")
+STANDBY_KEYS = ("watch_interval", "dead_after", "fence_cmd", "event_log", "metrics", "report")
 
 
 def split_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
                      "--no-liveness-check", "-f", str(mountpoint)]
             if rest:
                 rargv[0:0] = ["-o", ",".join(rest)]
+            if "report" in mine:
+                rargv[0:0] = ["--json", str(Path(mine["report"]).absolute())]
             if watcher.verdict == "fenced_by_cmd":
                 rargv.insert(0, "--baseline-only")
             if args.log:
