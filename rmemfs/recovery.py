@@ -355,10 +355,13 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
             regions_ready(region_dir, fsid)
 
     async def plan_baseline(manifest: Manifest) -> None:
+        t = time.monotonic()
         try:
             base_plan.append(await trio.to_thread.run_sync(plan_load, backend, manifest))
         except CorruptionError as e:
             raise BackendFailed(str(e)) from None
+        # Beside connect, fence and lists (which wait for it), so not a share of the total.
+        report.phase("baseline plan").seconds += time.monotonic() - t
 
     # 1-2: the source's catalog and header, while the baseline's indexes are read and its load planned; then
     # the liveness verdict, and only for a dead source the fence, the manifest again and the lists.

@@ -213,7 +213,7 @@ def test_event_log_and_metrics(source: Rig) -> None:
         assert kinds[:2] == ["registered", "watching"] and kinds[-2:] == ["dead", "taking-over"], kinds
         # The takeover's own report: each phase of the recovery (tools/bench's failover split uses them).
         phases = json.loads(report.read_text())["phases"]
-        assert {"connect", "fence", "lists", "publish+mount"} <= set(phases), phases
+        assert {"baseline plan", "connect", "fence", "lists", "publish+mount"} <= set(phases), phases
     finally:
         sb.stop()
 
