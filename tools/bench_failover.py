@@ -145,6 +145,12 @@ def _stats(vals: list[float]) -> dict[str, Any]:
             "max": max(vals) if vals else None, "samples": vals, "unit": "s"}
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _events(path: Path) -> list[dict[str, Any]]:
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -277,13 +283,21 @@ class Pair:
         self.helper(self.a, "fill", wfile, nbytes)
         self.ctl(self.a, "flush", str(self.amnt))
         got: dict[str, list[dict[str, float]]] = {"none": [], "watching": []}
+        cpu: dict[str, list[float]] = {"standby": [], "exporter": []}
         for i in range(pairs):
             order = ("none", "watching") if i % 2 == 0 else ("watching", "none")
             for state in order:
                 if state == "watching":
                     self.start_standby()
+                    assert self.standby is not None
+                    # Both share this machine's cores with the writer: the standby would not, on its own host.
+                    pids = {"standby": self.standby.pid, "exporter": self.a.exporter_pids()[0]}
+                    before, t = {k: _cpu_s(p) for k, p in pids.items()}, time.monotonic()
                 got[state].append(json.loads(self.helper(self.a, "write", wfile, nbytes, npwrites, i)))
                 if state == "watching":
+                    wall = time.monotonic() - t
+                    for k, p in pids.items():
+                        cpu[k].append((_cpu_s(p) - before[k]) / wall)
                     self.stop_standby()
                 self.ctl(self.a, "flush", str(self.amnt))    # each measurement starts with nothing dirty
             self.log(f"failover: write cost pair {i + 1}/{pairs}: "
@@ -292,7 +306,9 @@ class Pair:
                      f"{got['watching'][-1]['pwrite_ops']:.0f}/s")
         self.a.run(["rm", "-f", str(wfile)])
         self.ctl(self.a, "flush", str(self.amnt))
-        out: dict[str, Any] = {"pairs": pairs, "bytes": nbytes, "pwrites": npwrites}
+        out: dict[str, Any] = {"pairs": pairs, "bytes": nbytes, "pwrites": npwrites,
+                               "cpu_while_watching": {k: {"median": statistics.median(v), "samples": v,
+                                                          "unit": "cores"} for k, v in cpu.items()}}
         for key, unit in (("seq_Bps", "bytes/s"), ("pwrite_ops", "ops/s")):
             ratios = [w[key] / n[key] for n, w in zip(got["none"], got["watching"], strict=True)]
             out[key] = {"none": [n[key] for n in got["none"]], "watching": [w[key] for w in got["watching"]],
@@ -382,6 +398,10 @@ def table(f: dict[str, Any]) -> list[str]:
                      f"{statistics.median(sq['watching']) / MiB:.0f} vs {statistics.median(sq['none']) / MiB:.0f} MiB/s "
                      f"-> {sq['ratio_watching_to_none']:.3f}×; 4 KiB pwrite() {statistics.median(pw['watching']):.0f} vs "
                      f"{statistics.median(pw['none']):.0f} /s -> {pw['ratio_watching_to_none']:.3f}×")
+        c = wc["cpu_while_watching"]
+        lines.append(f"  CPU while watching (same cores as the writer here): standby {c['standby']['median'] * 100:.1f} % "
+                     f"of a core (on its own host in a real pair), the source's exporter "
+                     f"{c['exporter']['median'] * 100:.1f} %")
     return lines
 
 
