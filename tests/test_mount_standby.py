@@ -212,8 +212,12 @@ def test_event_log_and_metrics(source: Rig) -> None:
         kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
         assert kinds[:2] == ["registered", "watching"] and kinds[-2:] == ["dead", "taking-over"], kinds
         # The takeover's own report: each phase of the recovery (tools/bench's failover split uses them).
+        # It is written once the mount is usable, a little after the kernel shows it mounted.
+        deadline = time.monotonic() + 30
+        while not report.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         phases = json.loads(report.read_text())["phases"]
-        assert {"baseline plan", "connect", "fence", "lists", "publish+mount"} <= set(phases), phases
+        assert {"baseline plan", "connect", "fence", "lists", "exporter wait", "publish+mount"} <= set(phases), phases
     finally:
         sb.stop()
 

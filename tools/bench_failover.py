@@ -273,6 +273,7 @@ class Pair:
         to_mount = rep.get("time_to_mount_s") or 0.0
         return {"total": total, **split, "silence_seen": dead.get("silent"), "phases": phases,
                 "verdict_to_takeover": verdict_to_takeover, "recovery_to_mount": to_mount,
+                "mount_exporter_wait": phases.get("exporter wait", 0.0),
                 "unaccounted": total - split["detection"] - verdict_to_takeover - to_mount,
                 "dirty_pages_fetched": rep.get("dirty_pages_fetched"), "probe_page": probe}
 
@@ -349,7 +350,8 @@ def run(bench: Any, log: Any) -> dict[str, Any]:
                     + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in row["phases"].items()))
             res[sig.name] = {k: _stats([r[k] for r in rows])
                              for k in ("total", "detection", "fencing", "dirty_fetch", "mount", "other",
-                                       "verdict_to_takeover", "recovery_to_mount", "unaccounted")}
+                                       "verdict_to_takeover", "recovery_to_mount", "unaccounted",
+                                       "mount_exporter_wait")}
             res[sig.name]["phases_p50"] = {k: _pct([r["phases"].get(k, 0.0) for r in rows], 50)
                                            for k in sorted({k for r in rows for k in r["phases"]})}
             res[sig.name]["runs"] = rows
