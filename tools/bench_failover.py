@@ -392,7 +392,8 @@ def table(f: dict[str, Any]) -> list[str]:
             ph = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in s["phases_p50"].items())
             lines.append(f"  {sig} p50s: watch's end {s['verdict_to_takeover']['p50'] * 1e3:.0f} ms, recovery to its "
                          f"mount {s['recovery_to_mount']['p50'] * 1e3:.0f} ms (phases {ph}), rest "
-                         f"{s['unaccounted']['p50'] * 1e3:.0f} ms")
+                         f"{s['unaccounted']['p50'] * 1e3:.0f} ms; of the mount, waiting for the new exporter "
+                         f"{(s.get('mount_exporter_wait') or {}).get('p50', 0.0) * 1e3:.0f} ms")
     wc = f.get("write_cost")
     if wc:
         sq, pw = wc["seq_Bps"], wc["pwrite_ops"]
