@@ -395,8 +395,10 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
                     await check_source_dead(state)
                     report.phase("liveness check").seconds = time.monotonic() - t
                 if not dry_run:
+                    t = time.monotonic()
                     await fence_source(state, manifest.epoch + 1, report)
                     manifest = _reread_manifest(backend, manifest)
+                    report.phase("fence").seconds = time.monotonic() - t
                 if baseline_only:
                     await state.conn.aclose()
                     state = None

@@ -39,10 +39,11 @@ from collections.abc import Callable
 
 import trio
 
-from .errors import AuthFailed, CorruptionError, SourceFsidMismatch
+from .errors import AuthFailed, CorruptionError, SourceFsidMismatch, TransportFailed
 from .fencing import run_fence_cmd
 from .recovery import _read_ctl_header, connect_source
-from .transport.base import AuthError, Catalog, ConnectError, Connection, FsidMismatch, TransportError
+from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, TransportError,
+                             TransportUnavailable)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ class Watcher:
             raise SourceFsidMismatch(str(e)) from None
         except AuthError as e:
             raise AuthFailed(str(e)) from None
+        except TransportUnavailable as e:   # no retry mends it (no RDMA device here): not an outage
+            raise TransportFailed(str(e)) from None
         self.status.registrations += 1
         self._event("registered", regions=len(self._catalog.regions))
         log.debug("registered with %s (%d regions)", self.status.source, len(self._catalog.regions))

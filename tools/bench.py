@@ -21,7 +21,10 @@ Sections (each figure is measured ``--repeat`` times; median, min and max are ke
 4. transport: tools/bench_transport.py (software transport vs a raw socket);
 5. footprint: region memory, RSS of the filesystem and exporter processes, dirty-list bytes;
 6. databases: tools/bench_databases.py (SQLite and LMDB commits, random 4 KiB mmap and pwrite on rmemfs,
-   tmpfs, fuse-overlayfs and tools/minimalfs.py, the pyfuse3 ceiling, in both cache modes).
+   tmpfs, fuse-overlayfs and tools/minimalfs.py, the pyfuse3 ceiling, in both cache modes);
+7. failover: tools/bench_failover.py (rmemfs-standby on two netns hosts: from SIGKILL or SIGSTOP of the
+   source to a recovered dirty page read on the standby's mount, split into detection, fencing, dirty
+   fetch and mount; and the source's write path with a standby watching vs none).
 
 Writes DIR/report.json (every figure with its unit) and PNG plots, and prints
 a table with the ratios against the targets. Needs root and /dev/fuse.
@@ -952,6 +955,11 @@ class Bench:
         import bench_databases
         return bench_databases.run(self)
 
+    # 7 ----------------------------------------------------------------------------------------
+    def failover(self) -> dict[str, Any]:
+        import bench_failover
+        return bench_failover.run(self, log)
+
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         started = datetime.datetime.now(datetime.UTC)
@@ -962,11 +970,13 @@ class Bench:
                                       "random_pages": self.args.random_pages,
                                       "transport_pages": self.args.transport_pages,
                                       "db_commits": self.args.db_commits, "db_size_bytes": self.args.db_size,
+                                      "failover_runs": self.args.failover_runs,
                                       "workdir": str(self.work), "command": " ".join(sys.argv)},
                        "started": started.isoformat(timespec="seconds")}
         sections: list[tuple[str, Callable[[], Any]]] = [
             ("write", self.write_path), ("flush", self.flush_and_footprint),
-            ("recovery", self.recovery), ("transport", self.transport), ("databases", self.databases)]
+            ("recovery", self.recovery), ("transport", self.transport), ("databases", self.databases),
+            ("failover", self.failover)]
         only = set(self.args.only.split(",")) if self.args.only else None
         for name, fn in sections:
             if only and name not in only:
@@ -1032,6 +1042,8 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     add("software transport 1 MiB reads vs raw socket", _get(r, "transport", "ratio_software_to_raw"), ">=", 0.8)
     add("software transport 4 KiB scattered reads", _get(r, "transport", "software_4KiB_scattered", "median"),
         ">=", 100_000, "pages/s")
+    import bench_failover
+    bench_failover.targets(r, add)
     return out
 
 
@@ -1124,12 +1136,15 @@ def table(r: dict[str, Any]) -> str:
     if isinstance(r.get("databases"), dict):
         import bench_databases
         lines += bench_databases.table(r["databases"])
+    if isinstance(r.get("failover"), dict):
+        import bench_failover
+        lines += bench_failover.table(r["failover"])
     lines.append("targets")
     for t in r.get("targets", []):
         mark = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
         bound = _fmt(t["bound"], t["unit"]) if t["unit"] != "fraction" else f"{t['bound'] * 100:.0f} %"
         lines.append(f"  [{mark:4}] {t['target']:<58} {_fmt(t['value'], t['unit']):>18}  (target {t['op']} {bound})")
-    for name in ("write", "flush", "recovery", "transport", "databases"):
+    for name in ("write", "flush", "recovery", "transport", "databases", "failover"):
         if isinstance(r.get(name), dict) and "error" in r[name]:
             lines.append(f"  section {name} failed: {r[name]['error']}")
     return "\n".join(lines)
@@ -1289,9 +1304,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-tree", default=None, metavar="DIR",
                     help="write section: also run rmemfs from the checkout DIR and report the slowdown against it "
                          "(e.g. a checkout with one change reverted)")
-    ap.add_argument("--only", default="", help="run only these sections: write,flush,recovery,transport,databases")
+    ap.add_argument("--only", default="", help="run only these sections: write,flush,recovery,transport,databases,"
+                    "failover")
     ap.add_argument("--db-commits", type=int, default=None, help="transactions per database run (default 2000)")
     ap.add_argument("--db-size", default=None, help="file for the random 4 KiB runs (default 64M; --quick 4M)")
+    ap.add_argument("--failover-runs", type=int, default=None,
+                    help="failover section: runs per signal, SIGKILL and SIGSTOP (default 20; --quick 1)")
     args = ap.parse_args(argv)
     q = args.quick
     args.size = args.size or ("32M" if q else "1G")
@@ -1302,6 +1320,7 @@ def main(argv: list[str] | None = None) -> int:
     args.transport_pages = args.transport_pages or (20000 if q else 100000)
     args.db_commits = args.db_commits or (100 if q else 2000)
     args.db_size = parse_size(args.db_size or ("4M" if q else "64M"))
+    args.failover_runs = args.failover_runs or (1 if q else 20)
     args.out = args.out or str(ROOT / "bench-out" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if os.geteuid() != 0:
         print("bench: must run as root (it mounts FUSE and drops caches)", file=sys.stderr)
