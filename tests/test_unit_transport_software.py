@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import os
 import random
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -821,3 +823,36 @@ async def test_relay_altering_or_replaying_a_request_is_dropped_by_the_exporter(
              and "failed its integrity check" in r.getMessage()]          # the exporter's, not the client's
     assert len(drops) == 1 and drops[0].levelno == logging.WARNING, what
     await _good_client_works(server)
+
+
+async def test_reads_of_memory_written_meanwhile_pass_their_tags(nursery, tmp_path):
+    """A live source's heartbeat page changes under the exporter: a small READ_DATA is copied before it
+    is tagged, so the tag and the bytes sent are of the same instant (before, about one read in a few
+    hundred failed its tag and broke the connection while another process wrote the page)."""
+    path = tmp_path / "ctl-0000.rgn"
+    path.write_bytes(bytes(PAGE))
+    fd = os.open(path, os.O_RDWR)
+    mm = mmap.mmap(fd, PAGE)
+    os.close(fd)
+    backend = sw.SoftwareExportBackend()
+    backend.register(ExportedRegion(0, path.name, RegionRole.CTL, memoryview(mm), 0x7F0000000000))
+    regions = tuple(backend._by_id.values())
+    port = await nursery.start(partial(sw.serve, host="127.0.0.1", port=0, fsid=FSID, secret=SECRET, export=backend,
+                                       catalog=lambda t: Catalog(FSID, t, regions)))
+    beater = await trio.lowlevel.open_process([sys.executable, "-c", (
+        "import mmap, os, sys, time\n"
+        f"fd = os.open({str(path)!r}, os.O_RDWR); m = mmap.mmap(fd, {PAGE}); n = 0\n"
+        "end = time.monotonic() + 20\n"
+        "while time.monotonic() < end:\n"
+        "    n += 1; m[0:8] = n.to_bytes(8, 'little'); m[8:16] = n.to_bytes(8, 'little')\n")])
+    try:
+        async with await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=5.0) as c:
+            cat = await c.register()
+            dest = bytearray(16)
+            end = trio.current_time() + 2.0
+            while trio.current_time() < end:
+                await c.read_batch([ReadOp(cat.by_id(0).rkey, 0, memoryview(dest))])
+            assert int.from_bytes(dest[:8], "little") > 0
+    finally:
+        beater.kill()
+        await beater.wait()

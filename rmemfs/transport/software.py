@@ -146,6 +146,7 @@ TAG_SIZE = 16                            # Poly1305
 _U64 = 1 << 64
 _IOV_MAX = 1024
 _THREAD_TAG_BYTES = 1 << 20             # replies this large are tagged in a worker thread
+_SNAPSHOT_READ_BYTES = 64 << 10         # READ_DATA this small is copied before it is tagged (handle_read)
 _RECV_CHUNK = 64 << 10                # first allocation for an incoming frame; doubles as bytes arrive
 _CLIENT_LABEL = b"rmemfs-software-v2 client"
 _SERVER_LABEL = b"rmemfs-software-v2 server"
@@ -526,6 +527,10 @@ class _ServerConn:
             bufs.append(view[off:off + length])
         if total > MAX_READ_BYTES:
             raise ProtocolError(f"READ_REQ asks for {total} bytes, over the limit of {MAX_READ_BYTES}")
+        if total <= _SNAPSHOT_READ_BYTES:
+            # Memory a live filesystem still writes (its heartbeat, before a fence): the tag and the bytes
+            # sent must be of the same instant, or a beat landing between them fails the frame's tag.
+            bufs[1:] = [bytes(b) for b in bufs[1:]]
         bufs[0] = _header(Frame.READ_DATA, total, req_id)
         await self.send(bufs, total)
 
