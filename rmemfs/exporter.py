@@ -35,7 +35,7 @@ from .secure import read_private
 from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
 from .store import STATE_CLEAN, BaselineStore, segment_epoch
 from .transport import export_backend, load as load_transport
-from .transport.software import SoftwareExportBackend, serve as serve_software  # its own channel: always served
+from .transport.software import IDLE_TIMEOUT, SoftwareExportBackend, serve as serve_software  # always served
 from .transport.base import Catalog, ExportBackend, ExportedRegion, TransportError
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,14 @@ class RegionRegistry:
 
 
 class Exporter:
-    def __init__(self, region_dir: Path, fsid: str, secret: bytes, listen: str, port: int) -> None:
+    def __init__(self, region_dir: Path, fsid: str, secret: bytes, listen: str, port: int,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.region_dir = region_dir
         self.fsid = fsid
         self.secret = secret
         self.listen = listen
         self.port = port
+        self.idle_timeout = idle_timeout   # an authenticated connection silent this long is dropped
         self.registry = RegionRegistry(region_dir)
         self.backends: dict[str, ExportBackend] = {}
         self.started = time.time()
@@ -150,7 +152,8 @@ class Exporter:
             async with trio.open_nursery() as nursery:
                 self.port = await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_software(
                     host=self.listen, port=self.port, fsid=self.fsid, secret=self.secret, export=export,
-                    catalog=self.catalog, extensions=self.extensions(), task_status=task_status))
+                    catalog=self.catalog, extensions=self.extensions(), idle_timeout=self.idle_timeout,
+                    task_status=task_status))
                 await nursery.start(control.serve, self.region_dir / SOCKET_NAME, self._control)
                 nursery.start_soon(self._signals)
                 atomic_write(self.region_dir / INFO_NAME, json.dumps(

@@ -341,7 +341,7 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
     report.fsid = fsid
     report.baseline_generation, report.baseline_time_ns = manifest.generation, manifest.time_ns
     state: SourceState | None = None
-    base_plan: list[LoadPlan] = []
+    planner = _Planner(backend, report)
     region_dir: Path | None = None
     if not dry_run:
         # The new regions' exporter starts now, so that its start-up overlaps waiting for the source;
@@ -354,19 +354,19 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
         if regions_ready:
             regions_ready(region_dir, fsid)
 
-    async def plan_baseline(manifest: Manifest) -> None:
-        try:
-            base_plan.append(await trio.to_thread.run_sync(plan_load, backend, manifest))
-        except CorruptionError as e:
-            raise BackendFailed(str(e)) from None
+    def reconnect(write: RegionWriter) -> PageSource:
+        # The fenced source, for baseline pages the store cannot deliver during a lazy load; connected
+        # when first needed, from the serving process.
+        host, _, port = report.source.rpartition(":")
+        return ReconnectingSource(transport, host, int(port), fsid, secret, timeout, write)
 
-    # 1-2: the source's catalog and header, while the baseline's indexes are read and its load planned; then
-    # the liveness verdict, and only for a dead source the fence, the manifest again and the lists.
-    planned = manifest
+    # 1-2: the source's catalog and header, while the baseline's indexes are read and its load planned (until
+    # _rebuild needs the plan); then the liveness verdict, and only for a dead source the fence, the manifest
+    # again and the lists.
     try:
         async with trio.open_nursery() as nursery:
             if not dry_run:
-                nursery.start_soon(plan_baseline, manifest)
+                nursery.start_soon(planner.run, manifest)
             try:
                 state = await open_source(source, transport, manifest, fsid, opts, secret, timeout, report)
             except SourceUnreachable as e:
@@ -395,34 +395,23 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
                     await check_source_dead(state)
                     report.phase("liveness check").seconds = time.monotonic() - t
                 if not dry_run:
+                    t = time.monotonic()
                     await fence_source(state, manifest.epoch + 1, report)
                     manifest = _reread_manifest(backend, manifest)
+                    report.phase("fence").seconds = time.monotonic() - t
                 if baseline_only:
                     await state.conn.aclose()
                     state = None
                 else:
                     await read_lists(state, fsid, manifest, report)
+            # A flush published between our first read and the fence: _rebuild's planner.get plans it again.
+            report.baseline_generation, report.baseline_time_ns = manifest.generation, manifest.time_ns
+            report.load = load
+            return await _rebuild(backend, fsid, manifest, state, planner, region_dir, opts, report,
+                                  dry_run=dry_run, verify=verify, on_progress=on_progress, t_total=t_total,
+                                  source_again=reconnect if state is not None else None)
     except BaseExceptionGroup as group:
-        if state is not None:
-            await state.conn.aclose()
         raise _first_quiet(group) from None
-    report.baseline_generation, report.baseline_time_ns = manifest.generation, manifest.time_ns
-    try:
-        if not dry_run and manifest.generation != planned.generation:
-            # A flush published between our first read and the fence: load the newer generation.
-            base_plan.clear()
-            await plan_baseline(manifest)
-        report.load = load
-
-        def reconnect(write: RegionWriter) -> PageSource:
-            # The fenced source, for baseline pages the store cannot deliver during a lazy load; connected
-            # when first needed, from the serving process.
-            host, _, port = report.source.rpartition(":")
-            return ReconnectingSource(transport, host, int(port), fsid, secret, timeout, write)
-
-        return await _rebuild(backend, fsid, manifest, state, base_plan[0] if base_plan else None, region_dir,
-                              opts, report, dry_run=dry_run, verify=verify, on_progress=on_progress, t_total=t_total,
-                              source_again=reconnect if state is not None else None)
     finally:
         if state is not None:
             await state.conn.aclose()
@@ -500,7 +489,7 @@ async def read_lists(state: SourceState, fsid: str, manifest: Manifest, report: 
 
 
 async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state: SourceState | None,
-                   base_plan: LoadPlan | None, region_dir: Path | None, opts: MountOptions,
+                   planner: _Planner, region_dir: Path | None, opts: MountOptions,
                    report: RecoveryReport, *, dry_run: bool, verify: bool, on_progress: ProgressCallback | None,
                    t_total: float, source_again: Callable[[RegionWriter], PageSource] | None = None
                    ) -> tuple[Opened | None, RecoveryReport]:
@@ -525,17 +514,26 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
 
     # 4-6: the baseline from the backend and the dirty pages from the source, at the same time.
     plan = fetch_plan(state, []) if state is not None else []
-    assert base_plan is not None
     lazy = report.load == "lazy"
     data_ids = [rid for rid in regions.regions if rid not in (CTL_REGION_ID, META_REGION_ID)]
-    if lazy:
-        # Before the mount: the namespace region; the data regions' baseline pages come after it.
-        load_plan = base_plan.cut({rid: bytearray(b"\x01") * regions[rid].pages for rid in data_ids})
-    else:
-        load_plan = base_plan.cut(_long_runs(plan, regions))
     write = region_file_writer(regions)
     fetcher = Fetcher(state, write, report) if state is not None else None
-    loaded = await _load_and_fetch(backend, load_plan, write, fetcher, plan, report, on_progress)
+    if lazy:
+        # Before the mount: the namespace region; the data regions' baseline pages come after it. Their dirty
+        # pages need no plan (nothing is loaded under them before the mount): fetched while it is made.
+        in_data = set(data_ids)
+        data_runs = [r for r in plan if r[0] in in_data]
+        if fetcher is not None and data_runs:
+            pages = sum(n for _, _, n in data_runs)
+            await fetcher.fetch(data_runs, Progress("dirty pages", pages * PAGE_SIZE, pages, on_progress))
+        base_plan = await planner.get(manifest)
+        load_plan = base_plan.cut({rid: bytearray(b"\x01") * regions[rid].pages for rid in data_ids})
+        loaded = await _load_and_fetch(backend, load_plan, write, fetcher, [r for r in plan if r[0] not in in_data],
+                                       report, on_progress)
+    else:
+        base_plan = await planner.get(manifest)
+        load_plan = base_plan.cut(_long_runs(plan, regions))
+        loaded = await _load_and_fetch(backend, load_plan, write, fetcher, plan, report, on_progress)
     fetched = _page_marks(plan, regions)
     corrupt = [(r, p, seg) for r, p, seg in loaded.corrupt if r not in fetched or not fetched[r][p]]
     if corrupt and fetcher is None:
@@ -569,7 +567,8 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
         residency.fill_now = baseline_source.copy_now
         again = source_again(guarded) if source_again is not None else None     # connects on first use
         source: PageSource = FallbackSource(baseline_source, again)
-        background = BackgroundLoad(LazyLoader(residency, source, rate_bytes=opts.load_rate), baseline_source, report)
+        background = BackgroundLoad(LazyLoader(residency, source, bulk=baseline_source, rate_bytes=opts.load_rate),
+                                    baseline_source, report)
         report.background_load = background.loader.stats()
 
     # 7: namespace; fetched pages go on the new current list so the first flush publishes them.
@@ -626,8 +625,9 @@ class BackgroundLoad:
 class ReconnectingSource:
     """The failed (fenced) source's exporter as a page source, connected on first use (only when the store
     fails a page). While it cannot be connected to, every page fails naming it and the next batch tries
-    again. A connection that breaks later (exporter restarted, idle connection dropped) fails its batch
-    (the load retries those pages) and is dropped, so the next batch connects afresh."""
+    again. A connection the exporter closed between batches (dropped as idle, or the exporter restarted)
+    is seen before the next batch is sent, which then goes over a fresh connection; one that breaks
+    during a batch fails that batch (the load retries those pages) and the next connects afresh."""
 
     def __init__(self, transport: str, host: str, port: int, fsid: str, secret: bytes, timeout: float,
                  write: RegionWriter) -> None:
@@ -640,6 +640,11 @@ class ReconnectingSource:
 
     async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
         async with self._lock:       # costs no parallelism: RemoteSource reads one batch at a time anyway
+            if self.conn is not None and self.conn.peer_closed():
+                # Dropped while we held it (the exporter's idle timeout): reconnect now rather than
+                # fail this batch and only connect again on the next.
+                log.info("%s: the exporter closed the connection; reconnecting", self.where)
+                await self.aclose()
             if self.remote is None:
                 try:
                     self.conn, catalog = await connect_source(*self.args)
@@ -657,6 +662,37 @@ class ReconnectingSource:
         if self.conn is not None:
             await self.conn.aclose()
             self.conn = self.remote = None
+
+
+class _Planner:
+    """The baseline's load plan, made in a worker thread beside the source's catalog, liveness, fence and
+    lists (and, for a lazy recovery, beside the data regions' dirty fetch): reading every segment index
+    is what outlasts them on a big filesystem."""
+
+    def __init__(self, backend: BaselineStore, report: RecoveryReport) -> None:
+        self.backend, self.report = backend, report
+        self.plan: LoadPlan | None = None
+        self.generation = -1
+        self.done = trio.Event()
+
+    async def run(self, manifest: Manifest) -> None:
+        t = time.monotonic()
+        try:
+            self.plan = await trio.to_thread.run_sync(plan_load, self.backend, manifest)
+        except CorruptionError as e:
+            raise BackendFailed(str(e)) from None
+        self.generation = manifest.generation
+        self.report.phase("baseline plan").seconds += time.monotonic() - t
+        self.done.set()
+
+    async def get(self, manifest: Manifest) -> LoadPlan:
+        """The plan of ``manifest``'s generation (planned again if a flush published a newer one meanwhile)."""
+        await self.done.wait()
+        if self.generation != manifest.generation:
+            self.done = trio.Event()
+            await self.run(manifest)
+        assert self.plan is not None
+        return self.plan
 
 
 async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: RegionWriter, fetcher: Fetcher | None,

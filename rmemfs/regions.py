@@ -59,12 +59,21 @@ def mark_pages(maps: dict[int, bytearray], region_id: int, first: int, npages: i
 
 def unset_runs(m: bytearray, first: int, end: int) -> Iterator[tuple[int, int]]:
     """The [a, b) runs of zero bytes of a one-byte-per-page (or per-extent) map within [first, end)."""
+    return _runs_of(m, first, end, 0)
+
+
+def set_runs(m: bytearray, first: int, end: int) -> Iterator[tuple[int, int]]:
+    """The [a, b) runs of one bytes of a 0/1 map within [first, end)."""
+    return _runs_of(m, first, end, 1)
+
+
+def _runs_of(m: bytearray, first: int, end: int, value: int) -> Iterator[tuple[int, int]]:
     pos = first
     while pos < end:
-        a = m.find(0, pos, end)
+        a = m.find(value, pos, end)
         if a < 0:
             return
-        b = m.find(1, a, end)
+        b = m.find(1 - value, a, end)
         b = end if b < 0 else b
         yield a, b
         pos = b

@@ -39,10 +39,11 @@ from collections.abc import Callable
 
 import trio
 
-from .errors import AuthFailed, CorruptionError, SourceFsidMismatch
+from .errors import AuthFailed, CorruptionError, SourceFsidMismatch, TransportFailed
 from .fencing import run_fence_cmd
 from .recovery import _read_ctl_header, connect_source
-from .transport.base import AuthError, Catalog, ConnectError, Connection, FsidMismatch, TransportError
+from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, TransportError,
+                             TransportUnavailable)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ class Watcher:
             raise SourceFsidMismatch(str(e)) from None
         except AuthError as e:
             raise AuthFailed(str(e)) from None
+        except TransportUnavailable as e:   # no retry mends it (no RDMA device here): not an outage
+            raise TransportFailed(str(e)) from None
         self.status.registrations += 1
         self._event("registered", regions=len(self._catalog.regions))
         log.debug("registered with %s (%d regions)", self.status.source, len(self._catalog.regions))
@@ -135,6 +138,12 @@ class Watcher:
                 while True:
                     now = time.monotonic()
                     try:
+                        if self._conn is not None and self._conn.peer_closed():
+                            # Dropped between reads (the exporter's idle timeout, or a restart): that
+                            # is not an outage, so register again instead of reading on a dead connection.
+                            log.info("source exporter %s closed the watch connection; registering again",
+                                     self.status.source)
+                            await self._close()
                         if self._conn is None or now - registered_at > REFRESH_INTERVAL:
                             await self._register()
                             registered_at = time.monotonic()

@@ -111,7 +111,7 @@ def test_bench_quick_report(tmp_path: Path) -> None:
 
     assert "skipped under --quick" in rep["store"]["skipped"]     # no Ceph cluster in a smoke run
     assert "store: skipped under --quick" in r.stdout
-    assert len(rep["targets"]) == 12
+    assert len(rep["targets"]) == 18             # 10, the store's 2, failover's 6
     for t in rep["targets"]:
         assert set(t) == {"target", "value", "op", "bound", "unit", "pass"}
         # unmeasured here: the 10%-dirty recovery target (--dirty 1,50) and the store's (skipped)

@@ -17,7 +17,9 @@ hostA's memory only through the exporter's TCP transport. Per trial (seeded):
 * in about half of the trials ("io during load") the background load is slowed (-o load_rate) and the
   workers go on, on hostB, while it runs: writes, truncates and mmap stores on pages not loaded yet
   (fsworkload.py resume, from the first run's saved bytes, without reading the mount first), then the
-  tree must match the state after those operations.
+  tree must match the state after those operations. In those trials hostB's rmemfs is then SIGKILLed
+  in the middle of its load, and hostA recovers from hostB (a second failure): hostA's copy must be
+  that state, from the store plus hostB's dirty lists and pages.
 
 The kill mode follows the seed (``seed % 4``, so any four consecutive seeds try each): "now", "delay",
 "mid-flush" (SIGKILL a few ms into a requested flush of a big dirty set) and "pause": instead of a
@@ -44,7 +46,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from hosts import PYTHON, TwoHosts  # noqa: E402
+from hosts import PYTHON, Host, TwoHosts  # noqa: E402
 from hosts_fixtures import hosts_available, parametrize_seeds  # noqa: E402, F401
 from test_hosts_fencing import PAUSE_DIR, pause_takeover_resume  # noqa: E402
 
@@ -134,9 +136,12 @@ def test_two_host_recovery(seed: int, tmp_path: Path) -> None:
                             check=False, timeout=120)
             assert more.returncode == 0, f"workload during the load failed ({params}):\n{more.stdout}\n{more.stderr}"
             print(more.stdout.strip())
-        check = b.python(WORKLOAD, "verify", b.dir / "mnt", state_file, check=False)
-        assert check.returncode == 0, (f"recovered tree differs from the acknowledged state ({params}):\n"
-                                       f"{check.stdout[-4000:]}\nrecovery:\n{rec.stdout}")
+            # Before anything reads the whole tree (which would bring every page in): a second failure.
+            second_failure_back_on_a(a, b, backend, state_file, report_file, params)
+        else:
+            check = b.python(WORKLOAD, "verify", b.dir / "mnt", state_file, check=False)
+            assert check.returncode == 0, (f"recovered tree differs from the acknowledged state ({params}):\n"
+                                           f"{check.stdout[-4000:]}\nrecovery:\n{rec.stdout}")
         state = json.loads(state_file.read_text())
     print(f"ok in {time.monotonic() - t0:.1f} s: {len(state.get('files', ()))} files, baseline generation "
           f"{report['baseline_generation']}, dirty pages listed {report['dirty_pages_listed']}, fetched "
@@ -167,3 +172,32 @@ def test_demo_runs_on_rados() -> None:
     assert "/secret" in proc.stdout and "/epoch.0000000001" in proc.stdout     # listed from hostA as client.rmemfs
     conf = next(line for line in proc.stdout.splitlines() if "ceph.conf " in line).split("ceph.conf ")[1].split(";")[0]
     assert not Path(conf).exists(), "the demo left its cluster directory behind"
+
+
+def second_failure_back_on_a(a: Host, b: Host, backend: Path, state_file: Path, first_report: Path,
+                             params: str) -> None:
+    """hostB's rmemfs dies in the middle of its background load; hostA recovers from hostB's exporter.
+
+    What hostB never loaded is in the store; what it fetched from hostA and what was written on it since
+    are in its dirty lists: hostA's copy must be the state after the writes on hostB, byte for byte."""
+    load = json.loads(b.python(WORKLOAD, "ctl", b.dir / "mnt", "stats").stdout)["load"]
+    if load["to_load_pages"] >= 64:
+        assert load["missing_pages"] > 0, load           # surely still loading at 16 pages/s
+    pid = b.rmemfs_pid(backend)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid in b.pids() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pid not in b.pids() and b.exporter_pids(), f"hostB's rmemfs survived, or its exporter died ({params})"
+    report_file = a.dir / "report2.json"
+    rec = a.recover_rmemfs(backend, a.dir / "mnt2", b.addr, json_report=report_file, check=False,
+                           extra=["--transport", "software", "--verify"], region_size="64M")
+    assert rec.returncode == 0, f"second recovery on hostA exited {rec.returncode} ({params}):\n{rec.stderr}{rec.stdout}"
+    report = json.loads(report_file.read_text())
+    assert report["source"] == f"{b.addr}:7470", report
+    assert report["new_epoch"] > json.loads(first_report.read_text())["new_epoch"], report
+    check = a.python(WORKLOAD, "verify", a.dir / "mnt2", state_file, check=False)
+    assert check.returncode == 0, (f"hostA's copy after the second failure differs ({params}):\n"
+                                   f"{check.stdout[-4000:]}\nrecovery:\n{rec.stdout}")
+    print(f"second failure: hostB killed with {load['missing_pages']} of {load['to_load_pages']} pages not loaded; "
+          f"hostA fetched {report['dirty_pages_fetched']} dirty pages from hostB")

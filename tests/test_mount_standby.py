@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -196,9 +197,9 @@ def test_event_log_and_metrics(source: Rig) -> None:
     import urllib.request
 
     from harness import free_port
-    events, port = source.root / "events.jsonl", free_port()
+    events, port, report = source.root / "events.jsonl", free_port(), source.root / "takeover.json"
     sb = Standby(source, source.root / "mnt2", ["watch_interval=0.01", "dead_after=0.3", f"event_log={events}",
-                                                f"metrics=127.0.0.1:{port}"])
+                                                f"metrics=127.0.0.1:{port}", f"report={report}"])
     try:
         sb.wait_state("watching")
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -210,6 +211,13 @@ def test_event_log_and_metrics(source: Rig) -> None:
         sb.wait_mounted()
         kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
         assert kinds[:2] == ["registered", "watching"] and kinds[-2:] == ["dead", "taking-over"], kinds
+        # The takeover's own report: each phase of the recovery (tools/bench's failover split uses them).
+        # It is written once the mount is usable, a little after the kernel shows it mounted.
+        deadline = time.monotonic() + 30
+        while not report.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        phases = json.loads(report.read_text())["phases"]
+        assert {"baseline plan", "connect", "fence", "lists", "exporter wait", "publish+mount"} <= set(phases), phases
     finally:
         sb.stop()
 
@@ -229,3 +237,38 @@ def test_clean_unmount_and_remount_are_not_taken_over_and_are_registered_again(s
     source.kill()
     standby.wait_mounted()
     assert digest_tree(standby.mnt) == want
+
+
+def _standby_cmd(rig: Rig, mnt: Path, *extra: str, backend: Path | None = None, source: str | None = None,
+                 transport: str = "software") -> list[str]:
+    return cli("standby") + ["--backend", str(backend or rig.backend), "--transport", transport, "--source",
+                             source or f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0", *extra]), "-f", str(mnt)]
+
+
+def test_exit_codes_before_a_takeover(source: Rig, tmp_path: Path) -> None:
+    """Each way rmemfs-standby ends before a takeover: one line and its code (exits.py's standby column)."""
+    from test_mount_lifecycle import one_line_error
+    mnt = source.root / "mnt2"
+    mnt.mkdir()
+    one_line_error(run(_standby_cmd(source, mnt, "dead_after=0")), 2, "dead_after")
+    one_line_error(run(_standby_cmd(source, mnt, backend=tmp_path / "nope")), 10, "does not exist")
+    one_line_error(run(_standby_cmd(source, tmp_path / "no-mnt" / "x")), 12)
+    forged = tmp_path / "forged"
+    shutil.copytree(source.backend, forged)
+    (forged / "secret").write_text("00" * 32 + "\n")
+    one_line_error(run(_standby_cmd(source, mnt, backend=forged)), 21, "secret")
+    other = Rig(tmp_path / "other")
+    try:
+        other.mount()
+        one_line_error(run(_standby_cmd(source, mnt, source=f"127.0.0.1:{other.port}")), 22, "mismatch")
+    finally:
+        other.cleanup()
+    # verbs without an RDMA device here: the transport cannot run, which no retry mends
+    one_line_error(run(_standby_cmd(source, mnt, transport="verbs")), 24)
+    sb = Standby(source, mnt, ["watch_interval=0.01", "dead_after=0.3"])
+    try:
+        sb.wait_state("watching")
+        sb.proc.send_signal(signal.SIGTERM)
+        assert sb.proc.wait(30) == 0
+    finally:
+        sb.stop()

@@ -4,22 +4,24 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from rmemfs.exits import CTL, MOUNT, RECOVER, TABLE, codes_of
+from rmemfs.exits import CTL, MOUNT, RECOVER, STANDBY, TABLE, codes_of
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def readme_table() -> dict[str, set[int]]:
-    """The codes README's table lists for rmemfs and rmemfs-recover ('—' means: not this command)."""
+    """The codes README's table lists for rmemfs, rmemfs-recover and rmemfs-standby ('—': not this command)."""
     section = README[README.index("### Exit codes"):]
-    documented: dict[str, set[int]] = {MOUNT: set(), RECOVER: set()}
+    commands = (MOUNT, RECOVER, STANDBY)
+    documented: dict[str, set[int]] = {c: set() for c in commands}
     for line in section.splitlines()[1:]:
         if line.startswith("##"):
             break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 3 or not cells[0].isdigit():
+        if not cells[0].isdigit():
             continue
-        for command, cell in zip((MOUNT, RECOVER), cells[1:], strict=True):
+        assert len(cells) == 1 + len(commands), line
+        for command, cell in zip(commands, cells[1:], strict=True):
             if cell not in ("—", "-", ""):
                 documented[command].add(int(cells[0]))
     return documented
@@ -33,7 +35,7 @@ def readme_ctl_codes() -> set[int]:
 
 def test_readme_tables_match_the_exit_code_table() -> None:
     documented = readme_table()
-    for command in (MOUNT, RECOVER):
+    for command in (MOUNT, RECOVER, STANDBY):
         assert documented[command] - {0} == set(codes_of(command)), command
     assert readme_ctl_codes() - {0} == set(codes_of(CTL))
 

@@ -6,11 +6,14 @@ Hostile peers are raw sockets speaking (or mangling) the documented wire format.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
+import os
 import random
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -119,27 +122,53 @@ async def _recv_exact(s: trio.socket.SocketType, n: int) -> bytes:
     return buf
 
 
-async def _recv_frame(s: trio.socket.SocketType) -> tuple[int, int, bytes]:
-    magic, ver, ftype, length, req_id = sw.HEADER.unpack(await _recv_exact(s, sw.HEADER_SIZE))
+class Authed:
+    """A raw socket past the handshake: ``send`` tags what it is given as one frame (per the documented
+    format), ``_recv_frame`` checks the tags of what comes back."""
+
+    def __init__(self, sock: trio.socket.SocketType, tx: sw.FrameAuth, rx: sw.FrameAuth) -> None:
+        self.sock, self.tx, self.rx = sock, tx, rx
+
+    async def send(self, frame: bytes) -> None:
+        await self.sock.send(frame + self.tx.tag((frame,)))
+
+    async def recv(self, n: int) -> bytes:
+        return await self.sock.recv(n)
+
+    def __enter__(self) -> Authed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+async def _recv_frame(s: trio.socket.SocketType | Authed) -> tuple[int, int, bytes]:
+    sock = s.sock if isinstance(s, Authed) else s
+    header = await _recv_exact(sock, sw.HEADER_SIZE)
+    magic, ver, ftype, length, req_id = sw.HEADER.unpack(header)
     assert magic == sw.MAGIC and ver == sw.PROTOCOL_VERSION
-    return ftype, req_id, await _recv_exact(s, length)
+    payload = await _recv_exact(sock, length)
+    if isinstance(s, Authed):
+        assert await _recv_exact(sock, sw.TAG_SIZE) == s.rx.tag((header, payload))
+    return ftype, req_id, payload
 
 
-async def _raw_authed(server: Server) -> trio.socket.SocketType:
+async def _raw_authed(server: Server) -> Authed:
     """A raw socket that has completed the handshake by hand, per the documented format."""
     s = await _raw(server)
     cn = b"\x01" * 32
     await s.send(sw._header(sw.Frame.HELLO, 32 + len(FSID), 0) + cn + FSID.encode())
     ftype, _, sn = await _recv_frame(s)
     assert ftype == sw.Frame.CHALLENGE
-    await s.send(sw._header(sw.Frame.AUTH, 32, 0) + sw._mac(SECRET, b"rmemfs-software-v1 client", cn, sn, FSID))
+    await s.send(sw._header(sw.Frame.AUTH, 32, 0) + sw._mac(SECRET, b"rmemfs-software-v2 client", cn, sn, FSID))
     ftype, _, mac = await _recv_frame(s)
     assert ftype == sw.Frame.WELCOME
-    assert mac == sw._mac(SECRET, b"rmemfs-software-v1 server", cn, sn, FSID)
-    return s
+    assert mac == sw._mac(SECRET, b"rmemfs-software-v2 server", cn, sn, FSID)
+    c2s, s2c = sw.session_auth(SECRET, cn, sn, FSID)
+    return Authed(s, c2s, s2c)
 
 
-async def _assert_dropped(s: trio.socket.SocketType, within: float = 2.0) -> None:
+async def _assert_dropped(s: trio.socket.SocketType | Authed, within: float = 2.0) -> None:
     """The server closes the connection (possibly after an ERROR frame)."""
     with trio.fail_after(within):
         while True:
@@ -441,10 +470,26 @@ async def test_authenticated_peer_stalling_mid_frame_is_dropped(server):
 async def test_version_mismatch_reported_to_client(server):
     s = await _raw(server)
     with s:
-        await s.send(sw.HEADER.pack(sw.MAGIC, 2, sw.Frame.HELLO, 0, 0))
+        await s.send(sw.HEADER.pack(sw.MAGIC, 3, sw.Frame.HELLO, 0, 0))
         ftype, _, payload = await _recv_frame(s)
         assert ftype == sw.Frame.ERROR and struct.unpack_from("!H", payload)[0] == sw.Err.VERSION
-        assert b"protocol version 2 not supported" in payload
+        assert b"protocol version 3 not supported (this side speaks 2)" in payload
+
+
+@pytest.mark.allow_log(r"protocol error: protocol version 1 not supported")
+async def test_version_1_peer_gets_a_refusal_it_can_read(server):
+    """A version 1 initiator (before frame integrity) gets a version 1 ERROR saying why, in one line."""
+    s = await _raw(server)
+    with s:
+        await s.send(sw._header(sw.Frame.HELLO, 32 + len(FSID), 0, version=1) + b"\x01" * 32 + FSID.encode())
+        magic, ver, ftype, length, _ = sw.HEADER.unpack(await _recv_exact(s, sw.HEADER_SIZE))
+        payload = await _recv_exact(s, length)
+        assert (magic, ver, ftype) == (sw.MAGIC, 1, sw.Frame.ERROR)
+        assert struct.unpack_from("!H", payload)[0] == sw.Err.VERSION
+        msg = payload[6:].decode()
+        assert "\n" not in msg and msg == ("this exporter speaks software transport protocol version 2 (frames "
+                                          "authenticated after the handshake), not 1: upgrade rmemfs on the initiator")
+        await _assert_dropped(s)
 
 
 # --- connecting ---------------------------------------------------------------
@@ -563,7 +608,7 @@ async def test_read_times_out_when_exporter_stops_answering(nursery):
         await s.send(sw._header(sw.Frame.CHALLENGE, 32, 0) + sn)
         await _recv_exact(s, sw.HEADER_SIZE + 32)
         await s.send(sw._header(sw.Frame.WELCOME, 32, 0)
-                     + sw._mac(SECRET, b"rmemfs-software-v1 server", cn, sn, FSID))
+                     + sw._mac(SECRET, b"rmemfs-software-v2 server", cn, sn, FSID))
         await trio.sleep(10)
 
     port = await _fake_exporter(nursery, talk)
@@ -645,3 +690,169 @@ async def test_flood_of_unauthenticated_connections_is_capped(server):
     assert closed == 17 and time.monotonic() - t0 < HANDSHAKE_TIMEOUT, closed
     for s in flood:
         s.close()
+
+
+async def test_idle_authenticated_connection_is_dropped_while_others_are_served(nursery, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=sw.__name__)
+    idle_timeout = 0.5
+    backend = sw.SoftwareExportBackend()
+    region, data, _ = _make_region(tmp_path, 5, "data-0005.rgn", RegionRole.DATA, 1 << 20, 5)
+    desc = backend.register(region)
+    port = await nursery.start(partial(sw.serve, host="127.0.0.1", port=0, fsid=FSID, secret=SECRET, export=backend,
+                                       catalog=lambda t: Catalog(FSID, t, (desc,)), idle_timeout=idle_timeout))
+    server = Server(port, backend, {5: data}, Catalog(FSID, "software", (desc,)))
+    idle = await _raw_authed(server)
+    unauthenticated = await _raw(server)             # the handshake timeout (10 s here) governs it, not idleness
+    async with await _conn(server) as busy:
+        dest = bytearray(PAGE)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 * idle_timeout:  # reads 10 times per idle timeout: never idle
+            await busy.read(desc.rkey, PAGE, memoryview(dest))
+            assert dest == data[PAGE:2 * PAGE]
+            await trio.sleep(idle_timeout / 10)
+        with idle:
+            await _assert_dropped(idle, within=0.1)      # gone by now, after one timeout of silence
+        await busy.read(desc.rkey, 0, memoryview(dest))
+        assert dest == data[:PAGE]
+    drops = [r for r in caplog.records if "idle for" in r.getMessage()]
+    assert len(drops) == 1 and drops[0].levelno == logging.INFO
+    assert drops[0].getMessage().endswith("idle for 0.5s; dropping")
+    with unauthenticated:
+        with trio.move_on_after(0.05) as still_open:
+            await unauthenticated.recv(1)
+        assert still_open.cancelled_caught               # not closed: idleness counts only once authenticated
+
+
+# --- a relay in the middle ------------------------------------------------------------
+
+async def _relay(nursery: trio.Nursery, upstream: int, mangle) -> int:
+    """A TCP relay to 127.0.0.1:``upstream`` that passes whole frames through, except that every frame
+    after the handshake goes through ``mangle(direction, frame type, frame bytes) -> frames to send``
+    (direction "c2s" or "s2c"). It parses the documented format only; it knows no key."""
+    tag = getattr(sw, "TAG_SIZE", 0)
+
+    async def pump(src, dst, direction: str) -> None:
+        handshake = 2                                  # HELLO, AUTH / CHALLENGE, WELCOME: untagged
+        try:
+            while True:
+                header = await _recv_exact(src, sw.HEADER_SIZE)
+                _, _, ftype, length, _ = sw.HEADER.unpack(header)
+                body = await _recv_exact(src, length + (tag if handshake == 0 else 0))
+                frames = [header + body]
+                if handshake:
+                    handshake -= 1
+                else:
+                    frames = mangle(direction, ftype, header + body)
+                for f in frames:
+                    await dst.send(f)
+        except (EOFError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    async def serve(task_status=trio.TASK_STATUS_IGNORED):
+        ls = trio.socket.socket()
+        await ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        task_status.started(ls.getsockname()[1])
+        with ls:
+            while True:
+                c, _ = await ls.accept()
+                u = trio.socket.socket()
+                await u.connect(("127.0.0.1", upstream))
+                nursery.start_soon(pump, c, u, "c2s")
+                nursery.start_soon(pump, u, c, "s2c")
+    return await nursery.start(serve)
+
+
+def _once(direction: str, ftype: int, change):
+    """A mangler that applies ``change`` to the first frame of ``ftype`` going ``direction``, then passes all."""
+    done = []
+
+    def mangle(d: str, t: int, frame: bytes) -> list[bytes]:
+        if d == direction and t == ftype and not done:
+            done.append(frame)
+            return change(frame)
+        return [frame]
+    return mangle
+
+
+def _flip(at: int):
+    return lambda frame: [frame[:at] + bytes([frame[at] ^ 0x10]) + frame[at + 1:]]
+
+
+@pytest.mark.allow_log(r"connection broken: .*failed its integrity check")
+async def test_relay_flipping_one_bit_of_read_data_is_detected(server, nursery):
+    """A relay that passes the handshake and flips one bit in one READ_DATA reply: the read fails, the
+    connection is dropped (its next request fails at once), and the exporter serves everyone else,
+    including a new connection through the same relay. Before frame tags: the read returned the
+    flipped byte as data."""
+    relay = await _relay(nursery, server.port, _once("s2c", sw.Frame.READ_DATA, _flip(sw.HEADER_SIZE + 1000)))
+    c = await sw.connect("127.0.0.1", relay, fsid=FSID, secret=SECRET, timeout=5)
+    rkey = (await c.register()).by_id(2).rkey
+    dest = bytearray(64 << 10)
+    with pytest.raises(ProtocolError, match=rf"127\.0\.0\.1:{relay}: reply 1 failed its integrity check"):
+        await c.read(rkey, 0, memoryview(dest))
+    with pytest.raises(TransportError, match="connection unusable"):
+        await c.read(rkey, 0, memoryview(dest))
+    await c.aclose()
+    await _good_client_works(server)
+    async with await sw.connect("127.0.0.1", relay, fsid=FSID, secret=SECRET, timeout=5) as again:
+        await again.read(rkey, 0, memoryview(dest))        # the relay is honest now: exact data
+        assert dest == server.contents[2][:64 << 10]
+
+
+@pytest.mark.parametrize("change, what", [
+    (_flip(sw.HEADER_SIZE + 9), "one bit of a READ_REQ flipped"),
+    (lambda frame: [frame, frame], "a READ_REQ replayed"),
+])
+@pytest.mark.allow_log(r"failed its integrity check")
+async def test_relay_altering_or_replaying_a_request_is_dropped_by_the_exporter(server, nursery, caplog, change, what):
+    """The exporter checks every request's tag (keyed per frame by its sequence number): an altered or
+    replayed request drops that connection with one WARNING, and the exporter serves the others."""
+    relay = await _relay(nursery, server.port, _once("c2s", sw.Frame.READ_REQ, change))
+    c = await sw.connect("127.0.0.1", relay, fsid=FSID, secret=SECRET, timeout=5)
+    rkey = server.catalog.by_id(1).rkey
+    dest = bytearray(PAGE)
+    with pytest.raises(TransportError):
+        for _ in range(3):                 # a replay: the first read is answered, the copy is not
+            await c.read(rkey, 0, memoryview(dest))
+    await c.aclose()
+    drops = [r for r in caplog.records if "protocol error: frame" in r.getMessage()
+             and "failed its integrity check" in r.getMessage()]          # the exporter's, not the client's
+    assert len(drops) == 1 and drops[0].levelno == logging.WARNING, what
+    await _good_client_works(server)
+
+
+async def test_reads_of_memory_written_meanwhile_pass_their_tags(nursery, tmp_path):
+    """A live source's heartbeat page changes under the exporter: a small READ_DATA is copied before it
+    is tagged, so the tag and the bytes sent are of the same instant (before, about one read in a few
+    hundred failed its tag and broke the connection while another process wrote the page)."""
+    path = tmp_path / "ctl-0000.rgn"
+    path.write_bytes(bytes(PAGE))
+    fd = os.open(path, os.O_RDWR)
+    mm = mmap.mmap(fd, PAGE)
+    os.close(fd)
+    backend = sw.SoftwareExportBackend()
+    backend.register(ExportedRegion(0, path.name, RegionRole.CTL, memoryview(mm), 0x7F0000000000))
+    regions = tuple(backend._by_id.values())
+    port = await nursery.start(partial(sw.serve, host="127.0.0.1", port=0, fsid=FSID, secret=SECRET, export=backend,
+                                       catalog=lambda t: Catalog(FSID, t, regions)))
+    beater = await trio.lowlevel.open_process([sys.executable, "-c", (
+        "import mmap, os, sys, time\n"
+        f"fd = os.open({str(path)!r}, os.O_RDWR); m = mmap.mmap(fd, {PAGE}); n = 0\n"
+        "end = time.monotonic() + 20\n"
+        "while time.monotonic() < end:\n"
+        "    n += 1; m[0:8] = n.to_bytes(8, 'little'); m[8:16] = n.to_bytes(8, 'little')\n")])
+    try:
+        async with await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=5.0) as c:
+            cat = await c.register()
+            dest = bytearray(16)
+            end = trio.current_time() + 2.0
+            while trio.current_time() < end:
+                await c.read_batch([ReadOp(cat.by_id(0).rkey, 0, memoryview(dest))])
+            assert int.from_bytes(dest[:8], "little") > 0
+    finally:
+        beater.kill()
+        await beater.wait()

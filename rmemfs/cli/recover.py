@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
                 on_progress=TerminalProgress() if sys.stderr.isatty() else None, report=report, regions_ready=start_exporter))
             t_mount = time.monotonic()
             port = launched[0].ready() if opened is not None else None
+            if opened is not None:
+                # A part of publish+mount: the new exporter's start-up that the recovery did not hide.
+                report.phase("exporter wait").seconds = time.monotonic() - t_mount
         except BaseException:
             for launch in launched:
                 launch.abort()

@@ -10,11 +10,13 @@ Standby options (in -o, beside the mount options used after a takeover):
                      the source is powered off or cut off, and the standby recovers from the baseline
   event_log=PATH     append the watch's events (registered, watching, unreachable, dead, ...) as JSON lines
   metrics=ADDR:PORT  serve Prometheus metrics of the watch (heartbeat age, detections, registrations)
+  report=PATH        write the takeover's recovery report (its phases) as JSON, as rmemfs-recover --json
 
 After a takeover the process serves the mount as the new owner (as rmemfs-recover -f does), and its
-exit codes are rmemfs-recover's. Before it: 0 stopped; 1 unexpected error; 2 usage; 10 backend missing;
-16 backend unreachable; 21 wrong secret; 22 filesystem id mismatch. B is a directory or rados:POOL[/PREFIX]
-(with -o ceph_conf=PATH,ceph_id=NAME, passed on to the takeover).
+exit codes are rmemfs-recover's. Before it: 0 stopped (SIGTERM, SIGINT); 1 unexpected error; 2 usage;
+10 backend missing; 12 mountpoint; 13 not root; 16 backend unreachable; 21 wrong secret; 22 filesystem
+id mismatch; 24 transport unavailable (README's exit-code table; rmemfs/exits.py).
+B is a directory or rados:POOL[/PREFIX] (with -o ceph_conf=PATH,ceph_id=NAME, passed on to the takeover).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import trio
 
 from .. import control
 from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 now, not on the takeover's clock)
-from ..errors import BackendError, CorruptionError, QuietError, backend_failed
+from ..errors import BackendError, CommandError, CorruptionError, QuietError, backend_failed
 from ..exits import EXIT_USAGE
 from ..mount import check_environment, check_mountpoint, parse_options, read_backend
 from ..recovery import parse_source
@@ -40,11 +42,11 @@ from ..store import STATE_CLEAN, StoreOptions, open_store
 from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, serve_metrics, status_file,
                        status_socket, write_event)
 from . import recover as recover_cli
-from .common import run_main, setup_logging
+from .common import first_of, run_main, setup_logging
 from .mount import build_parser, daemonize_and_run
 
 log = logging.getLogger(__name__)
-STANDBY_KEYS = ("watch_interval", "dead_after", "fence_cmd", "event_log", "metrics")
+STANDBY_KEYS = ("watch_interval", "dead_after", "fence_cmd", "event_log", "metrics", "report")
 
 
 def split_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -114,7 +116,10 @@ def main(argv: list[str] | None = None) -> None:
                     serve_metrics(metrics, watcher)
                 except OSError as e:
                     raise QuietError(f"cannot serve metrics on {metrics}: {e}", EXIT_USAGE) from None
-            t0 = trio.run(watch, watcher, mountpoint, dead_after, ready)
+            try:
+                t0 = trio.run(watch, watcher, mountpoint, dead_after, ready)
+            except BaseExceptionGroup as group:   # the watch's own failure (a wrong secret...), out of trio's group
+                raise first_of(group, CommandError) or group from None
             if watcher.verdict is None:
                 return 0
             st = watcher.status
@@ -129,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
                      "--no-liveness-check", "-f", str(mountpoint)]
             if rest:
                 rargv[0:0] = ["-o", ",".join(rest)]
+            if "report" in mine:
+                rargv[0:0] = ["--json", str(Path(mine["report"]).absolute())]
             if watcher.verdict == "fenced_by_cmd":
                 rargv.insert(0, "--baseline-only")
             if args.log:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,18 @@ class PageSource(Protocol):
 
         Returns the pages that could not be delivered (left as they were); raises only when the
         source is unusable as a whole."""
+        ...
+
+
+class BulkSource(Protocol):
+    def stream(self, chunks: Iterator[tuple[int, int, int]], chunk_pages: int, gate: Callable[[bool], bool],
+               done: Callable[[tuple[int, int, int], list[PageFailure]], None]) -> None:
+        """Make every chunk (region id, first page, count of at most ``chunk_pages``) resident, in the order
+        ``chunks`` yields them; blocks (a worker thread).
+
+        ``gate(wait)`` is called before each chunk is taken; with ``wait`` (only when every chunk taken is in)
+        it may block, and False stops the stream; without, False means not yet.
+        ``done(chunk, failures)`` follows each chunk: all of it is in but the failed pages."""
         ...
 
 

@@ -3,8 +3,8 @@
 ``Residency`` holds one byte per page of each region (1 = resident). ``complete`` is the fast path
 every request takes once the load is done (and from the start for regions fetched eagerly). A
 request touching a missing page calls ``ensure``, which queues a demand and waits; the
-``LazyLoader`` serves demands before its next background chunk, so a demand waits at most for the
-chunk in flight plus its own read.
+``LazyLoader`` serves demands at once, on a task of their own, and pauses its background load
+meanwhile, so a demand competes at most with the background chunks already in flight.
 
 Atomicity (trio: only awaits break it). ``ensure`` returns right after a check that found every
 page resident, with no await in between; the caller must read or write the region with no await
@@ -18,24 +18,31 @@ still missing, so a claimed page never gets a late baseline copy written over it
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 
 from .. import PAGE_SIZE
 from ..loader import RegionWriter
-from ..regions import unset_runs
-from .base import PageFailure, PageSource
+from ..regions import set_runs, unset_runs
+from .base import BulkSource, PageFailure, PageSource
 
 log = logging.getLogger(__name__)
 
-CHUNK_PAGES = 256          # a background read: 1 MiB, the longest a demand waits behind it
+CHUNK_PAGES = 256          # a lane's read: 1 MiB
+BULK_CHUNK_PAGES = 256     # a bulk pass's read: 1 MiB; a demand waits behind the few in flight
 RETRY_SECONDS = 1.0        # pause before a pass over the pages that failed
+# The bulk pass resumes once no demand came for DEMAND_QUIET (a faulting reader asks again within a
+# millisecond or so: resuming between its faults would put a chunk on the disk ahead of each), but
+# under a steady stream of demands it still reads one chunk every BULK_SHARE_EVERY, so that it ends.
+DEMAND_QUIET = 0.01
+BULK_SHARE_EVERY = 0.05
 LANES = 2                  # chunks in flight: one thread reads and checks while another writes
 
 
@@ -186,11 +193,21 @@ class Residency:
 
 
 class LazyLoader:
-    """Makes every missing page resident from ``source``: demands first, then the rest in order."""
+    """Makes every missing page resident: demands at once, the rest in order in the background.
 
-    def __init__(self, residency: Residency, source: PageSource, *, rate_bytes: float = 0.0,
-                 on_progress: Callable[[int, int], None] | None = None) -> None:
-        self.residency, self.source = residency, source
+    Demands are served by a task of their own as they come, through ``source``, and the background
+    load pauses while they are (it yields to demand). With a ``bulk`` source the background load is
+    one pipelined pass in worker threads (``BulkSource.stream``), with no trip through the event loop
+    per chunk. What that pass could not deliver goes through ``source`` (whose fallback may be the
+    failed host) right away; what is still missing after it, and everything when there is no bulk
+    source, is loaded in chunks through ``source`` by LANES lanes, again every RETRY_SECONDS until in.
+    """
+
+    def __init__(self, residency: Residency, source: PageSource, *, bulk: BulkSource | None = None,
+                 rate_bytes: float = 0.0, on_progress: Callable[[int, int], None] | None = None,
+                 share_every: float = BULK_SHARE_EVERY) -> None:
+        self.residency, self.source, self.bulk = residency, source, bulk
+        self.share_every = share_every
         self.rate_bytes = rate_bytes                # background load limit, bytes/s (0: none); demands are not
         self.on_progress = on_progress              # (resident pages, total pages), after each chunk
         self.loaded_pages = 0
@@ -200,6 +217,12 @@ class LazyLoader:
         # 1 = a lane is loading the page: no other lane loads it too, or its late baseline write could land
         # after the first lane marked the page resident and a request wrote it.
         self.inflight = {rid: bytearray(len(m)) for rid, m in residency.maps.items()}
+        self._go = threading.Event()                # cleared while demands are served: the bulk pass waits
+        self._go.set()
+        self._stop = threading.Event()              # the bulk pass ends (the load was cancelled)
+        self._last_demand = 0.0                     # when the last demand was served (monotonic)
+        self._order: _BulkOrder | None = None       # the bulk pass's, while it runs
+        self._refetch: deque[tuple[int, int, int]] = deque()    # pages the bulk pass failed: through source
 
     def _claim(self, region_id: int, first: int, n: int) -> list[tuple[int, int, int]]:
         """The parts of a missing run no lane is loading, now claimed (a waiter on the rest waits for
@@ -224,6 +247,20 @@ class LazyLoader:
         """Pages per second so far."""
         return self.loaded_pages / max(1e-9, (self.seconds or time.monotonic() - self.started))
 
+    def _landed(self, region_id: int, first: int, n: int, bad: set[int]) -> None:
+        """Pages first..first+n-1 are in, but for the pages in ``bad``."""
+        page = first
+        for stop in sorted(p for p in bad if first <= p < first + n) + [first + n]:
+            if stop > page:
+                self.residency.mark(region_id, page, stop - page)
+                self.loaded_pages += stop - page
+            page = stop + 1
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            res = self.residency
+            self.on_progress(res.total - res.missing, res.total)
+
     async def _load(self, runs: list[tuple[int, int, int]], demand: bool) -> None:
         res = self.residency
         runs = [m for r in runs for m in res.missing_runs(*r) for m in self._claim(*m)]
@@ -234,15 +271,11 @@ class LazyLoader:
         finally:
             for region_id, first, n in runs:
                 self.inflight[region_id][first:first + n] = bytes(n)
-        bad = {(f.region_id, f.page): f for f in failures}
+        bad: dict[int, set[int]] = {}
+        for f in failures:
+            bad.setdefault(f.region_id, set()).add(f.page)
         for region_id, first, n in runs:
-            page, end = first, first + n
-            while page < end:                     # mark the stretches between failed pages
-                stop = next((p for p in range(page, end) if (region_id, p) in bad), end)
-                if stop > page:
-                    res.mark(region_id, page, stop - page)
-                    self.loaded_pages += stop - page
-                page = stop + 1 if stop < end else end
+            self._landed(region_id, first, n, bad.get(region_id, set()))
         for f in failures:
             res.fail(f)
             if (f.region_id, f.page) in self._logged:
@@ -251,46 +284,196 @@ class LazyLoader:
             log.error("lazy load: region %d page %d unreadable from %s (%s)%s", f.region_id, f.page, f.where,
                       f.why, ": the request gets EIO" if demand else ": retried later")
 
-    async def _lane(self, pending: deque[tuple[int, int, int]]) -> None:
+    def _sequential(self, demands: list[tuple[int, int, int]]) -> bool:
+        """Whether a burst of demands reads on from resident pages (a reader following the load's front, or
+        reading a file from its start) rather than at random."""
         res = self.residency
-        while pending or res.demands:
-            if res.demands:
-                demands = list(res.demands)
-                res.demands.clear()
+        return all(first == 0 or res.is_resident(rid, first - 1, 1) for rid, first, _ in demands)
+
+    async def _serve_demands(self) -> None:
+        """Serve demands (and the bulk pass's failures) as they come.
+
+        Random demands pause the bulk pass (see DEMAND_QUIET). A sequential burst does not: the pass jumps
+        to it instead, so it loads just ahead of the reader, and the reader waits for its chunks in flight
+        rather than reading them a second time."""
+        res = self.residency
+        while True:
+            if not res.demands and not self._refetch:
+                res.demanded = trio.Event()
+                if not res.demands and not self._refetch:       # no await since the check: none is missed
+                    await res.demanded.wait()
+                continue
+            demands = list(res.demands)
+            res.demands.clear()
+            if demands and self._order is not None and self._sequential(demands):
+                rid, first, _ = demands[-1]
+                self._order.jump(rid, first)
                 await self._load(demands, demand=True)
-            else:
-                await self._load([pending.popleft()], demand=False)
-                if self.rate_bytes:
-                    ahead = self.loaded_pages * PAGE_SIZE / self.rate_bytes - (time.monotonic() - self.started)
-                    if ahead > 0:
-                        with trio.move_on_after(ahead):   # a demand ends the pause
-                            res.demanded = trio.Event()
-                            if not res.demands:
-                                await res.demanded.wait()
-            if self.on_progress is not None:
-                self.on_progress(res.total - res.missing, res.total)
+                self._progress()
+                continue
+            self._go.clear()
+            try:
+                while demands or res.demands or self._refetch:
+                    if demands or res.demands:
+                        demands += res.demands
+                        res.demands.clear()
+                        await self._load(demands, demand=True)
+                        demands = []
+                    else:
+                        again = list(self._refetch)
+                        self._refetch.clear()
+                        await self._load(again, demand=False)
+                    self._progress()
+            finally:
+                self._last_demand = time.monotonic()
+                self._go.set()
+
+    async def _lane(self, pending: deque[tuple[int, int, int]]) -> None:
+        while pending:
+            await self._load([pending.popleft()], demand=False)
+            if self.rate_bytes:
+                ahead = self.loaded_pages * PAGE_SIZE / self.rate_bytes - (time.monotonic() - self.started)
+                if ahead > 0:
+                    await trio.sleep(ahead)
+            self._progress()
             await trio.lowlevel.checkpoint()          # let the waiters run before the next chunk
 
+    async def _bulk_pass(self, bulk: BulkSource) -> None:
+        res = self.residency
+        token = trio.lowlevel.current_trio_token()
+        size = BULK_CHUNK_PAGES if not self.rate_bytes else _rate_chunk(self.rate_bytes, BULK_CHUNK_PAGES)
+        order = self._order = _BulkOrder([c for rid in sorted(res.maps)
+                                          for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid])), size)])
+        passed = 0                                    # bytes taken, for the rate limit
+
+        def chunks() -> Iterator[tuple[int, int, int]]:     # the stream's thread, after the gate
+            nonlocal passed
+            while (chunk := order.take()) is not None:
+                rid, first, n = chunk
+                if res.maps[rid].find(0, first, first + n) < 0:
+                    continue                          # brought in by demands meanwhile
+                self.inflight[rid][first:first + n] = b"\x01" * n     # a demand for these waits for the pass
+                passed += n * PAGE_SIZE
+                yield chunk
+
+        def gate(wait: bool) -> bool:                 # the stream's thread, before each chunk
+            held_since: float | None = None
+            while not self._stop.is_set():
+                now = time.monotonic()
+                quiet_in = self._last_demand + DEMAND_QUIET - now
+                if not self._go.is_set() or quiet_in > 0:           # demands: wait, but not past our share
+                    held_since = now if held_since is None else held_since
+                    share_in = held_since + self.share_every - now
+                    if share_in > 0:
+                        if not wait:
+                            return False
+                        if self._go.is_set():
+                            self._stop.wait(min(quiet_in, share_in))
+                        else:
+                            self._go.wait(share_in)
+                        continue
+                if self.rate_bytes:
+                    ahead = passed / self.rate_bytes - (time.monotonic() - self.started)
+                    if ahead > 0:
+                        if not wait:
+                            return False
+                        self._stop.wait(min(ahead, 0.05))
+                        continue
+                return True
+            return False
+
+        def landed(chunk: tuple[int, int, int], failed: list[PageFailure]) -> None:    # the event loop
+            rid, first, n = chunk
+            self.inflight[rid][first:first + n] = bytes(n)
+            self._landed(*chunk, {f.page for f in failed})
+            if failed:
+                self._refetch.extend((f.region_id, f.page, 1) for f in failed)
+                res.demanded.set()
+            self._progress()
+
+        def done(chunk: tuple[int, int, int], failed: list[PageFailure]) -> None:      # the stream's thread
+            try:
+                token.run_sync_soon(landed, chunk, failed)
+            except trio.RunFinishedError:
+                pass
+
+        async def stop_when_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._stop.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_when_cancelled)
+            try:
+                await trio.to_thread.run_sync(bulk.stream, chunks(), size, gate, done)
+            except Exception as e:        # a store failing as a whole: the lanes go on with what is missing
+                log.error("lazy load: the bulk pass failed (%r); loading the rest page by page", e)
+                for rid, m in self.inflight.items():  # what it took but did not land: requests may wait for it
+                    self._refetch.extend(r for a, b in set_runs(m, 0, len(m)) for r in res.missing_runs(rid, a, b - a))
+                    m[:] = bytes(len(m))
+                res.demanded.set()
+            finally:
+                self._order = None
+            nursery.cancel_scope.cancel()
+
     async def run(self) -> None:
-        """Load until every page is resident. Lanes share the queues and claim pages (``inflight``)."""
+        """Load until every page is resident."""
         res = self.residency
         self.started = time.monotonic()
-        while not res.complete:
-            # A rate limit loads in chunks of about 50 ms of it, so that it is smooth at any rate.
-            size = CHUNK_PAGES if not self.rate_bytes else max(1, min(CHUNK_PAGES, int(self.rate_bytes / 20 / PAGE_SIZE)))
-            pending = deque(c for rid in sorted(res.maps)
-                            for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid])), size))
-            async with trio.open_nursery() as nursery:
-                for _ in range(LANES):
-                    nursery.start_soon(self._lane, pending)
-            if not res.complete:
-                res.demanded = trio.Event()
-                if not res.demands:                   # no await since the reset: no demand is missed
-                    with trio.move_on_after(RETRY_SECONDS):
-                        await res.demanded.wait()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_demands)
+            if self.bulk is not None and not res.complete:
+                await self._bulk_pass(self.bulk)
+            while not res.complete:
+                size = CHUNK_PAGES if not self.rate_bytes else _rate_chunk(self.rate_bytes, CHUNK_PAGES)
+                pending = deque(c for rid in sorted(res.maps)
+                                for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid])), size))
+                async with trio.open_nursery() as lanes:
+                    for _ in range(LANES):
+                        lanes.start_soon(self._lane, pending)
+                with trio.move_on_after(RETRY_SECONDS):      # pages failed: retry after a pause
+                    while not res.complete:
+                        await res.changed()
+            nursery.cancel_scope.cancel()
         self.seconds = time.monotonic() - self.started
         log.info("lazy load complete: %d pages in %.2f s (%.0f pages/s)", self.loaded_pages, self.seconds,
                  self.rate())
+
+
+class _BulkOrder:
+    """The bulk pass's chunks in region order, taken one at a time from a cursor. A sequential reader moves
+    the cursor to where it reads (``jump``), so that the pass loads just ahead of it; the chunks a jump
+    skipped are taken once the end is reached."""
+
+    def __init__(self, chunks: list[tuple[int, int, int]]) -> None:
+        self.chunks = chunks
+        self.keys = [(rid, first) for rid, first, _ in chunks]
+        self.taken = bytearray(len(chunks))
+        self.cursor = 0
+        self.lock = threading.Lock()                 # take: the stream's thread; jump: the event loop
+
+    def take(self) -> tuple[int, int, int] | None:
+        with self.lock:
+            i = self.taken.find(0, self.cursor)
+            if i < 0:
+                i = self.taken.find(0)
+                if i < 0:
+                    return None
+            self.taken[i] = 1
+            self.cursor = i + 1
+            return self.chunks[i]
+
+    def jump(self, region_id: int, page: int) -> None:
+        """Take next the chunk holding ``page`` (or the first one after it not taken yet)."""
+        i = bisect.bisect_right(self.keys, (region_id, page)) - 1
+        with self.lock:
+            self.cursor = max(0, i)
+
+
+def _rate_chunk(rate_bytes: float, most: int) -> int:
+    """Pages per chunk under a rate limit: about 50 ms of it, so that the load is smooth at any rate."""
+    return max(1, min(most, int(rate_bytes / 20 / PAGE_SIZE)))
 
 
 def _chunks(runs: list[tuple[int, int, int]], size: int = CHUNK_PAGES) -> list[tuple[int, int, int]]:

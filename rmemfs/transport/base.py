@@ -25,6 +25,7 @@ Destination buffers must lie inside memory passed to ``register_local`` first
 from __future__ import annotations
 
 import abc
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol, runtime_checkable
@@ -32,6 +33,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from ..errors import RmemfsError
 from ..regions import RegionRole
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,12 @@ class Connection(abc.ABC):
     async def read(self, rkey: int, offset: int, dest: memoryview) -> None:
         await self.read_batch([ReadOp(rkey, offset, dest)])
 
+    def peer_closed(self) -> bool:
+        """True when the exporter has already closed this connection (e.g. dropped it as idle), found
+        without sending anything: a caller holding an idle connection reconnects before its next request
+        instead of failing it. False when it cannot tell (a request in flight; a transport that cannot)."""
+        return False
+
     @abc.abstractmethod
     async def aclose(self) -> None: ...
 
@@ -186,6 +195,43 @@ class ControlExtension(abc.ABC):
 
     @abc.abstractmethod
     def handle(self, payload: bytes) -> bytes: ...
+
+    def handle_in(self, session: ControlSession, payload: bytes) -> bytes:
+        """``handle`` for a request arriving on ``session``. An extension that holds resources for
+        a client (verbs: its QPs) overrides this and frees them with ``session.on_close``."""
+        return self.handle(payload)
+
+
+class ControlSession:
+    """One authenticated control connection as extensions see it. When the connection ends (closed by
+    the client, dropped as idle or for a protocol error), the exporter calls ``close``, which runs the
+    clean-ups registered with ``on_close`` newest first; a failing one is logged, the others still run."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self._cleanups: dict[object, Callable[[], None]] = {}
+        self.closed = False
+
+    def on_close(self, key: object, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the connection ends, unless ``forget(key)`` is called first."""
+        if self.closed:
+            raise RuntimeError(f"{self.peer}: control connection already closed")
+        self._cleanups[key] = fn
+
+    def forget(self, key: object) -> None:
+        self._cleanups.pop(key, None)
+
+    def owns(self, key: object) -> bool:
+        return key in self._cleanups
+
+    def close(self) -> None:
+        self.closed = True
+        while self._cleanups:
+            key, fn = self._cleanups.popitem()
+            try:
+                fn()
+            except Exception:
+                log.exception("%s: clean-up of %r after the control connection ended failed", self.peer, key)
 
 
 @runtime_checkable

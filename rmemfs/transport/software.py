@@ -13,14 +13,15 @@ into the caller's destination views, so a batch of 1024 pages costs one
 system call instead of dozens of trio wake-ups. The server replies with one
 gathered ``sendmsg`` of slices of the region mapping (no user-space copy).
 
-Wire format, protocol version 1
+Wire format, protocol version 2
 -------------------------------
-Every frame is a 20-byte header followed by ``length`` payload bytes.
-Integers are big-endian (network order)::
+Every frame is a 20-byte header followed by ``length`` payload bytes and,
+once the handshake is done, a 16-byte tag (below). Integers are big-endian
+(network order)::
 
     offset size field
     0      4    magic       b"RMSW"
-    4      2    version     PROTOCOL_VERSION (1)
+    4      2    version     PROTOCOL_VERSION (2)
     6      2    type        frame type, below
     8      4    length      payload bytes, <= 4096 before authentication,
                             <= MAX_PAYLOAD (16 MiB) after
@@ -28,8 +29,13 @@ Integers are big-endian (network order)::
                             (0 during the handshake)
 
 Anything else (bad magic, other version, unknown type, oversized length, a
-frame cut short) makes the receiver drop the connection; a server first sends
-a best-effort ERROR frame.
+frame cut short, a tag that does not verify) makes the receiver drop the
+connection; a server first sends a best-effort ERROR frame. A version 1 peer
+(rmemfs before frame integrity) gets a version 1 ERROR VERSION frame saying
+so, which it can read. A server also drops (without an ERROR) an
+authenticated connection that starts no frame for ``idle_timeout`` seconds.
+Whatever control extensions hold for a connection (its ``ControlSession``:
+verbs QPs) is freed when it ends, however it ends.
 
 Handshake (client speaks first; the server allows ``handshake_timeout``
 seconds for all of it). ``fsid`` is UTF-8, ``secret`` the per-filesystem
@@ -37,11 +43,24 @@ secret, ``cn``/``sn`` 32 random bytes from client/server, ``||`` concatenation::
 
     C->S HELLO     (1)  cn || fsid
     S->C CHALLENGE (2)  sn                          or ERROR FSID_MISMATCH
-    C->S AUTH      (3)  HMAC-SHA256(secret, b"rmemfs-software-v1 client" || cn || sn || fsid)
-    S->C WELCOME   (4)  HMAC-SHA256(secret, b"rmemfs-software-v1 server" || cn || sn || fsid)
+    C->S AUTH      (3)  HMAC-SHA256(secret, b"rmemfs-software-v2 client" || cn || sn || fsid)
+    S->C WELCOME   (4)  HMAC-SHA256(secret, b"rmemfs-software-v2 server" || cn || sn || fsid)
                                                     or ERROR AUTH_FAILED
 The client checks WELCOME, so authentication is mutual; the server only
 proves itself to a client that proved itself first (no MAC oracle).
+
+Frame integrity. After WELCOME every frame, both ways, carries a tag over its
+header and payload. Each direction has its own key and counts its frames
+from 0 (the sequence number ``seq``, implicit: never sent)::
+
+    key_c2s = HMAC-SHA256(secret, b"rmemfs-software-v2 c2s" || cn || sn || fsid)
+    key_s2c = HMAC-SHA256(secret, b"rmemfs-software-v2 s2c" || cn || sn || fsid)
+    tag     = Poly1305(BLAKE2b-256(key=key_dir, seq u64), header || payload)
+
+Poly1305 is a one-time authenticator; the per-frame key derived from the
+sequence number makes every key single-use, so a relay that alters, drops,
+replays or reorders a frame (or splices in one from another connection) makes
+the next tag fail. The payload is not encrypted: a relay can read it.
 
 Requests after the handshake (each answered in order, by request id)::
 
@@ -80,10 +99,12 @@ import struct
 import threading
 from collections import deque
 from functools import partial
-from typing import Any
+from typing import Any, cast
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import trio
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from .base import (
     AuthError,
@@ -91,6 +112,7 @@ from .base import (
     ConnectError,
     Connection,
     ControlExtension,
+    ControlSession,
     ExportBackend,
     ExportedRegion,
     FsidMismatch,
@@ -104,7 +126,7 @@ from .base import (
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"RMSW"
 HEADER = struct.Struct("!4sHHIQ")
 HEADER_SIZE = HEADER.size                # 20
@@ -112,15 +134,24 @@ MAX_HANDSHAKE_PAYLOAD = 4096             # unauthenticated peers cannot make us 
 MAX_PAYLOAD = 16 << 20
 MAX_READ_OPS = 1024                      # = IOV_MAX: one gathered sendmsg per response
 MAX_READ_BYTES = 16 << 20
+# An authenticated peer silent this long between requests is dropped, so leaked or stuck clients do
+# not hold fds for ever. Generous: a lazily loading new owner asks its fallback source only when the
+# store fails a page, and reconnects on the next batch after a drop (recovery.ReconnectingSource).
+IDLE_TIMEOUT = 300.0
 READ_OP = struct.Struct("!QQQ")
 ERROR_HEAD = struct.Struct("!HI")
 NONCE_SIZE = 32
 MAC_SIZE = 32
+TAG_SIZE = 16                            # Poly1305
 _U64 = 1 << 64
 _IOV_MAX = 1024
+_THREAD_TAG_BYTES = 1 << 20             # replies this large are tagged in a worker thread
+_SNAPSHOT_READ_BYTES = 64 << 10         # READ_DATA this small is copied before it is tagged (handle_read)
 _RECV_CHUNK = 64 << 10                # first allocation for an incoming frame; doubles as bytes arrive
-_CLIENT_LABEL = b"rmemfs-software-v1 client"
-_SERVER_LABEL = b"rmemfs-software-v1 server"
+_CLIENT_LABEL = b"rmemfs-software-v2 client"
+_SERVER_LABEL = b"rmemfs-software-v2 server"
+_C2S_LABEL = b"rmemfs-software-v2 c2s"
+_S2C_LABEL = b"rmemfs-software-v2 s2c"
 
 # Client pipelining. Requests are small and the server reads the next one only
 # after sending the previous reply, so unread request bytes must fit in the
@@ -164,6 +195,36 @@ def _mac(secret: bytes, label: bytes, cn: bytes, sn: bytes, fsid: str) -> bytes:
     return hmac.new(secret, label + cn + sn + fsid.encode(), hashlib.sha256).digest()
 
 
+class FrameAuth:
+    """One direction's frame tags after the handshake (see the module docstring): ``start()`` gives the
+    next frame's authenticator (keyed for that frame's sequence number) and counts the frame."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self.seq = 0
+
+    def start(self) -> Poly1305:
+        one_time = hashlib.blake2b(self.seq.to_bytes(8, "big"), key=self._key, digest_size=32).digest()
+        self.seq += 1
+        return Poly1305(one_time)
+
+    def tag(self, parts: Sequence[Any]) -> bytes:
+        auth = self.start()
+        for part in parts:
+            auth.update(part)
+        return auth.finalize()
+
+
+def session_auth(secret: bytes, cn: bytes, sn: bytes, fsid: str) -> tuple[FrameAuth, FrameAuth]:
+    """(client-to-server, server-to-client) frame authenticators for the connection with these nonces."""
+    return (FrameAuth(_mac(secret, _C2S_LABEL, cn, sn, fsid)),
+            FrameAuth(_mac(secret, _S2C_LABEL, cn, sn, fsid)))
+
+
+class _IntegrityError(ProtocolError):
+    """A frame's tag did not verify: altered, replayed, reordered or dropped frames on the way."""
+
+
 def _advance(bufs: list[Any], i: int, n: int) -> int:
     """After a gathered send or scattered receive of ``n`` bytes from ``bufs[i:]``: the index of the first
     buffer not yet complete, with a partly done one cut down to its rest."""
@@ -178,8 +239,8 @@ def _advance(bufs: list[Any], i: int, n: int) -> int:
     return i
 
 
-def _header(ftype: Frame, length: int, req_id: int) -> bytes:
-    return HEADER.pack(MAGIC, PROTOCOL_VERSION, ftype, length, req_id)
+def _header(ftype: Frame, length: int, req_id: int, version: int = PROTOCOL_VERSION) -> bytes:
+    return HEADER.pack(MAGIC, version, ftype, length, req_id)
 
 
 def _error_payload(code: Err, message: str, detail: int = 0) -> bytes:
@@ -192,7 +253,8 @@ def _parse_header(hdr: bytes | bytearray | memoryview, limit: int) -> tuple[int,
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r} (not an rmemfs software transport peer?)")
     if version != PROTOCOL_VERSION:
-        raise _VersionError(f"protocol version {version} not supported (this side speaks {PROTOCOL_VERSION})")
+        raise _VersionError(version, f"protocol version {version} not supported (this side speaks "
+                                     f"{PROTOCOL_VERSION}): run the same rmemfs release on both hosts")
     if ftype not in _FRAME_TYPES:
         raise ProtocolError(f"unknown frame type {ftype}")
     if length > limit:
@@ -201,7 +263,9 @@ def _parse_header(hdr: bytes | bytearray | memoryview, limit: int) -> tuple[int,
 
 
 class _VersionError(ProtocolError):
-    pass
+    def __init__(self, version: int, message: str) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 class _RequestRefused(TransportError):
@@ -210,6 +274,10 @@ class _RequestRefused(TransportError):
 
 class _PeerClosed(Exception):
     """The peer closed the connection between frames (not an error on the server)."""
+
+
+class _Idle(Exception):
+    """An authenticated peer sent nothing for the idle timeout (dropped; not an error on the server)."""
 
 
 def _as_bytes_view(buf: memoryview) -> memoryview:
@@ -291,7 +359,8 @@ class _ServerConn:
 
     def __init__(self, sock: trio.socket.SocketType, peer: str, fsid: str, secret: bytes,
                  export: SoftwareExportBackend, catalog: Callable[[str], Catalog],
-                 extensions: Mapping[str, ControlExtension], frame_timeout: float) -> None:
+                 extensions: Mapping[str, ControlExtension], frame_timeout: float,
+                 idle_timeout: float = math.inf) -> None:
         self.sock = sock
         self.peer = peer
         self.fsid = fsid
@@ -300,8 +369,13 @@ class _ServerConn:
         self.catalog = catalog
         self.extensions = extensions
         self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
         self._hdr = bytearray(HEADER_SIZE)
         self.scope = trio.CancelScope()    # cancelled to evict it while it is still in its handshake
+        self.session = ControlSession(peer)  # what extensions hold for this client, freed when it ends
+        self._rx: FrameAuth | None = None   # set once authenticated: every frame is tagged from then on
+        self._tx: FrameAuth | None = None
+        self._tag = bytearray(TAG_SIZE)
 
     async def _recv_into(self, view: memoryview, between_frames: bool) -> None:
         got = 0
@@ -313,35 +387,78 @@ class _ServerConn:
                 raise ProtocolError(f"truncated frame: connection closed after {got} of {len(view)} bytes")
             got += n
 
-    async def recv_frame(self, limit: int) -> tuple[int, int, bytearray]:
-        await self._recv_into(memoryview(self._hdr), between_frames=True)
-        ftype, length, req_id = _parse_header(self._hdr, limit)
-        # Never allocate the announced size up front: many peers announcing 16 MiB
-        # and sending nothing would cost 16 MiB each. Grow as bytes arrive.
-        payload = bytearray(min(length, _RECV_CHUNK))
-        if length:
-            # A peer that sends a header and then stalls must not hold the task forever.
-            with trio.fail_after(self.frame_timeout):
+    async def recv_frame(self, limit: int, idle_timeout: float = math.inf) -> tuple[int, int, bytearray]:
+        """The next frame; _Idle if not even its first byte comes within ``idle_timeout``."""
+        with trio.move_on_after(idle_timeout) as idle:
+            await self._recv_into(memoryview(self._hdr)[:1], between_frames=True)
+        if idle.cancelled_caught:
+            raise _Idle()
+        # A peer that starts a frame and then stalls must not hold the task forever.
+        with trio.fail_after(self.frame_timeout):
+            await self._recv_into(memoryview(self._hdr)[1:], between_frames=False)
+            ftype, length, req_id = _parse_header(self._hdr, limit)
+            # Never allocate the announced size up front: many peers announcing 16 MiB
+            # and sending nothing would cost 16 MiB each. Grow as bytes arrive.
+            payload = bytearray(min(length, _RECV_CHUNK))
+            if length:
                 got = 0
                 while got < length:
                     if got == len(payload):
                         payload.extend(bytes(min(length - got, len(payload))))
                     await self._recv_into(memoryview(payload)[got:], between_frames=False)
                     got = len(payload)
+            if self._rx is not None:
+                auth = self._rx.start()
+                await self._recv_into(memoryview(self._tag), between_frames=False)
+                auth.update(bytes(self._hdr))
+                auth.update(cast(bytes, payload))   # any buffer works; the stub says bytes
+                try:
+                    auth.verify(bytes(self._tag))
+                except InvalidSignature:
+                    raise _IntegrityError(f"frame {self._rx.seq - 1} failed its integrity check (altered, "
+                                          f"replayed or reordered on the way?)") from None
         return ftype, req_id, payload
 
-    async def send(self, bufs: list[Any]) -> None:
-        """Send every buffer, gathered, handling partial sends (no copies)."""
+    async def send(self, bufs: list[Any], nbytes: int = 0) -> None:
+        """Send one frame's buffers (``nbytes`` of payload, if known), gathered, handling partial sends
+        (no copies); tagged once authenticated."""
+        tx = self._tx
+        if tx is None:
+            await self._send_all(bufs)
+        elif nbytes < _THREAD_TAG_BYTES:
+            await self._send_all([*bufs, tx.tag(bufs)])
+        else:
+            # Tag a large reply in a thread (Poly1305 drops the GIL) while the loop sends it: other
+            # connections are not held up for the milliseconds it takes, and hashing overlaps sending.
+            tag: list[bytes] = []
+
+            async def compute() -> None:
+                tag.append(await trio.to_thread.run_sync(tx.tag, list(bufs)))
+
+            failure: Exception | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(compute)
+                try:
+                    await self._send_all(bufs)
+                except Exception as e:   # raised as itself, not in the nursery's ExceptionGroup
+                    failure = e
+                    nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+            await self._send_all(tag)
+
+    async def _send_all(self, bufs: list[Any]) -> None:
         bufs = [b for b in bufs if len(b)]
         i = 0
         while i < len(bufs):
             i = _advance(bufs, i, await self.sock.sendmsg(bufs[i:i + _IOV_MAX]))
 
-    async def send_frame(self, ftype: Frame, req_id: int, payload: bytes = b"") -> None:
-        await self.send([_header(ftype, len(payload), req_id), payload])
+    async def send_frame(self, ftype: Frame, req_id: int, payload: bytes = b"", version: int = PROTOCOL_VERSION) -> None:
+        await self.send([_header(ftype, len(payload), req_id, version), payload])
 
-    async def send_error(self, req_id: int, code: Err, message: str, detail: int = 0) -> None:
-        await self.send_frame(Frame.ERROR, req_id, _error_payload(code, message, detail))
+    async def send_error(self, req_id: int, code: Err, message: str, detail: int = 0,
+                         version: int = PROTOCOL_VERSION) -> None:
+        await self.send_frame(Frame.ERROR, req_id, _error_payload(code, message, detail), version)
 
     async def handshake(self) -> bool:
         ftype, _, payload = await self.recv_frame(MAX_HANDSHAKE_PAYLOAD)
@@ -368,12 +485,13 @@ class _ServerConn:
             await self.send_error(0, Err.AUTH_FAILED, "authentication failed: wrong filesystem secret")
             return False
         await self.send_frame(Frame.WELCOME, 0, _mac(self.secret, _SERVER_LABEL, cn, sn, self.fsid))
+        self._rx, self._tx = session_auth(self.secret, cn, sn, self.fsid)
         log.info("%s: authenticated for %r", self.peer, self.fsid)
         return True
 
     async def serve_requests(self) -> None:
         while True:
-            ftype, req_id, payload = await self.recv_frame(MAX_PAYLOAD)
+            ftype, req_id, payload = await self.recv_frame(MAX_PAYLOAD, self.idle_timeout)
             if ftype == Frame.READ_REQ:
                 await self.handle_read(req_id, payload)
             elif ftype == Frame.CATALOG_REQ:
@@ -409,8 +527,12 @@ class _ServerConn:
             bufs.append(view[off:off + length])
         if total > MAX_READ_BYTES:
             raise ProtocolError(f"READ_REQ asks for {total} bytes, over the limit of {MAX_READ_BYTES}")
+        if total <= _SNAPSHOT_READ_BYTES:
+            # Memory a live filesystem still writes (its heartbeat, before a fence): the tag and the bytes
+            # sent must be of the same instant, or a beat landing between them fails the frame's tag.
+            bufs[1:] = [bytes(b) for b in bufs[1:]]
         bufs[0] = _header(Frame.READ_DATA, total, req_id)
-        await self.send(bufs)
+        await self.send(bufs, total)
 
     async def handle_catalog(self, req_id: int, payload: bytearray) -> None:
         try:
@@ -438,7 +560,11 @@ class _ServerConn:
             await self.send_error(req_id, Err.NO_SUCH_EXTENSION, f"no control extension named {name!r}")
             return
         try:
-            reply = ext.handle(bytes(payload[2 + nlen:]))
+            reply = ext.handle_in(self.session, bytes(payload[2 + nlen:]))
+        except TransportError as e:  # a refusal (e.g. a resource cap): one line, no traceback
+            log.warning("%s: control extension %r refused: %s", self.peer, name, e)
+            await self.send_error(req_id, Err.EXTENSION_FAILED, f"extension {name!r} refused: {e}")
+            return
         except Exception as e:  # an extension's bug must not take the exporter down
             log.exception("%s: control extension %r failed", self.peer, name)
             await self.send_error(req_id, Err.EXTENSION_FAILED, f"extension {name!r} failed: {e}")
@@ -461,14 +587,28 @@ class _ServerConn:
             await self.serve_requests()
         except _PeerClosed:
             log.info("%s: closed the connection", self.peer)
+        except _Idle:
+            log.info("%s: idle for %gs; dropping", self.peer, self.idle_timeout)
         except trio.TooSlowError:
             log.warning("%s: frame not completed within %.1fs; dropping", self.peer, self.frame_timeout)
+        except _VersionError as e:
+            log.warning("%s: protocol error: %s; dropping", self.peer, e)
+            # Framed in the peer's own version where we know it, so that it can read why.
+            version, msg = PROTOCOL_VERSION, str(e)
+            if e.version == 1 and self._tx is None:
+                version = 1
+                msg = (f"this exporter speaks software transport protocol version {PROTOCOL_VERSION} "
+                       f"(frames authenticated after the handshake), not 1: upgrade rmemfs on the initiator")
+            with trio.move_on_after(1):
+                try:
+                    await self.send_error(0, Err.VERSION, msg, version=version)
+                except OSError:
+                    pass
         except ProtocolError as e:
             log.warning("%s: protocol error: %s; dropping", self.peer, e)
-            code = Err.VERSION if isinstance(e, _VersionError) else Err.PROTOCOL
             with trio.move_on_after(1):   # best effort; the peer may not be reading
                 try:
-                    await self.send_error(0, code, str(e))
+                    await self.send_error(0, Err.PROTOCOL, str(e))
                 except OSError:
                     pass
         except OSError as e:
@@ -476,6 +616,7 @@ class _ServerConn:
         except Exception:
             log.exception("%s: unexpected error; dropping", self.peer)
         finally:
+            self.session.close()
             self.sock.close()
 
 
@@ -485,6 +626,7 @@ async def serve(*, host: str, port: int, fsid: str, secret: bytes,
                 extensions: Mapping[str, ControlExtension] = {},
                 handshake_timeout: float = 10.0,
                 frame_timeout: float = 30.0,
+                idle_timeout: float = IDLE_TIMEOUT,
                 max_unauthenticated: int = 64,
                 max_unauthenticated_per_source: int = 16,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -492,7 +634,8 @@ async def serve(*, host: str, port: int, fsid: str, secret: bytes,
 
     ``task_status.started()`` gets the bound port (useful with ``port=0``).
     ``handshake_timeout`` bounds a peer's whole handshake; ``frame_timeout``
-    bounds how long an authenticated peer may take to finish a started frame.
+    bounds how long an authenticated peer may take to finish a started frame;
+    one that starts none for ``idle_timeout`` seconds is dropped.
     At most ``max_unauthenticated`` connections (``max_unauthenticated_per_source``
     per source address) may be in their handshake at once; more are closed at
     accept, so a flood of idle connections cannot use up the fds that
@@ -535,7 +678,8 @@ async def serve(*, host: str, port: int, fsid: str, secret: bytes,
                     pending.release(oldest)
                     oldest.scope.cancel()
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn = _ServerConn(sock, peer, fsid, secret, export, catalog, extensions, frame_timeout)
+                conn = _ServerConn(sock, peer, fsid, secret, export, catalog, extensions, frame_timeout,
+                                   idle_timeout)
                 pending.add(conn, src)
                 nursery.start_soon(_run_counted, conn, handshake_timeout, pending,
                                    name=f"software-conn {peer}")
@@ -595,6 +739,10 @@ class SoftwareConnection(Connection):
         self._broken: str | None = None
         self._hdr = bytearray(HEADER_SIZE)
         self._abandoned = threading.Event()
+        self._tx: FrameAuth | None = None   # set by the handshake: every frame is tagged from then on
+        self._rx: FrameAuth | None = None
+        self._rx_auth: Poly1305 | None = None   # the incoming frame's, fed as its parts arrive
+        self._tag = bytearray(TAG_SIZE)
 
     def __repr__(self) -> str:
         return f"<SoftwareConnection {self._where} fsid={self._fsid!r}{' broken' if self._broken else ''}>"
@@ -611,7 +759,15 @@ class SoftwareConnection(Connection):
 
     def _recv_frame_header(self, req_id: int) -> tuple[int, int]:
         self._recv_into(memoryview(self._hdr))
-        ftype, length, got_id = _parse_header(self._hdr, MAX_PAYLOAD)
+        if self._rx is not None:
+            self._rx_auth = self._rx.start()
+            self._rx_auth.update(bytes(self._hdr))
+        try:
+            ftype, length, got_id = _parse_header(self._hdr, MAX_PAYLOAD)
+        except _VersionError as e:
+            raise _VersionError(e.version, f"{self._where}: the exporter speaks software transport protocol "
+                                           f"version {e.version}, this rmemfs {PROTOCOL_VERSION}: run the same "
+                                           f"rmemfs release on both hosts") from None
         if got_id != req_id and not (ftype == Frame.ERROR and got_id == 0):
             raise ProtocolError(f"response to request {got_id} while expecting {req_id}")
         return ftype, length
@@ -619,7 +775,23 @@ class SoftwareConnection(Connection):
     def _recv_payload(self, length: int) -> bytes:
         buf = bytearray(length)
         self._recv_into(memoryview(buf))
+        self._verify((buf,))
         return bytes(buf)
+
+    def _verify(self, parts: Sequence[Any]) -> None:
+        """Check the tag that ends the frame whose header and payload (``parts``) were just received."""
+        auth, self._rx_auth = self._rx_auth, None
+        if auth is None:
+            return                   # a handshake frame: the handshake authenticates itself
+        for part in parts:
+            auth.update(part)
+        self._recv_into(memoryview(self._tag))
+        try:
+            auth.verify(bytes(self._tag))
+        except InvalidSignature:
+            assert self._rx is not None
+            raise _IntegrityError(f"{self._where}: reply {self._rx.seq - 1} failed its integrity check "
+                                  f"(altered, replayed or reordered on the way?)") from None
 
     def _error_from(self, payload: bytes, context: str = "") -> TransportError:
         if len(payload) < ERROR_HEAD.size:
@@ -637,8 +809,11 @@ class SoftwareConnection(Connection):
             return _RequestRefused(where)
         return ProtocolError(where)
 
-    def _send(self, data: bytes) -> None:
-        self._sock.sendall(data)
+    def _send(self, frame: bytes) -> None:
+        """Send one whole frame (header and payload), tagged once authenticated."""
+        if self._tx is not None:
+            frame += self._tx.tag((frame,))
+        self._sock.sendall(frame)
 
     def _call(self, ftype: Frame, payload: bytes, want: Frame) -> bytes:
         """One request/response exchange on the control path."""
@@ -676,6 +851,7 @@ class SoftwareConnection(Connection):
         if not hmac.compare_digest(payload, _mac(secret, _SERVER_LABEL, cn, sn, self._fsid)):
             raise AuthError(f"{self._where}: the exporter failed mutual authentication "
                             f"(it does not know the secret of {self._fsid!r})")
+        self._tx, self._rx = session_auth(secret, cn, sn, self._fsid)
 
     def _plan(self, ops: Sequence[Any]) -> Iterator[tuple[bytes, list[memoryview], list[int], int]]:
         """Yield READ_REQs lazily (request payload, destination views, op indexes, data bytes).
@@ -753,6 +929,7 @@ class SoftwareConnection(Connection):
                 if length != total:
                     raise ProtocolError(f"{self._where}: READ_DATA of {length} bytes, expected {total}")
                 self._scatter(dests)
+                self._verify(dests)   # the data is in the caller's buffers, but no good until this passes
                 if progress is not None and first_err is None and not self._abandoned.is_set():
                     trio.from_thread.run_sync(progress, total)
             elif ftype == Frame.ERROR:
@@ -807,6 +984,19 @@ class SoftwareConnection(Connection):
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def peer_closed(self) -> bool:
+        if self._lock.locked() or self._broken == "closed":
+            return False             # mid-request the bytes are a reply; closed by us is not the peer
+        if self._broken is not None:
+            return True
+        try:
+            self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False             # nothing pending: open, as far as we can tell
+        except OSError:
+            return True              # reset
+        return True                  # EOF, or bytes nobody asked for: the stream is unusable either way
 
     async def register(self) -> Catalog:
         """The registration handshake: the exporter's catalog of regions for this transport."""

@@ -23,6 +23,10 @@ TransportError that says this. ``extensions()`` offers the "verbs" control exten
 sends its QP info over the authenticated software control channel, the
 exporter creates an RC QP, moves it INIT→RTR→RTS with remote-read access and
 answers with its own QP info. A "close" request (sent by ``aclose``) frees it.
+Each QP belongs to the control connection that asked for it: only that
+connection may close it, and when the connection ends (the initiator closed it
+or died, or the exporter dropped it as idle) its QPs are destroyed, so a
+vanished initiator does not hold one of the ``MAX_EXPORT_QPS`` for ever.
 
 Control payloads are UTF-8 JSON::
 
@@ -53,6 +57,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 from collections.abc import Awaitable, Callable, Sequence
@@ -64,6 +69,7 @@ from .base import (
     ConnectError,
     Connection,
     ControlExtension,
+    ControlSession,
     ExportBackend,
     ExportedRegion,
     ProgressFn,
@@ -80,6 +86,7 @@ log = logging.getLogger(__name__)
 EXTENSION = "verbs"
 SQ_DEPTH = 2048            # send WRs in flight per QP (capped by the device's max_qp_wr)
 MAX_EXPORT_QPS = 256       # exporter-side QPs alive at once (one per initiator connection)
+MAX_CONNECTION_QPS = 4     # of those, per control connection (a connection rebuilds its one QP in place)
 _POLL_BATCH = 64
 _PROGRESS_INTERVAL = 0.1   # seconds between progress callbacks
 
@@ -324,17 +331,27 @@ class VerbsExportBackend(ExportBackend):
     def extensions(self) -> list[ControlExtension]:
         return [_VerbsExtension(self)]
 
-    def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
+    def _free(self, qpn: int) -> None:
+        q = self._qps.pop(qpn, None)
+        if q is not None:
+            q.close()
+            log.info("verbs QP %d destroyed", qpn)
+
+    def _handle(self, req: dict[str, Any], session: ControlSession) -> dict[str, Any]:
         op = req.get("op")
         if op == "close":
-            q = self._qps.pop(int(req["qpn"]), None)
-            if q is not None:
-                q.close()
+            qpn = int(req["qpn"])
+            if not session.owns(("verbs-qp", qpn)):
+                raise TransportError(f"QP {qpn} was not created on this control connection")
+            session.forget(("verbs-qp", qpn))
+            self._free(qpn)
             return {}
         if op != "connect":
             raise ValueError(f"unknown verbs control op {op!r}")
         if len(self._qps) >= MAX_EXPORT_QPS:
-            raise RuntimeError(f"too many verbs connections ({MAX_EXPORT_QPS})")
+            raise TransportError(f"too many verbs connections ({MAX_EXPORT_QPS})")
+        if sum(1 for qpn in self._qps if session.owns(("verbs-qp", qpn))) >= MAX_CONNECTION_QPS:
+            raise TransportError(f"too many QPs on one control connection ({MAX_CONNECTION_QPS})")
         dev = self._dev
         qp, cq = dev.create_qp(4)   # responder only: reads need no send or receive WRs of ours
         try:
@@ -347,6 +364,7 @@ class VerbsExportBackend(ExportBackend):
             cq.close()
             raise
         self._qps[qp.qp_num] = _ExportQP(qp, cq)
+        session.on_close(("verbs-qp", qp.qp_num), partial(self._free, qp.qp_num))
         log.info("verbs QP %d connected to initiator QP %d (%s)", qp.qp_num, req["qpn"], req["gid"])
         return dev.info(qp, psn, dest_rd)
 
@@ -373,11 +391,14 @@ class _VerbsExtension(ControlExtension):
         self._backend = backend
 
     def handle(self, payload: bytes) -> bytes:
+        raise RuntimeError("the verbs extension ties QPs to a control connection: call handle_in")
+
+    def handle_in(self, session: ControlSession, payload: bytes) -> bytes:
         try:
             req = json.loads(payload)
         except ValueError as e:
             raise ProtocolError(f"verbs control payload is not JSON: {e}") from None
-        return json.dumps(self._backend._handle(req)).encode()
+        return json.dumps(self._backend._handle(req, session)).encode()
 
 
 # --- initiator side -----------------------------------------------------------
@@ -477,6 +498,10 @@ class VerbsConnection(Connection):
             await self._control.call_extension(EXTENSION, json.dumps({"op": "close", "qpn": qpn}).encode())
         except TransportError as e:
             log.debug("closing exporter QP %d: %s", qpn, e)
+
+    def peer_closed(self) -> bool:
+        # The exporter destroys our QP when it ends the control connection: that connection tells.
+        return not self._closed and bool(getattr(self._control, "peer_closed", lambda: False)())
 
     async def register(self) -> Catalog:
         cat: Catalog = await self._control.request_catalog("verbs")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from rmemfs.transport.base import (AuthError, Catalog, ConnectError, ControlExtension, ProtocolError,
+from rmemfs.transport.base import (AuthError, Catalog, ConnectError, ControlExtension, ControlSession, ProtocolError,
                                    RegionDesc, RegionRole, TransportError)
 
 
@@ -50,6 +50,7 @@ async def serve(*, host: str, port: int, fsid: str, secret: bytes, export: Any,
                 catalog: Callable[[str], Catalog], extensions: Mapping[str, ControlExtension] = {},
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     async def handler(stream: trio.SocketStream) -> None:
+        session = ControlSession("stand-in peer")
         try:
             hello = await _recv(stream)
             nonce = secrets.token_hex(16)
@@ -65,12 +66,14 @@ async def serve(*, host: str, port: int, fsid: str, secret: bytes, export: Any,
                     if req["op"] == "catalog":
                         await _send(stream, {"catalog": _cat_json(catalog(req["transport"]))})
                     else:
-                        reply = extensions[req["name"]].handle(bytes.fromhex(req["payload"]))
+                        reply = extensions[req["name"]].handle_in(session, bytes.fromhex(req["payload"]))
                         await _send(stream, {"payload": reply.hex()})
                 except Exception as e:   # report, keep serving
                     await _send(stream, {"error": f"{type(e).__name__}: {e}"})
         except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        finally:
+            session.close()
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     async with trio.open_nursery() as n:
