@@ -301,11 +301,11 @@ async def test_the_bulk_pass_never_writes_over_a_page_claimed_after_it_began(tmp
     class HeldBulk:
         """The bulk source, its first chunk (pages 0-255, planned before the claim) held until page 10 is claimed."""
 
-        def stream(self, chunks, chunk_pages, gate, done):  # type: ignore[no-untyped-def]
+        def stream(self, chunks, chunk_pages, gate, done, lanes=1):  # type: ignore[no-untyped-def]
             def held_gate(wait: bool) -> bool:
                 claimed.wait(5)
                 return gate(wait)
-            source.stream(chunks, chunk_pages, held_gate, done)
+            source.stream(chunks, chunk_pages, held_gate, done, lanes)
 
     loader = LazyLoader(res, source, bulk=HeldBulk())
     async with trio.open_nursery() as nursery:
@@ -362,12 +362,12 @@ async def test_a_sequential_reader_moves_the_bulk_pass_to_where_it_reads(tmp_pat
     taken: list[int] = []
 
     class Recorded:
-        def stream(self, chunks, chunk_pages, gate, done):  # type: ignore[no-untyped-def]
+        def stream(self, chunks, chunk_pages, gate, done, lanes=1):  # type: ignore[no-untyped-def]
             def recorded() -> Iterator[tuple[int, int, int]]:
                 for chunk in chunks:
                     taken.append(chunk[1])
                     yield chunk
-            source.stream(recorded(), chunk_pages, gate, done)
+            source.stream(recorded(), chunk_pages, gate, done, lanes)
 
     loader = LazyLoader(res, source, bulk=Recorded(), rate_bytes=64 * PAGE_SIZE)   # 3-page chunks, 20 a second
     middle = PAGES // 2
@@ -420,7 +420,7 @@ async def test_a_bulk_pass_that_fails_as_a_whole_leaves_the_rest_to_the_lanes(tm
     class Broken:
         """Takes its first chunk (pages 0-255 in flight, so a request for them waits for it), then fails."""
 
-        def stream(self, chunks, chunk_pages, gate, done):  # type: ignore[no-untyped-def]
+        def stream(self, chunks, chunk_pages, gate, done, lanes=1):  # type: ignore[no-untyped-def]
             next(chunks)
             taken.set()
             go_on.wait(5)

@@ -29,9 +29,10 @@ class PageSource(Protocol):
 
 class BulkSource(Protocol):
     def stream(self, chunks: Iterator[tuple[int, int, int]], chunk_pages: int, gate: Callable[[bool], bool],
-               done: Callable[[tuple[int, int, int], list[PageFailure]], None]) -> None:
+               done: Callable[[tuple[int, int, int], list[PageFailure]], None], lanes: int = 1) -> None:
         """Make every chunk (region id, first page, count of at most ``chunk_pages``) resident, in the order
-        ``chunks`` yields them; blocks (a worker thread).
+        ``chunks`` yields them; blocks (a worker thread). Chunks of regions with different ids modulo
+        ``lanes`` may be written at once.
 
         ``gate(wait)`` is called before each chunk is taken; with ``wait`` (only when every chunk taken is in)
         it may block, and False stops the stream; without, False means not yet.

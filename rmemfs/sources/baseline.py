@@ -15,6 +15,7 @@ import bisect
 import logging
 import mmap
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -28,6 +29,8 @@ from .base import PageFailure
 
 log = logging.getLogger(__name__)
 
+
+READ_AHEAD = 2           # chunks queued for the read thread in ``stream``: it never waits for the next
 
 # A piece of a chunk: the copy run holding it, its first page, its page count and where it sits in the buffer.
 _Piece = tuple[CopyRun, int, int, int]
@@ -83,7 +86,10 @@ class BaselineSource:
                 except (CorruptionError, OSError) as e:
                     failed.extend(PageFailure(region_id, a + k, name, str(e)) for k in range(m))
                     continue
-                failed.extend(self._check_and_write(run, a, m, buf))
+                good: list[tuple[int, int, memoryview]] = []
+                failed.extend(self._check(run, a, m, buf, good))
+                for rid, offset, data in good:
+                    self.write(rid, offset, data)
                 with self._lock:
                     self.bytes_read += m * PAGE_SIZE
         return failed
@@ -92,17 +98,18 @@ class BaselineSource:
         return await trio.to_thread.run_sync(self._copy, runs)
 
     def stream(self, chunks: Iterator[tuple[int, int, int]], chunk_pages: int, gate: Callable[[bool], bool],
-               done: Callable[[tuple[int, int, int], list[PageFailure]], None]) -> None:
+               done: Callable[[tuple[int, int, int], list[PageFailure]], None], lanes: int = 1) -> None:
         """Make every chunk (region id, first page, count of at most ``chunk_pages``) resident, in the order
         ``chunks`` yields them (taken one by one, so the order may change as it goes); blocks (a worker thread).
 
-        Two stages overlap: a reader thread reads the next chunk while this thread checks the XXH3 of every
-        page of the last one and writes the good ones. ``gate(wait)`` is asked before each chunk is taken:
+        Three stages overlap: a reader thread reads the next chunk while this thread checks the XXH3 of every
+        page of the last one, and ``lanes`` writer threads (one per region id modulo ``lanes``) write the good
+        ones. ``gate(wait)`` is asked before each chunk is taken:
         with ``wait`` it may block (a lazy load pauses for demands, or keeps to its rate), and it is only
         asked so when every chunk taken is in; False stops the stream (or, without ``wait``, says not yet).
         ``done(chunk, failures)`` follows each chunk: all of it is in but the failed pages (read errors,
         checksum mismatches), which are not written, so no bad copy lands where a request may read."""
-        free = [memoryview(mmap.mmap(-1, chunk_pages * PAGE_SIZE)) for _ in range(2)]
+        free = [memoryview(mmap.mmap(-1, chunk_pages * PAGE_SIZE)) for _ in range(READ_AHEAD + lanes + 1)]
         readers: dict[int, SegmentReader] = {}          # the read thread's own: its own read-ahead
 
         def read(chunk: tuple[int, int, int], buf: memoryview) -> tuple[list[_Piece], list[PageFailure]]:
@@ -126,35 +133,70 @@ class BaselineSource:
             return pieces, failed
 
         Read = tuple[tuple[int, int, int], memoryview, Future[tuple[list[_Piece], list[PageFailure]]]]
+        Written = tuple[tuple[int, int, int], memoryview, list[PageFailure], Future[None]]
         pool = ThreadPoolExecutor(1, thread_name_prefix="lazy-read")
+        # One writer per lane of region files: a write holds its file's inode lock, so writes into two
+        # files go on at once (the chunks come interleaved by lane, as the eager load's spans do).
+        writers = [ThreadPoolExecutor(1, thread_name_prefix=f"lazy-write-{i}") for i in range(lanes)]
+        pending: deque[Written] = deque()
 
         def start(wait: bool) -> Read | None:
-            chunk = next(chunks, None) if gate(wait) else None
+            chunk = next(chunks, None) if free and gate(wait) else None
             if chunk is None:
                 return None
             buf = free.pop()
             return chunk, buf, pool.submit(read, chunk, buf)
 
+        def write(pieces: list[tuple[int, int, memoryview]]) -> None:
+            for region_id, offset, data in pieces:
+                self.write(region_id, offset, data)
+
+        def retire() -> None:
+            chunk, buf, failed, fut = pending.popleft()
+            fut.result()
+            with self._lock:
+                self.bytes_read += chunk[2] * PAGE_SIZE
+            done(chunk, failed)
+            free.append(buf)
+
+        reads: deque[Read] = deque()
+
+        def read_ahead() -> None:           # never waits: the reader thread always has the next read queued
+            while len(reads) < READ_AHEAD and (ahead := start(False)) is not None:
+                reads.append(ahead)
+
         try:
-            current = start(True)
-            while current is not None:
-                chunk, buf, fut = current
+            if (first := start(True)) is not None:
+                reads.append(first)
+            while reads or pending:
+                if not reads:               # held (demands) or out of buffers: land what is written first,
+                    retire()                # and block in the gate only once all of it is in
+                    if (r := start(not pending)) is not None:
+                        reads.append(r)
+                    continue
+                chunk, buf, fut = reads.popleft()
                 pieces, failed = fut.result()
-                following = start(False)            # read on while this one is checked and written
+                read_ahead()
+                good: list[tuple[int, int, memoryview]] = []
                 for run, a, m, at in pieces:
-                    failed.extend(self._check_and_write(run, a, m, buf[at:at + m * PAGE_SIZE]))
-                with self._lock:
-                    self.bytes_read += chunk[2] * PAGE_SIZE
-                done(chunk, failed)
-                free.append(buf)
-                current = following if following is not None else start(True)
+                    failed.extend(self._check(run, a, m, buf[at:at + m * PAGE_SIZE], good))
+                pending.append((chunk, buf, failed, writers[chunk[0] % lanes].submit(write, good)))
+                while pending and (pending[0][3].done() or not free):
+                    retire()
+                read_ahead()
+                if not reads and not pending and (r := start(True)) is not None:
+                    reads.append(r)         # nothing in flight: wait in the gate (else the loop would end)
         finally:
             pool.shutdown(cancel_futures=True)          # waits for a read in progress: then close its readers
-            for r in readers.values():
-                r.close()
+            for w in writers:
+                w.shutdown()
+            for reader in readers.values():
+                reader.close()
 
-    def _check_and_write(self, run: CopyRun, first: int, n: int, buf: memoryview) -> list[PageFailure]:
-        """Write pages first..first+n-1 of ``run``, read into ``buf``, but those whose XXH3 is wrong (returned)."""
+    def _check(self, run: CopyRun, first: int, n: int, buf: memoryview,
+               good: list[tuple[int, int, memoryview]]) -> list[PageFailure]:
+        """Pages first..first+n-1 of ``run``, read into ``buf``: the stretches whose XXH3 is right are added
+        to ``good`` as (region id, byte offset, data) to write; those whose XXH3 is wrong are returned."""
         got = _page_digests(buf, 0, n)
         entry = run.entry + first - run.first_page
         want = self.plan.digests[run.segment]
@@ -162,7 +204,7 @@ class BaselineSource:
         start = 0
         for k in bad + [n]:                 # the good stretches between bad pages
             if k > start:
-                self.write(run.region_id, (first + start) * PAGE_SIZE, buf[start * PAGE_SIZE:k * PAGE_SIZE])
+                good.append((run.region_id, (first + start) * PAGE_SIZE, buf[start * PAGE_SIZE:k * PAGE_SIZE]))
             start = k + 1
         name = self.plan.segments[run.segment].name
         return [PageFailure(run.region_id, first + k, name, "checksum mismatch") for k in bad]

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
+from functools import partial
 from collections.abc import Callable, Iterator
 
 import trio
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_PAGES = 256          # a lane's read: 1 MiB
 BULK_CHUNK_PAGES = 256     # a bulk pass's read: 1 MiB; a demand waits behind the few in flight
+BULK_LANES = 2             # region files the bulk pass writes at once (one writer each: the inode lock)
 RETRY_SECONDS = 1.0        # pause before a pass over the pages that failed
 # The bulk pass resumes once no demand came for DEMAND_QUIET (a faulting reader asks again within a
 # millisecond or so: resuming between its faults would put a chunk on the disk ahead of each), but
@@ -285,10 +287,20 @@ class LazyLoader:
                       f.why, ": the request gets EIO" if demand else ": retried later")
 
     def _sequential(self, demands: list[tuple[int, int, int]]) -> bool:
-        """Whether a burst of demands reads on from resident pages (a reader following the load's front, or
-        reading a file from its start) rather than at random."""
+        """Whether a burst of demands reads on from where reading was (a reader following the load's front,
+        or reading a file from its start) rather than at random: each starts after a page that is resident,
+        in flight (the kernel's read-ahead sends the next requests before the last is answered), or the
+        end of another demand of the burst."""
         res = self.residency
-        return all(first == 0 or res.is_resident(rid, first - 1, 1) for rid, first, _ in demands)
+        ends = {(rid, first + n) for rid, first, n in demands}
+
+        def follows(rid: int, first: int) -> bool:
+            if first == 0 or (rid, first) in ends or res.is_resident(rid, first - 1, 1):
+                return True
+            m = self.inflight.get(rid)
+            return m is not None and first - 1 < len(m) and m[first - 1] == 1
+
+        return all(follows(rid, first) for rid, first, _ in demands)
 
     async def _serve_demands(self) -> None:
         """Serve demands (and the bulk pass's failures) as they come.
@@ -306,7 +318,7 @@ class LazyLoader:
             demands = list(res.demands)
             res.demands.clear()
             if demands and self._order is not None and self._sequential(demands):
-                rid, first, _ = demands[-1]
+                rid, first, _ = max(demands)
                 self._order.jump(rid, first)
                 await self._load(demands, demand=True)
                 self._progress()
@@ -343,7 +355,8 @@ class LazyLoader:
         token = trio.lowlevel.current_trio_token()
         size = BULK_CHUNK_PAGES if not self.rate_bytes else _rate_chunk(self.rate_bytes, BULK_CHUNK_PAGES)
         order = self._order = _BulkOrder([c for rid in sorted(res.maps)
-                                          for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid])), size)])
+                                          for c in _chunks(res.missing_runs(rid, 0, len(res.maps[rid])), size)],
+                                         BULK_LANES)
         passed = 0                                    # bytes taken, for the rate limit
 
         def chunks() -> Iterator[tuple[int, int, int]]:     # the stream's thread, after the gate
@@ -391,11 +404,21 @@ class LazyLoader:
                 res.demanded.set()
             self._progress()
 
+        arrived: deque[tuple[tuple[int, int, int], list[PageFailure]]] = deque()
+        posted = threading.Lock()            # held from posting a drain until it ran: one wake-up at a time
+
+        def drain() -> None:                  # the event loop
+            posted.release()
+            while arrived:
+                landed(*arrived.popleft())
+
         def done(chunk: tuple[int, int, int], failed: list[PageFailure]) -> None:      # the stream's thread
-            try:
-                token.run_sync_soon(landed, chunk, failed)
-            except trio.RunFinishedError:
-                pass
+            arrived.append((chunk, failed))
+            if posted.acquire(blocking=False):    # else a drain is on its way and takes this one too
+                try:
+                    token.run_sync_soon(drain)
+                except trio.RunFinishedError:
+                    posted.release()
 
         async def stop_when_cancelled() -> None:
             try:
@@ -406,7 +429,7 @@ class LazyLoader:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_when_cancelled)
             try:
-                await trio.to_thread.run_sync(bulk.stream, chunks(), size, gate, done)
+                await trio.to_thread.run_sync(partial(bulk.stream, chunks(), size, gate, done, lanes=BULK_LANES))
             except Exception as e:        # a store failing as a whole: the lanes go on with what is missing
                 log.error("lazy load: the bulk pass failed (%r); loading the rest page by page", e)
                 for rid, m in self.inflight.items():  # what it took but did not land: requests may wait for it
@@ -442,14 +465,26 @@ class LazyLoader:
 
 
 class _BulkOrder:
-    """The bulk pass's chunks in region order, taken one at a time from a cursor. A sequential reader moves
-    the cursor to where it reads (``jump``), so that the pass loads just ahead of it; the chunks a jump
-    skipped are taken once the end is reached."""
+    """The bulk pass's chunks, taken one at a time from a cursor. Within a region they are in page order;
+    regions of different lanes (id modulo ``lanes``) take turns, so that their files are written at once.
+    A sequential reader moves the cursor to where it reads (``jump``), so that the pass loads just ahead
+    of it; the chunks a jump skipped are taken once the end is reached."""
 
-    def __init__(self, chunks: list[tuple[int, int, int]]) -> None:
-        self.chunks = chunks
-        self.keys = [(rid, first) for rid, first, _ in chunks]
-        self.taken = bytearray(len(chunks))
+    def __init__(self, chunks: list[tuple[int, int, int]], lanes: int) -> None:
+        queues: list[deque[tuple[int, int, int]]] = [deque() for _ in range(lanes)]
+        for chunk in sorted(chunks):
+            queues[chunk[0] % lanes].append(chunk)
+        self.chunks: list[tuple[int, int, int]] = []
+        while any(queues):
+            for q in queues:
+                if q:
+                    self.chunks.append(q.popleft())
+        per_region: dict[int, list[tuple[int, int]]] = {}
+        for i, (rid, first, _) in enumerate(self.chunks):
+            per_region.setdefault(rid, []).append((first, i))
+        self._firsts = {rid: [f for f, _ in v] for rid, v in per_region.items()}    # sorted: queues kept order
+        self._index = {rid: [i for _, i in v] for rid, v in per_region.items()}
+        self.taken = bytearray(len(self.chunks))
         self.cursor = 0
         self.lock = threading.Lock()                 # take: the stream's thread; jump: the event loop
 
@@ -466,9 +501,12 @@ class _BulkOrder:
 
     def jump(self, region_id: int, page: int) -> None:
         """Take next the chunk holding ``page`` (or the first one after it not taken yet)."""
-        i = bisect.bisect_right(self.keys, (region_id, page)) - 1
+        firsts = self._firsts.get(region_id)
+        if not firsts:
+            return
+        k = max(0, bisect.bisect_right(firsts, page) - 1)
         with self.lock:
-            self.cursor = max(0, i)
+            self.cursor = self._index[region_id][k]
 
 
 def _rate_chunk(rate_bytes: float, most: int) -> int:
