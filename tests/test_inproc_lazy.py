@@ -46,6 +46,14 @@ def expected(p: int) -> bytes:
     return bytes(PAGE_SIZE) if p % 97 == 5 else page_bytes(p)
 
 
+def corrupt_page(source: BaselineSource, seg: Path, page: int) -> None:
+    """Flip the first bytes of region 2's ``page`` in its segment: its checksum fails on load."""
+    run = next(r for r in source.plan.runs if r.first_page <= page < r.first_page + r.npages)
+    with seg.open("r+b") as f:
+        f.seek(run.data_offset + (page - run.first_page) * PAGE_SIZE)
+        f.write(b"\xff" * 16)
+
+
 class Recording:
     def __init__(self, inner: BaselineSource) -> None:
         self.inner, self.calls = inner, []  # type: ignore[var-annotated]
@@ -147,10 +155,7 @@ class Patcher:
 async def test_a_corrupt_baseline_page_is_refetched_from_a_reachable_source(tmp_path: Path, reachable: bool,
                                                                             bulk: bool) -> None:
     _, source, res, region, seg = setup(tmp_path)
-    run = next(r for r in source.plan.runs if r.first_page <= 300 < r.first_page + r.npages)
-    with seg.open("r+b") as f:
-        f.seek(run.data_offset + (300 - run.first_page) * PAGE_SIZE)
-        f.write(b"\xff" * 16)
+    corrupt_page(source, seg, 300)
     patcher = Patcher(region, reachable)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(LazyLoader(res, FallbackSource(source, patcher), bulk=source if bulk else None).run)
@@ -206,10 +211,7 @@ async def test_remote_source_refetches_a_corrupt_page_over_the_software_transpor
     from rmemfs.transport.base import Catalog, ExportedRegion, RegionRole
 
     _, source, res, region, seg = setup(tmp_path)
-    run = next(r for r in source.plan.runs if r.first_page <= 300 < r.first_page + r.npages)
-    with seg.open("r+b") as f:
-        f.seek(run.data_offset + (300 - run.first_page) * PAGE_SIZE)
-        f.write(b"\xff" * 16)
+    corrupt_page(source, seg, 300)
     exported = bytearray(b"".join(page_bytes(p + 1) for p in range(PAGES)))     # the source's own bytes
     backend = sw.SoftwareExportBackend()
     backend.register(ExportedRegion(2, "data-0002.rgn", RegionRole.DATA, memoryview(exported), 0x7F0000000000))
@@ -280,10 +282,7 @@ async def test_reconnecting_source_remakes_a_connection_the_restarted_exporter_d
 @pytest.mark.allow_log(r"lazy load: region 2 page 300 unreadable from .*: retried later")
 async def test_the_bulk_pass_hands_a_corrupt_page_to_the_fallback_and_loads_everything(tmp_path: Path) -> None:
     _, source, res, region, seg = setup(tmp_path)
-    run = next(r for r in source.plan.runs if r.first_page <= 300 < r.first_page + r.npages)
-    with seg.open("r+b") as f:
-        f.seek(run.data_offset + (300 - run.first_page) * PAGE_SIZE)
-        f.write(b"\xff" * 16)
+    corrupt_page(source, seg, 300)
     patcher = Patcher(region, reachable=True)
     loader = LazyLoader(res, FallbackSource(Recording(source), patcher), bulk=source)
     await loader.run()                                    # nobody asks: the pass itself hands page 300 on
