@@ -68,12 +68,15 @@ class Snapshot:
         self.pending: dict[int, bytearray] = {}
         self.zero: dict[int, bytearray] = {}
         self.saved: dict[tuple[int, int], bytes] = {}
+        # On the event loop, inside the flush's atomic section: per free stretch of a region, not per run
+        # (20,000 scattered runs took 0.1 s here, a stall every request and the heartbeat saw).
         for region_id, first, n in runs:
-            pages = regions[region_id].pages
-            mark_pages(self.pending, region_id, first, n, pages)
-            for a, b in regions.free_page_ranges(region_id, first, n):
-                mark_pages(self.zero, region_id, a, b - a, pages)
-                self.pending[region_id][a:b] = bytes(b - a)
+            mark_pages(self.pending, region_id, first, n, regions[region_id].pages)
+        for region_id, pending in self.pending.items():
+            for a, b in regions.free_page_ranges(region_id, 0, len(pending)):
+                if pending.find(1, a, b) >= 0:
+                    self.zero.setdefault(region_id, bytearray(len(pending)))[a:b] = pending[a:b]
+                    pending[a:b] = bytes(b - a)
 
     def preserve(self, region_id: int, first_page: int, npages: int) -> None:
         p = self.pending.get(region_id)
