@@ -180,9 +180,9 @@ def second_failure_back_on_a(a: Host, b: Host, backend: Path, state_file: Path, 
 
     What hostB never loaded is in the store; what it fetched from hostA and what was written on it since
     are in its dirty lists: hostA's copy must be the state after the writes on hostB, byte for byte."""
+    # Usually still loading (16 pages/s), but not always: the writes, truncates and unlinks on hostB may
+    # have claimed every page a small tree had left to load (seed 1572567010: 105 pages, none left).
     load = json.loads(b.python(WORKLOAD, "ctl", b.dir / "mnt", "stats").stdout)["load"]
-    if load["to_load_pages"] >= 64:
-        assert load["missing_pages"] > 0, load           # surely still loading at 16 pages/s
     pid = b.rmemfs_pid(backend)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
