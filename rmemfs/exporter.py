@@ -60,20 +60,25 @@ class RegionRegistry:
             if parsed is None or parsed[0] in self.regions:
                 continue
             region_id, role = parsed
-            fd = os.open(entry.path, os.O_RDWR)
+            # The directory is checked as ours (secure.py); O_NOFOLLOW is the second line.
+            fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 size = os.fstat(fd).st_size
                 if size == 0 or size % PAGE_SIZE:
                     log.warning("skipping %s: size %d is not a multiple of the page size", entry.name, size)
+                    os.close(fd)
                     continue
                 # Writable only because ibv_reg_mr on kernels before 6.2 pins pages for write
                 # even for a remote-read-only MR; nothing here writes, and neither transport can.
                 mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
             view = memoryview(mm)
             self._maps[region_id] = mm
-            self.regions[region_id] = ExportedRegion(region_id, entry.name, role, view, buffer_address(view))
+            # The fd stays open for the exporter's life: the software transport reads the file with
+            # pread, which leaves holes unallocated.
+            self.regions[region_id] = ExportedRegion(region_id, entry.name, role, view, buffer_address(view), fd)
             log.info("mapped %s (%d bytes)", entry.name, size)
 
     def ctl_header(self) -> dict[str, Any] | None:
