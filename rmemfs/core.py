@@ -155,6 +155,13 @@ class Filesystem:
         if problems:
             raise CorruptionError("namespace check failed: " + "; ".join(problems[:5]))
 
+    def grow_journal(self, length: int) -> None:
+        """Give the namespace journal a longer region (``-o meta_size`` at a mount; it never shrinks).
+        Call before serving: what moves is marked dirty as every journal write is."""
+        self.regions[META_REGION_ID].grow(length)
+        self.tracker.region_grew(META_REGION_ID, self.regions[META_REGION_ID].pages)
+        self.journal.region_grew(self.fsid, self.ns.serialize)
+
     # --- plumbing ---------------------------------------------------------------
     def _sync_region_pages(self) -> None:
         for region_id, region in self.regions.regions.items():

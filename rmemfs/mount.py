@@ -34,7 +34,7 @@ from . import control, faults
 from .core import DEFAULT_DIRTY_CAPACITY, Filesystem, RoomWaiter
 from .dirty import read_ctl_header
 from .errors import (BackendError, BackendFailed, BackendUnclean, BackendUnreachable, CorruptionError, ExporterFailed,
-                     FencedError, HostUnfit, MountpointUnusable, RegionsFailed, StoreUnreachable, UsageError,
+                     FencedError, FsError, HostUnfit, MountpointUnusable, RegionsFailed, StoreUnreachable, UsageError,
                      backend_failed)
 from .secure import private_dir
 from .exporter import DEFAULT_PORT, exporter_alive, stop_exporter
@@ -75,6 +75,7 @@ class MountOptions:
     load_rate: float = 0.0             # a lazy recovery's background load limit, bytes/s (0: as fast as it goes)
     extra_fuse: list[str] = field(default_factory=list)
     store: dict[str, str] = field(default_factory=dict)    # the backend's own options (ceph_conf, ceph_id)
+    given: set[str] = field(default_factory=set)           # the options named on the command line
 
     def region_dir(self, fsid: str) -> Path:
         return Path(self.regiondir or f"/dev/shm/rmemfs-{fsid}")
@@ -90,7 +91,8 @@ OPTION_HELP: dict[str, str] = {
     "region_size": "bytes per data region, a multiple of 256K, 1M to 64G (default 256M; suffixes K, M, G, T). Sparse on "
                    "tmpfs, but the verbs transport pins (and so backs) a whole region when it registers it",
     "meta_size": "bytes of the namespace journal region, set when the filesystem is created (default 256M; "
-                 "a multiple of 256K, 1M to 64G)",
+                 "a multiple of 256K, 1M to 64G); given at a later mount, a larger value grows it (it never "
+                 "shrinks)",
     "heartbeat_interval": "seconds between heartbeat increments (default 0.05; more than 0, at most 60)",
     "allow_other": "let users other than the mounter access the files (permission checks stay on)",
     "writeback_cache": "let the kernel buffer write() (faster, but write() then acknowledges before the "
@@ -227,6 +229,7 @@ def parse_options(items: list[str]) -> MountOptions:
             raise UsageError(f"bad value for -o {key}: {value!r} ({e})") from None
         spec.check(key, parsed)
         setattr(opts, key, parsed)
+        opts.given.add(key)
     return opts
 
 
@@ -369,8 +372,26 @@ def open_backend(backend_path: str | os.PathLike[str], opts: MountOptions, mount
     except OSError as e:
         raise RegionsFailed(f"region directory {region_dir}: {e}") from None
     fs.tracker.enabled = opts.tracking
+    if "meta_size" in opts.given:
+        _resize_journal(fs, opts.meta_size)
     log.info("filesystem %s opened from %s (epoch %d, generation %d)", fsid, how, epoch, manifest.generation)
     return Opened(backend, manifest, fs, live, epoch, region_dir, how)
+
+
+def _resize_journal(fs: Filesystem, length: int) -> None:
+    """``-o meta_size`` at a mount of an existing filesystem: a full journal is made roomier this way."""
+    have = fs.regions[META_REGION_ID].length
+    if length < have:
+        log.warning("-o meta_size=%s is smaller than the namespace journal region (%s), which never shrinks; "
+                    "keeping %s", _size_text(length), _size_text(have), _size_text(have))
+    elif length > have:
+        try:
+            fs.grow_journal(length)
+        except OSError as e:
+            raise RegionsFailed(f"cannot grow the namespace journal region to {_size_text(length)}: {e.strerror}") from None
+        except FsError as e:     # no memory left in the region directory for the moved checkpoint
+            raise RegionsFailed(f"cannot grow the namespace journal region to {_size_text(length)}: {e.args[1]}") from None
+        log.info("namespace journal region grown from %s to %s", _size_text(have), _size_text(length))
 
 
 def _regions_match(region_dir: Path, fsid: str, manifest: Manifest) -> bool:

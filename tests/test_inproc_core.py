@@ -383,6 +383,47 @@ def test_full_journal_refuses_growth_but_deletes_and_checkpoints_keep_working(tm
     assert [n for n, _ in again.readdir(ROOT_INO)] == [b"after"]
 
 
+@pytest.mark.parametrize("active_area", [0, 1])
+@pytest.mark.parametrize("new_size", [1 << 21, (1 << 20) + (256 << 10)], ids=["2M", "1.25M"])
+def test_a_full_journal_region_grows_and_every_moved_byte_is_marked(active_area: int, new_size: int) -> None:
+    """Issue 15 item 7: a full journal region can be made longer (``-o meta_size`` at a mount). The active
+    area moves into the new layout by checkpoints; every page that changed is on the dirty list (so a
+    recovery from this host gets it), the namespace replays from the grown region, and the room freed
+    takes new names. Both old areas as the active one, and growth by less than double."""
+    fsid = str(uuid.uuid4())
+    directory = Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}"
+    regions = Filesystem.create_regions(directory, fsid, capacity=CAP, data_region_size=16 << 20,
+                                        meta_size=1 << 20)
+    fs = Filesystem.format(regions, fsid, 1, CAP)
+    names = []
+    with pytest.raises(FsError) as e:
+        for i in range(100_000):
+            name = f"{i:06d}".encode() + b"n" * 249
+            fs.make(ROOT_INO, name, REG, 0, 0)
+            names.append(name)
+    assert err(e) == errno.ENOSPC
+    if (fs.journal.sb.area_offset != fs.journal.areas[0][0]) != bool(active_area):
+        fs.journal.checkpoint(fsid, fs.ns.serialize())
+    assert fs.journal.sb.area_offset == fs.journal.areas[active_area][0]
+    meta = fs.regions[META_REGION_ID]
+    before = bytes(meta.view)
+    fs.tracker.swap()            # start from an empty current list: what the growth marks is all it holds
+    fs.tracker.flushing.clear()
+    fs.grow_journal(new_size)
+    after = bytes(meta.view)
+    changed = {p for p in range(new_size // PAGE_SIZE)
+               if after[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] != before[p * PAGE_SIZE:(p + 1) * PAGE_SIZE].ljust(PAGE_SIZE, b"\0")}
+    marked = {p for rid, first, n in fs.tracker.current.runs() if rid == META_REGION_ID for p in range(first, first + n)}
+    assert changed and changed <= marked
+    assert fs.journal.sb.area_offset == fs.journal.areas[1][0]
+    more = [f"more{i:06d}".encode() + b"m" * 245 for i in range(len(names) // 10)]
+    for name in more:                           # the grown journal takes names again
+        fs.make(ROOT_INO, name, REG, 0, 0)
+        fs.after_operation()
+    again = reopen(fs)
+    assert sorted(n for n, _ in again.readdir(ROOT_INO)) == sorted(names + more)
+
+
 async def test_failed_flushes_do_not_fill_the_list_with_the_same_pages(fs: Filesystem, tiny_backend: Path) -> None:
     """Issue 10 item 5a: each failed flush folded the current list into the flushing one without
     deduplicating, so a writer rewriting the same pages during a backend outage filled the list for good."""
