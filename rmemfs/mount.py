@@ -17,12 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +39,7 @@ from .errors import (BackendError, BackendFailed, BackendUnclean, BackendUnreach
                      FencedError, FsError, HostUnfit, MountpointUnusable, RegionsFailed, StoreUnreachable, UsageError,
                      backend_failed)
 from .secure import private_dir
-from .exporter import DEFAULT_PORT, exporter_alive, stop_exporter
+from .exporter import DEFAULT_PORT, exporter_alive, orphans, stop_exporter
 from .flusher import Flusher
 from .loader import live_map, load, region_file_writer
 from .regions import (CTL_REGION_ID, DEFAULT_DATA_REGION_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
@@ -654,6 +656,7 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> in
                 nursery.start_soon(opened.background.run, fs)
             on_ready()
             log.info("mounted %s at %s", fs.fsid, session.mountpoint)
+            nursery.start_soon(_remove_orphans, session)
             if fs.tracker.current.count:
                 flusher.trigger()
             await fuse.serve_requests()
@@ -664,6 +667,21 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> in
         control.unregister_mount(registered, control_path)
         fuse.close(unmount=session.terminated or not unmounted)
     return await _shutdown(session)
+
+
+async def _remove_orphans(session: Session) -> None:
+    """Free the region directories beside ours that nothing needs any more, such as a recovered epoch's
+    ``.e<N>`` that was unmounted cleanly and is now superseded by this mount (issue 15 item 8). Once
+    serving, in a thread: it reads every process's memory maps."""
+    base = session.opts.region_dir(session.opened.fs.fsid)
+    try:
+        found = await trio.to_thread.run_sync(partial(orphans, session.opened.backend, base, settled_only=True))
+        for path in found:
+            if path != session.opened.region_dir:
+                await trio.to_thread.run_sync(shutil.rmtree, path)
+                log.info("removed %s: an older epoch's region directory that nothing needs", path)
+    except Exception as e:       # never a reason to stop serving; rmemfs-ctl orphans can do it later
+        log.warning("could not remove orphaned region directories beside %s: %s", base, e)
 
 
 async def _shutdown(session: Session) -> int:
