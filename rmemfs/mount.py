@@ -693,6 +693,8 @@ async def _shutdown(session: Session) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_heartbeat, fs, session.opts.heartbeat_interval)
             generation = await session.flusher.flush(state=STATE_CLEAN)
+            if fs.times_pending:     # a full dirty list had no room for them before the first flush's swap
+                generation = await session.flusher.flush(state=STATE_CLEAN)
             nursery.cancel_scope.cancel()
     except Exception as e:
         log.error("final flush failed (%s): the backend stays marked in use and the exporter keeps serving; "

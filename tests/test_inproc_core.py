@@ -5,6 +5,7 @@ import errno
 import os
 import stat
 import subprocess
+import time
 import threading
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from harness import private_tmpfs
 from rmemfs import PAGE_SIZE
+from rmemfs import core as core_module
 from rmemfs.core import Filesystem
 from rmemfs.errors import FsError
 from rmemfs.flusher import Flusher
@@ -211,12 +213,39 @@ def test_replay_rebuilds_exactly_the_live_state(ops: list) -> None:
         for ino in list(fs.ns.inodes):      # what the kernel would forget after the run
             fs.forget(ino, 1 << 30)
         assert fs.ns.check() == []
+        fs.sync_times()                     # as a close, fsync or flush does (overwrites' times are lazy)
         # Take the live state first: the reopened filesystem maps the same region files,
         # so anything its replay wrongly changes in memory would show up on both sides.
         live = snapshot(fs)
         assert snapshot(reopen(fs)) == live
     finally:
         subprocess.run(["rm", "-rf", str(fs.regions.directory)], check=False)
+
+
+def test_overwrite_times_are_journaled_lazily_but_never_lost_at_sync_points(
+        fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14: an overwrite's new mtime/ctime stay in memory (a journal record per write was half of a
+    4 KiB write's cost). A restart from the region files alone then sees the data and size exactly and
+    the times of the last journaled point; fsync, close, a flush, or any operation once TIMES_LAG_S has
+    passed journals them."""
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, b"a" * 10000)                     # extends the file: journaled at once
+    journaled = fs.inode(f.ino).mtime_ns
+    time.sleep(0.002)
+    fs.write(f.ino, 4096, b"b" * 100)                    # an overwrite
+    fs.after_operation()
+    assert fs.times_pending and fs.inode(f.ino).mtime_ns > journaled
+    crashed = reopen(fs)
+    node = crashed.inode(f.ino)
+    assert (node.size, node.mtime_ns) == (10000, journaled)
+    assert crashed.read(f.ino, 4096, 100) == b"b" * 100
+    assert fs.sync_times(f.ino) and not fs.times_pending          # fsync and close do this
+    assert reopen(fs).inode(f.ino).mtime_ns == fs.inode(f.ino).mtime_ns
+    monkeypatch.setattr(core_module, "TIMES_LAG_S", 0.0)
+    fs.write(f.ino, 1, b"c")                             # due at once now
+    assert fs.times_pending
+    fs.after_operation()
+    assert not fs.times_pending and reopen(fs).inode(f.ino).mtime_ns == fs.inode(f.ino).mtime_ns
 
 
 def test_checkpoint_compaction_keeps_state(fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,6 +287,7 @@ async def test_flush_writes_only_dirty_pages_and_verifies(fs: Filesystem, tmp_pa
     await flusher.flush()
     for p in (3, 17, 40):
         fs.write(f.ino, p * PAGE_SIZE + 5, b"!")
+    fs.sync_times()                 # the flush would journal the overwrites' times first
     marked = fs.tracker.current.runs()
     await flusher.flush()
     stats = flusher.statistics()
