@@ -384,8 +384,8 @@ async def test_flush_records_freed_pages_as_zeros_without_bringing_their_memory_
 
 # --- a full journal region ----------------------------------------------------------------
 
-def test_full_journal_refuses_growth_but_deletes_and_checkpoints_keep_working(tmp_path: Path) -> None:
-    """Issue 15 item 7: long names once filled a 1 MiB journal so that nothing worked, not even unlink."""
+def full_journal() -> tuple[Filesystem, list[bytes]]:
+    """A filesystem with a 1 MiB journal region filled with long names until a create got ENOSPC."""
     fsid = str(uuid.uuid4())
     directory = Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}"
     regions = Filesystem.create_regions(directory, fsid, capacity=CAP, data_region_size=16 << 20,
@@ -399,6 +399,12 @@ def test_full_journal_refuses_growth_but_deletes_and_checkpoints_keep_working(tm
             fs.after_operation()
             names.append(name)
     assert err(e) == errno.ENOSPC and len(names) > 100
+    return fs, names
+
+
+def test_full_journal_refuses_growth_but_deletes_and_checkpoints_keep_working() -> None:
+    """Issue 15 item 7: long names once filled a 1 MiB journal so that nothing worked, not even unlink."""
+    fs, names = full_journal()
     # Every existing name can still go, and what is freed can be used again.
     for name in names[:len(names) // 2]:
         fs.unlink(ROOT_INO, name, directory=False)
@@ -420,18 +426,8 @@ def test_a_full_journal_region_grows_and_every_moved_byte_is_marked(active_area:
     area moves into the new layout by checkpoints; every page that changed is on the dirty list (so a
     recovery from this host gets it), the namespace replays from the grown region, and the room freed
     takes new names. Both old areas as the active one, and growth by less than double."""
-    fsid = str(uuid.uuid4())
-    directory = Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}"
-    regions = Filesystem.create_regions(directory, fsid, capacity=CAP, data_region_size=16 << 20,
-                                        meta_size=1 << 20)
-    fs = Filesystem.format(regions, fsid, 1, CAP)
-    names = []
-    with pytest.raises(FsError) as e:
-        for i in range(100_000):
-            name = f"{i:06d}".encode() + b"n" * 249
-            fs.make(ROOT_INO, name, REG, 0, 0)
-            names.append(name)
-    assert err(e) == errno.ENOSPC
+    fs, names = full_journal()
+    fsid = fs.fsid
     if (fs.journal.sb.area_offset != fs.journal.areas[0][0]) != bool(active_area):
         fs.journal.checkpoint(fsid, fs.ns.serialize())
     assert fs.journal.sb.area_offset == fs.journal.areas[active_area][0]
