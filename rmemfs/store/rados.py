@@ -68,7 +68,8 @@ _OURS = re.compile(r"fs\.json|secret|epoch\.\d{10}|seg\..+|part\..+\.\d{5}")
 def _op_error(store: RadosStore, what: str, errno_: int, text: str) -> BackendError:
     errno_ = abs(errno_)
     if errno_ == errno.ETIMEDOUT:
-        return StoreUnreachable(f"{store.spec}: {what}: the cluster did not answer within {TIMEOUT} s "
+        return StoreUnreachable(f"{store.spec}: {what}: the cluster did not answer within "
+                                f"{store.timeouts.get('rados_osd_op_timeout', TIMEOUT)} s "
                                 f"(rados_osd_op_timeout; an OSD down?)")
     if errno_ in (errno.EPERM, errno.EACCES):
         return BackendError(f"{store.spec}: {what}: {store.who} may not use pool {store.pool!r} (its OSD caps)")
@@ -106,6 +107,7 @@ class RadosStore(BaselineStore):
             raise BackendError(f"{self.spec}: ceph_conf {ceph_conf} does not exist (or is not a file)")
         self.who = f"client.{ceph_id or 'admin'}"
         self._conf, self._id = ceph_conf, ceph_id
+        self.timeouts: dict[str, str] = {}      # librados's timeouts in force (ours, or the conf file's)
         self._open()
 
     def _open(self) -> None:
@@ -115,6 +117,7 @@ class RadosStore(BaselineStore):
                 cluster = _CLUSTERS.get(key)
                 if cluster is None:
                     cluster = _CLUSTERS[key] = self._connect(self._conf, self._id)
+                self.timeouts = {name: cluster.conf_get(name) for name in TIMEOUTS}
             self._io = cluster.open_ioctx(self.pool)
         except self.rados.Error as e:
             raise self._connect_error(e, self._conf) from None
@@ -138,6 +141,7 @@ class RadosStore(BaselineStore):
         for name, default in TIMEOUTS.items():     # ours unless the conf file sets its own
             if cluster.conf_get(name) == default:
                 cluster.conf_set(name, str(TIMEOUT))
+        self.timeouts = {name: cluster.conf_get(name) for name in TIMEOUTS}
         cluster.connect()
         return cluster
 
@@ -148,7 +152,8 @@ class RadosStore(BaselineStore):
             return BackendError(f"{self.spec}: cannot read {conf}: give -o ceph_conf=PATH")
         if isinstance(e, self.rados.TimedOut):
             return StoreUnreachable(f"{self.spec}: the cluster is unreachable: no monitor of {conf} answered "
-                                    f"within {TIMEOUT} s (client_mount_timeout)")
+                                    f"within {self.timeouts.get('client_mount_timeout', TIMEOUT)} s "
+                                    f"(client_mount_timeout)")
         if isinstance(e, (self.rados.PermissionDeniedError, self.rados.PermissionError)):
             return BackendError(f"{self.spec}: the cluster refused {self.who}: wrong key or user "
                                 f"(check -o ceph_id and the keyring {conf} names)")
@@ -182,9 +187,17 @@ class RadosStore(BaselineStore):
     def _names(self) -> list[str]:
         start = self.prefix + "/"
         try:
-            return [o.key[len(start):] for o in self.io.list_objects() if o.key.startswith(start)]
+            names = [o.key[len(start):] for o in self.io.list_objects() if o.key.startswith(start)]
+            # The binding's listing ends quietly on an error (ObjectIterator.__next__ turns any failure into
+            # StopIteration): with the only OSD down it timed out and listed nothing, which read_manifest
+            # took for "no MANIFEST". So one more operation must succeed before the listing is believed.
+            try:
+                self.io.stat(self._o("fs.json"))
+            except self.rados.ObjectNotFound:
+                pass
         except self.rados.Error as e:
             raise self._failed("listing the pool", e) from None
+        return names
 
     def _create(self, name: str, data: bytes, omap: dict[str, bytes] | None = None) -> bool:
         with self.rados.WriteOpCtx() as op:
