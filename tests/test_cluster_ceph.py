@@ -406,3 +406,28 @@ def test_full_cluster_fails_the_flush_keeps_marks_and_retry_succeeds(ceph_cluste
     assert (rig.mountpoint / "big.bin").read_bytes() == data
     assert (rig.mountpoint / "meanwhile").read_bytes() == b"written while full\n"
     rig.ctl("umount", str(rig.mountpoint))
+
+
+@pytest.mark.mount
+def test_compaction_on_rados_rewrites_and_collects(ceph_cluster, rig) -> None:  # type: ignore[no-untyped-def]
+    """Compaction on a mount over rados: once the segments hold over 3x the live bytes (and 64 MiB of
+    garbage), the next flush is a full one; its one segment replaces the others, whose objects GC
+    removes, and the file reads back after a remount."""
+    prefix = on_rados(rig, ceph_cluster, "compact")
+    rig.options = ["flush_interval=3600"]
+    rig.mount()
+    first = len(rig.manifest().segments)        # the mount's own first flush
+    for i in range(5):              # segments of 24, 48, 72, 96 MiB: the fifth flush is a full one
+        data = os.urandom(24 << 20)
+        (rig.mountpoint / "f").write_bytes(data)
+        rig.flush()
+        assert len(rig.manifest().segments) == (first + i + 1 if i < 4 else 1), (i, rig.manifest().segments)
+    (seg,) = [s.name for s in rig.manifest().segments]
+    with _connect(ceph_cluster) as r, r.open_ioctx(ceph_cluster.pool) as io:
+        names = sorted(o.key[len(prefix) + 1:] for o in io.list_objects() if o.key.startswith(prefix + "/"))
+    assert [n for n in names if n.startswith(("seg.", "part."))] == [f"part.{seg}.00000", f"seg.{seg}"], names
+    rig.ctl("umount", str(rig.mountpoint))
+    assert rig.ctl("verify", *rig.backend_args()).returncode == 0
+    rig.mount()
+    assert (rig.mountpoint / "f").read_bytes() == data
+    rig.ctl("umount", str(rig.mountpoint))
