@@ -170,9 +170,48 @@ def test_daemon_mode_mount_on_rados_serves_and_publishes(ceph_cluster, rig, tmp_
     rig.flush()
     rig.ctl("umount", str(rig.mountpoint))
     assert rig.ctl("verify", *rig.backend_args()).returncode == 0
+    # Without -o ceph_conf, librados's own lookup applies (CEPH_CONF here)
+    from harness import cli, run
+    found = run(cli("ctl") + ["verify", "--backend", rig.spec, "-o", f"ceph_id={ceph_cluster.user_id}"],
+                env={"CEPH_CONF": str(ceph_cluster.conf)})
+    assert found.returncode == 0, found.stderr
     rig.mount()
     assert (rig.mountpoint / "f.bin").read_bytes() == data
     rig.ctl("umount", str(rig.mountpoint))
+
+
+def _remount_reads_back(rig, files: dict[str, bytes]) -> None:  # type: ignore[no-untyped-def]
+    """Unmount (the final baseline published), verify the store, mount again, read ``files`` back."""
+    rig.ctl("umount", str(rig.mountpoint))
+    assert rig.ctl("verify", *rig.backend_args()).returncode == 0
+    rig.mount()
+    for name, data in files.items():
+        assert (rig.mountpoint / name).read_bytes() == data, name
+    rig.ctl("umount", str(rig.mountpoint))
+
+
+def _dirty_pages(st: dict) -> int:
+    return int(st["core"]["dirty_current_pages"] + st["core"]["dirty_flushing_pages"])
+
+
+def _assert_flush_failed_marks_kept(rig, published: int, pages: int) -> None:  # type: ignore[no-untyped-def]
+    """A flush failed: the published generation is still ``published`` and ``pages`` are still marked."""
+    st = rig.stats()
+    assert st["flush"]["failures"] >= 1 and st["flush"]["generation"] == published, st["flush"]
+    assert _dirty_pages(st) >= pages, st["core"]
+
+
+def _wait_retry_published(rig, published: int, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    """The flusher's own retries (its failure backoff, not the 3600 s interval) publish every mark."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        st = rig.stats()
+        if st["flush"]["generation"] > published and _dirty_pages(st) == 0:
+            return
+        assert time.monotonic() < deadline, (st["flush"], _dirty_pages(st),
+                                             (rig.regiondir / "rmemfs.log").read_text()[-3000:])
+        time.sleep(0.5)
 
 
 @pytest.mark.mount
@@ -212,29 +251,12 @@ def test_osd_killed_during_flush_fails_it_keeps_marks_and_retry_succeeds(ceph_cl
         _, err = flush.communicate(timeout=120)
         assert flush.returncode == 4, (flush.returncode, err)
         assert len(err.strip().splitlines()) == 1 and "did not answer" in err and "Traceback" not in err, err
-        st = rig.stats()
-        assert st["flush"]["failures"] >= 1 and st["flush"]["generation"] == published
-        core = st["core"]
-        assert core["dirty_current_pages"] + core["dirty_flushing_pages"] >= pages, core
+        _assert_flush_failed_marks_kept(rig, published, pages)
     finally:
         ceph_cluster.osd_start()
-    # The flusher retries on its own (backoff, not the 3600 s interval) and publishes once the OSD is back.
-    deadline = time.monotonic() + 180
-    while True:
-        st = rig.stats()
-        core = st["core"]
-        if st["flush"]["generation"] > published and core["dirty_current_pages"] + core["dirty_flushing_pages"] == 0:
-            break
-        assert time.monotonic() < deadline, (st["flush"], core["dirty_current_pages"], core["dirty_flushing_pages"],
-                                             (rig.regiondir / "rmemfs.log").read_text()[-3000:])
-        time.sleep(0.5)
+    _wait_retry_published(rig, published, 180)     # once the OSD is back
     assert rig.manifest().generation > published
-    rig.ctl("umount", str(rig.mountpoint))
-    assert rig.ctl("verify", *rig.backend_args()).returncode == 0
-    rig.mount()
-    assert (rig.mountpoint / "big.bin").read_bytes() == data
-    assert (rig.mountpoint / "small").read_bytes() == b"first baseline\n"
-    rig.ctl("umount", str(rig.mountpoint))
+    _remount_reads_back(rig, {"big.bin": data, "small": b"first baseline\n"})
     with _connect(ceph_cluster) as r, r.open_ioctx(ceph_cluster.pool) as io:
         for o in list(io.list_objects()):
             if o.key.startswith(prefix + "/"):
@@ -383,36 +405,23 @@ def test_full_cluster_fails_the_flush_keeps_marks_and_retry_succeeds(ceph_cluste
         assert flush.returncode == 4, (flush.returncode, flush.stderr)
         lines = flush.stderr.strip().splitlines()
         assert len(lines) == 1 and "full" in lines[0] and "Traceback" not in flush.stderr, flush.stderr
-        st = rig.stats()
-        assert st["flush"]["failures"] >= 1 and st["flush"]["generation"] == published
-        core = st["core"]
-        assert core["dirty_current_pages"] + core["dirty_flushing_pages"] >= len(data) // 4096, core
+        _assert_flush_failed_marks_kept(rig, published, len(data) // 4096)
         (rig.mountpoint / "meanwhile").write_bytes(b"written while full\n")     # the mount keeps working
         assert rig.manifest().generation == published
     finally:
         for kind, ratio in (("full", "0.95"), ("backfillfull", "0.9"), ("nearfull", "0.85")):   # Ceph's defaults
             ceph_cluster.command("osd", f"set-{kind}-ratio", ratio)
-    deadline = time.monotonic() + 120
-    while True:
-        st = rig.stats()
-        core = st["core"]
-        if st["flush"]["generation"] > published and core["dirty_current_pages"] + core["dirty_flushing_pages"] == 0:
-            break
-        assert time.monotonic() < deadline, (st["flush"], (rig.regiondir / "rmemfs.log").read_text()[-3000:])
-        time.sleep(0.5)
-    rig.ctl("umount", str(rig.mountpoint))
-    assert rig.ctl("verify", *rig.backend_args()).returncode == 0
-    rig.mount()
-    assert (rig.mountpoint / "big.bin").read_bytes() == data
-    assert (rig.mountpoint / "meanwhile").read_bytes() == b"written while full\n"
-    rig.ctl("umount", str(rig.mountpoint))
+    _wait_retry_published(rig, published, 120)     # once there is room
+    _remount_reads_back(rig, {"big.bin": data, "meanwhile": b"written while full\n"})
 
 
 @pytest.mark.mount
 def test_compaction_on_rados_rewrites_and_collects(ceph_cluster, rig) -> None:  # type: ignore[no-untyped-def]
     """Compaction on a mount over rados: once the segments hold over 3x the live bytes (and 64 MiB of
     garbage), the next flush is a full one; its one segment replaces the others, whose objects GC
-    removes, and the file reads back after a remount."""
+    removes, and the file reads back after a remount. Then rmemfs-ctl verify exits 0 eight times in a
+    row: it printed its result and aborted (-6, "terminate called without an active exception") in 15
+    of 40 runs here, until the store shut its connections down before the interpreter's exit."""
     prefix = on_rados(rig, ceph_cluster, "compact")
     rig.options = ["flush_interval=3600"]
     rig.mount()
@@ -426,8 +435,6 @@ def test_compaction_on_rados_rewrites_and_collects(ceph_cluster, rig) -> None:  
     with _connect(ceph_cluster) as r, r.open_ioctx(ceph_cluster.pool) as io:
         names = sorted(o.key[len(prefix) + 1:] for o in io.list_objects() if o.key.startswith(prefix + "/"))
     assert [n for n in names if n.startswith(("seg.", "part."))] == [f"part.{seg}.00000", f"seg.{seg}"], names
-    rig.ctl("umount", str(rig.mountpoint))
-    assert rig.ctl("verify", *rig.backend_args()).returncode == 0
-    rig.mount()
-    assert (rig.mountpoint / "f").read_bytes() == data
-    rig.ctl("umount", str(rig.mountpoint))
+    _remount_reads_back(rig, {"f": data})
+    codes = [rig.ctl("verify", *rig.backend_args(), check=False).returncode for _ in range(8)]
+    assert codes == [0] * 8, codes

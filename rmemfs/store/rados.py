@@ -38,12 +38,14 @@ Objects, all named ``<PREFIX>/...`` (PREFIX defaults to ``rmemfs``) in POOL:
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
 import os
 import re
 import threading
+import weakref
 from typing import Any
 from collections.abc import Sequence
 
@@ -61,6 +63,7 @@ TIMEOUTS = {"client_mount_timeout": "300", "rados_osd_op_timeout": "0", "rados_m
 
 
 _CLUSTERS: dict[tuple[int, str, str | None], Any] = {}   # by (pid, conf, user)
+_STORES: weakref.WeakSet[RadosStore] = weakref.WeakSet()  # whose I/O contexts use those connections
 _LOCK = threading.Lock()
 _OURS = re.compile(r"fs\.json|secret|epoch\.\d{10}|seg\..+|part\..+\.\d{5}")
 
@@ -77,6 +80,22 @@ def _op_error(store: RadosStore, what: str, errno_: int, text: str) -> BackendEr
         return BackendError(f"{store.spec}: {what}: pool {store.pool!r} is full "
                             f"({'its quota is reached' if errno_ == errno.EDQUOT else 'the cluster is full'})")
     return BackendError(f"{store.spec}: {what}: {text or os.strerror(errno_)}")
+
+
+@atexit.register
+def _shutdown() -> None:
+    """Close this process's I/O contexts, then its connections, before the interpreter goes away. Left to
+    the interpreter's teardown, a connection's threads could outlive the C++ runtime: "terminate called
+    without an active exception" and SIGABRT after the command had done its work (rmemfs-ctl verify
+    printed its result and exited -6, once in four runs). A forked child's copies of its parent's
+    handles have no threads and are left alone."""
+    pid = os.getpid()
+    with _LOCK:
+        for store in list(_STORES):
+            if store._pid == pid:
+                store._io.close()
+        for key in [k for k in _CLUSTERS if k[0] == pid]:
+            _CLUSTERS.pop(key).shutdown()
 
 
 def _rados() -> Any:
@@ -118,10 +137,11 @@ class RadosStore(BaselineStore):
                 if cluster is None:
                     cluster = _CLUSTERS[key] = self._connect(self._conf, self._id)
                 self.timeouts = {name: cluster.conf_get(name) for name in TIMEOUTS}
-            self._io = cluster.open_ioctx(self.pool)
+                self._io = cluster.open_ioctx(self.pool)
+                self._pid = os.getpid()
+                _STORES.add(self)
         except self.rados.Error as e:
             raise self._connect_error(e, self._conf) from None
-        self._pid = os.getpid()
         # A full pool or cluster fails writes at once (ENOSPC, EDQUOT) instead of holding them until it
         # has room again: a flush then fails like one on a full disk, keeps its marks, and retries.
         self._io.set_osdmap_full_try()
