@@ -265,8 +265,8 @@ def test_osd_killed_during_flush_fails_it_keeps_marks_and_retry_succeeds(ceph_cl
 
 
 def test_mount_names_rados_faults_with_their_exit_codes(ceph_cluster, rig, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Issue 13, faults, at the mount: a missing pool and a wrong key are backend errors (10), a cluster
-    down is 16; each in one line, before anything is created."""
+    """Issue 13, faults, at the mount: a missing pool, a wrong key and a user without the pool's OSD caps
+    are backend errors (10), a cluster down is 16; each in one line, before anything is created."""
     from harness import run
     from test_mount_lifecycle import one_line_error
     on_rados(rig, ceph_cluster, "mountfaults")
@@ -280,6 +280,8 @@ def test_mount_names_rados_faults_with_their_exit_codes(ceph_cluster, rig, tmp_p
     rig.spec = f"rados:{ceph_cluster.pool}/mountfaults"
     rig.store = [f"ceph_conf={conf_with(ceph_cluster, tmp_path, keyring=str(bad))}", store[1]]
     one_line_error(rig.mount(check=False), 10, "refused client.rmemfs")
+    rig.store = [store[0], f"ceph_id={ceph_cluster.restricted_id}"]      # a user without OSD caps on the pool
+    one_line_error(rig.mount(check=False), 10, "client.restricted may not use pool")
     rig.store = [f"ceph_conf={dead_conf(tmp_path)}", store[1]]
     one_line_error(rig.mount(check=False), 16, "unreachable", "within 3 s")
     rig.store = store
