@@ -826,14 +826,14 @@ async def test_relay_altering_or_replaying_a_request_is_dropped_by_the_exporter(
     await _good_client_works(server)
 
 
-@pytest.mark.parametrize("with_file", [False, True], ids=["mapping-64KiB-copy", "file-pread"])
+@pytest.mark.parametrize("with_file", [False, True], ids=["mapping-copy", "file-pread"])
 async def test_reads_of_memory_written_meanwhile_pass_their_tags(nursery, tmp_path, with_file):
     """A live source's heartbeat page changes under the exporter: the bytes are copied before they are
     tagged, so the tag and the bytes sent are of the same instant (before, about one read in a few
-    hundred failed its tag and broke the connection while another process wrote the page). A bare mapping
-    is copied up to 64 KiB; a region with its file (as the exporter registers them) is read with pread
-    at any size, here 1 MiB."""
-    size = (1 << 20) if with_file else PAGE
+    hundred failed its tag and broke the connection while another process wrote the page). Up to 64 KiB
+    a reply is a copy: from a bare mapping, or a pread of a region with its file (as the exporter
+    registers them), here 64 KiB of it."""
+    size = (64 << 10) if with_file else PAGE
     path = tmp_path / "ctl-0000.rgn"
     path.write_bytes(bytes(size))
     fd = os.open(path, os.O_RDWR)
@@ -869,8 +869,9 @@ async def test_reads_of_memory_written_meanwhile_pass_their_tags(nursery, tmp_pa
 
 async def test_reads_of_holes_allocate_no_region_memory(nursery):
     """Issue 15 item 11: the exporter read holes through its MAP_SHARED mapping, and every read fault
-    allocated a tmpfs page, so reading a sparse region filled /dev/shm. Reads of the file leave holes
-    unallocated and still return zeros for them and the data for written pages."""
+    allocated a tmpfs page, so reading a sparse region filled /dev/shm. A small reply is a pread of the
+    file, and a large one sends the hole before a range's first data page as zeros: holes stay
+    unallocated, and the replies hold zeros for them and the data for written pages."""
     size = 64 << 20
     with tempfile.TemporaryDirectory(dir="/dev/shm") as d:       # tmpfs, as region directories are
         path = os.path.join(d, "data-0002.rgn")
@@ -889,11 +890,14 @@ async def test_reads_of_holes_allocate_no_region_memory(nursery):
                 rkey = (await c.register()).by_id(2).rkey
                 small = bytearray(3 * PAGE)                        # hole, data, hole: one small reply
                 big = bytearray(32 << 20)                          # 1 MiB reads of holes only
+                lead = bytearray(6 * PAGE)                         # a hole, then data at its end
                 await c.read_batch([ReadOp(rkey, 4 * PAGE, memoryview(small))])
                 await c.read_batch([ReadOp(rkey, off, memoryview(big)[off - (16 << 20):][:1 << 20])
                                     for off in range(16 << 20, 48 << 20, 1 << 20)])
+                await c.read_batch([ReadOp(rkey, 0, memoryview(lead)), ReadOp(rkey, 8 << 20, memoryview(big)[:1 << 20])])
             assert small == bytes(PAGE) + b"d" * PAGE + bytes(PAGE)
             assert big == bytes(len(big))
+            assert lead == bytes(5 * PAGE) + b"d" * PAGE
             assert os.fstat(fd).st_blocks == allocated, "reads allocated region pages"
         finally:
             os.close(fd)
