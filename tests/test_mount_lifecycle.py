@@ -76,6 +76,7 @@ def test_msync_of_scattered_pages_marks_exactly_those_pages(rig: Rig) -> None:
         for p in pages:
             m[p * PAGE_SIZE + 10:p * PAGE_SIZE + 20] = b"0123456789"
         m.flush()
+        os.fsync(f.fileno())        # journals the overwrites' times now (else the flush would, on a new page)
     runs = dirty_runs(rig.regiondir)
     marked = data_pages(runs["current"])
     # The file sits in the first 256 pages' extents, in order: map file pages to region pages.
