@@ -61,7 +61,8 @@ from .errors import (AuthFailed, BackendError, BackendFailed, CapacityExceeded, 
                      SourceUnreachable, TransportFailed, VerifyFailed, backend_failed)
 from .fencing import FenceRefused, request_fence, run_fence_cmd
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
-from .mount import MountOptions, Opened, fresh_regions
+from .opening import Opened, fresh_regions, read_backend
+from .options import MountOptions
 from .regions import CTL_REGION_ID, META_REGION_ID, RegionSet, mark_pages
 from .secure import private_dir
 from .sources.base import FallbackSource, PageFailure, PageSource
@@ -329,7 +330,6 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
     ``load="lazy"``: only the namespace region and the dirty pages are in when this returns; the returned
     ``Opened.background`` loads the rest of the baseline once the filesystem serves (``BackgroundLoad``).
     """
-    from .mount import read_backend
 
     report = report or RecoveryReport(dry_run=dry_run, baseline_only=baseline_only)
     t_total = time.monotonic()

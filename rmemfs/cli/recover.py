@@ -28,7 +28,9 @@ from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 at start-up, no
 from .. import PAGE_SIZE
 from ..errors import QuietError
 from ..exits import EXIT_USAGE
-from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options
+from ..host import check_environment, check_mountpoint
+from ..launch import ExporterLaunch
+from ..options import parse_options
 from ..exporter import RetireRefused, retire
 from ..store import StoreOptions, open_store
 from ..recovery import ProgressEvent, RecoveryReport, recover, write_report

@@ -35,7 +35,9 @@ from .. import control
 from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 now, not on the takeover's clock)
 from ..errors import BackendError, CommandError, CorruptionError, QuietError, backend_failed
 from ..exits import EXIT_USAGE
-from ..mount import check_environment, check_mountpoint, parse_options, read_backend
+from ..host import check_environment, check_mountpoint
+from ..opening import read_backend
+from ..options import parse_options
 from ..recovery import parse_source
 from ..sdnotify import notify
 from ..store import STATE_CLEAN, StoreOptions, open_store
