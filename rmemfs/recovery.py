@@ -54,8 +54,7 @@ import trio
 
 from . import PAGE_SIZE, faults
 from .core import Filesystem
-from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_header,
-                    parse_list_count)
+from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_list_count)
 from .errors import (AuthFailed, BackendError, BackendFailed, CapacityExceeded, CorruptionError, EpochMismatch,
                      FenceFailed, NamespaceInconsistent, RecoveryError, RegionsFailed, SourceAlive, SourceFsidMismatch,
                      SourceUnreachable, TransportFailed, VerifyFailed, backend_failed)
@@ -68,10 +67,10 @@ from .secure import private_dir
 from .sources.base import FallbackSource, PageFailure, PageSource
 from .sources.baseline import BaselineSource
 from .sources.lazy import LazyLoader, Residency
-from .sources.remote import RemoteSource
+from .sources.remote import RemoteSource, read_exact, read_source_header
 from .store import BaselineStore, Manifest
 from .transport import load as load_transport, resolve
-from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, ReadOp, RegionDesc, RegionRole,
+from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, ReadOp, RegionRole,
                              TransportError, TransportUnavailable)
 
 log = logging.getLogger(__name__)
@@ -220,13 +219,6 @@ def parse_source(text: str, manifest: Manifest, default_port: int) -> tuple[str,
     return text.strip("[]"), int(manifest.owner.get("exporter_port") or default_port)
 
 
-async def _read_exact(conn: Connection, desc: RegionDesc, offset: int, length: int) -> bytearray:
-    buf = bytearray(length)
-    conn.register_local(memoryview(buf))
-    await conn.read(desc.rkey, offset, memoryview(buf))
-    return buf
-
-
 async def connect_source(transport: str, host: str, port: int, fsid: str, secret: bytes,
                          timeout: float) -> tuple[Connection, Catalog]:
     name = resolve(transport)
@@ -239,22 +231,18 @@ async def connect_source(transport: str, host: str, port: int, fsid: str, secret
     return conn, catalog
 
 
-async def _read_ctl_header(conn: Connection, catalog: Catalog) -> CtlHeader:
-    return parse_header(await _read_exact(conn, catalog.by_id(CTL_REGION_ID), 0, PAGE_SIZE))
-
-
 async def read_source_state(conn: Connection, catalog: Catalog, report: RecoveryReport) -> SourceState:
     """Read the ctl header and both dirty lists; reject entries that name pages outside their region."""
     ctl = catalog.by_id(CTL_REGION_ID)
-    header = await _read_ctl_header(conn, catalog)
+    header = await read_source_header(conn, catalog)
     lists: dict[str, list[tuple[int, int, int]]] = {}
     sizes = {r.region_id: r.length // PAGE_SIZE for r in catalog.regions if r.role is not RegionRole.CTL}
     for label, index in (("flushing", header.flushing), ("current", header.active)):
         off = list_offset(index, header.capacity)
         if off + list_bytes(header.capacity) > ctl.length:
             raise CorruptionError(f"dirty list {index} lies outside the ctl region ({ctl.length} bytes)")
-        count = parse_list_count(await _read_exact(conn, ctl, off, PAGE_SIZE), header.capacity)
-        raw = await _read_exact(conn, ctl, off + PAGE_SIZE, count * 8) if count else bytearray()
+        count = parse_list_count(await read_exact(conn, ctl, off, PAGE_SIZE), header.capacity)
+        raw = await read_exact(conn, ctl, off + PAGE_SIZE, count * 8) if count else bytearray()
         runs = parse_entries(raw)
         bad = [i for i, (region_id, first, n) in enumerate(runs) if first + n > sizes.get(region_id, 0)]
         for i in bad:
@@ -279,7 +267,7 @@ async def check_source_dead(state: SourceState) -> None:
     await trio.sleep(max(0.0, state.liveness_deadline - time.monotonic()))
     first = state.header
     try:
-        again = await _read_ctl_header(state.conn, state.catalog)
+        again = await read_source_header(state.conn, state.catalog)
     except (TransportError, CorruptionError) as e:
         raise TransportFailed(f"re-reading the source's heartbeat: {e}") from None
     if again.heartbeat != first.heartbeat:
@@ -455,7 +443,7 @@ async def open_source(source: str | None, transport: str, manifest: Manifest, fs
         raise TransportFailed(f"source {host}:{port}: {e}") from None
     report.transport = conn.transport
     try:
-        header = await _read_ctl_header(conn, catalog)
+        header = await read_source_header(conn, catalog)
     except (TransportError, CorruptionError) as e:
         await conn.aclose()
         raise TransportFailed(f"reading the ctl header from {host}:{port}: {e}") from None
