@@ -62,7 +62,8 @@ from .fencing import FenceRefused, request_fence, run_fence_cmd
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
 from .opening import Opened, fresh_regions, read_backend
 from .options import MountOptions
-from .regions import CTL_REGION_ID, META_REGION_ID, RegionSet, mark_pages
+from .pagemap import PageMaps, Run
+from .regions import CTL_REGION_ID, META_REGION_ID, RegionSet
 from .secure import private_dir
 from .sources.base import FallbackSource, PageFailure, PageSource
 from .sources.baseline import BaselineSource
@@ -208,7 +209,7 @@ class SourceState:
     conn: Connection
     catalog: Catalog
     header: CtlHeader
-    lists: dict[str, list[tuple[int, int, int]]]     # "flushing", "current" -> runs, in apply order
+    lists: dict[str, list[Run]]     # "flushing", "current" -> runs, in apply order
     liveness_deadline: float | None = None           # when to re-read the heartbeat
 
 
@@ -235,7 +236,7 @@ async def read_source_state(conn: Connection, catalog: Catalog, report: Recovery
     """Read the ctl header and both dirty lists; reject entries that name pages outside their region."""
     ctl = catalog.by_id(CTL_REGION_ID)
     header = await read_source_header(conn, catalog)
-    lists: dict[str, list[tuple[int, int, int]]] = {}
+    lists: dict[str, list[Run]] = {}
     sizes = {r.region_id: r.length // PAGE_SIZE for r in catalog.regions if r.role is not RegionRole.CTL}
     for label, index in (("flushing", header.flushing), ("current", header.active)):
         off = list_offset(index, header.capacity)
@@ -275,29 +276,17 @@ async def check_source_dead(state: SourceState) -> None:
                           f"pid {again.pid}): unmount it, or stop it, before recovering")
 
 
-def fetch_plan(state: SourceState, extra: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+def fetch_plan(state: SourceState, extra: list[Run]) -> list[Run]:
     """Runs to read, in apply order: flushing list, then current list, then corrupt baseline pages.
 
     A page already read earlier is not read again: the source is fenced, so a
     second read would return the same bytes (the source is fenced).
     """
-    seen: dict[int, bytearray] = {}
-    plan: list[tuple[int, int, int]] = []
+    seen = PageMaps()
+    plan: list[Run] = []
     for runs in (state.lists.get("flushing", []), state.lists.get("current", []), merge_runs(extra)):
         for region_id, first, n in runs:
-            mark = seen.get(region_id)
-            if mark is None:
-                mark = seen[region_id] = bytearray(state.catalog.by_id(region_id).length // PAGE_SIZE)
-            page, end = first, first + n
-            while page < end:
-                if mark[page]:
-                    page += 1
-                    continue
-                stop = mark.find(1, page, end)
-                stop = end if stop < 0 else stop
-                plan.append((region_id, page, stop - page))
-                mark[page:stop] = b"\x01" * (stop - page)
-                page = stop
+            plan += seen.claim(region_id, first, n, state.catalog.by_id(region_id).length // PAGE_SIZE)
     return plan
 
 
@@ -626,7 +615,7 @@ class ReconnectingSource:
         self.write = write
         self._lock = trio.Lock()     # lanes call concurrently: one connection, dropped once
 
-    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+    async def make_resident(self, runs: list[Run]) -> list[PageFailure]:
         async with self._lock:       # costs no parallelism: RemoteSource reads one batch at a time anyway
             if self.conn is not None and self.conn.peer_closed():
                 # Dropped while we held it (the exporter's idle timeout): reconnect now rather than
@@ -684,7 +673,7 @@ class _Planner:
 
 
 async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: RegionWriter, fetcher: Fetcher | None,
-                          plan: list[tuple[int, int, int]], report: RecoveryReport,
+                          plan: list[Run], report: RecoveryReport,
                           on_progress: ProgressCallback | None) -> LoadResult:
     """Copy the baseline into the regions while the planned pages are fetched over it.
 
@@ -759,7 +748,7 @@ class Fetcher:
             state.conn.register_local(buf)
             self._return.send_nowait(buf)
 
-    async def fetch(self, plan: list[tuple[int, int, int]], bar: Progress, phase: str = "page fetch") -> None:
+    async def fetch(self, plan: list[Run], bar: Progress, phase: str = "page fetch") -> None:
         t = time.monotonic()
         nbytes = sum(n for _, _, n in plan) * PAGE_SIZE
         try:
@@ -785,7 +774,7 @@ class Fetcher:
         self.report.dirty_pages_fetched += nbytes // PAGE_SIZE
         self.report.dirty_bytes_fetched += nbytes
 
-    async def compare(self, plan: list[tuple[int, int, int]], regions: RegionSet) -> int:
+    async def compare(self, plan: list[Run], regions: RegionSet) -> int:
         """Re-read the plan's pages from the source into the same registered bounce buffers (a new buffer
         per run would register, and pin, memory that grows with the dirty set) and compare them with
         the rebuilt regions; returns the pages checked, raises VerifyFailed at the first mismatch."""
@@ -812,7 +801,7 @@ class Fetcher:
                 self._return.send_nowait(buf)
         return checked
 
-    async def _write_out(self, batch: list[tuple[int, int, int]], buf: memoryview) -> None:
+    async def _write_out(self, batch: list[Run], buf: memoryview) -> None:
         def write_batch() -> None:
             at = 0
             for region_id, first, n in batch:
@@ -824,9 +813,9 @@ class Fetcher:
             self._return.send_nowait(buf)
 
 
-def _batches(plan: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
+def _batches(plan: list[Run]) -> Iterator[list[Run]]:
     """The plan's runs cut into reads of at most MAX_READ_PAGES, packed into bounce-buffer loads."""
-    batch: list[tuple[int, int, int]] = []
+    batch: list[Run] = []
     size = 0
     for region_id, first, n in plan:
         for start in range(first, first + n, MAX_READ_PAGES):
@@ -840,15 +829,15 @@ def _batches(plan: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, 
         yield batch
 
 
-def _page_marks(runs: list[tuple[int, int, int]], regions: RegionSet) -> dict[int, bytearray]:
+def _page_marks(runs: list[Run], regions: RegionSet) -> PageMaps:
     """One byte per page of each region, 1 where ``runs`` name the page."""
-    marks: dict[int, bytearray] = {}
+    marks = PageMaps()
     for region_id, first, n in runs:
-        mark_pages(marks, region_id, first, n, regions[region_id].pages)
+        marks.mark(region_id, first, n, regions[region_id].pages)
     return marks
 
 
-def _long_runs(runs: list[tuple[int, int, int]], regions: RegionSet) -> dict[int, bytearray]:
+def _long_runs(runs: list[Run], regions: RegionSet) -> PageMaps:
     """Page marks of the runs long enough to be worth cutting out of the baseline load."""
     return _page_marks([r for r in runs if r[2] >= SKIP_LOAD_PAGES], regions)
 
@@ -878,8 +867,8 @@ def _recovery_region_dir(opts: MountOptions, fsid: str, epoch: int) -> Path:
     return chosen.with_name(f"{chosen.name}.e{epoch}")
 
 
-async def _verify(load_plan: LoadPlan, fetcher: Fetcher | None, plan: list[tuple[int, int, int]],
-                  regions: RegionSet, fetched: dict[int, bytearray]) -> int:
+async def _verify(load_plan: LoadPlan, fetcher: Fetcher | None, plan: list[Run],
+                  regions: RegionSet, fetched: PageMaps) -> int:
     """Re-read every fetched page from the source and every baseline page's checksum; raise on a mismatch."""
     checked = await fetcher.compare(plan, regions) if fetcher is not None and plan else 0
     bad, baseline_pages = load_plan.check_regions(lambda rid: regions[rid].view, exclude=fetched)

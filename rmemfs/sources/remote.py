@@ -19,6 +19,7 @@ from ..dirty import CtlHeader, parse_header
 from ..loader import RegionWriter
 from ..regions import CTL_REGION_ID
 from ..transport.base import Catalog, Connection, ReadOp, RegionDesc, RemoteAccessError, TransportError
+from ..pagemap import Run
 from .base import PageFailure
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class RemoteSource:
         self.bytes_read = 0
         self.broken: str | None = None            # why the connection failed (not just a read refused)
 
-    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+    async def make_resident(self, runs: list[Run]) -> list[PageFailure]:
         pieces = [(rid, p, min(MAX_READ_PAGES, first + n - p)) for rid, first, n in runs
                   for p in range(first, first + n, MAX_READ_PAGES)]
         failed: list[PageFailure] = []
@@ -71,7 +72,7 @@ class RemoteSource:
                     failed.extend(PageFailure(rid, p + k, self.where, why) for (rid, p, n), _ in batch for k in range(n))
                     continue
 
-                def write_out(batch: list[tuple[tuple[int, int, int], int]] = batch) -> None:
+                def write_out(batch: list[tuple[Run, int]] = batch) -> None:
                     for (rid, p, n), off in batch:
                         self.write(rid, p * PAGE_SIZE, self._buf[off:off + n * PAGE_SIZE])
                 await trio.to_thread.run_sync(write_out)
