@@ -96,9 +96,9 @@ def run_main(prog: str, body: Callable[[], int]) -> NoReturn:
         sys.exit(exit_code(e))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(130)       # the shell's convention for a SIGINT (128 + 2), not a code of exits.TABLE
     except Exception as e:   # a bug: one line for the user, the traceback in the log at debug level
         log.debug("unexpected failure", exc_info=True)
         print(f"{prog}: error: unexpected {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(X.EXIT_ERROR)
     sys.exit(code)
