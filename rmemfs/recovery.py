@@ -45,7 +45,7 @@ import logging
 import mmap
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Iterator
@@ -54,10 +54,11 @@ import trio
 
 from . import PAGE_SIZE, faults
 from .core import Filesystem
-from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_list_count)
+from .dirty import CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_list_count
 from .errors import (AuthFailed, BackendError, BackendFailed, CapacityExceeded, CorruptionError, EpochMismatch,
                      FenceFailed, NamespaceInconsistent, RecoveryError, RegionsFailed, SourceAlive, SourceFsidMismatch,
                      SourceUnreachable, TransportFailed, VerifyFailed, backend_failed)
+from .exporter import exporter_alive
 from .fencing import FenceRefused, request_fence, run_fence_cmd
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
 from .opening import Opened, fresh_regions, read_backend
@@ -853,14 +854,12 @@ def _first_quiet(group: BaseExceptionGroup) -> BaseException:
 
 
 def _shaped(manifest: Manifest, regions: dict[int, int]) -> Manifest:
-    from dataclasses import replace
     return replace(manifest, regions=regions)
 
 
 def _recovery_region_dir(opts: MountOptions, fsid: str, epoch: int) -> Path:
     """The configured region directory, unless a live exporter (a local source) still serves it:
     its memory is what we are reading, so the new regions go beside it."""
-    from .exporter import exporter_alive
     chosen = opts.region_dir(fsid)
     if not exporter_alive(chosen):
         return chosen
