@@ -644,6 +644,8 @@ def _extent_pieces(offset: int, end: int) -> Iterator[tuple[int, int, int, int]]
 
 
 def _extent_runs(extents: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(region id, first extent, extent count) runs of the given extents: counted in extents, not a
+    pagemap.Run of pages."""
     runs: list[tuple[int, int, int]] = []
     for region_id, ext in sorted(extents):
         if runs and runs[-1][0] == region_id and runs[-1][1] + runs[-1][2] == ext:

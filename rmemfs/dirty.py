@@ -46,7 +46,8 @@ from collections.abc import Iterator
 
 from . import PAGE_SIZE
 from .errors import CorruptionError
-from .regions import CTL_REGION_ID, mark_pages, region_file_name
+from .pagemap import PageMaps, Run
+from .regions import CTL_REGION_ID, region_file_name
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def encode_entry(region_id: int, first_page: int, npages: int) -> int:
     return region_id << 48 | first_page << 16 | (npages - 1)
 
 
-def decode_entry(entry: int) -> tuple[int, int, int]:
+def decode_entry(entry: int) -> Run:
     return entry >> 48, (entry >> 16) & 0xFFFFFFFF, (entry & 0xFFFF) + 1
 
 
@@ -129,7 +130,7 @@ def read_ctl_header(region_dir: Path) -> CtlHeader:
         return parse_header(f.read(PAGE_SIZE))
 
 
-def parse_entries(raw: bytes | bytearray | memoryview) -> list[tuple[int, int, int]]:
+def parse_entries(raw: bytes | bytearray | memoryview) -> list[Run]:
     """Stored entries (little-endian words) as (region id, first page, npages); decode_entry, inlined."""
     words = array("Q", bytes(raw))
     if sys.byteorder != "little":
@@ -151,7 +152,7 @@ class DirtyList:
         self.capacity = capacity
         self._header = view[:PAGE_SIZE].cast("Q")
         self._entries = view[PAGE_SIZE:PAGE_SIZE + capacity * 8].cast("Q")
-        self._seen: dict[int, bytearray] = {}
+        self._seen = PageMaps()      # the pages this list names
 
     @property
     def count(self) -> int:
@@ -165,9 +166,7 @@ class DirtyList:
         self._header[L_COUNT] = 0
 
     def add(self, region_id: int, first_page: int, npages: int, region_pages: int) -> None:
-        seen = self._seen.get(region_id)
-        if seen is None:
-            seen = self._seen[region_id] = bytearray(region_pages)
+        seen = self._seen.map(region_id, region_pages)
         end = first_page + npages
         if seen.find(0, first_page, end) < 0:
             return
@@ -176,9 +175,7 @@ class DirtyList:
 
     def covers(self, region_id: int, first_page: int, npages: int) -> bool:
         """Whether every page of the run is already on this list."""
-        seen = self._seen.get(region_id)
-        return seen is not None and seen.find(0, first_page, first_page + npages) < 0 \
-            and len(seen) >= first_page + npages
+        return self._seen.all_marked(region_id, first_page, npages)
 
     def append_run(self, region_id: int, first_page: int, npages: int) -> None:
         """Append entries for a run without consulting the dedup map."""
@@ -202,7 +199,7 @@ class DirtyList:
             self._header[L_COUNT] = count
             page += n
 
-    def extend(self, runs: list[tuple[int, int, int]], region_pages: dict[int, int]) -> None:
+    def extend(self, runs: list[Run], region_pages: dict[int, int]) -> None:
         """Append many runs at once (a recovery marking every page it fetched): the entries are stored
         in one slice, then the count that covers them, then the dedup map learns of them."""
         entries = array("Q", [region_id << 48 | first << 16 | (n - 1) for region_id, first, n in runs
@@ -217,14 +214,14 @@ class DirtyList:
         self._entries[count:count + len(entries)] = memoryview(entries)
         self._header[L_COUNT] = count + len(entries)
         for region_id, first, n in runs:
-            mark_pages(self._seen, region_id, first, n, region_pages[region_id])
+            self._seen.mark(region_id, first, n, region_pages[region_id])
 
     def region_grew(self, region_id: int, pages: int) -> None:
         seen = self._seen.get(region_id)
         if seen is not None and len(seen) < pages:
             seen.extend(bytes(pages - len(seen)))
 
-    def runs(self) -> list[tuple[int, int, int]]:
+    def runs(self) -> list[Run]:
         """The marked runs, merged and sorted: (region_id, first_page, npages)."""
         return merge_runs(decode_entry(e) for e in self._entries[:self.count])
 
@@ -236,8 +233,8 @@ class DirtyList:
         self._seen.clear()
 
 
-def merge_runs(runs: Iterator[tuple[int, int, int]] | list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    out: list[tuple[int, int, int]] = []
+def merge_runs(runs: Iterator[Run] | list[Run]) -> list[Run]:
+    out: list[Run] = []
     for region_id, first, n in sorted(runs):
         if out and out[-1][0] == region_id and first <= out[-1][1] + out[-1][2]:
             r, f, m = out[-1]
@@ -323,7 +320,7 @@ class DirtyTracker:
         if self.enabled:
             self.current.add(region_id, first_page, npages, self.region_pages[region_id])
 
-    def mark_runs(self, runs: list[tuple[int, int, int]]) -> None:
+    def mark_runs(self, runs: list[Run]) -> None:
         """``mark`` for many disjoint runs at once."""
         if self.preserver is not None:
             for region_id, first_page, npages in runs:

@@ -70,7 +70,7 @@ from pathlib import Path
 from . import PAGE_SIZE
 from .dirty import W_FENCE, parse_header
 from .regions import CTL_REGION_ID, region_file_name
-from .transport.base import ControlExtension
+from .transport.base import Connection, ControlExtension, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -133,20 +133,16 @@ class FenceExtension(ControlExtension):
         return json.dumps({"ok": True, **done}).encode()
 
 
-async def request_fence(conn: object, epoch: int) -> dict[str, int]:
+async def request_fence(conn: Connection, epoch: int) -> dict[str, int]:
     """Ask the source's exporter to fence its filesystem for ``epoch``; returns its reply.
 
-    ``conn`` is a transport connection; a verbs connection's control channel is
-    its software connection. Raises FenceRefused when the exporter refuses or
-    does not know the request (an exporter older than fencing).
+    The request is a control extension (``Connection.call_extension``; a verbs
+    connection sends it over its software control channel). Raises FenceRefused
+    when the exporter refuses or does not know the request (an exporter older
+    than fencing), or the transport has no control channel.
     """
-    control = getattr(conn, "_control", conn)
-    call = getattr(control, "call_extension", None)
-    if call is None:
-        raise FenceRefused(f"transport {getattr(conn, 'transport', '?')} has no control channel for fencing")
-    from .transport.base import TransportError
     try:
-        reply = json.loads(await call(EXTENSION, json.dumps({"epoch": epoch}).encode()))
+        reply = json.loads(await conn.call_extension(EXTENSION, json.dumps({"epoch": epoch}).encode()))
     except TransportError as e:
         raise FenceRefused(f"the exporter did not fence: {e}") from None
     except ValueError as e:

@@ -37,7 +37,8 @@ import trio
 from . import PAGE_SIZE, faults
 from .dirty import merge_runs
 from .errors import FencedError
-from .regions import CTL_REGION_ID, RegionSet, mark_pages
+from .pagemap import PageMaps, Run
+from .regions import CTL_REGION_ID, RegionSet
 from .store.base import BaselineStore
 from .store.format import ZERO_BYTES, Manifest, SegmentInfo, next_manifest
 from .store.live import LiveMap
@@ -62,20 +63,20 @@ class Snapshot:
     page through the mapping would allocate it again.
     """
 
-    def __init__(self, runs: list[tuple[int, int, int]], regions: RegionSet) -> None:
+    def __init__(self, runs: list[Run], regions: RegionSet) -> None:
         self.regions = regions
         self.lock = threading.Lock()
-        self.pending: dict[int, bytearray] = {}
-        self.zero: dict[int, bytearray] = {}
+        self.pending = PageMaps()      # pages still to be captured
+        self.zero = PageMaps()         # pages of free extents: zeros, never read
         self.saved: dict[tuple[int, int], bytes] = {}
         # On the event loop, inside the flush's atomic section: per free stretch of a region, not per run
         # (20,000 scattered runs took 0.1 s here, a stall every request and the heartbeat saw).
         for region_id, first, n in runs:
-            mark_pages(self.pending, region_id, first, n, regions[region_id].pages)
+            self.pending.mark(region_id, first, n, regions[region_id].pages)
         for region_id, pending in self.pending.items():
             for a, b in regions.free_page_ranges(region_id, 0, len(pending)):
                 if pending.find(1, a, b) >= 0:
-                    self.zero.setdefault(region_id, bytearray(len(pending)))[a:b] = pending[a:b]
+                    self.zero.map(region_id, len(pending))[a:b] = pending[a:b]
                     pending[a:b] = bytes(b - a)
 
     def preserve(self, region_id: int, first_page: int, npages: int) -> None:
@@ -294,7 +295,7 @@ class Flusher:
                   " (full)" if full else "")
         return generation
 
-    def _write_segment(self, snapshot: Snapshot, runs: list[tuple[int, int, int]],
+    def _write_segment(self, snapshot: Snapshot, runs: list[Run],
                        generation: int) -> tuple[SegmentInfo, list[tuple[int, int, list[bool]]]]:
         writer = self.backend.new_segment(self.manifest.fsid, self.manifest.epoch, generation)
         updates: list[tuple[int, int, list[bool]]] = []

@@ -33,13 +33,14 @@ from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import xxhash
 
 from . import PAGE_SIZE
 from .errors import CorruptionError
-from .regions import RegionSet, mark_pages
+from .pagemap import PageMaps, Run, unset_runs
+from .regions import RegionSet
 from .store.base import BaselineStore, SegmentReader
 from .store.format import ZERO_PAGE, Manifest, SegmentInfo, split_key
 from .store.live import LiveMap
@@ -92,18 +93,18 @@ class LoadPlan:
     region_pages: dict[int, int]
     runs: list[CopyRun]                    # in segment order, then data order
     live: LiveMap                          # the whole published generation, cut pages included
-    covered: dict[int, bytearray] = field(init=False)   # region id -> 1 for each page a copy run writes
+    covered: PageMaps = field(init=False)               # 1 for each page a copy run writes
     bytes: int = field(init=False)
     spans: list[Span] = field(init=False)               # the reads, in the order they are issued
 
     def __post_init__(self) -> None:
-        self.covered = {}
+        self.covered = PageMaps()
         for run in self.runs:
-            mark_pages(self.covered, run.region_id, run.first_page, run.npages, self.region_pages[run.region_id])
+            self.covered.mark(run.region_id, run.first_page, run.npages, self.region_pages[run.region_id])
         self.bytes = sum(run.npages for run in self.runs) * PAGE_SIZE
         self.spans = _interleave_lanes(list(self._make_spans()))
 
-    def cut(self, skip: dict[int, bytearray]) -> LoadPlan:
+    def cut(self, skip: Mapping[int, bytearray]) -> LoadPlan:
         """The same plan without the pages marked in ``skip`` (region id -> one byte per page), which the
         caller writes from elsewhere. They stay in the live map: they are part of the baseline."""
         runs: list[CopyRun] = []
@@ -113,7 +114,7 @@ class LoadPlan:
             if run.first_page >= len(marks) or marks.find(1, run.first_page, end) < 0:
                 runs.append(run)
                 continue
-            for a, b in _clear_ranges(marks, run.first_page, end):
+            for a, b in unset_runs(marks, run.first_page, end):
                 moved = a - run.first_page
                 runs.append(replace(run, first_page=a, npages=b - a, data_offset=run.data_offset + moved * PAGE_SIZE,
                                     entry=run.entry + moved))
@@ -136,8 +137,8 @@ class LoadPlan:
         if group:
             yield _span(group)
 
-    def split_covered(self, runs: list[tuple[int, int, int]]) -> tuple[list[tuple[int, int, int]],
-                                                                      list[tuple[int, tuple[int, int, int]]]]:
+    def split_covered(self, runs: list[Run]) -> tuple[list[Run],
+                                                                      list[tuple[int, Run]]]:
         """Split (region id, first page, count) runs into the parts no copy run writes, and the rest, each
         tagged with the number of spans that must be copied before it may be written over."""
         span_of: dict[int, array] = {}
@@ -147,11 +148,11 @@ class LoadPlan:
                 if m is None:
                     m = span_of[run.region_id] = array("l", [-1]) * len(self.covered[run.region_id])
                 m[run.first_page:run.first_page + run.npages] = array("l", [k]) * run.npages
-        free: list[tuple[int, int, int]] = []
-        written: list[tuple[int, tuple[int, int, int]]] = []
+        free: list[Run] = []
+        written: list[tuple[int, Run]] = []
         for region_id, first, n in runs:
             done = first
-            for a, b in _clear_ranges(self.covered.get(region_id, b""), first, first + n):
+            for a, b in unset_runs(self.covered.get(region_id, b""), first, first + n):
                 if a > done:
                     written.append((max(span_of[region_id][done:a]) + 1, (region_id, done, a - done)))
                 free.append((region_id, a, b - a))
@@ -249,13 +250,13 @@ class LoadPlan:
             result.bytes += run.npages * PAGE_SIZE
 
     def check_regions(self, view_of: Callable[[int], memoryview],
-                      exclude: dict[int, bytearray]) -> tuple[list[tuple[int, int]], int]:
+                      exclude: Mapping[int, bytearray]) -> tuple[list[tuple[int, int]], int]:
         """Check the copied pages in the regions against their baseline checksums, leaving out the pages
         marked in ``exclude``. Returns the (region id, page) that differ and the number of pages checked."""
         bad: list[tuple[int, int]] = []
         checked = 0
         for run in self.runs:
-            for a, b in _clear_ranges(exclude.get(run.region_id, b""), run.first_page, run.first_page + run.npages):
+            for a, b in unset_runs(exclude.get(run.region_id, b""), run.first_page, run.first_page + run.npages):
                 got = _page_digests(view_of(run.region_id), a * PAGE_SIZE, b - a)
                 entry = run.entry + a - run.first_page
                 want = self.digests[run.segment][entry:entry + b - a]
@@ -301,7 +302,7 @@ def plan_load(store: BaselineStore, manifest: Manifest) -> LoadPlan:
     """Read and verify every segment index of the published generation and plan its copy."""
     segments = sorted(manifest.segments, key=lambda s: s.generation, reverse=True)
     region_pages = {rid: length // PAGE_SIZE for rid, length in manifest.regions.items()}
-    seen = {rid: bytearray(n) for rid, n in region_pages.items()}     # 1 = a newer segment has this page
+    seen = PageMaps({rid: bytearray(n) for rid, n in region_pages.items()})    # 1 = a newer segment has it
     digests: list[memoryview] = []
     runs: list[CopyRun] = []
     live = LiveMap()
@@ -325,7 +326,7 @@ def plan_load(store: BaselineStore, manifest: Manifest) -> LoadPlan:
             start = offsets[entry]
             if start < PAGE_SIZE or start + n * PAGE_SIZE > data_end:
                 raise CorruptionError(f"{path}: data of region {region_id} page {first} lies outside the segment")
-            for a, b in _clear_ranges(taken, first, first + n):
+            for a, b in unset_runs(taken, first, first + n):
                 live.set_range(region_id, a, b - a)
                 runs.append(CopyRun(seg_no, region_id, a, b - a, start + (a - first) * PAGE_SIZE, entry + (a - first)))
             taken[first:first + n] = b"\x01" * n
@@ -365,20 +366,6 @@ def _stretches(keys: memoryview, offsets: memoryview) -> Iterator[tuple[int, int
                     bad = mid
         yield i, good, True
         i += good
-
-
-def _clear_ranges(marks: bytes | bytearray, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """[a, b) sub-ranges of [start, end) where ``marks`` holds no 1 (beyond its end counts as clear)."""
-    page = start
-    while page < end:
-        hit = marks.find(1, page, end) if page < len(marks) else -1
-        stop = end if hit < 0 else hit
-        if stop > page:
-            yield page, stop
-        if hit < 0:
-            return
-        nxt = marks.find(0, hit, end)
-        page = nxt if nxt >= 0 else min(end, len(marks))
 
 
 def load(store: BaselineStore, manifest: Manifest, write: RegionWriter,

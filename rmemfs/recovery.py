@@ -45,7 +45,7 @@ import logging
 import mmap
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Iterator
@@ -54,23 +54,25 @@ import trio
 
 from . import PAGE_SIZE, faults
 from .core import Filesystem
-from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_header,
-                    parse_list_count)
+from .dirty import CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_list_count
 from .errors import (AuthFailed, BackendError, BackendFailed, CapacityExceeded, CorruptionError, EpochMismatch,
                      FenceFailed, NamespaceInconsistent, RecoveryError, RegionsFailed, SourceAlive, SourceFsidMismatch,
                      SourceUnreachable, TransportFailed, VerifyFailed, backend_failed)
+from .exporter import exporter_alive
 from .fencing import FenceRefused, request_fence, run_fence_cmd
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
-from .mount import MountOptions, Opened, fresh_regions
-from .regions import CTL_REGION_ID, META_REGION_ID, RegionSet, mark_pages
+from .opening import Opened, fresh_regions, read_backend
+from .options import MountOptions
+from .pagemap import PageMaps, Run
+from .regions import CTL_REGION_ID, META_REGION_ID, RegionSet
 from .secure import private_dir
 from .sources.base import FallbackSource, PageFailure, PageSource
 from .sources.baseline import BaselineSource
 from .sources.lazy import LazyLoader, Residency
-from .sources.remote import RemoteSource
+from .sources.remote import RemoteSource, read_exact, read_source_header
 from .store import BaselineStore, Manifest
 from .transport import load as load_transport, resolve
-from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, ReadOp, RegionDesc, RegionRole,
+from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, ReadOp, RegionRole,
                              TransportError, TransportUnavailable)
 
 log = logging.getLogger(__name__)
@@ -208,7 +210,7 @@ class SourceState:
     conn: Connection
     catalog: Catalog
     header: CtlHeader
-    lists: dict[str, list[tuple[int, int, int]]]     # "flushing", "current" -> runs, in apply order
+    lists: dict[str, list[Run]]     # "flushing", "current" -> runs, in apply order
     liveness_deadline: float | None = None           # when to re-read the heartbeat
 
 
@@ -217,13 +219,6 @@ def parse_source(text: str, manifest: Manifest, default_port: int) -> tuple[str,
     if sep and port.isdigit() and "]" not in port:
         return host.strip("[]"), int(port)
     return text.strip("[]"), int(manifest.owner.get("exporter_port") or default_port)
-
-
-async def _read_exact(conn: Connection, desc: RegionDesc, offset: int, length: int) -> bytearray:
-    buf = bytearray(length)
-    conn.register_local(memoryview(buf))
-    await conn.read(desc.rkey, offset, memoryview(buf))
-    return buf
 
 
 async def connect_source(transport: str, host: str, port: int, fsid: str, secret: bytes,
@@ -238,22 +233,18 @@ async def connect_source(transport: str, host: str, port: int, fsid: str, secret
     return conn, catalog
 
 
-async def _read_ctl_header(conn: Connection, catalog: Catalog) -> CtlHeader:
-    return parse_header(await _read_exact(conn, catalog.by_id(CTL_REGION_ID), 0, PAGE_SIZE))
-
-
 async def read_source_state(conn: Connection, catalog: Catalog, report: RecoveryReport) -> SourceState:
     """Read the ctl header and both dirty lists; reject entries that name pages outside their region."""
     ctl = catalog.by_id(CTL_REGION_ID)
-    header = await _read_ctl_header(conn, catalog)
-    lists: dict[str, list[tuple[int, int, int]]] = {}
+    header = await read_source_header(conn, catalog)
+    lists: dict[str, list[Run]] = {}
     sizes = {r.region_id: r.length // PAGE_SIZE for r in catalog.regions if r.role is not RegionRole.CTL}
     for label, index in (("flushing", header.flushing), ("current", header.active)):
         off = list_offset(index, header.capacity)
         if off + list_bytes(header.capacity) > ctl.length:
             raise CorruptionError(f"dirty list {index} lies outside the ctl region ({ctl.length} bytes)")
-        count = parse_list_count(await _read_exact(conn, ctl, off, PAGE_SIZE), header.capacity)
-        raw = await _read_exact(conn, ctl, off + PAGE_SIZE, count * 8) if count else bytearray()
+        count = parse_list_count(await read_exact(conn, ctl, off, PAGE_SIZE), header.capacity)
+        raw = await read_exact(conn, ctl, off + PAGE_SIZE, count * 8) if count else bytearray()
         runs = parse_entries(raw)
         bad = [i for i, (region_id, first, n) in enumerate(runs) if first + n > sizes.get(region_id, 0)]
         for i in bad:
@@ -278,7 +269,7 @@ async def check_source_dead(state: SourceState) -> None:
     await trio.sleep(max(0.0, state.liveness_deadline - time.monotonic()))
     first = state.header
     try:
-        again = await _read_ctl_header(state.conn, state.catalog)
+        again = await read_source_header(state.conn, state.catalog)
     except (TransportError, CorruptionError) as e:
         raise TransportFailed(f"re-reading the source's heartbeat: {e}") from None
     if again.heartbeat != first.heartbeat:
@@ -286,29 +277,17 @@ async def check_source_dead(state: SourceState) -> None:
                           f"pid {again.pid}): unmount it, or stop it, before recovering")
 
 
-def fetch_plan(state: SourceState, extra: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+def fetch_plan(state: SourceState, extra: list[Run]) -> list[Run]:
     """Runs to read, in apply order: flushing list, then current list, then corrupt baseline pages.
 
     A page already read earlier is not read again: the source is fenced, so a
     second read would return the same bytes (the source is fenced).
     """
-    seen: dict[int, bytearray] = {}
-    plan: list[tuple[int, int, int]] = []
+    seen = PageMaps()
+    plan: list[Run] = []
     for runs in (state.lists.get("flushing", []), state.lists.get("current", []), merge_runs(extra)):
         for region_id, first, n in runs:
-            mark = seen.get(region_id)
-            if mark is None:
-                mark = seen[region_id] = bytearray(state.catalog.by_id(region_id).length // PAGE_SIZE)
-            page, end = first, first + n
-            while page < end:
-                if mark[page]:
-                    page += 1
-                    continue
-                stop = mark.find(1, page, end)
-                stop = end if stop < 0 else stop
-                plan.append((region_id, page, stop - page))
-                mark[page:stop] = b"\x01" * (stop - page)
-                page = stop
+            plan += seen.claim(region_id, first, n, state.catalog.by_id(region_id).length // PAGE_SIZE)
     return plan
 
 
@@ -329,7 +308,6 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
     ``load="lazy"``: only the namespace region and the dirty pages are in when this returns; the returned
     ``Opened.background`` loads the rest of the baseline once the filesystem serves (``BackgroundLoad``).
     """
-    from .mount import read_backend
 
     report = report or RecoveryReport(dry_run=dry_run, baseline_only=baseline_only)
     t_total = time.monotonic()
@@ -455,7 +433,7 @@ async def open_source(source: str | None, transport: str, manifest: Manifest, fs
         raise TransportFailed(f"source {host}:{port}: {e}") from None
     report.transport = conn.transport
     try:
-        header = await _read_ctl_header(conn, catalog)
+        header = await read_source_header(conn, catalog)
     except (TransportError, CorruptionError) as e:
         await conn.aclose()
         raise TransportFailed(f"reading the ctl header from {host}:{port}: {e}") from None
@@ -638,7 +616,7 @@ class ReconnectingSource:
         self.write = write
         self._lock = trio.Lock()     # lanes call concurrently: one connection, dropped once
 
-    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+    async def make_resident(self, runs: list[Run]) -> list[PageFailure]:
         async with self._lock:       # costs no parallelism: RemoteSource reads one batch at a time anyway
             if self.conn is not None and self.conn.peer_closed():
                 # Dropped while we held it (the exporter's idle timeout): reconnect now rather than
@@ -696,7 +674,7 @@ class _Planner:
 
 
 async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: RegionWriter, fetcher: Fetcher | None,
-                          plan: list[tuple[int, int, int]], report: RecoveryReport,
+                          plan: list[Run], report: RecoveryReport,
                           on_progress: ProgressCallback | None) -> LoadResult:
     """Copy the baseline into the regions while the planned pages are fetched over it.
 
@@ -771,7 +749,7 @@ class Fetcher:
             state.conn.register_local(buf)
             self._return.send_nowait(buf)
 
-    async def fetch(self, plan: list[tuple[int, int, int]], bar: Progress, phase: str = "page fetch") -> None:
+    async def fetch(self, plan: list[Run], bar: Progress, phase: str = "page fetch") -> None:
         t = time.monotonic()
         nbytes = sum(n for _, _, n in plan) * PAGE_SIZE
         try:
@@ -797,7 +775,7 @@ class Fetcher:
         self.report.dirty_pages_fetched += nbytes // PAGE_SIZE
         self.report.dirty_bytes_fetched += nbytes
 
-    async def compare(self, plan: list[tuple[int, int, int]], regions: RegionSet) -> int:
+    async def compare(self, plan: list[Run], regions: RegionSet) -> int:
         """Re-read the plan's pages from the source into the same registered bounce buffers (a new buffer
         per run would register, and pin, memory that grows with the dirty set) and compare them with
         the rebuilt regions; returns the pages checked, raises VerifyFailed at the first mismatch."""
@@ -824,7 +802,7 @@ class Fetcher:
                 self._return.send_nowait(buf)
         return checked
 
-    async def _write_out(self, batch: list[tuple[int, int, int]], buf: memoryview) -> None:
+    async def _write_out(self, batch: list[Run], buf: memoryview) -> None:
         def write_batch() -> None:
             at = 0
             for region_id, first, n in batch:
@@ -836,9 +814,9 @@ class Fetcher:
             self._return.send_nowait(buf)
 
 
-def _batches(plan: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
+def _batches(plan: list[Run]) -> Iterator[list[Run]]:
     """The plan's runs cut into reads of at most MAX_READ_PAGES, packed into bounce-buffer loads."""
-    batch: list[tuple[int, int, int]] = []
+    batch: list[Run] = []
     size = 0
     for region_id, first, n in plan:
         for start in range(first, first + n, MAX_READ_PAGES):
@@ -852,15 +830,15 @@ def _batches(plan: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, 
         yield batch
 
 
-def _page_marks(runs: list[tuple[int, int, int]], regions: RegionSet) -> dict[int, bytearray]:
+def _page_marks(runs: list[Run], regions: RegionSet) -> PageMaps:
     """One byte per page of each region, 1 where ``runs`` name the page."""
-    marks: dict[int, bytearray] = {}
+    marks = PageMaps()
     for region_id, first, n in runs:
-        mark_pages(marks, region_id, first, n, regions[region_id].pages)
+        marks.mark(region_id, first, n, regions[region_id].pages)
     return marks
 
 
-def _long_runs(runs: list[tuple[int, int, int]], regions: RegionSet) -> dict[int, bytearray]:
+def _long_runs(runs: list[Run], regions: RegionSet) -> PageMaps:
     """Page marks of the runs long enough to be worth cutting out of the baseline load."""
     return _page_marks([r for r in runs if r[2] >= SKIP_LOAD_PAGES], regions)
 
@@ -876,22 +854,20 @@ def _first_quiet(group: BaseExceptionGroup) -> BaseException:
 
 
 def _shaped(manifest: Manifest, regions: dict[int, int]) -> Manifest:
-    from dataclasses import replace
     return replace(manifest, regions=regions)
 
 
 def _recovery_region_dir(opts: MountOptions, fsid: str, epoch: int) -> Path:
     """The configured region directory, unless a live exporter (a local source) still serves it:
     its memory is what we are reading, so the new regions go beside it."""
-    from .exporter import exporter_alive
     chosen = opts.region_dir(fsid)
     if not exporter_alive(chosen):
         return chosen
     return chosen.with_name(f"{chosen.name}.e{epoch}")
 
 
-async def _verify(load_plan: LoadPlan, fetcher: Fetcher | None, plan: list[tuple[int, int, int]],
-                  regions: RegionSet, fetched: dict[int, bytearray]) -> int:
+async def _verify(load_plan: LoadPlan, fetcher: Fetcher | None, plan: list[Run],
+                  regions: RegionSet, fetched: PageMaps) -> int:
     """Re-read every fetched page from the source and every baseline page's checksum; raise on a mismatch."""
     checked = await fetcher.compare(plan, regions) if fetcher is not None and plan else 0
     bad, baseline_pages = load_plan.check_regions(lambda rid: regions[rid].view, exclude=fetched)

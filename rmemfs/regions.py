@@ -24,6 +24,7 @@ from pathlib import Path
 from collections.abc import Iterator
 
 from . import PAGE_SIZE
+from .pagemap import unset_runs
 
 log = logging.getLogger(__name__)
 
@@ -46,37 +47,6 @@ class RegionRole(enum.Enum):
     CTL = "ctl"     # dirty page lists + heartbeat
     META = "meta"   # the namespace journal
     DATA = "data"   # file data extents
-
-
-def mark_pages(maps: dict[int, bytearray], region_id: int, first: int, npages: int, region_pages: int) -> None:
-    """Set pages first..first+npages-1 in a region's one-byte-per-page map, creating the map (region_pages
-    long, all zeros) on first use."""
-    m = maps.get(region_id)
-    if m is None:
-        m = maps[region_id] = bytearray(region_pages)
-    m[first:first + npages] = b"\x01" * npages
-
-
-def unset_runs(m: bytearray, first: int, end: int) -> Iterator[tuple[int, int]]:
-    """The [a, b) runs of zero bytes of a one-byte-per-page (or per-extent) map within [first, end)."""
-    return _runs_of(m, first, end, 0)
-
-
-def set_runs(m: bytearray, first: int, end: int) -> Iterator[tuple[int, int]]:
-    """The [a, b) runs of one bytes of a 0/1 map within [first, end)."""
-    return _runs_of(m, first, end, 1)
-
-
-def _runs_of(m: bytearray, first: int, end: int, value: int) -> Iterator[tuple[int, int]]:
-    pos = first
-    while pos < end:
-        a = m.find(value, pos, end)
-        if a < 0:
-            return
-        b = m.find(1 - value, a, end)
-        b = end if b < 0 else b
-        yield a, b
-        pos = b
 
 
 def region_file_name(region_id: int) -> str:
@@ -285,12 +255,8 @@ class RegionSet:
     def punch_free_extents(self) -> None:
         """Give back the memory of every free extent (its pages are zeros, or about to be unused)."""
         for region_id, used in self._used.items():
-            ext = used.find(0)
-            while ext >= 0:
-                end = used.find(1, ext)
-                end = len(used) if end < 0 else end
+            for ext, end in unset_runs(used, 0, len(used)):
                 self.regions[region_id].punch(ext * EXTENT_SIZE, (end - ext) * EXTENT_SIZE)
-                ext = used.find(0, end)
 
     def free_page_ranges(self, region_id: int, first: int, npages: int) -> Iterator[tuple[int, int]]:
         """[a, b) page ranges within first..first+npages-1 that lie in free extents. A free extent's

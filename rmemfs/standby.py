@@ -41,7 +41,8 @@ import trio
 
 from .errors import AuthFailed, CorruptionError, SourceFsidMismatch, TransportFailed
 from .fencing import run_fence_cmd
-from .recovery import _read_ctl_header, connect_source
+from .recovery import connect_source
+from .sources.remote import read_source_header
 from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, TransportError,
                              TransportUnavailable)
 
@@ -149,7 +150,7 @@ class Watcher:
                             registered_at = time.monotonic()
                         assert self._conn is not None and self._catalog is not None
                         with trio.fail_after(max(self.dead_after, 0.5)):
-                            header = await _read_ctl_header(self._conn, self._catalog)
+                            header = await read_source_header(self._conn, self._catalog)
                     except (ConnectError, TransportError, CorruptionError, OSError, trio.TooSlowError) as e:
                         await self._close()
                         if unreachable_since is None:

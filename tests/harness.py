@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rmemfs.store import open_store
 from rmemfs.exporter import process_running, wait_exited
-from rmemfs.mount import is_mounted
+from rmemfs.host import is_mounted
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness import Rig, alive, cli, exporter_pid, run, wait_gone
-from rmemfs.mount import is_mounted
+from rmemfs.host import is_mounted
 from rmemfs.store import open_store
 
 pytestmark = pytest.mark.mount

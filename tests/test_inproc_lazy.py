@@ -13,6 +13,7 @@ import trio.testing
 
 from rmemfs import PAGE_SIZE
 from rmemfs.loader import plan_load, view_writer
+from rmemfs.pagemap import Run
 from rmemfs.sources.base import FallbackSource, PageFailure
 from rmemfs.sources.baseline import BaselineSource
 from rmemfs.sources.lazy import CHUNK_PAGES, LANES, LazyLoader, Residency
@@ -58,7 +59,7 @@ class Recording:
     def __init__(self, inner: BaselineSource) -> None:
         self.inner, self.calls = inner, []  # type: ignore[var-annotated]
 
-    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+    async def make_resident(self, runs: list[Run]) -> list[PageFailure]:
         self.calls.append(runs)
         return await self.inner.make_resident(runs)
 
@@ -137,9 +138,9 @@ class Patcher:
 
     def __init__(self, region: bytearray, reachable: bool) -> None:
         self.region, self.reachable = region, reachable
-        self.asked: list[tuple[int, int, int]] = []
+        self.asked: list[Run] = []
 
-    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+    async def make_resident(self, runs: list[Run]) -> list[PageFailure]:
         if not self.reachable:
             raise OSError(errno.EHOSTUNREACH, "source unreachable")
         self.asked.extend(runs)
@@ -176,7 +177,7 @@ class HeldFirstCall:
     def __init__(self, inner: BaselineSource) -> None:
         self.inner, self.release, self.first = inner, trio.Event(), True
 
-    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+    async def make_resident(self, runs: list[Run]) -> list[PageFailure]:
         if self.first:
             self.first = False
             await self.release.wait()
@@ -362,7 +363,7 @@ async def test_a_sequential_reader_moves_the_bulk_pass_to_where_it_reads(tmp_pat
 
     class Recorded:
         def stream(self, chunks, chunk_pages, gate, done, lanes=1):  # type: ignore[no-untyped-def]
-            def recorded() -> Iterator[tuple[int, int, int]]:
+            def recorded() -> Iterator[Run]:
                 for chunk in chunks:
                     taken.append(chunk[1])
                     yield chunk

@@ -18,6 +18,7 @@ import xxhash
 from harness import Rig, alive, cli, exporter_pid, run, wait_gone
 from rmemfs import PAGE_SIZE
 from rmemfs.dirty import list_offset, merge_runs, parse_entries, parse_header, parse_list_count
+from rmemfs.pagemap import Run
 from rmemfs.regions import EXTENT_PAGES, FIRST_DATA_REGION_ID
 from rmemfs.store import open_store
 from rmemfs.store.format import with_checksum
@@ -25,7 +26,7 @@ from rmemfs.store.format import with_checksum
 pytestmark = pytest.mark.mount
 
 
-def dirty_runs(regiondir: Path) -> dict[str, list[tuple[int, int, int]]]:
+def dirty_runs(regiondir: Path) -> dict[str, list[Run]]:
     """Both lists, read straight from the exported ctl region file."""
     raw = (regiondir / "ctl-0000.rgn").read_bytes()
     header = parse_header(raw[:PAGE_SIZE])
@@ -37,7 +38,7 @@ def dirty_runs(regiondir: Path) -> dict[str, list[tuple[int, int, int]]]:
     return out
 
 
-def data_pages(runs: list[tuple[int, int, int]]) -> set[tuple[int, int]]:
+def data_pages(runs: list[Run]) -> set[tuple[int, int]]:
     return {(r, p) for r, f, n in runs if r >= FIRST_DATA_REGION_ID for p in range(f, f + n)}
 
 

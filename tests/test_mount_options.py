@@ -183,3 +183,11 @@ def test_orphans_lists_and_removes_only_what_nothing_needs(rig: Rig) -> None:
     assert rig.ctl(*args).stdout.strip() == ""       # the clean regions the next mount reuses are kept
     rig.mount()
     assert rig.stats()["core"]["inodes"] >= 2
+
+
+@pytest.mark.parametrize("command,option", [("recover", "fence_cmd"), ("standby", "dead_after")])
+def test_a_commands_own_option_without_a_value_is_a_usage_error(rig: Rig, command: str, option: str) -> None:
+    """rmemfs-recover's and rmemfs-standby's own -o options are taken out of the mount options by one helper
+    (cli/common.take_options); a bare key is one line and exit 2 for both."""
+    usage_error(run(cli(command) + ["--backend", str(rig.backend), "--source", "127.0.0.1:1", "-o",
+                                    f"port=0,{option}", str(rig.mountpoint)]), option, "needs a value")

@@ -152,7 +152,7 @@ def test_other_users_are_kept_out_without_allow_other(world_reachable: Rig) -> N
 
 
 def test_help_documents_every_option() -> None:
-    from rmemfs.mount import OPTION_HELP
+    from rmemfs.options import OPTION_HELP
     out = run([sys.executable, "-m", "rmemfs.cli.mount", "--help"], check=True).stdout
     for name in OPTION_HELP:
         assert name in out

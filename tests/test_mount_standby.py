@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import ENV, Rig, cli, exporter_pid, run, wait_gone
-from rmemfs.mount import is_mounted
+from rmemfs.host import is_mounted
 from test_mount_lifecycle import digest_tree
 from test_recover_cli import baseline_then_changes
 

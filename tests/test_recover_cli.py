@@ -266,7 +266,7 @@ def test_verify_rereads_through_the_fetchers_registered_buffers(crashed: Rig, mo
     import trio
 
     from rmemfs import recovery
-    from rmemfs.mount import parse_options
+    from rmemfs.options import parse_options
     from rmemfs.transport.software import SoftwareConnection
 
     registered: list[int] = []       # registrations made while verifying

@@ -16,6 +16,7 @@ from rmemfs.dirty import DirtyTracker, ctl_region_size
 from rmemfs.errors import BackendError, CorruptionError, FencedError
 from rmemfs.exporter import why_still_needed
 from rmemfs.loader import load, plan_load, view_writer
+from rmemfs.pagemap import Run
 from rmemfs.store.directory import DirectoryStore
 from rmemfs.store.format import ENTRY, FOOT, FOOTER_SIZE, STATE_CLEAN, STATE_MOUNTED, Manifest, next_manifest
 from rmemfs.store.live import LiveMap
@@ -195,11 +196,11 @@ runs_st = st.lists(st.tuples(st.sampled_from([2, 3]), st.integers(0, REGION_PAGE
                    max_size=6)
 
 
-def expand(runs: list[tuple[int, int, int]], fill: int) -> dict[tuple[int, int], int]:
+def expand(runs: list[Run], fill: int) -> dict[tuple[int, int], int]:
     return {(r, p): fill for r, first, n in runs for p in range(first, min(first + n, REGION_PAGES))}
 
 
-def page_marks(runs: list[tuple[int, int, int]]) -> dict[int, bytearray]:
+def page_marks(runs: list[Run]) -> dict[int, bytearray]:
     marks = {rid: bytearray(REGION_PAGES) for rid in (2, 3)}
     for r, first, n in runs:
         marks[r][first:first + n] = b"\x01" * len(marks[r][first:first + n])
@@ -211,9 +212,9 @@ def page_marks(runs: list[tuple[int, int, int]]) -> dict[int, bytearray]:
        fetch_runs=runs_st, span_pages=st.sampled_from([2, 5, 64]))
 def test_load_matches_a_model_of_newest_wins(tmp_path_factory: pytest.TempPathFactory,
                                              generations: list[tuple[dict[tuple[int, int], int],
-                                                                     list[tuple[int, int, int]]]],
-                                             skip_runs: list[tuple[int, int, int]],
-                                             fetch_runs: list[tuple[int, int, int]], span_pages: int) -> None:
+                                                                     list[Run]]],
+                                             skip_runs: list[Run],
+                                             fetch_runs: list[Run], span_pages: int) -> None:
     """Whatever the segments hold, the loaded regions are newest-wins page by page, the live map is the
     non-zero pages, cut pages are left alone, and every fetched page is ordered after the span that
     writes it. Small spans exercise span grouping and the lanes."""

@@ -57,3 +57,36 @@ except BackendError as e:
                           cwd=PACKAGE.parent, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "the rados backend needs python3-rados (run tools/setup)"
+
+
+def package_imports(path: Path) -> set[str]:
+    """The rmemfs modules ``path`` imports from (relative imports resolved), as dotted names below rmemfs
+    (``from . import fs`` counts as the package itself, "")."""
+    here = list(path.relative_to(PACKAGE).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[:len(here) - node.level + 1]
+            names.add(".".join(base + ([node.module] if node.module else [])))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rmemfs."):
+            names.add(node.module.removeprefix("rmemfs."))
+    return names
+
+
+def library_modules() -> list[Path]:
+    return [p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] != "cli"]
+
+
+def test_only_the_commands_import_the_exit_codes_or_the_commands() -> None:
+    """Only cli/ turns errors into exit codes (issue 9 item 3): no library module imports exits or cli."""
+    offenders = {str(p.relative_to(PACKAGE)): sorted(m for m in package_imports(p)
+                                                     if m == "exits" or m.split(".")[0] == "cli")
+                 for p in library_modules()}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_recovery_and_the_standby_do_not_depend_on_the_serving_session() -> None:
+    """Recovery is a library that the standby calls: it opens regions (opening.py) and takes options
+    (options.py), but serving is the command's business."""
+    for name in ("recovery.py", "standby.py", "opening.py", "options.py", "host.py", "launch.py"):
+        assert "session" not in package_imports(PACKAGE / name), name

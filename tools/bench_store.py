@@ -36,7 +36,8 @@ import cephcluster
 from bench import MiB, Rmemfs, human, log, summary
 
 from rmemfs.loader import SPAN_BYTES, plan_load, region_file_writer
-from rmemfs.mount import fresh_regions, parse_options
+from rmemfs.opening import fresh_regions
+from rmemfs.options import parse_options
 from rmemfs.store import BaselineStore, open_store
 
 SKIP_QUICK = ("skipped under --quick: it needs a Ceph cluster of its own (three daemons, heavy on a small "

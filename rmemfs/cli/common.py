@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 from typing import NoReturn, TypeVar
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .. import errors as E
 from .. import exits as X
@@ -54,6 +54,24 @@ def exit_code(e: E.CommandError) -> int:
     return X.EXIT_ERROR
 
 
+def take_options(items: list[str], keys: Collection[str]) -> tuple[dict[str, str], list[str]]:
+    """The ``key=VALUE`` options named by ``keys`` out of the -o lists (a command's own options, such as
+    rmemfs-recover's fence_cmd or the standby's, not mount options), and the rest, one item each, in order.
+    A key given without a value is a usage error (exit 2)."""
+    mine: dict[str, str] = {}
+    rest: list[str] = []
+    for item in items:
+        for part in item.split(","):
+            key, sep, value = part.partition("=")
+            if key in keys:
+                if not sep or not value:
+                    raise E.UsageError(f"option {key} needs a value")
+                mine[key] = value
+            elif part:
+                rest.append(part)
+    return mine, rest
+
+
 T = TypeVar("T", bound=BaseException)
 
 
@@ -78,9 +96,9 @@ def run_main(prog: str, body: Callable[[], int]) -> NoReturn:
         sys.exit(exit_code(e))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(130)       # the shell's convention for a SIGINT (128 + 2), not a code of exits.TABLE
     except Exception as e:   # a bug: one line for the user, the traceback in the log at debug level
         log.debug("unexpected failure", exc_info=True)
         print(f"{prog}: error: unexpected {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(X.EXIT_ERROR)
     sys.exit(code)

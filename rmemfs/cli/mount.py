@@ -18,9 +18,12 @@ from collections.abc import Callable
 import trio
 
 from ..errors import CommandError, QuietError
-from ..exits import EXIT_ERROR
-from ..mount import (OPTION_HELP, ExporterLaunch, MountOptions, Opened, Session, StartUp, check_environment,
-                     check_mountpoint, open_backend, parse_options, serve, undo_failed_start)
+from ..exits import EXIT_BACKEND, EXIT_ERROR
+from ..host import check_environment, check_mountpoint
+from ..launch import ExporterLaunch, StartUp, undo_failed_start
+from ..opening import Opened, open_backend
+from ..options import OPTION_HELP, MountOptions, parse_options
+from ..session import Session, serve
 from ..sdnotify import notify
 from ..store import backend_spec
 from .common import exit_code, run_main, setup_logging
@@ -127,7 +130,8 @@ def run_session(opened: Opened, mountpoint: Path, opts: MountOptions, log_file: 
                                             exporter_log(log_file))
             port = startup.launch.ready()
         session = Session(opened, mountpoint, opts, port, startup)
-        return trio.run(lambda: serve(session, on_ready=mounted))
+        clean = trio.run(lambda: serve(session, on_ready=mounted))
+    return 0 if clean else EXIT_BACKEND     # a failed final flush: logged by serve
 
 
 def main(argv: list[str] | None = None) -> None:

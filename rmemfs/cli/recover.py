@@ -28,34 +28,17 @@ from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 at start-up, no
 from .. import PAGE_SIZE
 from ..errors import QuietError
 from ..exits import EXIT_USAGE
-from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options
+from ..host import check_environment, check_mountpoint
+from ..launch import ExporterLaunch
+from ..options import parse_options
 from ..exporter import RetireRefused, retire
 from ..store import StoreOptions, open_store
 from ..recovery import ProgressEvent, RecoveryReport, recover, write_report
-from .common import run_main, setup_logging
+from .common import run_main, setup_logging, take_options
 from .mount import Ready, build_parser, daemon_log, daemonize_and_run, exporter_log, run_session
 
 log = logging.getLogger(__name__)
 MAX_TIMEOUT = 24 * 3600.0
-
-
-def take_option(items: list[str], key: str) -> tuple[str | None, list[str]]:
-    """``key=VALUE`` out of the -o lists (a recovery option, not a mount option); the rest as given."""
-    value: str | None = None
-    rest: list[str] = []
-    for item in items:
-        parts = []
-        for part in item.split(","):
-            name, sep, v = part.partition("=")
-            if name == key:
-                if not sep or not v:
-                    raise QuietError(f"option {key} needs a value", EXIT_USAGE)
-                value = v
-            elif part:
-                parts.append(part)
-        if parts:
-            rest.append(",".join(parts))
-    return value, rest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> int:
         setup_logging(args.debug, args.log if args.log and args.foreground else None, quiet=not args.debug)
-        fence_cmd, mount_options = take_option(args.options, "fence_cmd")
+        mine, mount_options = take_options(args.options, ("fence_cmd",))
+        fence_cmd = mine.get("fence_cmd")
         opts = parse_options(mount_options)
         if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT):
             raise QuietError(f"--timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} seconds "

@@ -35,34 +35,20 @@ from .. import control
 from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 now, not on the takeover's clock)
 from ..errors import BackendError, CommandError, CorruptionError, QuietError, backend_failed
 from ..exits import EXIT_USAGE
-from ..mount import check_environment, check_mountpoint, parse_options, read_backend
+from ..host import check_environment, check_mountpoint
+from ..opening import read_backend
+from ..options import parse_options
 from ..recovery import parse_source
 from ..sdnotify import notify
 from ..store import STATE_CLEAN, StoreOptions, open_store
 from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, serve_metrics, status_file,
                        status_socket, write_event)
 from . import recover as recover_cli
-from .common import first_of, run_main, setup_logging
+from .common import first_of, run_main, setup_logging, take_options
 from .mount import build_parser, daemonize_and_run
 
 log = logging.getLogger(__name__)
 STANDBY_KEYS = ("watch_interval", "dead_after", "fence_cmd", "event_log", "metrics", "report")
-
-
-def split_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Standby options out of -o; the rest are mount options for after a takeover."""
-    mine: dict[str, str] = {}
-    rest: list[str] = []
-    for item in items:
-        for part in item.split(","):
-            key, sep, value = part.partition("=")
-            if key in STANDBY_KEYS:
-                if not sep or not value:
-                    raise QuietError(f"option {key} needs a value", EXIT_USAGE)
-                mine[key] = value
-            elif part:
-                rest.append(part)
-    return mine, rest
 
 
 def _seconds(mine: dict[str, str], key: str) -> float | None:
@@ -85,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> int:
         setup_logging(args.debug, args.log if args.log else None)
-        mine, rest = split_options(args.options)
+        mine, rest = take_options(args.options, STANDBY_KEYS)
         watch_interval = _seconds(mine, "watch_interval") or DEFAULT_WATCH_INTERVAL
         dead_after = _seconds(mine, "dead_after")
         opts = parse_options([",".join(rest)] if rest else [])

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from ..pagemap import Run
+
 log = logging.getLogger(__name__)
 
 
@@ -19,7 +21,7 @@ class PageFailure:
 
 
 class PageSource(Protocol):
-    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+    async def make_resident(self, runs: list[Run]) -> list[PageFailure]:
         """Write every page of ``runs`` (region id, first page, count) into the regions.
 
         Returns the pages that could not be delivered (left as they were); raises only when the
@@ -28,8 +30,8 @@ class PageSource(Protocol):
 
 
 class BulkSource(Protocol):
-    def stream(self, chunks: Iterator[tuple[int, int, int]], chunk_pages: int, gate: Callable[[bool], bool],
-               done: Callable[[tuple[int, int, int], list[PageFailure]], None], lanes: int = 1) -> None:
+    def stream(self, chunks: Iterator[Run], chunk_pages: int, gate: Callable[[bool], bool],
+               done: Callable[[Run, list[PageFailure]], None], lanes: int = 1) -> None:
         """Make every chunk (region id, first page, count of at most ``chunk_pages``) resident, in the order
         ``chunks`` yields them; blocks (a worker thread). Chunks of regions with different ids modulo
         ``lanes`` may be written at once.
@@ -47,7 +49,7 @@ class FallbackSource:
     def __init__(self, primary: PageSource, fallback: PageSource | None) -> None:
         self.primary, self.fallback = primary, fallback
 
-    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+    async def make_resident(self, runs: list[Run]) -> list[PageFailure]:
         failures = await self.primary.make_resident(runs)
         if not failures or self.fallback is None:
             return failures

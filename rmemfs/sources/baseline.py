@@ -25,6 +25,7 @@ from .. import PAGE_SIZE
 from ..errors import CorruptionError
 from ..loader import CopyRun, LoadPlan, RegionWriter, _page_digests
 from ..store.base import BaselineStore, SegmentReader
+from ..pagemap import Run
 from .base import PageFailure
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class BaselineSource:
                 self._all.append(reader)
         return reader
 
-    def _copy(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+    def _copy(self, runs: list[Run]) -> list[PageFailure]:
         failed: list[PageFailure] = []
         for region_id, first, n in runs:
             for run, a, m in self._pieces(region_id, first, n):
@@ -94,11 +95,11 @@ class BaselineSource:
                     self.bytes_read += m * PAGE_SIZE
         return failed
 
-    async def make_resident(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+    async def make_resident(self, runs: list[Run]) -> list[PageFailure]:
         return await trio.to_thread.run_sync(self._copy, runs)
 
-    def stream(self, chunks: Iterator[tuple[int, int, int]], chunk_pages: int, gate: Callable[[bool], bool],
-               done: Callable[[tuple[int, int, int], list[PageFailure]], None], lanes: int = 1) -> None:
+    def stream(self, chunks: Iterator[Run], chunk_pages: int, gate: Callable[[bool], bool],
+               done: Callable[[Run, list[PageFailure]], None], lanes: int = 1) -> None:
         """Make every chunk (region id, first page, count of at most ``chunk_pages``) resident, in the order
         ``chunks`` yields them (taken one by one, so the order may change as it goes); blocks (a worker thread).
 
@@ -112,7 +113,7 @@ class BaselineSource:
         free = [memoryview(mmap.mmap(-1, chunk_pages * PAGE_SIZE)) for _ in range(READ_AHEAD + lanes + 1)]
         readers: dict[int, SegmentReader] = {}          # the read thread's own: its own read-ahead
 
-        def read(chunk: tuple[int, int, int], buf: memoryview) -> tuple[list[_Piece], list[PageFailure]]:
+        def read(chunk: Run, buf: memoryview) -> tuple[list[_Piece], list[PageFailure]]:
             pieces: list[_Piece] = []
             failed: list[PageFailure] = []
             at = 0
@@ -132,8 +133,8 @@ class BaselineSource:
                 at += m * PAGE_SIZE
             return pieces, failed
 
-        Read = tuple[tuple[int, int, int], memoryview, Future[tuple[list[_Piece], list[PageFailure]]]]
-        Written = tuple[tuple[int, int, int], memoryview, list[PageFailure], Future[None]]
+        Read = tuple[Run, memoryview, Future[tuple[list[_Piece], list[PageFailure]]]]
+        Written = tuple[Run, memoryview, list[PageFailure], Future[None]]
         pool = ThreadPoolExecutor(1, thread_name_prefix="lazy-read")
         # One writer per lane of region files: a write holds its file's inode lock, so writes into two
         # files go on at once (the chunks come interleaved by lane, as the eager load's spans do).
@@ -209,7 +210,7 @@ class BaselineSource:
         name = self.plan.segments[run.segment].name
         return [PageFailure(run.region_id, first + k, name, "checksum mismatch") for k in bad]
 
-    def copy_now(self, runs: list[tuple[int, int, int]]) -> list[PageFailure]:
+    def copy_now(self, runs: list[Run]) -> list[PageFailure]:
         """``make_resident`` in the calling thread (before the mount, when nothing else runs)."""
         return self._copy(runs)
 

@@ -25,13 +25,13 @@ import threading
 import time
 from collections import deque
 from functools import partial
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import trio
 
 from .. import PAGE_SIZE
 from ..loader import RegionWriter
-from ..regions import set_runs, unset_runs
+from ..pagemap import PageMaps, Run, set_runs, unset_runs
 from .base import BulkSource, PageFailure, PageSource
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class NotResident(Exception):
 class Residency:
     def __init__(self, region_pages: dict[int, int], *, resident: bool = False) -> None:
         fill = 1 if resident else 0
-        self.maps = {rid: bytearray(bytes([fill]) * n) for rid, n in region_pages.items()}
+        self.maps = PageMaps({rid: bytearray(bytes([fill]) * n) for rid, n in region_pages.items()})   # 1 = in
         self.total = sum(region_pages.values())
         self.missing = 0 if resident else self.total
         self.complete = self.missing == 0
@@ -72,16 +72,16 @@ class Residency:
         self.lock = threading.Lock()
         # Before the mount (journal replay, nothing else running): a synchronous loader for what the
         # replay needs; None once serving, when a missing page raises NotResident instead.
-        self.fill_now: Callable[[list[tuple[int, int, int]]], list[PageFailure]] | None = None
+        self.fill_now: Callable[[list[Run]], list[PageFailure]] | None = None
         self._changed = trio.Event()
-        self.demands: deque[tuple[int, int, int]] = deque()
+        self.demands: deque[Run] = deque()
         self.demanded = trio.Event()
         self.failed: dict[tuple[int, int], PageFailure] = {}    # pages whose last load failed
         self.wait_seconds: list[float] = []                     # one per ensure that had to wait
 
     @classmethod
-    def missing_only(cls, covered: dict[int, bytearray], region_pages: dict[int, int],
-                     resident: dict[int, bytearray] | None = None) -> Residency:
+    def missing_only(cls, covered: Mapping[int, bytearray], region_pages: dict[int, int],
+                     resident: Mapping[int, bytearray] | None = None) -> Residency:
         """Residency of regions whose pages are all in except those marked in ``covered`` (what a load
         writes) and not marked in ``resident`` (written already, e.g. fetched from the source)."""
         res = cls(region_pages, resident=True)
@@ -91,7 +91,7 @@ class Residency:
                 continue
             c = c[:len(m)]
             m[:len(c)] = c.translate(_FLIP)
-            written = (resident or {}).get(rid)
+            written = resident.get(rid) if resident is not None else None
             if written is not None and written.find(1) >= 0:     # both one 0/1 byte per page: OR as integers
                 w = bytes(written[:len(c)]).ljust(len(c), b"\0")
                 m[:len(c)] = (int.from_bytes(m[:len(c)], "little") | int.from_bytes(w, "little")).to_bytes(len(c), "little")
@@ -187,7 +187,7 @@ class Residency:
             await self._changed.wait()
         self.wait_seconds.append(time.monotonic() - t)
 
-    def missing_runs(self, region_id: int, first: int, n: int) -> list[tuple[int, int, int]]:
+    def missing_runs(self, region_id: int, first: int, n: int) -> list[Run]:
         m = self.maps.get(region_id)
         if m is None:
             return []
@@ -218,23 +218,18 @@ class LazyLoader:
         self._logged: set[tuple[int, int]] = set()  # pages whose failure was logged: one line each
         # 1 = the bulk pass (a chunk it took) or a lane is loading the page: nothing else loads it too, or
         # its late baseline write could land after the first marked the page resident and a request wrote it.
-        self.inflight = {rid: bytearray(len(m)) for rid, m in residency.maps.items()}
+        self.inflight = PageMaps({rid: bytearray(len(m)) for rid, m in residency.maps.items()})
         self._go = threading.Event()                # cleared while demands are served: the bulk pass waits
         self._go.set()
         self._stop = threading.Event()              # the bulk pass ends (the load was cancelled)
         self._last_demand = 0.0                     # when the last demand was served (monotonic)
         self._order: _BulkOrder | None = None       # the bulk pass's, while it runs
-        self._refetch: deque[tuple[int, int, int]] = deque()    # pages the bulk pass failed: through source
+        self._refetch: deque[Run] = deque()    # pages the bulk pass failed: through source
 
-    def _claim(self, region_id: int, first: int, n: int) -> list[tuple[int, int, int]]:
+    def _claim(self, region_id: int, first: int, n: int) -> list[Run]:
         """The parts of a missing run no lane is loading, now claimed (a waiter on the rest waits for
         the lane that has them)."""
-        m = self.inflight[region_id]
-        out: list[tuple[int, int, int]] = []
-        for a, b in unset_runs(m, first, first + n):     # marking [a, b) does not move the scan past b
-            m[a:b] = b"\x01" * (b - a)
-            out.append((region_id, a, b - a))
-        return out
+        return self.inflight.claim(region_id, first, n, len(self.inflight[region_id]))
 
     def stats(self) -> dict[str, float | int | None]:
         """What ``rmemfs-ctl stats`` and the JSON report show of the load."""
@@ -263,7 +258,7 @@ class LazyLoader:
             res = self.residency
             self.on_progress(res.total - res.missing, res.total)
 
-    async def _load(self, runs: list[tuple[int, int, int]], demand: bool) -> None:
+    async def _load(self, runs: list[Run], demand: bool) -> None:
         res = self.residency
         runs = [m for r in runs for m in res.missing_runs(*r) for m in self._claim(*m)]
         if not runs:
@@ -286,7 +281,7 @@ class LazyLoader:
             log.error("lazy load: region %d page %d unreadable from %s (%s)%s", f.region_id, f.page, f.where,
                       f.why, ": the request gets EIO" if demand else ": retried later")
 
-    def _sequential(self, demands: list[tuple[int, int, int]]) -> bool:
+    def _sequential(self, demands: list[Run]) -> bool:
         """Whether a burst of demands reads on from where reading was (a reader following the load's front,
         or reading a file from its start) rather than at random: each starts after a page that is resident,
         in flight (the kernel's read-ahead sends the next requests before the last is answered), or the
@@ -346,7 +341,7 @@ class LazyLoader:
             return 0.0
         return loaded_bytes / self.rate_bytes - (time.monotonic() - self.started)
 
-    async def _lane(self, pending: deque[tuple[int, int, int]]) -> None:
+    async def _lane(self, pending: deque[Run]) -> None:
         while pending:
             await self._load([pending.popleft()], demand=False)
             ahead = self._ahead_of_rate(self.loaded_pages * PAGE_SIZE)
@@ -364,7 +359,7 @@ class LazyLoader:
                                          BULK_LANES)
         passed = 0                                    # bytes taken, for the rate limit
 
-        def chunks() -> Iterator[tuple[int, int, int]]:     # the stream's thread, after the gate
+        def chunks() -> Iterator[Run]:     # the stream's thread, after the gate
             nonlocal passed
             while (chunk := order.take()) is not None:
                 rid, first, n = chunk
@@ -399,7 +394,7 @@ class LazyLoader:
                 return True
             return False
 
-        def landed(chunk: tuple[int, int, int], failed: list[PageFailure]) -> None:    # the event loop
+        def landed(chunk: Run, failed: list[PageFailure]) -> None:    # the event loop
             rid, first, n = chunk
             self.inflight[rid][first:first + n] = bytes(n)
             self._landed(*chunk, {f.page for f in failed})
@@ -408,7 +403,7 @@ class LazyLoader:
                 res.demanded.set()
             self._progress()
 
-        arrived: deque[tuple[tuple[int, int, int], list[PageFailure]]] = deque()
+        arrived: deque[tuple[Run, list[PageFailure]]] = deque()
         posted = threading.Lock()            # held from posting a drain until it ran: one wake-up at a time
 
         def drain() -> None:                  # the event loop
@@ -416,7 +411,7 @@ class LazyLoader:
             while arrived:
                 landed(*arrived.popleft())
 
-        def done(chunk: tuple[int, int, int], failed: list[PageFailure]) -> None:      # the stream's thread
+        def done(chunk: Run, failed: list[PageFailure]) -> None:      # the stream's thread
             arrived.append((chunk, failed))
             if posted.acquire(blocking=False):    # else a drain is on its way and takes this one too
                 try:
@@ -474,11 +469,11 @@ class _BulkOrder:
     A sequential reader moves the cursor to where it reads (``jump``), so that the pass loads just ahead
     of it; the chunks a jump skipped are taken once the end is reached."""
 
-    def __init__(self, chunks: list[tuple[int, int, int]], lanes: int) -> None:
-        queues: list[deque[tuple[int, int, int]]] = [deque() for _ in range(lanes)]
+    def __init__(self, chunks: list[Run], lanes: int) -> None:
+        queues: list[deque[Run]] = [deque() for _ in range(lanes)]
         for chunk in sorted(chunks):
             queues[chunk[0] % lanes].append(chunk)
-        self.chunks: list[tuple[int, int, int]] = []
+        self.chunks: list[Run] = []
         while any(queues):
             for q in queues:
                 if q:
@@ -492,7 +487,7 @@ class _BulkOrder:
         self.cursor = 0
         self.lock = threading.Lock()                 # take: the stream's thread; jump: the event loop
 
-    def take(self) -> tuple[int, int, int] | None:
+    def take(self) -> Run | None:
         with self.lock:
             i = self.taken.find(0, self.cursor)
             if i < 0:
@@ -518,7 +513,7 @@ def _rate_chunk(rate_bytes: float, most: int) -> int:
     return max(1, min(most, int(rate_bytes / 20 / PAGE_SIZE)))
 
 
-def _chunks(runs: list[tuple[int, int, int]], size: int = CHUNK_PAGES) -> list[tuple[int, int, int]]:
+def _chunks(runs: list[Run], size: int = CHUNK_PAGES) -> list[Run]:
     return [(rid, p, min(size, first + n - p)) for rid, first, n in runs for p in range(first, first + n, size)]
 
 

@@ -1,17 +1,19 @@
 """Which pages the published baseline holds with non-zero content: one byte per page, per region."""
 from __future__ import annotations
 
+from ..pagemap import PageMaps, Run
+
 
 class LiveMap:
     """Which pages the published baseline holds with non-zero content (one byte per page)."""
 
     def __init__(self) -> None:
-        self.maps: dict[int, bytearray] = {}
+        self.maps = PageMaps()      # grown as pages are set: a baseline does not say how long a region is
         self.count = 0
 
     def copy(self) -> LiveMap:
         other = LiveMap()
-        other.maps = {rid: bytearray(m) for rid, m in self.maps.items()}
+        other.maps = self.maps.copy()
         other.count = self.count
         return other
 
@@ -40,13 +42,5 @@ class LiveMap:
         self.count += npages - m.count(1, first, end)
         m[first:end] = b"\x01" * npages
 
-    def runs(self) -> list[tuple[int, int, int]]:
-        out = []
-        for region_id, m in sorted(self.maps.items()):
-            pos = m.find(1)
-            while pos >= 0:
-                end = m.find(0, pos)
-                end = len(m) if end < 0 else end
-                out.append((region_id, pos, end - pos))
-                pos = m.find(1, end)
-        return out
+    def runs(self) -> list[Run]:
+        return self.maps.runs()

@@ -169,6 +169,11 @@ class Connection(abc.ABC):
         instead of failing it. False when it cannot tell (a request in flight; a transport that cannot)."""
         return False
 
+    async def call_extension(self, name: str, payload: bytes) -> bytes:
+        """Call the exporter's control extension ``name`` over the authenticated control channel (the fence
+        request, the verbs QP exchange) and return its reply. A transport without one says so."""
+        raise ProtocolError(f"transport {self.transport} has no control channel for extension {name!r}")
+
     @abc.abstractmethod
     async def aclose(self) -> None: ...
 

@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
@@ -80,6 +80,9 @@ from .base import (
     TransportError,
     TransportUnavailable,
 )
+
+if TYPE_CHECKING:
+    from .software import SoftwareConnection
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +431,7 @@ class VerbsConnection(Connection):
 
     transport = "verbs"
 
-    def __init__(self, control: Any, dev: _Device, timeout: float) -> None:
+    def __init__(self, control: SoftwareConnection, dev: _Device, timeout: float) -> None:
         self._control = control
         self._dev = dev
         self._timeout = timeout
@@ -501,7 +504,11 @@ class VerbsConnection(Connection):
 
     def peer_closed(self) -> bool:
         # The exporter destroys our QP when it ends the control connection: that connection tells.
-        return not self._closed and bool(getattr(self._control, "peer_closed", lambda: False)())
+        return not self._closed and self._control.peer_closed()
+
+    async def call_extension(self, name: str, payload: bytes) -> bytes:
+        """Extensions go over the control channel (a software connection)."""
+        return await self._control.call_extension(name, payload)
 
     async def register(self) -> Catalog:
         cat: Catalog = await self._control.request_catalog("verbs")
@@ -742,7 +749,7 @@ class VerbsConnection(Connection):
             await self._control.aclose()
 
 
-ControlConnect = Callable[..., Awaitable[Any]]
+ControlConnect = Callable[..., Awaitable["SoftwareConnection"]]
 
 
 async def connect(host: str, port: int, *, fsid: str, secret: bytes, timeout: float = 10.0,
