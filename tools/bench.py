@@ -985,6 +985,7 @@ class Bench:
                                       "transport_pages": self.args.transport_pages,
                                       "db_commits": self.args.db_commits, "db_size_bytes": self.args.db_size,
                                       "failover_runs": self.args.failover_runs,
+                                      "failover_cost_pairs": self.args.failover_cost_pairs,
                                       "workdir": str(self.work), "command": " ".join(sys.argv)},
                        "started": started.isoformat(timespec="seconds")}
         sections: list[tuple[str, Callable[[], Any]]] = [
@@ -1330,6 +1331,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--db-size", default=None, help="file for the random 4 KiB runs (default 64M; --quick 4M)")
     ap.add_argument("--failover-runs", type=int, default=None,
                     help="failover section: runs per signal, SIGKILL and SIGSTOP (default 20; --quick 1)")
+    ap.add_argument("--failover-cost-pairs", type=int, default=None,
+                    help="failover section: write-cost pairs, a standby watching vs none (default 8; --quick 1; "
+                         "0 skips the write cost)")
     args = ap.parse_args(argv)
     q = args.quick
     args.size = args.size or ("32M" if q else "1G")
@@ -1341,6 +1345,8 @@ def main(argv: list[str] | None = None) -> int:
     args.db_commits = args.db_commits or (100 if q else 2000)
     args.db_size = parse_size(args.db_size or ("4M" if q else "64M"))
     args.failover_runs = args.failover_runs or (1 if q else 20)
+    if args.failover_cost_pairs is None:
+        args.failover_cost_pairs = 1 if q else 8
     args.out = args.out or str(ROOT / "bench-out" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if os.geteuid() != 0:
         print("bench: must run as root (it mounts FUSE and drops caches)", file=sys.stderr)

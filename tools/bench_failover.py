@@ -331,8 +331,9 @@ def run(bench: Any, log: Any) -> dict[str, Any]:
         t = time.monotonic()
         pair.fresh()
         res["mount_fill_and_flush_s"] = time.monotonic() - t
-        pairs = 1 if args.quick else 8
-        res["write_cost"] = pair.write_cost(pairs, 32 * MiB if args.quick else 256 * MiB, 2000 if args.quick else 20000)
+        if args.failover_cost_pairs:
+            res["write_cost"] = pair.write_cost(args.failover_cost_pairs, 32 * MiB if args.quick else 256 * MiB,
+                                                2000 if args.quick else 20000)
         seed = 100
         for sig in (signal.SIGKILL, signal.SIGSTOP):
             rows: list[dict[str, Any]] = []
