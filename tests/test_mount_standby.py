@@ -100,6 +100,32 @@ def test_kill_is_taken_over_byte_exact(source: Rig, standby: Standby) -> None:
     assert (standby.mnt / "after").read_bytes() == b"new owner"
 
 
+def prepared_exporters(backend: Path) -> list[int]:
+    """Exporters started ahead by a standby of ``backend`` (waiting, or serving since a takeover)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--await-region-dir" in argv and str(backend).encode() in argv:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_the_takeover_hands_the_new_regions_to_the_exporter_prepared_while_watching(source: Rig,
+                                                                                   standby: Standby) -> None:
+    standby.wait_state("watching")
+    (prepared,) = prepared_exporters(source.backend)
+    source.kill()
+    standby.wait_mounted()
+    # The new regions are served by the exporter that was started before the failure.
+    serving = {exporter_pid(d) for d in Path("/dev/shm").glob(f"{source.regiondir.name}.e*")}
+    assert serving == {prepared}, (serving, prepared)
+    (standby.mnt / "after").write_bytes(b"new owner")
+    assert (standby.mnt / "after").read_bytes() == b"new owner"
+
+
 def test_short_pause_is_not_taken_over(source: Rig, standby: Standby) -> None:
     standby.wait_state("watching")
     pid = source.daemon_pid()
@@ -157,8 +183,10 @@ def test_unreachable_exporter_with_fence_cmd_recovers_from_the_baseline(source: 
 def test_standby_restarted_while_watching(source: Rig, standby: Standby) -> None:
     want = digest_tree(source.mountpoint)
     standby.wait_state("watching")
+    (prepared,) = prepared_exporters(source.backend)
     standby.proc.kill()
     standby.proc.wait()
+    wait_gone(prepared)     # its stdin closed with the standby: a prepared exporter does not outlive it unused
     again = Standby(source, standby.mnt, ["watch_interval=0.01", "dead_after=0.3"])
     try:
         again.wait_state("watching")
@@ -268,7 +296,9 @@ def test_exit_codes_before_a_takeover(source: Rig, tmp_path: Path) -> None:
     sb = Standby(source, mnt, ["watch_interval=0.01", "dead_after=0.3"])
     try:
         sb.wait_state("watching")
+        (prepared,) = prepared_exporters(source.backend)
         sb.proc.send_signal(signal.SIGTERM)
         assert sb.proc.wait(30) == 0
+        wait_gone(prepared)
     finally:
         sb.stop()

@@ -58,7 +58,9 @@ def take_option(items: list[str], key: str) -> tuple[str | None, list[str]]:
     return value, rest
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None) -> None:
+    """``prepared``: an exporter rmemfs-standby started ahead (``ExporterLaunch.prepared``), used for the new
+    regions instead of starting one, when it is still alive."""
     p = build_parser("rmemfs-recover", __doc__.splitlines()[0])
     p.add_argument("--source", help="the failed host's exporter, HOST[:PORT] (default: the owner the backend "
                    "names, at its recorded port)")
@@ -99,8 +101,15 @@ def main(argv: list[str] | None = None) -> None:
                 new_dirs.append(region_dir)
                 if "port=" not in ",".join(args.options):
                     opts.port = 0    # a local source's exporter still holds the default port
-            launched.append(ExporterLaunch(region_dir, args.backend, fsid, opts,
-                                           exporter_log(daemon_log(args, region_dir))))
+            log_file = exporter_log(daemon_log(args, region_dir))
+            if prepared is not None:
+                try:
+                    prepared.hand(region_dir, opts, log_file)
+                    launched.append(prepared)
+                    return
+                except OSError as e:     # it died while the standby watched: start one now
+                    log.info("the prepared exporter is gone (%s, exit %s); starting one", e, prepared.proc.poll())
+            launched.append(ExporterLaunch(region_dir, args.backend, fsid, opts, log_file))
 
         try:
             # recover() takes a Path; a rados: spec passes through Path() unchanged (backend_spec

@@ -35,7 +35,7 @@ from .. import control
 from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 now, not on the takeover's clock)
 from ..errors import BackendError, CommandError, CorruptionError, QuietError, backend_failed
 from ..exits import EXIT_USAGE
-from ..mount import check_environment, check_mountpoint, parse_options, read_backend
+from ..mount import ExporterLaunch, check_environment, check_mountpoint, parse_options, read_backend
 from ..recovery import parse_source
 from ..sdnotify import notify
 from ..store import STATE_CLEAN, StoreOptions, open_store
@@ -116,6 +116,16 @@ def main(argv: list[str] | None = None) -> None:
                     serve_metrics(metrics, watcher)
                 except OSError as e:
                     raise QuietError(f"cannot serve metrics on {metrics}: {e}", EXIT_USAGE) from None
+            # The takeover's exporter, started now: at a takeover it is handed the new region directory
+            # instead of the mount waiting for a new interpreter to start.
+            prepared = ExporterLaunch.prepared(backend_path, opts)
+            try:
+                return watch_and_take_over(prepared, ready)
+            finally:
+                if not prepared.handed:
+                    prepared.abort()
+
+        def watch_and_take_over(prepared: ExporterLaunch, ready: Any) -> int:
             try:
                 t0 = trio.run(watch, watcher, mountpoint, dead_after, ready)
             except BaseExceptionGroup as group:   # the watch's own failure (a wrong secret...), out of trio's group
@@ -145,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             # In this process, rmemfs-recover (lazy by default: it mounts before the baseline is all in):
             # it fences, fetches, publishes, mounts and serves until unmounted.
             try:
-                recover_cli.main(rargv)
+                recover_cli.main(rargv, prepared)
             except SystemExit as e:
                 return int(e.code or 0)
             return 0
