@@ -74,6 +74,7 @@ class MountOptions:
     tracking: bool = True
     fsname: str = "rmemfs"
     load_rate: float = 0.0             # a lazy recovery's background load limit, bytes/s (0: as fast as it goes)
+    metrics: str = ""                  # ADDR:PORT of a Prometheus endpoint (metrics.py)
     extra_fuse: list[str] = field(default_factory=list)
     store: dict[str, str] = field(default_factory=dict)    # the backend's own options (ceph_conf, ceph_id)
 
@@ -98,6 +99,7 @@ OPTION_HELP: dict[str, str] = {
                        "data reaches tracked memory; fsync/msync still do)",
     "fsid": "refuse to mount unless the backend holds this filesystem id",
     "tracking": "on|off: dirty page tracking; off only for benchmarks, it makes recovery impossible",
+    "metrics": "ADDR:PORT: serve Prometheus metrics (heartbeat, dirty-list entries, flush figures, fencing)",
     "fsname": "name shown in the mount table (default rmemfs)",
     "load_rate": "rmemfs-recover --load lazy: limit the background load to this many bytes/s (suffixes K, M, G; "
                  "default 0, no limit), to leave the store and the network to requests",
@@ -174,6 +176,12 @@ class OptionSpec:
             raise UsageError(f"-o {key} must be a multiple of {self.show(self.multiple)}")
 
 
+def _metrics_address(value: str) -> str:
+    from .metrics import check_address
+    check_address(value)
+    return value
+
+
 # Upper bounds keep what a mount allocates per option sane: a data region costs a byte per page in the
 # dirty tracker's maps (64G: 16 MiB), a dirty list 8 bytes per entry in exported memory (2**27: 1 GiB).
 MAX_REGION_SIZE = 64 << 30
@@ -197,6 +205,7 @@ OPTIONS: dict[str, OptionSpec] = {
     "writeback_cache": OptionSpec(bool, flag=True),
     "tracking": OptionSpec(_on_off),
     "load_rate": OptionSpec(parse_size, lo=0, hi=1 << 40, show=_size_text),
+    "metrics": OptionSpec(_metrics_address),
 }
 FUSE_FLAGS = ("ro", "rw", "default_permissions", "noatime", "nosuid", "nodev", "dev", "suid")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import ENV, Rig, cli, exporter_pid, run, wait_gone
+from harness import ENV, Rig, cli, exporter_pid, prepared_exporters, run, wait_gone
 from rmemfs.mount import is_mounted
 from test_mount_lifecycle import digest_tree
 from test_recover_cli import baseline_then_changes
@@ -98,19 +98,6 @@ def test_kill_is_taken_over_byte_exact(source: Rig, standby: Standby) -> None:
     # The new owner serves writes.
     (standby.mnt / "after").write_bytes(b"new owner")
     assert (standby.mnt / "after").read_bytes() == b"new owner"
-
-
-def prepared_exporters(backend: Path) -> list[int]:
-    """Exporters started ahead by a standby of ``backend`` (waiting, or serving since a takeover)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--await-region-dir" in argv and str(backend).encode() in argv:
-            pids.append(int(proc.name))
-    return pids
 
 
 def test_the_takeover_hands_the_new_regions_to_the_exporter_prepared_while_watching(source: Rig,
@@ -205,12 +192,25 @@ def _notify_socket(path: Path) -> socket.socket:
     return s
 
 
-def test_systemd_readiness_of_rmemfs_and_the_standby(rig: Rig) -> None:
-    sock_path = rig.root / "notify.sock"
+def scrape(port: int) -> dict[str, str]:
+    """Prometheus text from 127.0.0.1:PORT: sample (with its labels) -> value."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.rpartition(" ")[0]: line.rpartition(" ")[2] for line in text.splitlines() if line and line[0] != "#"}
+
+
+def test_systemd_readiness_and_metrics_of_rmemfs_and_the_standby(rig: Rig) -> None:
+    from harness import free_port
+    sock_path, port = rig.root / "notify.sock", free_port()
     with _notify_socket(sock_path) as s:
-        rig.mount(SOURCE_OPTS, env={"NOTIFY_SOCKET": str(sock_path)})
+        rig.mount([*SOURCE_OPTS, f"metrics=127.0.0.1:{port}"], env={"NOTIFY_SOCKET": str(sock_path)})
         assert is_mounted(rig.mountpoint)
         assert s.recv(4096).startswith(b"READY=1")
+        (rig.mountpoint / "m").write_bytes(b"m" * 10000)
+        m = scrape(port)
+        assert float(m["rmemfs_heartbeat_total"]) > 0 and float(m["rmemfs_heartbeat_age_seconds"]) < 5, m
+        assert float(m["rmemfs_dirty_entries"]) >= 1 and float(m["rmemfs_fenced"]) == 0, m
+        assert float(m["rmemfs_flushes_total"]) >= 0 and "rmemfs_flush_last_seconds" in m, m
         sb = Standby(rig, rig.root / "mnt2", ["watch_interval=0.01", "dead_after=0.3"],
                      env={"NOTIFY_SOCKET": str(sock_path)})
         try:
@@ -222,16 +222,13 @@ def test_systemd_readiness_of_rmemfs_and_the_standby(rig: Rig) -> None:
 
 
 def test_event_log_and_metrics(source: Rig) -> None:
-    import urllib.request
-
     from harness import free_port
     events, port, report = source.root / "events.jsonl", free_port(), source.root / "takeover.json"
     sb = Standby(source, source.root / "mnt2", ["watch_interval=0.01", "dead_after=0.3", f"event_log={events}",
                                                 f"metrics=127.0.0.1:{port}", f"report={report}"])
     try:
         sb.wait_state("watching")
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        lines = {line.split()[0]: line.split()[-1] for line in text.splitlines() if line and line[0] != "#"}
+        lines = scrape(port)
         assert float(lines["rmemfs_standby_registrations_total"]) >= 1
         assert float(lines["rmemfs_standby_heartbeat_age_seconds"]) < 0.3
         assert float(lines["rmemfs_standby_detections_total"]) == 0
@@ -246,6 +243,11 @@ def test_event_log_and_metrics(source: Rig) -> None:
             time.sleep(0.05)
         phases = json.loads(report.read_text())["phases"]
         assert {"baseline plan", "connect", "fence", "lists", "exporter wait", "publish+mount"} <= set(phases), phases
+        # After the takeover the same endpoint has the takeover's phases and the new owner's filesystem.
+        m = scrape(port)
+        assert float(m["rmemfs_standby_detections_total"]) == 1, m
+        assert 'rmemfs_standby_recovery_phase_seconds{phase="fence"}' in m, m
+        assert float(m["rmemfs_heartbeat_total"]) > 0 and float(m["rmemfs_epoch"]) >= 2, m
     finally:
         sb.stop()
 

@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 import trio
 
+from .. import metrics
 from ..errors import CommandError, QuietError
-from ..exits import EXIT_ERROR
+from ..exits import EXIT_ERROR, EXIT_USAGE
 from ..mount import (OPTION_HELP, ExporterLaunch, MountOptions, Opened, Session, StartUp, check_environment,
                      check_mountpoint, open_backend, parse_options, serve, undo_failed_start)
 from ..sdnotify import notify
@@ -127,6 +128,11 @@ def run_session(opened: Opened, mountpoint: Path, opts: MountOptions, log_file: 
                                             exporter_log(log_file))
             port = startup.launch.ready()
         session = Session(opened, mountpoint, opts, port, startup)
+        if opts.metrics:
+            try:
+                metrics.serve(opts.metrics, metrics.filesystem_metrics(session))
+            except OSError as e:
+                raise QuietError(f"cannot serve metrics on {opts.metrics}: {e}", EXIT_USAGE) from None
         return trio.run(lambda: serve(session, on_ready=mounted))
 
 

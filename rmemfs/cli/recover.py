@@ -20,6 +20,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -58,9 +59,11 @@ def take_option(items: list[str], key: str) -> tuple[str | None, list[str]]:
     return value, rest
 
 
-def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None) -> None:
-    """``prepared``: an exporter rmemfs-standby started ahead (``ExporterLaunch.prepared``), used for the new
-    regions instead of starting one, when it is still alive."""
+def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None,
+         on_mounted: Callable[[RecoveryReport], None] | None = None) -> None:
+    """For rmemfs-standby, which runs this in its own process: ``prepared``, an exporter it started ahead
+    (``ExporterLaunch.prepared``), used for the new regions instead of starting one when it is still alive;
+    ``on_mounted``, called with the report (its phases) once the mount is usable."""
     p = build_parser("rmemfs-recover", __doc__.splitlines()[0])
     p.add_argument("--source", help="the failed host's exporter, HOST[:PORT] (default: the owner the backend "
                    "names, at its recorded port)")
@@ -185,6 +188,9 @@ def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None) 
                     report.background_load = bg.loader.stats()
                     write_report(json_path, report)
                 ready(f"{took:.6f}")
+                if on_mounted is not None:
+                    report.phase("publish+mount").seconds = took
+                    on_mounted(report)
                 if local_source and bg is None:
                     retire_old()
 
