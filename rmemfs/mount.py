@@ -67,7 +67,7 @@ class MountOptions:
     dirty_capacity: int = DEFAULT_DIRTY_CAPACITY
     region_size: int = DEFAULT_DATA_REGION_SIZE
     meta_size: int = META_REGION_SIZE
-    heartbeat_interval: float = 0.05   # a standby's dead_after is 10 of these (issue 12 measurements)
+    heartbeat_interval: float = 0.02   # under a standby's default dead_after with room for stalls (tools/bench_heartbeat.py)
     allow_other: bool = False
     writeback_cache: bool = False
     fsid: str = ""
@@ -93,7 +93,7 @@ OPTION_HELP: dict[str, str] = {
                    "tmpfs, but the verbs transport pins (and so backs) a whole region when it registers it",
     "meta_size": "bytes of the namespace journal region, set when the filesystem is created (default 256M; "
                  "a multiple of 256K, 1M to 64G)",
-    "heartbeat_interval": "seconds between heartbeat increments (default 0.05; more than 0, at most 60)",
+    "heartbeat_interval": "seconds between heartbeat increments (default 0.02; more than 0, at most 60)",
     "allow_other": "let users other than the mounter access the files (permission checks stay on)",
     "writeback_cache": "let the kernel buffer write() (faster, but write() then acknowledges before the "
                        "data reaches tracked memory; fsync/msync still do)",

@@ -48,10 +48,12 @@ from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidM
 log = logging.getLogger(__name__)
 
 DEFAULT_WATCH_INTERVAL = 0.01
-# The longest heartbeat gap measured under load here was 190 ms (a full flush after 20000 creates and
-# unlinks; 19 ms for journal checkpoints, 8 ms for flushes of 64-200 MiB, 4 ms for 1 MiB writes): 0.5 s
-# keeps a false suspicion out of reach until that flush is split.
-DEFAULT_DEAD_AFTER = 0.5
+# tools/bench --only heartbeat: the longest event-loop stall under load measured here was 43 ms (a gap of
+# 93 ms at the old 50 ms heartbeat, in 20000 creates+unlinks; scattered and namespace flushes 37-39 ms,
+# 1 MiB writes and a 256 MiB flush 16 ms). With the 20 ms heartbeat the longest gap expected is ~65 ms:
+# 0.15 s keeps more than twice that as margin (a shared, busy machine adds scheduling delay) and detects
+# a dead source in about 0.15 s.
+DEFAULT_DEAD_AFTER = 0.15
 REFRESH_INTERVAL = 5.0
 
 
