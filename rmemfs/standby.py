@@ -48,12 +48,13 @@ from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidM
 log = logging.getLogger(__name__)
 
 DEFAULT_WATCH_INTERVAL = 0.01
-# tools/bench --only heartbeat: the longest event-loop stall under load measured here was 43 ms (a gap of
-# 93 ms at the old 50 ms heartbeat, in 20000 creates+unlinks; scattered and namespace flushes 37-39 ms,
-# 1 MiB writes and a 256 MiB flush 16 ms). With the 20 ms heartbeat the longest gap expected is ~65 ms:
-# 0.15 s keeps more than twice that as margin (a shared, busy machine adds scheduling delay) and detects
-# a dead source in about 0.15 s.
-DEFAULT_DEAD_AFTER = 0.15
+# tools/bench --only heartbeat (20 ms heartbeat): 1 MiB writes, a 256 MiB flush and mmap stores leave gaps
+# of 26-38 ms; a flush of 20,000 scattered pages 82-112 ms, of a 40,000-file namespace 102-176 ms. The
+# longest stall is the journal checkpoint, which serializes the whole namespace on the loop: 86 ms at
+# 26,000 files here (~3.3 us per file), and a gap of 314 ms was seen once at ~40,000 files on a heavily
+# loaded machine. 0.3 s keeps twice the longest stall as margin up to ~40,000 files; detection is ~0.3 s.
+# Lower only once checkpoints are split (a standby with dead_after below a stall fences a live source).
+DEFAULT_DEAD_AFTER = 0.3
 REFRESH_INTERVAL = 5.0
 
 
