@@ -197,14 +197,6 @@ alive = process_running
 
 def prepared_exporters(backend: Path) -> list[int]:
     """Exporters started ahead by a standby of ``backend`` (waiting, or serving since a takeover)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--await-region-dir" in argv and str(backend).encode() in argv:
-            pids.append(int(proc.name))
-    return pids
+    out = subprocess.run(["pgrep", "-f", f"rmemfs.cli.exporter --await-region-dir --backend {backend}( |$)"],
+                         capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]

@@ -76,11 +76,23 @@ def stop(b: Host, proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def mount_source(a: Host, flush_interval: float = 3600) -> tuple[Path, int]:
+    """hostA's rmemfs over a backend beside the hosts: (backend, its pid)."""
+    backend = a.dir.parent / "backend"
+    return backend, a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M",
+                                   heartbeat_interval=0.02)
+
+
+def partition(a: Host) -> None:
+    """hostA cut off: its links down (its processes live on)."""
+    a.run(["ip", "link", "set", "dev", "lo", "down"], check=False)
+    a.run(["sh", "-c", "ip -o link | awk -F': ' '/rh/{print $2}' | cut -d@ -f1 | xargs -I{} ip link set dev {} down"])
+
+
 def test_kill_is_taken_over_with_every_acknowledged_write() -> None:
     with TwoHosts(subnet=SUBNET) as (a, b):
-        backend, state_file = a.dir.parent / "backend", a.dir / "state.json"
-        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=0.5, region_size="64M",
-                             heartbeat_interval=0.02)
+        state_file = a.dir / "state.json"
+        backend, pid = mount_source(a, flush_interval=0.5)
         proc, log = start_standby(b, a, backend)
         try:
             wait_state(b, proc, log, "watching")
@@ -99,9 +111,7 @@ def test_kill_is_taken_over_with_every_acknowledged_write() -> None:
 
 def test_long_pause_is_fenced_and_the_resumed_source_refuses_writes() -> None:
     with TwoHosts(subnet=SUBNET) as (a, b):
-        backend = a.dir.parent / "backend"
-        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=3600, region_size="64M",
-                             heartbeat_interval=0.02)
+        backend, pid = mount_source(a)
         a.run(["sh", "-c", f"echo v1 > {a.dir}/mnt/f && sync {a.dir}/mnt/f"])
         proc, log = start_standby(b, a, backend)
         try:
@@ -118,20 +128,29 @@ def test_long_pause_is_fenced_and_the_resumed_source_refuses_writes() -> None:
             stop(b, proc)
 
 
-def test_partitioned_source_is_not_taken_over_without_fence_cmd() -> None:
+@pytest.mark.parametrize("fence_cmd", [False, True], ids=["without-fence_cmd", "with-fence_cmd"])
+def test_partitioned_source(fence_cmd: bool) -> None:
+    """Without fence_cmd it is never taken over (an operator is needed); with one that exits 0 it is
+    recovered from the baseline alone: the flushed file is there, the dirty one lost (what fence_cmd accepts)."""
     with TwoHosts(subnet=SUBNET) as (a, b):
-        backend = a.dir.parent / "backend"
-        a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=3600, region_size="64M", heartbeat_interval=0.02)
-        proc, log = start_standby(b, a, backend)
+        backend, _ = mount_source(a)
+        _write(a, a.dir / "mnt" / "f", "flushed")
+        a.python("-m", "rmemfs.cli.ctl", "flush", str(a.dir / "mnt"))
+        _write(a, a.dir / "mnt" / "late", "dirty")
+        proc, log = start_standby(b, a, backend, *(["fence_cmd=true"] if fence_cmd else []))
         try:
             wait_state(b, proc, log, "watching")
-            a.run(["ip", "link", "set", "dev", "lo", "down"], check=False)
-            a.run(["sh", "-c", "ip -o link | awk -F': ' '/rh/{print $2}' | cut -d@ -f1 | "
-                   "xargs -I{} ip link set dev {} down"])
-            wait_state(b, proc, log, "needs-operator")
-            time.sleep(1.0)
-            assert not mounted(b, b.dir / "mnt") and proc.poll() is None
-            assert "operator" in log.read_text()
+            partition(a)
+            if not fence_cmd:
+                wait_state(b, proc, log, "needs-operator")
+                time.sleep(1.0)
+                assert not mounted(b, b.dir / "mnt") and proc.poll() is None
+                assert "operator" in log.read_text()
+                return
+            wait_mounted(b, proc, log)
+            assert b.run(["cat", str(b.dir / "mnt" / "f")]).stdout == "flushed\n"
+            assert b.run(["test", "-e", str(b.dir / "mnt" / "late")], check=False).returncode != 0
+            assert "fenced by fence_cmd" in log.read_text()
         finally:
             stop(b, proc)
 
@@ -148,9 +167,7 @@ def _standby_exporters(host: Host, backend: Path) -> list[int]:
 
 def test_short_pause_and_a_restarted_standby_are_not_taken_over_then_a_kill_is() -> None:
     with TwoHosts(subnet=SUBNET) as (a, b):
-        backend = a.dir.parent / "backend"
-        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=3600, region_size="64M",
-                             heartbeat_interval=0.02)
+        backend, pid = mount_source(a)
         _write(a, a.dir / "mnt" / "f", "v1")
         proc, log = start_standby(b, a, backend)
         try:
@@ -176,32 +193,9 @@ def test_short_pause_and_a_restarted_standby_are_not_taken_over_then_a_kill_is()
             stop(b, proc)
 
 
-def test_partitioned_source_with_fence_cmd_is_recovered_from_the_baseline() -> None:
-    with TwoHosts(subnet=SUBNET) as (a, b):
-        backend = a.dir.parent / "backend"
-        a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=3600, region_size="64M", heartbeat_interval=0.02)
-        _write(a, a.dir / "mnt" / "f", "flushed")
-        a.python("-m", "rmemfs.cli.ctl", "flush", str(a.dir / "mnt"))
-        _write(a, a.dir / "mnt" / "late", "dirty")
-        proc, log = start_standby(b, a, backend, "fence_cmd=true")
-        try:
-            wait_state(b, proc, log, "watching")
-            a.run(["sh", "-c", "ip -o link | awk -F': ' '/rh/{print $2}' | cut -d@ -f1 | "
-                   "xargs -I{} ip link set dev {} down"])
-            wait_mounted(b, proc, log)
-            # The baseline alone: the flushed file is there, the dirty one is lost (what fence_cmd accepts).
-            assert b.run(["cat", str(b.dir / "mnt" / "f")]).stdout == "flushed\n"
-            assert b.run(["test", "-e", str(b.dir / "mnt" / "late")], check=False).returncode != 0
-            assert "fenced by fence_cmd" in log.read_text()
-        finally:
-            stop(b, proc)
-
-
 def test_failback_the_repaired_host_becomes_the_new_owners_standby() -> None:
     with TwoHosts(subnet=SUBNET) as (a, b):
-        backend = a.dir.parent / "backend"
-        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=3600, region_size="64M",
-                             heartbeat_interval=0.02)
+        backend, pid = mount_source(a)
         _write(a, a.dir / "mnt" / "f", "v1")
         proc_b, log_b = start_standby(b, a, backend)
         proc_a: subprocess.Popen[bytes] | None = None
@@ -226,6 +220,11 @@ def test_failback_the_repaired_host_becomes_the_new_owners_standby() -> None:
             assert a.run(["cat", str(a.dir / "mnt" / "f")]).stdout == "v3\n"
             _write(a, a.dir / "mnt" / "f", "v4")
             assert a.run(["cat", str(a.dir / "mnt" / "f")]).stdout == "v4\n"
+            # hostB's memory retires by the same rules, though its exporter was the one prepared ahead
+            # (its command line does not name the region directory).
+            a.python("-m", "rmemfs.cli.ctl", "flush", str(a.dir / "mnt"))
+            b.python("-m", "rmemfs.cli.ctl", "exporter", "--backend", str(backend), "--retire")
+            assert not b.exporter_pids()
         finally:
             if proc_a is not None:
                 stop(a, proc_a)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
             if handed is None:
                 return 0
             region_dir, listen, port, log_file = handed
+            # What names it as this directory's exporter (exporter.serves): its command line cannot.
+            os.chdir(region_dir)
             if log_file is not None:
                 setup_logging(args.debug, log_file)
         exporter = Exporter(region_dir, fsid, secret, listen, port)
