@@ -82,7 +82,7 @@ class Poller:
         finally:
             os.close(fd)
         self.offset = W_HEARTBEAT * 8
-        self.gaps: list[float] = []
+        self.gaps: list[tuple[float, float]] = []      # (gap, monotonic time it ended)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -95,11 +95,14 @@ class Poller:
             now = time.monotonic()
             if beat != last:
                 with self.lock:
-                    self.gaps.append(now - at)
+                    self.gaps.append((now - at, now))
                 last, at = beat, now
             time.sleep(0.0005)
 
     def take(self) -> list[float]:
+        return [g for g, _ in self.take_timed()]
+
+    def take_timed(self) -> list[tuple[float, float]]:
         with self.lock:
             gaps, self.gaps = self.gaps, []
         return gaps

@@ -37,7 +37,7 @@ def writer(kind: str, path: str, seconds: float, seed: int) -> None:
     rng = random.Random(seed)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     os.ftruncate(fd, FILE)
-    end, n = time.monotonic() + seconds, 0
+    end, n, error = time.monotonic() + seconds, 0, None
     try:
         if kind == "write":
             block = rng.randbytes(MiB)
@@ -55,12 +55,14 @@ def writer(kind: str, path: str, seconds: float, seed: int) -> None:
                     n += 1
                     if n % 256 == 0:
                         mm.flush()
+    except OSError as e:         # refused (a fenced source: a takeover happened): said in the report
+        error = f"{e} after {seconds - (end - time.monotonic()):.1f} s"
     finally:
         os.close(fd)
-    print(json.dumps({"kind": kind, "ops": n}))
+    print(json.dumps({"kind": kind, "ops": n, "error": error}))
 
 
-def soak(seconds: float, writers: int) -> dict[str, Any]:
+def soak(seconds: float, writers: int, keep: Path) -> dict[str, Any]:
     from bench_heartbeat import Poller
     from hosts import PYTHON, TwoHosts
     from rmemfs.store import open_store
@@ -81,25 +83,31 @@ def soak(seconds: float, writers: int) -> dict[str, Any]:
             assert standby.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         poller.take()
-        t0 = time.monotonic()
+        t0, t0_ns = time.monotonic(), time.time_ns()
         procs = [a.popen([PYTHON, str(HERE), "writer", "write" if i % 2 == 0 else "mmap", str(amnt / f"w{i}"),
                           str(seconds), str(i)], stdout=subprocess.PIPE, text=True) for i in range(writers)]
         outs = [json.loads(p.communicate(timeout=seconds + 300)[0].strip().splitlines()[-1]) for p in procs]
         took = time.monotonic() - t0
-        gaps = poller.take()
+        for f in (events, log):          # the hosts' folders go with them
+            (keep / f.name).write_bytes(f.read_bytes())
+        gaps = [(g, at - t0) for g, at in poller.take_timed()]     # (gap, seconds into the soak it ended)
         poller.close()
-        st = json.loads(b.python("-m", "rmemfs.cli.ctl", "standby", "status", "--json", str(bmnt)).stdout)
+        st = json.loads(b.python("-m", "rmemfs.cli.ctl", "standby", "status", "--json", str(bmnt), check=False).stdout
+                        or "{}")
         stats = json.loads(a.python("-m", "rmemfs.cli.ctl", "stats", "--json", str(amnt), check=False).stdout
                            or "{}")
         kinds = [json.loads(line)["event"] for line in events.read_text().splitlines() if line.strip()]
         standby.terminate()
         standby.wait(60)
-        s = sorted(gaps)
+        s = sorted(g for g, _ in gaps)
+        dead = [{**e, "at_s": (e["time_ns"] - t0_ns) / 1e9} for e in map(json.loads, events.read_text().splitlines())
+                if e["event"] == "dead"]
         return {"seconds": took, "writers": writers, "ops": outs, "flush_interval_s": 1,
                 "standby": {"watch_interval_s": DEFAULT_WATCH_INTERVAL, "dead_after_s": st.get("dead_after"),
                             "default_dead_after_s": DEFAULT_DEAD_AFTER, "state_at_end": st.get("state"),
                             "longest_gap_seen_s": st.get("longest_gap"), "registrations": st.get("registrations"),
                             "events": kinds},
+                "dead_events": dead, "longest_gaps_at_s": sorted(gaps)[-5:],
                 "heartbeat_polled_here": {"beats": len(s), "longest_gap_s": s[-1] if s else None,
                                           "p99_gap_s": s[min(len(s) - 1, int(len(s) * 0.99))] if s else None,
                                           "p999_gap_s": s[min(len(s) - 1, int(len(s) * 0.999))] if s else None},
@@ -116,7 +124,8 @@ def main() -> None:
     ap.add_argument("--writers", type=int, default=8)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    res = soak(args.seconds, args.writers)
+    keep = (args.out or Path("soak.json")).absolute().parent
+    res = soak(args.seconds, args.writers, keep)
     text = json.dumps(res, indent=1)
     if args.out:
         args.out.write_text(text)
