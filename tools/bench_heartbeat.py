@@ -128,9 +128,9 @@ def run(bench: Any, log: Any) -> dict[str, Any]:
     from rmemfs.mount import MountOptions
     from rmemfs.regions import CTL_REGION_ID, region_file_name
     q = bench.args.quick
-    size = (32 if q else 256) * MiB
-    pages = 2000 if q else 20000
-    files = 2000 if q else 20000
+    size = bench.size if q else 256 * MiB
+    pages = min(bench.args.random_pages, size // PAGE) if q else 20000
+    files = 500 if q else 20000
     interval = MountOptions().heartbeat_interval
     fs = Rmemfs(bench.work, "heartbeat")
     res: dict[str, Any] = {"heartbeat_interval_s": interval, "size_bytes": size, "pages": pages, "files": files,
