@@ -219,6 +219,11 @@ class DirtyList:
         for region_id, first, n in runs:
             mark_pages(self._seen, region_id, first, n, region_pages[region_id])
 
+    def region_grew(self, region_id: int, pages: int) -> None:
+        seen = self._seen.get(region_id)
+        if seen is not None and len(seen) < pages:
+            seen.extend(bytes(pages - len(seen)))
+
     def runs(self) -> list[tuple[int, int, int]]:
         """The marked runs, merged and sorted: (region_id, first_page, npages)."""
         # An entry's bits are region, first page, npages - 1, high to low: the integers sort in the order of
@@ -311,6 +316,12 @@ class DirtyTracker:
     @property
     def flushing(self) -> DirtyList:
         return self.lists[1 - (self._hdr[W_STATE] & 1)]
+
+    def region_grew(self, region_id: int, pages: int) -> None:
+        """A region now has ``pages`` pages (the dedup maps are one byte per page)."""
+        self.region_pages[region_id] = pages
+        for lst in self.lists:
+            lst.region_grew(region_id, pages)
 
     def mark(self, region_id: int, first_page: int, npages: int) -> None:
         """Record pages about to change. Call before writing them."""

@@ -60,20 +60,25 @@ class RegionRegistry:
             if parsed is None or parsed[0] in self.regions:
                 continue
             region_id, role = parsed
-            fd = os.open(entry.path, os.O_RDWR)
+            # The directory is checked as ours (secure.py); O_NOFOLLOW is the second line.
+            fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 size = os.fstat(fd).st_size
                 if size == 0 or size % PAGE_SIZE:
                     log.warning("skipping %s: size %d is not a multiple of the page size", entry.name, size)
+                    os.close(fd)
                     continue
                 # Writable only because ibv_reg_mr on kernels before 6.2 pins pages for write
                 # even for a remote-read-only MR; nothing here writes, and neither transport can.
                 mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
             view = memoryview(mm)
             self._maps[region_id] = mm
-            self.regions[region_id] = ExportedRegion(region_id, entry.name, role, view, buffer_address(view))
+            # The fd stays open for the exporter's life: the software transport reads the file with
+            # pread, which leaves holes unallocated.
+            self.regions[region_id] = ExportedRegion(region_id, entry.name, role, view, buffer_address(view), fd)
             log.info("mapped %s (%d bytes)", entry.name, size)
 
     def ctl_header(self) -> dict[str, Any] | None:
@@ -369,6 +374,43 @@ def why_still_needed(backend: BaselineStore, region_dir: Path) -> str | None:
         return (f"the new owner (epoch {manifest.epoch}) has not published a baseline of its own yet: "
                 f"retry after its first flush")
     return None
+
+
+def _mapped(directory: Path) -> bool:
+    """Whether a live process maps a file in ``directory`` (by dev+inode, so in any mount namespace)."""
+    files = [Path(e.path) for e in os.scandir(directory) if e.is_file(follow_symlinks=False)]
+    return bool(mapping_processes(files))
+
+
+def orphans(backend: BaselineStore, base: Path, *, settled_only: bool = False) -> list[Path]:
+    """Region directories (``base`` and its ``<name>.e<epoch>`` siblings, real directories only) that no
+    live process maps and that the published manifest does not need: a directory whose memory the
+    backend still needs (``why_still_needed``), or the clean regions of the published epoch that the
+    next mount reuses, are kept. With ``settled_only``, a directory with no ctl region (perhaps a
+    recovery that is creating it) is not counted."""
+    manifest = backend.read_manifest()
+    found = []
+    for path in sorted(base.parent.glob(f"{base.name}*")):
+        suffix = path.name[len(base.name):]
+        if not (suffix == "" or (suffix.startswith(".e") and suffix[2:].isdigit())):
+            continue
+        if path.is_symlink() or not path.is_dir() or _mapped(path):
+            continue
+        try:
+            header = read_ctl_header(path)
+        except FileNotFoundError:
+            if not settled_only:
+                found.append(path)      # no ctl region: nothing in it can be recovered or reused
+            continue
+        except (OSError, CorruptionError):
+            continue                    # unreadable: not ours to judge
+        if header.fsid != manifest.fsid or header.epoch >= manifest.epoch:
+            continue                    # another filesystem's, or the published epoch's own regions
+        # Unmounted cleanly into a generation the backend has since built on: all of it is in the backend.
+        superseded = 0 < header.clean_generation <= manifest.generation
+        if superseded or why_still_needed(backend, path) is None:
+            found.append(path)
+    return found
 
 
 def process_running(pid: int) -> bool:

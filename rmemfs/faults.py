@@ -1,5 +1,6 @@
 """Fault injection for tests: ``RMEMFS_FAULT=<point>`` SIGKILLs the process when it reaches that point;
-``RMEMFS_FAULT=raise:<point>`` raises an exception there (see ``fail``).
+``RMEMFS_FAULT=raise:<point>`` raises an exception there (see ``fail``); ``RMEMFS_FAULT=stop:<point>``
+SIGSTOPs it there, so that a test can break something real (a Ceph OSD) at that moment and SIGCONT it.
 
 Points are named where a crash is interesting for durability (see flusher.py).
 Costs one dict lookup when unset.
@@ -16,11 +17,12 @@ _ARMED = os.environ.get("RMEMFS_FAULT", "")
 
 
 def point(name: str) -> None:
-    if _ARMED and _ARMED == name:
-        log.warning("fault injection: SIGKILL at %s", name)
+    if _ARMED and _ARMED in (name, f"stop:{name}"):
+        stop = _ARMED != name
+        log.warning("fault injection: %s at %s", "SIGSTOP" if stop else "SIGKILL", name)
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP if stop else signal.SIGKILL)
 
 
 def fail(name: str, make: Callable[[str], BaseException]) -> None:

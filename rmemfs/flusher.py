@@ -229,6 +229,7 @@ class Flusher:
             raise FencedError("this filesystem was fenced by a newer owner; it no longer publishes")
         fs, tracker = self.fs, self.fs.tracker
         # --- atomic section: no await until the snapshot is installed ---------
+        fs.sync_times()                # so the baseline has them (the ones that do not fit come later)
         if tracker.flushing.count:
             tracker.fold_current_into_flushing()
         else:

@@ -219,7 +219,10 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
-        # Data is tracked the moment write() returns; a fenced mount must not tell fsync it is safe.
+        # Data is tracked the moment write() returns; overwrites' times are journaled here (and lazily
+        # otherwise). A fenced mount must not tell fsync it is safe.
+        if not datasync:
+            self.fs.sync_times(fh)
         self.fs.confirm_owner()
 
     @_errno_boundary

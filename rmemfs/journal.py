@@ -29,7 +29,7 @@ import logging
 import struct
 import uuid
 from dataclasses import dataclass
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import xxhash
 
@@ -124,8 +124,7 @@ class Journal:
         self.region = region
         self.view = region.view
         self.tracker = tracker
-        half = region.length // 2 // PAGE_SIZE * PAGE_SIZE
-        self.areas = [(2 * PAGE_SIZE, half - 2 * PAGE_SIZE), (half, region.length - half)]
+        self._layout()
         self.sb: Superblock | None = None
         self.pos = 0
         self.next_lsn = 1
@@ -134,10 +133,35 @@ class Journal:
         # since can have added (``namespace.snapshot_growth``); exact right after a checkpoint.
         self.snapshot_bound = 0
         self.growth_since_checkpoint = 0
-        smaller_area = min(length for _, length in self.areas)
         self.backed = {off: off for off, _ in self.areas}      # area offset -> end of its allocated prefix
         region.allocate(0, 2 * PAGE_SIZE)                      # the superblock slots
+
+    def _layout(self) -> None:
+        """The two areas of the region as it is now, and the checkpoint limit they imply."""
+        length = self.region.length
+        half = length // 2 // PAGE_SIZE * PAGE_SIZE
+        self.areas = [(2 * PAGE_SIZE, half - 2 * PAGE_SIZE), (half, length - half)]
+        smaller_area = min(n for _, n in self.areas)
         self.checkpoint_limit = smaller_area - max(MIN_RESERVE, smaller_area // RESERVE_FRACTION)
+
+    def region_grew(self, fsid: str, snapshot: Callable[[], bytes]) -> None:
+        """The meta region was made longer (``-o meta_size`` at a mount): take the new layout of areas.
+
+        The active area is an area of the old layout. It moves by ordinary checkpoints, so a crash
+        between any two steps leaves a valid journal: straight into the new second area when the old
+        first area is active (the new second area begins beyond everything the old layout used), or,
+        when the old second area is active (the new first area covers it), first into the space before
+        it and from there into the new second area.
+        """
+        assert self.sb is not None
+        self.view = self.region.view
+        self._layout()
+        first, second = self.areas
+        self.backed.setdefault(second[0], second[0])
+        if self.sb.area_offset != first[0]:
+            self.checkpoint(fsid, snapshot(), area=(first[0], self.sb.area_offset - first[0]))
+        self.checkpoint(fsid, snapshot(), area=second)
+        self.backed = {off: self.backed.get(off, off) for off, _ in self.areas}
 
     # --- writing -----------------------------------------------------------
     def _back(self, pos: int, end: int, reserve: int = 0) -> None:
@@ -199,11 +223,11 @@ class Journal:
         log_bytes = self.used_bytes() - self.checkpoint_bytes
         return log_bytes > max(MIN_LOG_BEFORE_COMPACTION, 4 * self.checkpoint_bytes)
 
-    def checkpoint(self, fsid: str, snapshot: bytes) -> None:
-        """Write the namespace snapshot to the other area, then switch to it."""
+    def checkpoint(self, fsid: str, snapshot: bytes, area: tuple[int, int] | None = None) -> None:
+        """Write the namespace snapshot to the other area (or ``area``: offset, length), then switch to it."""
         old_end = self.pos
         new_index = 0 if self.sb is None or self.sb.area_offset != self.areas[0][0] else 1
-        off, length = self.areas[new_index]
+        off, length = area or self.areas[new_index]
         rec = self._encode(self.next_lsn, CHECKPOINT, snapshot)
         if len(rec) > length:
             raise FsError(28, "namespace checkpoint does not fit the meta region")

@@ -18,12 +18,14 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,10 +37,10 @@ from . import control, faults
 from .core import DEFAULT_DIRTY_CAPACITY, Filesystem, RoomWaiter
 from .dirty import read_ctl_header
 from .errors import (BackendError, BackendFailed, BackendUnclean, BackendUnreachable, CorruptionError, ExporterFailed,
-                     FencedError, HostUnfit, MountpointUnusable, RegionsFailed, StoreUnreachable, UsageError,
+                     FencedError, FsError, HostUnfit, MountpointUnusable, RegionsFailed, StoreUnreachable, UsageError,
                      backend_failed)
 from .secure import private_dir
-from .exporter import DEFAULT_PORT, exporter_alive, stop_exporter
+from .exporter import DEFAULT_PORT, exporter_alive, orphans, stop_exporter
 from .flusher import Flusher
 from .loader import live_map, load, region_file_writer
 from .regions import (CTL_REGION_ID, DEFAULT_DATA_REGION_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
@@ -77,6 +79,7 @@ class MountOptions:
     metrics: str = ""                  # ADDR:PORT of a Prometheus endpoint (metrics.py)
     extra_fuse: list[str] = field(default_factory=list)
     store: dict[str, str] = field(default_factory=dict)    # the backend's own options (ceph_conf, ceph_id)
+    given: set[str] = field(default_factory=set)           # the options named on the command line
 
     def region_dir(self, fsid: str) -> Path:
         return Path(self.regiondir or f"/dev/shm/rmemfs-{fsid}")
@@ -92,7 +95,8 @@ OPTION_HELP: dict[str, str] = {
     "region_size": "bytes per data region, a multiple of 256K, 1M to 64G (default 256M; suffixes K, M, G, T). Sparse on "
                    "tmpfs, but the verbs transport pins (and so backs) a whole region when it registers it",
     "meta_size": "bytes of the namespace journal region, set when the filesystem is created (default 256M; "
-                 "a multiple of 256K, 1M to 64G)",
+                 "a multiple of 256K, 1M to 64G); given at a later mount, a larger value grows it (it never "
+                 "shrinks)",
     "heartbeat_interval": "seconds between heartbeat increments (default 0.02; more than 0, at most 60)",
     "allow_other": "let users other than the mounter access the files (permission checks stay on)",
     "writeback_cache": "let the kernel buffer write() (faster, but write() then acknowledges before the "
@@ -237,6 +241,7 @@ def parse_options(items: list[str]) -> MountOptions:
             raise UsageError(f"bad value for -o {key}: {value!r} ({e})") from None
         spec.check(key, parsed)
         setattr(opts, key, parsed)
+        opts.given.add(key)
     return opts
 
 
@@ -379,8 +384,26 @@ def open_backend(backend_path: str | os.PathLike[str], opts: MountOptions, mount
     except OSError as e:
         raise RegionsFailed(f"region directory {region_dir}: {e}") from None
     fs.tracker.enabled = opts.tracking
+    if "meta_size" in opts.given:
+        _resize_journal(fs, opts.meta_size)
     log.info("filesystem %s opened from %s (epoch %d, generation %d)", fsid, how, epoch, manifest.generation)
     return Opened(backend, manifest, fs, live, epoch, region_dir, how)
+
+
+def _resize_journal(fs: Filesystem, length: int) -> None:
+    """``-o meta_size`` at a mount of an existing filesystem: a full journal is made roomier this way."""
+    have = fs.regions[META_REGION_ID].length
+    if length < have:
+        log.warning("-o meta_size=%s is smaller than the namespace journal region (%s), which never shrinks; "
+                    "keeping %s", _size_text(length), _size_text(have), _size_text(have))
+    elif length > have:
+        try:
+            fs.grow_journal(length)
+        except OSError as e:
+            raise RegionsFailed(f"cannot grow the namespace journal region to {_size_text(length)}: {e.strerror}") from None
+        except FsError as e:     # no memory left in the region directory for the moved checkpoint
+            raise RegionsFailed(f"cannot grow the namespace journal region to {_size_text(length)}: {e.args[1]}") from None
+        log.info("namespace journal region grown from %s to %s", _size_text(have), _size_text(length))
 
 
 def _regions_match(region_dir: Path, fsid: str, manifest: Manifest) -> bool:
@@ -664,6 +687,7 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> in
                 nursery.start_soon(opened.background.run, fs)
             on_ready()
             log.info("mounted %s at %s", fs.fsid, session.mountpoint)
+            nursery.start_soon(_remove_orphans, session)
             if fs.tracker.current.count:
                 flusher.trigger()
             await fuse.serve_requests()
@@ -676,6 +700,21 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> in
     return await _shutdown(session)
 
 
+async def _remove_orphans(session: Session) -> None:
+    """Free the region directories beside ours that nothing needs any more, such as a recovered epoch's
+    ``.e<N>`` that was unmounted cleanly and is now superseded by this mount (issue 15 item 8). Once
+    serving, in a thread: it reads every process's memory maps."""
+    base = session.opts.region_dir(session.opened.fs.fsid)
+    try:
+        found = await trio.to_thread.run_sync(partial(orphans, session.opened.backend, base, settled_only=True))
+        for path in found:
+            if path != session.opened.region_dir:
+                await trio.to_thread.run_sync(shutil.rmtree, path)
+                log.info("removed %s: an older epoch's region directory that nothing needs", path)
+    except Exception as e:       # never a reason to stop serving; rmemfs-ctl orphans can do it later
+        log.warning("could not remove orphaned region directories beside %s: %s", base, e)
+
+
 async def _shutdown(session: Session) -> int:
     """Final baseline marked clean; only then may the exporter go."""
     assert session.flusher is not None
@@ -685,6 +724,8 @@ async def _shutdown(session: Session) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_heartbeat, fs, session.opts.heartbeat_interval)
             generation = await session.flusher.flush(state=STATE_CLEAN)
+            if fs.times_pending:     # a full dirty list had no room for them before the first flush's swap
+                generation = await session.flusher.flush(state=STATE_CLEAN)
             nursery.cancel_scope.cancel()
     except Exception as e:
         log.error("final flush failed (%s): the backend stays marked in use and the exporter keeps serving; "

@@ -52,13 +52,13 @@ from collections.abc import Callable, Iterator
 
 import trio
 
-from . import PAGE_SIZE
+from . import PAGE_SIZE, faults
 from .core import Filesystem
 from .dirty import (CtlHeader, ListFull, list_bytes, list_offset, merge_runs, parse_entries, parse_header,
                     parse_list_count)
 from .errors import (AuthFailed, BackendError, BackendFailed, CapacityExceeded, CorruptionError, EpochMismatch,
                      FenceFailed, NamespaceInconsistent, RecoveryError, RegionsFailed, SourceAlive, SourceFsidMismatch,
-                     SourceUnreachable, TransportFailed, VerifyFailed)
+                     SourceUnreachable, TransportFailed, VerifyFailed, backend_failed)
 from .fencing import FenceRefused, request_fence, run_fence_cmd
 from .loader import LoadPlan, LoadResult, RegionWriter, plan_load, region_file_writer
 from .mount import MountOptions, Opened, fresh_regions
@@ -337,7 +337,7 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
     try:
         secret = backend.secret()
     except (BackendError, CorruptionError) as e:
-        raise BackendFailed(str(e)) from None
+        raise backend_failed(e) from None
     report.fsid = fsid
     report.baseline_generation, report.baseline_time_ns = manifest.generation, manifest.time_ns
     state: SourceState | None = None
@@ -423,7 +423,7 @@ def _reread_manifest(backend: BaselineStore, before: Manifest) -> Manifest:
     try:
         after = backend.read_manifest()
     except (BackendError, CorruptionError) as e:
-        raise BackendFailed(str(e)) from None
+        raise backend_failed(e) from None
     if after.epoch != before.epoch:
         raise EpochMismatch(f"the backend moved to epoch {after.epoch} during the recovery (it was at {before.epoch}): "
                             f"another host recovered or remounted it")
@@ -679,8 +679,8 @@ class _Planner:
         t = time.monotonic()
         try:
             self.plan = await trio.to_thread.run_sync(plan_load, self.backend, manifest)
-        except CorruptionError as e:
-            raise BackendFailed(str(e)) from None
+        except (BackendError, CorruptionError) as e:     # a cluster that stopped answering is 16, not 1
+            raise backend_failed(e) from None
         self.generation = manifest.generation
         self.report.phase("baseline plan").seconds += time.monotonic() - t
         self.done.set()
@@ -713,12 +713,13 @@ async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: Re
 
     async def load() -> None:
         token = trio.lowlevel.current_trio_token()
+        faults.point("recover.load")
         try:
             holder.append(await trio.to_thread.run_sync(lambda: load_plan.copy(
                 backend, write, lambda b, p: bar.update(b, p),
                 spans_done=lambda n: token.run_sync_soon(copied.set, n))))
-        except CorruptionError as e:
-            raise BackendFailed(str(e)) from None
+        except (BackendError, CorruptionError) as e:     # a cluster that stopped answering is 16, not 1
+            raise backend_failed(e) from None
         copied.set(len(load_plan.spans))
         bar.done()
         ph = report.phase("baseline load")

@@ -136,6 +136,22 @@ class Region:
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], offset + done)
 
+    def grow(self, length: int) -> None:
+        """Make the file and its mapping longer (new pages are holes). Views of the old mapping stay
+        valid but do not see the new pages: holders take ``view`` again."""
+        if length <= self.length or length % PAGE_SIZE:
+            raise ValueError(f"cannot grow region {self.region_id} from {self.length} to {length} bytes")
+        os.ftruncate(self.fd, length)
+        old_mm, old_view = self.mm, self.view
+        self.mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.mm)
+        self.length, self.pages = length, length // PAGE_SIZE
+        try:
+            old_view.release()
+            old_mm.close()
+        except BufferError:
+            pass   # a slice of the old view still lives; the GC unmaps it with that
+
     def allocate(self, offset: int, length: int) -> None:
         """Back a range with memory before anything writes it through the mapping: a store into a hole
         of a full tmpfs is a SIGBUS, which ends the process, while this fails with ENOSPC."""

@@ -34,6 +34,7 @@ class CephCluster:
     addr: str                  # mon address (on the bridge)
     osd_stop: Callable[..., None]
     osd_start: Callable[..., None]
+    command: Callable[..., str]     # a ceph command as client.admin: command("osd", "set-full-ratio", "0.95")
 
 
 def start_session_cluster() -> Iterator[CephCluster]:
@@ -54,6 +55,7 @@ def start_session_cluster() -> Iterator[CephCluster]:
             user_id="rmemfs", user_keyring=Path(c.users["client.rmemfs"]),
             restricted_id="restricted", restricted_keyring=Path(c.users["client.restricted"]),
             osd_stop=lambda sig=signal.SIGKILL: cephcluster.osd_stop(d, sig),
-            osd_start=lambda wait=True: cephcluster.osd_start(d, wait))
+            osd_start=lambda wait=True: cephcluster.osd_start(d, wait),
+            command=lambda *args: cephcluster.command(d, *args))
     finally:
         cephcluster.stop(d, remove=True)

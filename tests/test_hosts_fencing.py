@@ -33,20 +33,24 @@ from hosts_fixtures import hosts_available, parametrize_seeds  # noqa: E402, F40
 
 WORKLOAD = REPO / "tools" / "fsworkload.py"
 DEFAULT_TRIALS = 2
+RADOS_TRIALS = 1
 PAUSE_DIR = "p"             # the pause writers' directory in the mount
 
 pytestmark = pytest.mark.hosts
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    parametrize_seeds(metafunc, DEFAULT_TRIALS)
+    parametrize_seeds(metafunc, RADOS_TRIALS if metafunc.function.__name__.endswith("_on_rados") else DEFAULT_TRIALS)
 
 
-def pause_takeover_resume(a: Host, b: Host, backend: Path, rng: random.Random, params: str,
-                          report_file: Path, region_size: str = "64M") -> dict[str, object]:
+def pause_takeover_resume(a: Host, b: Host, backend: Path | str, rng: random.Random, params: str,
+                          report_file: Path, region_size: str = "64M", store: dict[str, str] | None = None
+                          ) -> dict[str, object]:
     """With rmemfs mounted at a.dir/"mnt": pause writers, SIGSTOP, recover on hostB at b.dir/"mnt",
-    SIGCONT, writers go on, stop them; assert the check above. Returns the outcome counts and the report."""
-    pid = a.rmemfs_pid(backend)
+    SIGCONT, writers go on, stop them; assert the check above. Returns the outcome counts and the report.
+    ``store``: the backend's options (rados: ceph_conf, ceph_id)."""
+    store = store or {}
+    pid = a.rmemfs_pid(backend, store)
     ready, stop, log_file = a.dir / "pause.ready", a.dir / "pause.stop", a.dir / "pause.json"
     workers = rng.randint(2, 4)
     writers = a.popen([PYTHON, WORKLOAD, "pause", a.dir / "mnt" / PAUSE_DIR, "--seed", str(rng.getrandbits(31)),
@@ -68,7 +72,8 @@ def pause_takeover_resume(a: Host, b: Host, backend: Path, rng: random.Random, p
 
         def take_over() -> None:
             done.append(b.recover_rmemfs(backend, b.dir / "mnt", a.addr, json_report=report_file, check=False,
-                                         extra=["--transport", "software", "--verify"], region_size=region_size))
+                                         extra=["--transport", "software", "--verify"], region_size=region_size,
+                                         **store))
         os.kill(pid, signal.SIGSTOP)
         paused_ns = time.monotonic_ns()
         try:
@@ -129,16 +134,29 @@ def pause_takeover_resume(a: Host, b: Host, backend: Path, rng: random.Random, p
 
 
 def test_pause_takeover_resume(seed: int) -> None:
+    hosts = TwoHosts(subnet="10.241.0", label="pause")
+    pause_trial(seed, hosts, hosts.backend, {}, "test_pause_takeover_resume")
+
+
+@pytest.mark.ceph
+def test_pause_takeover_resume_on_rados(seed: int, ceph_cluster) -> None:  # type: ignore[no-untyped-def]
+    """The same with the baselines in the session's Ceph pool (issue 13: the fencing tests on rados)."""
+    hosts = TwoHosts(subnet="10.244.0", label="radospause", ceph=ceph_cluster.dir)
+    store = {"ceph_conf": str(ceph_cluster.conf), "ceph_id": ceph_cluster.user_id}
+    pause_trial(seed, hosts, f"rados:{ceph_cluster.pool}/pause-{seed}-{os.getpid()}", store,
+                "test_pause_takeover_resume_on_rados")
+
+
+def pause_trial(seed: int, hosts: TwoHosts, backend: Path | str, store: dict[str, str], name: str) -> None:
     rng = random.Random(seed)
     flush_interval = rng.choice([0.3, 0.5, 1.0, 3600])
     params = (f"seed={seed} flush_interval={flush_interval}; replay: tools/test "
-              f"{Path(__file__).relative_to(REPO)} --seed {seed} --trials 1")
+              f"{Path(__file__).relative_to(REPO)}::{name} --seed {seed} --trials 1")
     print(f"\ntrial {params}")
     t0 = time.monotonic()
-    with TwoHosts(subnet="10.241.0", label="pause") as (a, b):
-        backend = a.dir.parent / "backend"
-        a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M")
-        counts = pause_takeover_resume(a, b, backend, rng, params, b.dir / "report.json")
+    with hosts as (a, b):
+        a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M", **store)
+        counts = pause_takeover_resume(a, b, backend, rng, params, b.dir / "report.json", store=store)
     report = counts.pop("report", None)
     fetched = report["dirty_pages_fetched"] if isinstance(report, dict) else "-"
     print(f"ok in {time.monotonic() - t0:.1f} s: {counts}; dirty pages fetched {fetched}")

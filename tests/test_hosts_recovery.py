@@ -58,24 +58,44 @@ from test_hosts_standby import start_standby, wait_mounted, wait_state  # noqa: 
 WORKLOAD = REPO / "tools" / "fsworkload.py"
 DEFAULT_TRIALS = 4
 STANDBY_TRIALS = 2
+RADOS_TRIALS = 4            # on rados too, one trial per kill mode (about 6 s each here)
 KILL_MODES = ("now", "delay", "mid-flush", "pause")
 
 pytestmark = pytest.mark.hosts
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    parametrize_seeds(metafunc, STANDBY_TRIALS if metafunc.function is test_two_host_standby_trial else DEFAULT_TRIALS)
+    on_rados = metafunc.function.__name__.endswith("_on_rados")
+    standby = metafunc.function.__name__ == "test_two_host_standby_trial"
+    parametrize_seeds(metafunc, RADOS_TRIALS if on_rados else STANDBY_TRIALS if standby else DEFAULT_TRIALS)
 
 
 def test_two_host_recovery(seed: int, request: pytest.FixtureRequest) -> None:
-    trial(seed, standby=bool(request.config.getoption("--standby")))
+    hosts = TwoHosts(subnet="10.242.0", label="trial")
+    two_host_trial(seed, hosts, hosts.backend, {}, "test_two_host_recovery",
+                   standby=bool(request.config.getoption("--standby")))
 
 
 def test_two_host_standby_trial(seed: int) -> None:
-    trial(seed, standby=True)
+    hosts = TwoHosts(subnet="10.242.0", label="trial")
+    two_host_trial(seed, hosts, hosts.backend, {}, "test_two_host_standby_trial", standby=True)
 
 
-def trial(seed: int, standby: bool) -> None:
+@pytest.mark.ceph
+def test_two_host_recovery_on_rados(seed: int, ceph_cluster) -> None:  # type: ignore[no-untyped-def]
+    """The same trials with the baselines in the session's Ceph pool, which both hosts reach over its bridge
+    as client.rmemfs (issue 13: a handful of seeded trials with --backend rados:...)."""
+    hosts = TwoHosts(subnet="10.243.0", label="rados", ceph=ceph_cluster.dir)
+    store = {"ceph_conf": str(ceph_cluster.conf), "ceph_id": ceph_cluster.user_id}
+    two_host_trial(seed, hosts, f"rados:{ceph_cluster.pool}/trial-{seed}-{os.getpid()}", store,
+                   "test_two_host_recovery_on_rados")
+
+
+def two_host_trial(seed: int, hosts: TwoHosts, backend: Path | str, store: dict[str, str], name: str,
+                   standby: bool = False) -> None:
+    """One seeded trial (the module's docstring) on ``backend``, a directory or a rados: spec with its
+    store options ``store`` (ceph_conf, ceph_id), which every command on either host is given; with
+    ``standby``, rmemfs-standby does the recovery."""
     rng = random.Random(seed)
     flush_interval = rng.choice([0.3, 0.5, 0.7])
     workers, ops = rng.randint(2, 4), rng.randint(150, 400)
@@ -90,18 +110,19 @@ def trial(seed: int, standby: bool) -> None:
     io_during_load = kill != "pause" and rng.random() < 0.5
     params = (f"seed={seed} flush_interval={flush_interval} workers={workers} ops/worker={ops} kill={kill} "
               f"after {kill_delay:.3f}s big={tail_big}MiB io_during_load={io_during_load} standby={standby}; "
-              f"replay: tools/test {Path(__file__).relative_to(REPO)} "
-              f"--seed {seed} --trials 1{' --standby' if standby else ''}")
+              f"replay: tools/test {Path(__file__).relative_to(REPO)}::{name} "
+              f"--seed {seed} --trials 1{' --standby' if standby and name == 'test_two_host_recovery' else ''}")
     print(f"\ntrial {params}")
     t0 = time.monotonic()
-    with TwoHosts(subnet="10.242.0", label="trial") as (a, b):
-        backend, state_file, report_file = a.dir.parent / "backend", a.dir / "state.json", b.dir / "report.json"
+    with hosts as (a, b):
+        state_file, report_file = a.dir / "state.json", b.dir / "report.json"
         assert os.stat(a.path("/dev/shm")).st_dev != os.stat(b.path("/dev/shm")).st_dev, "shared /dev/shm"
-        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M")
+        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M", **store)
         slow = {"load_rate": "64K"} if io_during_load else {}      # 16 pages/s
         watch = None
         if standby:     # watching through the workload (a busy source must not look dead); hosts.stop ends it
-            watch = start_standby(b, a, backend, f"report={report_file}", *(f"{k}={v}" for k, v in slow.items()))
+            watch = start_standby(b, a, backend, f"report={report_file}",
+                                  *(f"{k}={v}" for k, v in {**slow, **store}.items()))
             wait_state(b, *watch, "watching")
 
         work = a.python(WORKLOAD, "run", a.dir / "mnt", "--seed", str(seed), "--out", state_file,
@@ -111,7 +132,7 @@ def trial(seed: int, standby: bool) -> None:
         print(work.stdout.strip())
 
         if kill == "pause":
-            pause_counts = pause_takeover_resume(a, b, backend, rng, params, report_file)
+            pause_counts = pause_takeover_resume(a, b, backend, rng, params, report_file, store=store)
             report = pause_counts.pop("report", None)
             owner = b if isinstance(report, dict) else a     # a source resumed before the verdict keeps it
             check = owner.python(WORKLOAD, "verify", owner.dir / "mnt", state_file, "--exclude", PAUSE_DIR,
@@ -139,7 +160,7 @@ def trial(seed: int, standby: bool) -> None:
 
         if watch is None:
             rec = b.recover_rmemfs(backend, b.dir / "mnt", a.addr, json_report=report_file, check=False,
-                                   extra=["--transport", "software", "--verify"], region_size="64M", **slow)
+                                   extra=["--transport", "software", "--verify"], region_size="64M", **slow, **store)
             assert rec.returncode == 0, f"rmemfs-recover exited {rec.returncode} ({params}):\n{rec.stderr}{rec.stdout}"
             recovery_out = rec.stdout
         else:
@@ -166,7 +187,7 @@ def trial(seed: int, standby: bool) -> None:
             assert more.returncode == 0, f"workload during the load failed ({params}):\n{more.stdout}\n{more.stderr}"
             print(more.stdout.strip())
             # Before anything reads the whole tree (which would bring every page in): a second failure.
-            second_failure_back_on_a(a, b, backend, state_file, report_file, params)
+            second_failure_back_on_a(a, b, backend, state_file, report_file, params, store)
         else:
             check = b.python(WORKLOAD, "verify", b.dir / "mnt", state_file, check=False)
             assert check.returncode == 0, (f"recovered tree differs from the acknowledged state ({params}):\n"
@@ -203,8 +224,8 @@ def test_demo_runs_on_rados() -> None:
     assert not Path(conf).exists(), "the demo left its cluster directory behind"
 
 
-def second_failure_back_on_a(a: Host, b: Host, backend: Path, state_file: Path, first_report: Path,
-                             params: str) -> None:
+def second_failure_back_on_a(a: Host, b: Host, backend: Path | str, state_file: Path, first_report: Path,
+                             params: str, store: dict[str, str]) -> None:
     """hostB's rmemfs dies in the middle of its background load; hostA recovers from hostB's exporter.
 
     What hostB never loaded is in the store; what it fetched from hostA and what was written on it since
@@ -212,7 +233,7 @@ def second_failure_back_on_a(a: Host, b: Host, backend: Path, state_file: Path, 
     # Usually still loading (16 pages/s), but not always: the writes, truncates and unlinks on hostB may
     # have claimed every page a small tree had left to load (seed 1572567010: 105 pages, none left).
     load = json.loads(b.python(WORKLOAD, "ctl", b.dir / "mnt", "stats").stdout)["load"]
-    pid = b.rmemfs_pid(backend)
+    pid = b.rmemfs_pid(backend, store)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while pid in b.pids() and time.monotonic() < deadline:
@@ -220,7 +241,7 @@ def second_failure_back_on_a(a: Host, b: Host, backend: Path, state_file: Path, 
     assert pid not in b.pids() and b.exporter_pids(), f"hostB's rmemfs survived, or its exporter died ({params})"
     report_file = a.dir / "report2.json"
     rec = a.recover_rmemfs(backend, a.dir / "mnt2", b.addr, json_report=report_file, check=False,
-                           extra=["--transport", "software", "--verify"], region_size="64M")
+                           extra=["--transport", "software", "--verify"], region_size="64M", **store)
     assert rec.returncode == 0, f"second recovery on hostA exited {rec.returncode} ({params}):\n{rec.stderr}{rec.stdout}"
     report = json.loads(report_file.read_text())
     assert report["source"] == f"{b.addr}:7470", report

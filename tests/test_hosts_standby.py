@@ -27,7 +27,7 @@ SUBNET = "10.242.0"
 pytestmark = pytest.mark.hosts
 
 
-def start_standby(b: Host, a: Host, backend: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start_standby(b: Host, a: Host, backend: Path | str, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
     log = b.dir / "standby.log"
     (b.dir / "mnt").mkdir(exist_ok=True)
     opts = ",".join([f"listen={b.addr}", "region_size=64M", "watch_interval=0.01", "dead_after=0.3", *extra])
@@ -90,10 +90,25 @@ def partition(a: Host) -> None:
 
 
 def test_kill_is_taken_over_with_every_acknowledged_write() -> None:
-    with TwoHosts(subnet=SUBNET) as (a, b):
+    hosts = TwoHosts(subnet=SUBNET)
+    kill_is_taken_over(hosts, hosts.backend, {})
+
+
+@pytest.mark.ceph
+def test_kill_is_taken_over_on_rados(ceph_cluster) -> None:  # type: ignore[no-untyped-def]
+    """The same with the baselines in the session's Ceph pool: rmemfs-standby takes --backend rados:... and
+    its store options, and passes them on to the takeover (issue 13)."""
+    hosts = TwoHosts(subnet="10.245.0", label="radosstandby", ceph=ceph_cluster.dir)
+    store = {"ceph_conf": str(ceph_cluster.conf), "ceph_id": ceph_cluster.user_id}
+    kill_is_taken_over(hosts, f"rados:{ceph_cluster.pool}/standby-{os.getpid()}", store)
+
+
+def kill_is_taken_over(hosts: TwoHosts, backend: Path | str, store: dict[str, str]) -> None:
+    with hosts as (a, b):
         state_file = a.dir / "state.json"
-        backend, pid = mount_source(a, flush_interval=0.5)
-        proc, log = start_standby(b, a, backend)
+        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=0.5, region_size="64M",
+                             heartbeat_interval=0.02, **store)
+        proc, log = start_standby(b, a, backend, *(f"{k}={v}" for k, v in store.items()))
         try:
             wait_state(b, proc, log, "watching")
             work = a.python(WORKLOAD, "run", a.dir / "mnt", "--seed", "7", "--out", state_file, "--workers", "3",

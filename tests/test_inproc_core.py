@@ -5,6 +5,7 @@ import errno
 import os
 import stat
 import subprocess
+import time
 import threading
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from harness import private_tmpfs
 from rmemfs import PAGE_SIZE
+from rmemfs import core as core_module
 from rmemfs.core import Filesystem
 from rmemfs.errors import FsError
 from rmemfs.flusher import Flusher
@@ -211,12 +213,39 @@ def test_replay_rebuilds_exactly_the_live_state(ops: list) -> None:
         for ino in list(fs.ns.inodes):      # what the kernel would forget after the run
             fs.forget(ino, 1 << 30)
         assert fs.ns.check() == []
+        fs.sync_times()                     # as a close, fsync or flush does (overwrites' times are lazy)
         # Take the live state first: the reopened filesystem maps the same region files,
         # so anything its replay wrongly changes in memory would show up on both sides.
         live = snapshot(fs)
         assert snapshot(reopen(fs)) == live
     finally:
         subprocess.run(["rm", "-rf", str(fs.regions.directory)], check=False)
+
+
+def test_overwrite_times_are_journaled_lazily_but_never_lost_at_sync_points(
+        fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14: an overwrite's new mtime/ctime stay in memory (a journal record per write was half of a
+    4 KiB write's cost). A restart from the region files alone then sees the data and size exactly and
+    the times of the last journaled point; fsync, close, a flush, or any operation once TIMES_LAG_S has
+    passed journals them."""
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, b"a" * 10000)                     # extends the file: journaled at once
+    journaled = fs.inode(f.ino).mtime_ns
+    time.sleep(0.002)
+    fs.write(f.ino, 4096, b"b" * 100)                    # an overwrite
+    fs.after_operation()
+    assert fs.times_pending and fs.inode(f.ino).mtime_ns > journaled
+    crashed = reopen(fs)
+    node = crashed.inode(f.ino)
+    assert (node.size, node.mtime_ns) == (10000, journaled)
+    assert crashed.read(f.ino, 4096, 100) == b"b" * 100
+    assert fs.sync_times(f.ino) and not fs.times_pending          # fsync and close do this
+    assert reopen(fs).inode(f.ino).mtime_ns == fs.inode(f.ino).mtime_ns
+    monkeypatch.setattr(core_module, "TIMES_LAG_S", 0.0)
+    fs.write(f.ino, 1, b"c")                             # due at once now
+    assert fs.times_pending
+    fs.after_operation()
+    assert not fs.times_pending and reopen(fs).inode(f.ino).mtime_ns == fs.inode(f.ino).mtime_ns
 
 
 def test_checkpoint_compaction_keeps_state(fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,6 +287,7 @@ async def test_flush_writes_only_dirty_pages_and_verifies(fs: Filesystem, tmp_pa
     await flusher.flush()
     for p in (3, 17, 40):
         fs.write(f.ino, p * PAGE_SIZE + 5, b"!")
+    fs.sync_times()                 # the flush would journal the overwrites' times first
     marked = fs.tracker.current.runs()
     await flusher.flush()
     stats = flusher.statistics()
@@ -354,8 +384,8 @@ async def test_flush_records_freed_pages_as_zeros_without_bringing_their_memory_
 
 # --- a full journal region ----------------------------------------------------------------
 
-def test_full_journal_refuses_growth_but_deletes_and_checkpoints_keep_working(tmp_path: Path) -> None:
-    """Issue 15 item 7: long names once filled a 1 MiB journal so that nothing worked, not even unlink."""
+def full_journal() -> tuple[Filesystem, list[bytes]]:
+    """A filesystem with a 1 MiB journal region filled with long names until a create got ENOSPC."""
     fsid = str(uuid.uuid4())
     directory = Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}"
     regions = Filesystem.create_regions(directory, fsid, capacity=CAP, data_region_size=16 << 20,
@@ -369,6 +399,12 @@ def test_full_journal_refuses_growth_but_deletes_and_checkpoints_keep_working(tm
             fs.after_operation()
             names.append(name)
     assert err(e) == errno.ENOSPC and len(names) > 100
+    return fs, names
+
+
+def test_full_journal_refuses_growth_but_deletes_and_checkpoints_keep_working() -> None:
+    """Issue 15 item 7: long names once filled a 1 MiB journal so that nothing worked, not even unlink."""
+    fs, names = full_journal()
     # Every existing name can still go, and what is freed can be used again.
     for name in names[:len(names) // 2]:
         fs.unlink(ROOT_INO, name, directory=False)
@@ -381,6 +417,37 @@ def test_full_journal_refuses_growth_but_deletes_and_checkpoints_keep_working(tm
     again = reopen(fs)
     assert again.read(again.lookup(ROOT_INO, b"after").ino, 0, 100) == b"still works"
     assert [n for n, _ in again.readdir(ROOT_INO)] == [b"after"]
+
+
+@pytest.mark.parametrize("active_area", [0, 1])
+@pytest.mark.parametrize("new_size", [1 << 21, (1 << 20) + (256 << 10)], ids=["2M", "1.25M"])
+def test_a_full_journal_region_grows_and_every_moved_byte_is_marked(active_area: int, new_size: int) -> None:
+    """Issue 15 item 7: a full journal region can be made longer (``-o meta_size`` at a mount). The active
+    area moves into the new layout by checkpoints; every page that changed is on the dirty list (so a
+    recovery from this host gets it), the namespace replays from the grown region, and the room freed
+    takes new names. Both old areas as the active one, and growth by less than double."""
+    fs, names = full_journal()
+    fsid = fs.fsid
+    if (fs.journal.sb.area_offset != fs.journal.areas[0][0]) != bool(active_area):
+        fs.journal.checkpoint(fsid, fs.ns.serialize())
+    assert fs.journal.sb.area_offset == fs.journal.areas[active_area][0]
+    meta = fs.regions[META_REGION_ID]
+    before = bytes(meta.view)
+    fs.tracker.swap()            # start from an empty current list: what the growth marks is all it holds
+    fs.tracker.flushing.clear()
+    fs.grow_journal(new_size)
+    after = bytes(meta.view)
+    changed = {p for p in range(new_size // PAGE_SIZE)
+               if after[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] != before[p * PAGE_SIZE:(p + 1) * PAGE_SIZE].ljust(PAGE_SIZE, b"\0")}
+    marked = {p for rid, first, n in fs.tracker.current.runs() if rid == META_REGION_ID for p in range(first, first + n)}
+    assert changed and changed <= marked
+    assert fs.journal.sb.area_offset == fs.journal.areas[1][0]
+    more = [f"more{i:06d}".encode() + b"m" * 245 for i in range(len(names) // 10)]
+    for name in more:                           # the grown journal takes names again
+        fs.make(ROOT_INO, name, REG, 0, 0)
+        fs.after_operation()
+    again = reopen(fs)
+    assert sorted(n for n, _ in again.readdir(ROOT_INO)) == sorted(names + more)
 
 
 async def test_failed_flushes_do_not_fill_the_list_with_the_same_pages(fs: Filesystem, tiny_backend: Path) -> None:

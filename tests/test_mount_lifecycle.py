@@ -321,3 +321,31 @@ def test_a_full_journal_region_refuses_creates_but_never_deletes(rig: Rig) -> No
     rig.mount(["meta_size=1M"])
     assert (rig.mountpoint / "after").read_bytes() == b"usable again"
     assert len(os.listdir(rig.mountpoint)) == len(made) - len(made) // 2 + 1
+
+
+def test_a_full_journal_region_grows_at_a_mount_and_recovers(rig: Rig) -> None:
+    """Issue 15 item 7: a journal region full of names is made longer by a mount with a larger
+    ``-o meta_size``; the moved journal is dirty-tracked, so a SIGKILL right after and a recovery give
+    back every name and byte. A smaller value leaves the region as it is."""
+    rig.mount(["meta_size=1M", "flush_interval=3600"])
+    (rig.mountpoint / "data").write_bytes(b"d" * 50_000)
+    made = 0
+    with pytest.raises(OSError) as e:
+        for made in range(100_000):
+            (rig.mountpoint / (f"{made:06d}" + "n" * 249)).touch()
+    assert e.value.errno == errno.ENOSPC
+    rig.unmount()
+    rig.mount(["meta_size=4M", "flush_interval=3600"])
+    assert (rig.regiondir / "meta-0001.rgn").stat().st_size == 4 << 20
+    for i in range(made):                          # as many again: room the 1M region did not have
+        (rig.mountpoint / (f"more{i:06d}" + "m" * 245)).touch()
+    want = digest_tree(rig.mountpoint)
+    rig.kill()                                     # nothing flushed since the mount: all of it is dirty pages
+    rig.recover("--no-liveness-check", extra=["port=0"])
+    assert digest_tree(rig.mountpoint) == want and len(os.listdir(rig.mountpoint)) == 2 * made + 1
+    rig.unmount()
+    shrink = rig.mount(["meta_size=1M"])
+    assert "never shrinks" in shrink.stderr
+    assert (rig.regiondir / "meta-0001.rgn").stat().st_size == 4 << 20
+    assert digest_tree(rig.mountpoint) == want
+    rig.unmount()

@@ -34,3 +34,26 @@ def test_the_memory_layer_does_not_depend_on_transports() -> None:
         tree = ast.parse((PACKAGE / name).read_text())
         relative = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
         assert not any(m.startswith("transport") for m in relative), name
+
+
+def test_only_the_rados_store_imports_rados_and_the_rest_runs_without_it(tmp_path: Path) -> None:
+    """Issue 13 item 1: python3-rados is imported lazily, in store/rados.py only; without it a directory
+    store works and a rados: backend is one clear store error."""
+    import subprocess
+    import sys
+    assert importers_of("rados") == {"store/rados.py"}
+    probe = """
+import sys
+sys.modules["rados"] = None         # as if python3-rados were not installed: importing it fails
+from rmemfs.errors import BackendError
+from rmemfs.store import open_store
+open_store(sys.argv[1])
+try:
+    open_store("rados:pool/x")
+except BackendError as e:
+    print(e)
+"""
+    proc = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True,
+                          cwd=PACKAGE.parent, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "the rados backend needs python3-rados (run tools/setup)"

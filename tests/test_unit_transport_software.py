@@ -14,6 +14,7 @@ import random
 import socket
 import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -825,30 +826,36 @@ async def test_relay_altering_or_replaying_a_request_is_dropped_by_the_exporter(
     await _good_client_works(server)
 
 
-async def test_reads_of_memory_written_meanwhile_pass_their_tags(nursery, tmp_path):
-    """A live source's heartbeat page changes under the exporter: a small READ_DATA is copied before it
-    is tagged, so the tag and the bytes sent are of the same instant (before, about one read in a few
-    hundred failed its tag and broke the connection while another process wrote the page)."""
+@pytest.mark.parametrize("with_file", [False, True], ids=["mapping-64KiB-copy", "file-pread"])
+async def test_reads_of_memory_written_meanwhile_pass_their_tags(nursery, tmp_path, with_file):
+    """A live source's heartbeat page changes under the exporter: the bytes are copied before they are
+    tagged, so the tag and the bytes sent are of the same instant (before, about one read in a few
+    hundred failed its tag and broke the connection while another process wrote the page). A bare mapping
+    is copied up to 64 KiB; a region with its file (as the exporter registers them) is read with pread
+    at any size, here 1 MiB."""
+    size = (1 << 20) if with_file else PAGE
     path = tmp_path / "ctl-0000.rgn"
-    path.write_bytes(bytes(PAGE))
+    path.write_bytes(bytes(size))
     fd = os.open(path, os.O_RDWR)
-    mm = mmap.mmap(fd, PAGE)
-    os.close(fd)
+    mm = mmap.mmap(fd, size)
+    if not with_file:
+        os.close(fd)
     backend = sw.SoftwareExportBackend()
-    backend.register(ExportedRegion(0, path.name, RegionRole.CTL, memoryview(mm), 0x7F0000000000))
+    backend.register(ExportedRegion(0, path.name, RegionRole.CTL, memoryview(mm), 0x7F0000000000,
+                                    fd if with_file else -1))
     regions = tuple(backend._by_id.values())
     port = await nursery.start(partial(sw.serve, host="127.0.0.1", port=0, fsid=FSID, secret=SECRET, export=backend,
                                        catalog=lambda t: Catalog(FSID, t, regions)))
     beater = await trio.lowlevel.open_process([sys.executable, "-c", (
         "import mmap, os, sys, time\n"
-        f"fd = os.open({str(path)!r}, os.O_RDWR); m = mmap.mmap(fd, {PAGE}); n = 0\n"
+        f"fd = os.open({str(path)!r}, os.O_RDWR); m = mmap.mmap(fd, {size}); n = 0\n"
         "end = time.monotonic() + 20\n"
         "while time.monotonic() < end:\n"
-        "    n += 1; m[0:8] = n.to_bytes(8, 'little'); m[8:16] = n.to_bytes(8, 'little')\n")])
+        f"    n += 1; m[0:8] = n.to_bytes(8, 'little'); m[{size - 8}:{size}] = n.to_bytes(8, 'little')\n")])
     try:
         async with await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=5.0) as c:
             cat = await c.register()
-            dest = bytearray(16)
+            dest = bytearray(size)
             end = trio.current_time() + 2.0
             while trio.current_time() < end:
                 await c.read_batch([ReadOp(cat.by_id(0).rkey, 0, memoryview(dest))])
@@ -856,3 +863,37 @@ async def test_reads_of_memory_written_meanwhile_pass_their_tags(nursery, tmp_pa
     finally:
         beater.kill()
         await beater.wait()
+        if with_file:
+            os.close(fd)
+
+
+async def test_reads_of_holes_allocate_no_region_memory(nursery):
+    """Issue 15 item 11: the exporter read holes through its MAP_SHARED mapping, and every read fault
+    allocated a tmpfs page, so reading a sparse region filled /dev/shm. Reads of the file leave holes
+    unallocated and still return zeros for them and the data for written pages."""
+    size = 64 << 20
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:       # tmpfs, as region directories are
+        path = os.path.join(d, "data-0002.rgn")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.pwrite(fd, b"d" * PAGE, 5 * PAGE)
+            mm = mmap.mmap(fd, size)
+            backend = sw.SoftwareExportBackend()
+            backend.register(ExportedRegion(2, "data-0002.rgn", RegionRole.DATA, memoryview(mm), 0x7F0000000000, fd))
+            regions = tuple(backend._by_id.values())
+            port = await nursery.start(partial(sw.serve, host="127.0.0.1", port=0, fsid=FSID, secret=SECRET,
+                                               export=backend, catalog=lambda t: Catalog(FSID, t, regions)))
+            allocated = os.fstat(fd).st_blocks
+            async with await sw.connect("127.0.0.1", port, fsid=FSID, secret=SECRET, timeout=5.0) as c:
+                rkey = (await c.register()).by_id(2).rkey
+                small = bytearray(3 * PAGE)                        # hole, data, hole: one small reply
+                big = bytearray(32 << 20)                          # 1 MiB reads of holes only
+                await c.read_batch([ReadOp(rkey, 4 * PAGE, memoryview(small))])
+                await c.read_batch([ReadOp(rkey, off, memoryview(big)[off - (16 << 20):][:1 << 20])
+                                    for off in range(16 << 20, 48 << 20, 1 << 20)])
+            assert small == bytes(PAGE) + b"d" * PAGE + bytes(PAGE)
+            assert big == bytes(len(big))
+            assert os.fstat(fd).st_blocks == allocated, "reads allocated region pages"
+        finally:
+            os.close(fd)

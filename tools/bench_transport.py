@@ -63,9 +63,9 @@ def _make_file(path: str, size: int) -> None:
 
 def _exporter(path: str, size: int, conn: Any) -> None:
     """The exporter process: a raw sender and the software transport, both over one mapping."""
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ,
-                       flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    # The file stays open: the exporter reads region files with pread (holes stay unallocated).
+    fd = os.open(path, os.O_RDONLY)
+    mm = mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     view = memoryview(mm)
 
     raw = socket.socket()
@@ -81,7 +81,7 @@ def _exporter(path: str, size: int, conn: Any) -> None:
 
     threading.Thread(target=raw_sender, daemon=True).start()
     backend = sw.SoftwareExportBackend()
-    desc = backend.register(ExportedRegion(1, "data-0001.rgn", RegionRole.DATA, view, 0))
+    desc = backend.register(ExportedRegion(1, "data-0001.rgn", RegionRole.DATA, view, 0, fd))
 
     async def main() -> None:
         async with trio.open_nursery() as n:

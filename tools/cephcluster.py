@@ -451,6 +451,11 @@ def osd_start(directory: Path, wait: bool = True, timeout: float = 120) -> None:
         wait_writable(c, timeout)
 
 
+def command(directory: Path, *args: str, timeout: float = 60) -> str:
+    """One ``ceph`` command as client.admin (e.g. ``osd set-full-ratio 0.95``); its output."""
+    return _ceph(Cluster.load(directory).conf, *args, timeout=timeout)
+
+
 def stop(directory: Path, remove: bool = False) -> None:
     """Kill every process of the cluster in DIR and delete its bridge (idempotent); ``remove`` deletes DIR."""
     d = Path(directory).resolve()

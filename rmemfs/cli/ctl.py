@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -37,9 +36,7 @@ from .. import control
 from ..errors import BackendError, CorruptionError, QuietError, backend_failed
 from ..exits import (EXIT_CTL_BUSY, EXIT_CTL_FLUSH, EXIT_CTL_RETIRE, EXIT_CTL_UNREACHABLE,
                      EXIT_CTL_VERIFY)
-from ..exporter import (SOCKET_NAME, RetireRefused, mapping_processes, retire, stop_exporter, wait_exited,
-                        why_still_needed)
-from ..dirty import read_ctl_header
+from ..exporter import SOCKET_NAME, RetireRefused, orphans, retire, stop_exporter, wait_exited, why_still_needed
 from ..store import STATE_CLEAN, BaselineStore, backend_spec, open_store, parse_store_options
 from .common import run_main
 
@@ -129,41 +126,6 @@ def unmount_and_wait(mountpoint: Path, timeout: float) -> None:
         raise QuietError(f"the final flush of {mountpoint} did not complete (see the log in its region directory): "
                          f"the backend stays marked in use; recover it with rmemfs-recover", EXIT_CTL_FLUSH)
     print(f"unmounted {mountpoint}: final baseline generation {manifest.generation} published")
-
-
-def _mapped(directory: Path) -> bool:
-    """Whether a live process maps a file in ``directory`` (by dev+inode, so in any mount namespace)."""
-    files = [Path(e.path) for e in os.scandir(directory) if e.is_file(follow_symlinks=False)]
-    return bool(mapping_processes(files))
-
-
-def orphans(backend: BaselineStore, base: Path) -> list[Path]:
-    """Region directories (``base`` and its ``<name>.e<epoch>`` siblings, real directories only) that no
-    live process maps and that the published manifest does not need: a directory whose memory the
-    backend still needs (``why_still_needed``), or the clean regions of the published epoch that the
-    next mount reuses, are kept."""
-    manifest = backend.read_manifest()
-    found = []
-    for path in sorted(base.parent.glob(f"{base.name}*")):
-        suffix = path.name[len(base.name):]
-        if not (suffix == "" or (suffix.startswith(".e") and suffix[2:].isdigit())):
-            continue
-        if path.is_symlink() or not path.is_dir() or _mapped(path):
-            continue
-        try:
-            header = read_ctl_header(path)
-        except FileNotFoundError:
-            found.append(path)          # no ctl region: nothing in it can be recovered or reused
-            continue
-        except (OSError, CorruptionError):
-            continue                    # unreadable: not ours to judge
-        if header.fsid != manifest.fsid or header.epoch >= manifest.epoch:
-            continue                    # another filesystem's, or the published epoch's own regions
-        # Unmounted cleanly into a generation the backend has since built on: all of it is in the backend.
-        superseded = 0 < header.clean_generation <= manifest.generation
-        if superseded or why_still_needed(backend, path) is None:
-            found.append(path)
-    return found
 
 
 def backend_args(sp: argparse.ArgumentParser) -> None:

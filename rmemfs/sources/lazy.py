@@ -216,8 +216,8 @@ class LazyLoader:
         self.started = time.monotonic()
         self.seconds: float | None = None          # the background load's duration, once complete
         self._logged: set[tuple[int, int]] = set()  # pages whose failure was logged: one line each
-        # 1 = a lane is loading the page: no other lane loads it too, or its late baseline write could land
-        # after the first lane marked the page resident and a request wrote it.
+        # 1 = the bulk pass (a chunk it took) or a lane is loading the page: nothing else loads it too, or
+        # its late baseline write could land after the first marked the page resident and a request wrote it.
         self.inflight = {rid: bytearray(len(m)) for rid, m in residency.maps.items()}
         self._go = threading.Event()                # cleared while demands are served: the bulk pass waits
         self._go.set()
@@ -340,13 +340,18 @@ class LazyLoader:
                 self._last_demand = time.monotonic()
                 self._go.set()
 
+    def _ahead_of_rate(self, loaded_bytes: int) -> float:
+        """Seconds the load is ahead of ``load_rate`` after ``loaded_bytes`` (0 or less: not ahead)."""
+        if not self.rate_bytes:
+            return 0.0
+        return loaded_bytes / self.rate_bytes - (time.monotonic() - self.started)
+
     async def _lane(self, pending: deque[tuple[int, int, int]]) -> None:
         while pending:
             await self._load([pending.popleft()], demand=False)
-            if self.rate_bytes:
-                ahead = self.loaded_pages * PAGE_SIZE / self.rate_bytes - (time.monotonic() - self.started)
-                if ahead > 0:
-                    await trio.sleep(ahead)
+            ahead = self._ahead_of_rate(self.loaded_pages * PAGE_SIZE)
+            if ahead > 0:
+                await trio.sleep(ahead)
             self._progress()
             await trio.lowlevel.checkpoint()          # let the waiters run before the next chunk
 
@@ -385,13 +390,12 @@ class LazyLoader:
                         else:
                             self._go.wait(share_in)
                         continue
-                if self.rate_bytes:
-                    ahead = passed / self.rate_bytes - (time.monotonic() - self.started)
-                    if ahead > 0:
-                        if not wait:
-                            return False
-                        self._stop.wait(min(ahead, 0.05))
-                        continue
+                ahead = self._ahead_of_rate(passed)
+                if ahead > 0:
+                    if not wait:
+                        return False
+                    self._stop.wait(min(ahead, 0.05))
+                    continue
                 return True
             return False
 

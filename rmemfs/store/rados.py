@@ -38,12 +38,14 @@ Objects, all named ``<PREFIX>/...`` (PREFIX defaults to ``rmemfs``) in POOL:
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
 import os
 import re
 import threading
+import weakref
 from typing import Any
 from collections.abc import Sequence
 
@@ -61,6 +63,7 @@ TIMEOUTS = {"client_mount_timeout": "300", "rados_osd_op_timeout": "0", "rados_m
 
 
 _CLUSTERS: dict[tuple[int, str, str | None], Any] = {}   # by (pid, conf, user)
+_STORES: weakref.WeakSet[RadosStore] = weakref.WeakSet()  # whose I/O contexts use those connections
 _LOCK = threading.Lock()
 _OURS = re.compile(r"fs\.json|secret|epoch\.\d{10}|seg\..+|part\..+\.\d{5}")
 
@@ -68,7 +71,8 @@ _OURS = re.compile(r"fs\.json|secret|epoch\.\d{10}|seg\..+|part\..+\.\d{5}")
 def _op_error(store: RadosStore, what: str, errno_: int, text: str) -> BackendError:
     errno_ = abs(errno_)
     if errno_ == errno.ETIMEDOUT:
-        return StoreUnreachable(f"{store.spec}: {what}: the cluster did not answer within {TIMEOUT} s "
+        return StoreUnreachable(f"{store.spec}: {what}: the cluster did not answer within "
+                                f"{store.timeouts.get('rados_osd_op_timeout', TIMEOUT)} s "
                                 f"(rados_osd_op_timeout; an OSD down?)")
     if errno_ in (errno.EPERM, errno.EACCES):
         return BackendError(f"{store.spec}: {what}: {store.who} may not use pool {store.pool!r} (its OSD caps)")
@@ -76,6 +80,22 @@ def _op_error(store: RadosStore, what: str, errno_: int, text: str) -> BackendEr
         return BackendError(f"{store.spec}: {what}: pool {store.pool!r} is full "
                             f"({'its quota is reached' if errno_ == errno.EDQUOT else 'the cluster is full'})")
     return BackendError(f"{store.spec}: {what}: {text or os.strerror(errno_)}")
+
+
+@atexit.register
+def _shutdown() -> None:
+    """Close this process's I/O contexts, then its connections, before the interpreter goes away. Left to
+    the interpreter's teardown, a connection's threads could outlive the C++ runtime: "terminate called
+    without an active exception" and SIGABRT after the command had done its work (rmemfs-ctl verify
+    printed its result and exited -6, once in four runs). A forked child's copies of its parent's
+    handles have no threads and are left alone."""
+    pid = os.getpid()
+    with _LOCK:
+        for store in list(_STORES):
+            if store._pid == pid:
+                store._io.close()
+        for key in [k for k in _CLUSTERS if k[0] == pid]:
+            _CLUSTERS.pop(key).shutdown()
 
 
 def _rados() -> Any:
@@ -106,6 +126,7 @@ class RadosStore(BaselineStore):
             raise BackendError(f"{self.spec}: ceph_conf {ceph_conf} does not exist (or is not a file)")
         self.who = f"client.{ceph_id or 'admin'}"
         self._conf, self._id = ceph_conf, ceph_id
+        self.timeouts: dict[str, str] = {}      # librados's timeouts in force (ours, or the conf file's)
         self._open()
 
     def _open(self) -> None:
@@ -115,10 +136,12 @@ class RadosStore(BaselineStore):
                 cluster = _CLUSTERS.get(key)
                 if cluster is None:
                     cluster = _CLUSTERS[key] = self._connect(self._conf, self._id)
-            self._io = cluster.open_ioctx(self.pool)
+                self.timeouts = {name: cluster.conf_get(name) for name in TIMEOUTS}
+                self._io = cluster.open_ioctx(self.pool)
+                self._pid = os.getpid()
+                _STORES.add(self)
         except self.rados.Error as e:
             raise self._connect_error(e, self._conf) from None
-        self._pid = os.getpid()
         # A full pool or cluster fails writes at once (ENOSPC, EDQUOT) instead of holding them until it
         # has room again: a flush then fails like one on a full disk, keeps its marks, and retries.
         self._io.set_osdmap_full_try()
@@ -138,6 +161,7 @@ class RadosStore(BaselineStore):
         for name, default in TIMEOUTS.items():     # ours unless the conf file sets its own
             if cluster.conf_get(name) == default:
                 cluster.conf_set(name, str(TIMEOUT))
+        self.timeouts = {name: cluster.conf_get(name) for name in TIMEOUTS}
         cluster.connect()
         return cluster
 
@@ -148,7 +172,8 @@ class RadosStore(BaselineStore):
             return BackendError(f"{self.spec}: cannot read {conf}: give -o ceph_conf=PATH")
         if isinstance(e, self.rados.TimedOut):
             return StoreUnreachable(f"{self.spec}: the cluster is unreachable: no monitor of {conf} answered "
-                                    f"within {TIMEOUT} s (client_mount_timeout)")
+                                    f"within {self.timeouts.get('client_mount_timeout', TIMEOUT)} s "
+                                    f"(client_mount_timeout)")
         if isinstance(e, (self.rados.PermissionDeniedError, self.rados.PermissionError)):
             return BackendError(f"{self.spec}: the cluster refused {self.who}: wrong key or user "
                                 f"(check -o ceph_id and the keyring {conf} names)")
@@ -182,9 +207,17 @@ class RadosStore(BaselineStore):
     def _names(self) -> list[str]:
         start = self.prefix + "/"
         try:
-            return [o.key[len(start):] for o in self.io.list_objects() if o.key.startswith(start)]
+            names = [o.key[len(start):] for o in self.io.list_objects() if o.key.startswith(start)]
+            # The binding's listing ends quietly on an error (ObjectIterator.__next__ turns any failure into
+            # StopIteration): with the only OSD down it timed out and listed nothing, which read_manifest
+            # took for "no MANIFEST". So one more operation must succeed before the listing is believed.
+            try:
+                self.io.stat(self._o("fs.json"))
+            except self.rados.ObjectNotFound:
+                pass
         except self.rados.Error as e:
             raise self._failed("listing the pool", e) from None
+        return names
 
     def _create(self, name: str, data: bytes, omap: dict[str, bytes] | None = None) -> bool:
         with self.rados.WriteOpCtx() as op:

@@ -86,6 +86,7 @@ class ExportedRegion:
     role: RegionRole
     buffer: memoryview   # the mapping (read-only is enough: there is no remote write)
     addr: int            # its address in this process
+    fd: int = -1         # the region file, open while exported, or -1 when there is none (tests)
 
 
 # --- errors --------------------------------------------------------------

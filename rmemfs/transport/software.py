@@ -93,13 +93,14 @@ import hmac
 import json
 import logging
 import math
+import os
 import secrets
 import socket
 import struct
 import threading
 from collections import deque
 from functools import partial
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import trio
@@ -146,7 +147,7 @@ TAG_SIZE = 16                            # Poly1305
 _U64 = 1 << 64
 _IOV_MAX = 1024
 _THREAD_TAG_BYTES = 1 << 20             # replies this large are tagged in a worker thread
-_SNAPSHOT_READ_BYTES = 64 << 10         # READ_DATA this small is copied before it is tagged (handle_read)
+_SNAPSHOT_READ_BYTES = 64 << 10         # READ_DATA this small from a bare mapping is copied before tagging
 _RECV_CHUNK = 64 << 10                # first allocation for an incoming frame; doubles as bytes arrive
 _CLIENT_LABEL = b"rmemfs-software-v2 client"
 _SERVER_LABEL = b"rmemfs-software-v2 server"
@@ -286,6 +287,12 @@ def _as_bytes_view(buf: memoryview) -> memoryview:
 
 # --- exporter side ---------------------------------------------------------
 
+class _Export(NamedTuple):
+    desc: RegionDesc
+    view: memoryview
+    fd: int          # the region file, or -1: then reads go through the mapping
+
+
 class SoftwareExportBackend(ExportBackend):
     """Registers existing mappings under random 64-bit rkeys; never copies them."""
 
@@ -293,8 +300,8 @@ class SoftwareExportBackend(ExportBackend):
 
     def __init__(self) -> None:
         self._by_id: dict[int, RegionDesc] = {}
-        # rkey -> (desc, byte view); read directly by the server's read path.
-        self._by_rkey: dict[int, tuple[RegionDesc, memoryview]] = {}
+        # rkey -> region; read directly by the server's read path.
+        self._by_rkey: dict[int, _Export] = {}
 
     def register(self, region: ExportedRegion) -> RegionDesc:
         view = _as_bytes_view(region.buffer)
@@ -310,7 +317,7 @@ class SoftwareExportBackend(ExportBackend):
             rkey = secrets.randbits(64)
         desc = RegionDesc(region.region_id, region.name, region.role, region.addr, view.nbytes, rkey)
         self._by_id[region.region_id] = desc
-        self._by_rkey[rkey] = (desc, view)
+        self._by_rkey[rkey] = _Export(desc, view, region.fd)
         return desc
 
     def deregister(self, region_id: int) -> None:
@@ -320,13 +327,36 @@ class SoftwareExportBackend(ExportBackend):
 
     def lookup(self, rkey: int) -> tuple[RegionDesc, memoryview]:
         try:
-            return self._by_rkey[rkey]
+            entry = self._by_rkey[rkey]
         except KeyError:
             raise RemoteAccessError(f"unknown rkey {rkey:#x}") from None
+        return entry.desc, entry.view
 
     def close(self) -> None:
         self._by_id.clear()
         self._by_rkey.clear()
+
+
+def _read_ranges(wanted: Sequence[tuple[_Export, int, int]], total: int) -> list[bytes | memoryview]:
+    """The bytes of each (region, offset, length) for a READ_DATA of ``total`` bytes.
+
+    A region with its file is read with pread, not through the mapping: a hole reads as zeros without
+    allocating a tmpfs page (a read fault through a MAP_SHARED mapping allocates one), and the tag then
+    covers a copy, so memory a live filesystem still writes (its heartbeat) cannot change between the
+    tag and the send. A bare mapping (tests) is copied only up to _SNAPSHOT_READ_BYTES.
+    """
+    out: list[bytes | memoryview] = []
+    for entry, off, length in wanted:
+        if entry.fd >= 0:
+            data = os.pread(entry.fd, length, off)
+            if len(data) != length:   # region files never shrink while exported
+                raise RemoteAccessError(f"region {entry.desc.name} is shorter than its mapping")
+            out.append(data)
+        elif total <= _SNAPSHOT_READ_BYTES:
+            out.append(bytes(entry.view[off:off + length]))
+        else:
+            out.append(entry.view[off:off + length])
+    return out
 
 
 def _catalog_json(cat: Catalog) -> bytes:
@@ -507,7 +537,7 @@ class _ServerConn:
             raise ProtocolError(f"READ_REQ of {len(payload)} bytes is not 1..{MAX_READ_OPS} reads")
         vals = struct.unpack(f"!{3 * n}Q", payload)
         regions = self.export._by_rkey
-        bufs: list[Any] = [b""]
+        wanted: list[tuple[_Export, int, int]] = []
         total = 0
         for i, (rkey, off, length) in enumerate(zip(vals[0::3], vals[1::3], vals[2::3], strict=True)):
             entry = regions.get(rkey)
@@ -515,22 +545,28 @@ class _ServerConn:
                 log.info("%s: read %d of request %d: unknown rkey %#x", self.peer, i, req_id, rkey)
                 await self.send_error(req_id, Err.UNKNOWN_RKEY, f"unknown rkey {rkey:#x}", i)
                 return
-            view = entry[1]
+            size = len(entry.view)
             # Python ints cannot overflow; still compare as "length <= size - off" for clarity.
-            if off > len(view) or length > len(view) - off:
-                msg = (f"read of {length} bytes at offset {off} outside region {entry[0].name} "
-                       f"of {len(view)} bytes (rkey {rkey:#x})")
+            if off > size or length > size - off:
+                msg = (f"read of {length} bytes at offset {off} outside region {entry.desc.name} "
+                       f"of {size} bytes (rkey {rkey:#x})")
                 log.info("%s: request %d: %s", self.peer, req_id, msg)
                 await self.send_error(req_id, Err.OUT_OF_BOUNDS, msg, i)
                 return
             total += length
-            bufs.append(view[off:off + length])
+            wanted.append((entry, off, length))
         if total > MAX_READ_BYTES:
             raise ProtocolError(f"READ_REQ asks for {total} bytes, over the limit of {MAX_READ_BYTES}")
-        if total <= _SNAPSHOT_READ_BYTES:
-            # Memory a live filesystem still writes (its heartbeat, before a fence): the tag and the bytes
-            # sent must be of the same instant, or a beat landing between them fails the frame's tag.
-            bufs[1:] = [bytes(b) for b in bufs[1:]]
+        try:
+            if total >= _THREAD_TAG_BYTES:   # a copy this large would hold up other connections
+                pieces = await trio.to_thread.run_sync(_read_ranges, wanted, total)
+            else:
+                pieces = _read_ranges(wanted, total)
+        except RemoteAccessError as e:
+            log.warning("%s: request %d: %s", self.peer, req_id, e)
+            await self.send_error(req_id, Err.OUT_OF_BOUNDS, str(e))
+            return
+        bufs: list[Any] = [b"", *pieces]
         bufs[0] = _header(Frame.READ_DATA, total, req_id)
         await self.send(bufs, total)
 
