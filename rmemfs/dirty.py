@@ -42,7 +42,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from . import PAGE_SIZE
 from .errors import CorruptionError
@@ -223,7 +223,10 @@ class DirtyList:
 
     def runs(self) -> list[Run]:
         """The marked runs, merged and sorted: (region_id, first_page, npages)."""
-        return merge_runs(decode_entry(e) for e in self._entries[:self.count])
+        # An entry's bits are region, first page, npages - 1, high to low: the integers sort in the order of
+        # their decoded tuples. Sorting them first, in C, is several times faster than sorting tuples, and
+        # this runs in the flush's atomic section (20,000 scattered entries: 108 ms on the loop before).
+        return _merge_sorted(decode_entry(e) for e in sorted(self._entries[:self.count].tolist()))
 
     def pages(self) -> int:
         return sum(n for _, _, n in self.runs())
@@ -234,8 +237,12 @@ class DirtyList:
 
 
 def merge_runs(runs: Iterator[Run] | list[Run]) -> list[Run]:
+    return _merge_sorted(sorted(runs))
+
+
+def _merge_sorted(runs: Iterable[Run]) -> list[Run]:
     out: list[Run] = []
-    for region_id, first, n in sorted(runs):
+    for region_id, first, n in runs:
         if out and out[-1][0] == region_id and first <= out[-1][1] + out[-1][2]:
             r, f, m = out[-1]
             out[-1] = (r, f, max(f + m, first + n) - f)

@@ -233,8 +233,7 @@ def kill_our_exporter(pid: int, start: object, region_dir: Path) -> None:
                 argv = f.read().split(b"\0")
         except OSError:
             argv = []
-        ours = (start is not None and process_start_time(pid) == start
-                and b"rmemfs.cli.exporter" in argv and os.fsencode(str(region_dir)) in argv)
+        ours = start is not None and process_start_time(pid) == start and serves(pid, argv, region_dir)
         if not ours:
             log.warning("not killing pid %d named in %s: it is not the exporter that wrote it",
                         pid, region_dir / INFO_NAME)
@@ -296,11 +295,23 @@ def _our_exporter_pid(region_dir: Path) -> int | None:
     pid = info.get("pid") if info else None
     if not isinstance(pid, int) or pid <= 0 or info is None:
         return None
-    argv = _cmdline_of(pid)
     if (info.get("start") is not None and process_start_time(pid) == info.get("start")
-            and b"rmemfs.cli.exporter" in argv and os.fsencode(str(region_dir)) in argv):
+            and serves(pid, _cmdline_of(pid), region_dir)):
         return pid
     return None
+
+
+def serves(pid: int, argv: list[bytes], region_dir: Path) -> bool:
+    """``pid`` (command line ``argv``) is an exporter of ``region_dir``: its command line names it, or it
+    was prepared ahead by a standby (``--await-region-dir``) and, once handed it, works in it (its cwd)."""
+    if b"rmemfs.cli.exporter" not in argv:
+        return False
+    if os.fsencode(str(region_dir)) in argv:
+        return True
+    try:
+        return b"--await-region-dir" in argv and os.path.samefile(f"/proc/{pid}/cwd", region_dir)
+    except OSError:
+        return False
 
 
 def _why_in_use(region_dir: Path, files: list[Path], exclude: frozenset[int]) -> str | None:

@@ -264,13 +264,9 @@ class Flusher:
         faults.point("flush.segment-written")
         new_segments = () if info is None else (info,)
         segments = new_segments if full else prev.segments + new_segments
-        live = self.live.copy()        # becomes self.live once published: it must describe what is
-        for region_id, first, flags in updates:
-            if all(flags):
-                live.set_range(region_id, first, len(flags))
-            else:
-                for i, is_live in enumerate(flags):
-                    live.set(region_id, first + i, is_live)
+        # The new live map (self.live once published), built on a copy in a worker thread: per batch of
+        # the segment, and 20,000 scattered batches held the event loop (and the heartbeat) for ~20 ms.
+        live = await trio.to_thread.run_sync(_updated_live, self.live, updates)
         manifest = next_manifest(prev, generation=generation, regions=regions, segments=segments,
                                  live_pages=live.count, state=state or prev.state)
         try:
@@ -320,3 +316,15 @@ class Flusher:
         return FlushStats(generation=m.generation, generation_time_ns=m.time_ns, segments=len(m.segments),
                           segment_bytes=m.segment_bytes(), live_pages=self.live.count, fenced=self.fenced,
                           **self._stats)
+
+
+def _updated_live(live: LiveMap, updates: list[tuple[int, int, list[bool]]]) -> LiveMap:
+    """``live`` (not changed) with a new segment's batches applied: what is live after its publish."""
+    out = live.copy()
+    for region_id, first, flags in updates:
+        if all(flags):
+            out.set_range(region_id, first, len(flags))
+        else:
+            for i, is_live in enumerate(flags):
+                out.set(region_id, first + i, is_live)
+    return out

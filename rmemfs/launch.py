@@ -6,6 +6,7 @@ that exporter (yes, until the backend names this mount's memory as needed).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -29,17 +30,38 @@ class ExporterLaunch:
 
     Starting it is split from waiting for it so that recovery can start it as soon as the new
     regions exist and let the interpreter start-up overlap the rebuild.
+
+    ``prepared``: the standby's, started long before a takeover with no region directory. Its interpreter,
+    imports and backend are ready and it waits on stdin until ``hand`` names the new region directory, so a
+    takeover does not wait for a Python start-up (a few hundred ms). It exits if the pipe closes unused.
     """
 
     def __init__(self, region_dir: Path, backend_path: str | os.PathLike[str], fsid: str, opts: MountOptions,
                  log_file: Path | None) -> None:
-        cmd = [sys.executable, "-m", "rmemfs.cli.exporter", "--region-dir", str(region_dir), "--backend",
-               str(backend_path), "--listen", opts.listen, "--port", str(opts.port), *store_argv(opts.store)]
-        if log_file:
-            cmd += ["--log", str(log_file)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
+        self._spawn(["--region-dir", str(region_dir), "--backend", str(backend_path), "--listen", opts.listen,
+                     "--port", str(opts.port), *store_argv(opts.store), *(["--log", str(log_file)] if log_file else [])])
+
+    @classmethod
+    def prepared(cls, backend_path: str | os.PathLike[str], opts: MountOptions) -> ExporterLaunch:
+        launch = cls.__new__(cls)
+        launch._spawn(["--await-region-dir", "--backend", str(backend_path), *store_argv(opts.store)])
+        return launch
+
+    def _spawn(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "rmemfs.cli.exporter", *argv],
+                                     stdin=subprocess.PIPE if "--await-region-dir" in argv else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+                                     start_new_session=True)
         self.owner = os.getpid()      # only this process may wait for it
+        self.handed = False
+
+    def hand(self, region_dir: Path, opts: MountOptions, log_file: Path | None) -> None:
+        """Give a prepared exporter its region directory; OSError if it is gone (start another)."""
+        assert self.proc.stdin is not None and not self.handed
+        self.proc.stdin.write(json.dumps({"region_dir": str(region_dir), "listen": opts.listen, "port": opts.port,
+                                          "log": str(log_file) if log_file else None}).encode() + b"\n")
+        self.proc.stdin.close()
+        self.handed = True
 
     def ready(self, timeout: float = 30.0) -> int:
         """Wait for the exporter's READY line; returns its port. An exporter that dies closes its stdout,

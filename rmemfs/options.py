@@ -31,13 +31,14 @@ class MountOptions:
     dirty_capacity: int = DEFAULT_DIRTY_CAPACITY
     region_size: int = DEFAULT_DATA_REGION_SIZE
     meta_size: int = META_REGION_SIZE
-    heartbeat_interval: float = 0.05   # a standby's dead_after is 10 of these (issue 12 measurements)
+    heartbeat_interval: float = 0.02   # under a standby's default dead_after with room for stalls (tools/bench_heartbeat.py)
     allow_other: bool = False
     writeback_cache: bool = False
     fsid: str = ""
     tracking: bool = True
     fsname: str = "rmemfs"
     load_rate: float = 0.0             # a lazy recovery's background load limit, bytes/s (0: as fast as it goes)
+    metrics: str = ""                  # ADDR:PORT of a Prometheus endpoint (metrics.py)
     extra_fuse: list[str] = field(default_factory=list)
     store: dict[str, str] = field(default_factory=dict)    # the backend's own options (ceph_conf, ceph_id)
     given: set[str] = field(default_factory=set)           # the options named on the command line
@@ -58,12 +59,13 @@ OPTION_HELP: dict[str, str] = {
     "meta_size": "bytes of the namespace journal region, set when the filesystem is created (default 256M; "
                  "a multiple of 256K, 1M to 64G); given at a later mount, a larger value grows it (it never "
                  "shrinks)",
-    "heartbeat_interval": "seconds between heartbeat increments (default 0.05; more than 0, at most 60)",
+    "heartbeat_interval": "seconds between heartbeat increments (default 0.02; more than 0, at most 60)",
     "allow_other": "let users other than the mounter access the files (permission checks stay on)",
     "writeback_cache": "let the kernel buffer write() (faster, but write() then acknowledges before the "
                        "data reaches tracked memory; fsync/msync still do)",
     "fsid": "refuse to mount unless the backend holds this filesystem id",
     "tracking": "on|off: dirty page tracking; off only for benchmarks, it makes recovery impossible",
+    "metrics": "ADDR:PORT: serve Prometheus metrics (heartbeat, dirty-list entries, flush figures, fencing)",
     "fsname": "name shown in the mount table (default rmemfs)",
     "load_rate": "rmemfs-recover --load lazy: limit the background load to this many bytes/s (suffixes K, M, G; "
                  "default 0, no limit), to leave the store and the network to requests",
@@ -140,6 +142,12 @@ class OptionSpec:
             raise UsageError(f"-o {key} must be a multiple of {self.show(self.multiple)}")
 
 
+def _metrics_address(value: str) -> str:
+    from .metrics import check_address
+    check_address(value)
+    return value
+
+
 # Upper bounds keep what a mount allocates per option sane: a data region costs a byte per page in the
 # dirty tracker's maps (64G: 16 MiB), a dirty list 8 bytes per entry in exported memory (2**27: 1 GiB).
 MAX_REGION_SIZE = 64 << 30
@@ -163,6 +171,7 @@ OPTIONS: dict[str, OptionSpec] = {
     "writeback_cache": OptionSpec(bool, flag=True),
     "tracking": OptionSpec(_on_off),
     "load_rate": OptionSpec(parse_size, lo=0, hi=1 << 40, show=size_text),
+    "metrics": OptionSpec(_metrics_address),
 }
 FUSE_FLAGS = ("ro", "rw", "default_permissions", "noatime", "nosuid", "nodev", "dev", "suid")
 

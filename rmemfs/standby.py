@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -49,9 +49,14 @@ from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidM
 log = logging.getLogger(__name__)
 
 DEFAULT_WATCH_INTERVAL = 0.01
-# The longest heartbeat gap measured under load here was 190 ms (a full flush after 20000 creates and
-# unlinks; 19 ms for journal checkpoints, 8 ms for flushes of 64-200 MiB, 4 ms for 1 MiB writes): 0.5 s
-# keeps a false suspicion out of reach until that flush is split.
+# tools/bench --only heartbeat (20 ms heartbeat): 1 MiB writes, a 256 MiB flush and mmap stores leave gaps
+# of 26-38 ms; a flush of 20,000 scattered pages 82-112 ms, of a 40,000-file namespace 102-176 ms. The
+# longest stall is the journal checkpoint, which serializes the whole namespace on the loop: 86 ms at
+# 26,000 files here (~3.3 us per file), and a gap of 314 ms was seen once at ~40,000 files on a heavily
+# loaded machine. A soak's load (tools/soak_standby.py: 8 writers, flush_interval=1, 256 MiB flushed per
+# second, on 2 shared cores) left a 353 ms gap within 20 s: the flush's atomic section over ~50,000 dirty
+# entries and CPU starvation. So 0.5 s stays (0.3 s would have fenced that source); lower it once the
+# checkpoint and the atomic section are split. Detection is ~0.49 s.
 DEFAULT_DEAD_AFTER = 0.5
 REFRESH_INTERVAL = 5.0
 
@@ -91,6 +96,7 @@ class Watcher:
         self.source_stopped = source_stopped    # the backend says it was unmounted cleanly: nothing to take
         self.status = WatchStatus(source=f"{host}:{port}")
         self.verdict: str | None = None
+        self.recovery_phases: dict[str, float] = {}     # the takeover's, once it has mounted (for metrics)
         self._conn: Connection | None = None
         self._catalog: Catalog | None = None
         self._cancel = trio.CancelScope()
@@ -236,35 +242,35 @@ def write_event(path: Path, event: dict[str, Any]) -> None:
         log.debug("event log %s: %s", path, e)
 
 
-def serve_metrics(addr: str, watcher: Watcher) -> None:
-    """Prometheus metrics of the watch on ``addr`` (HOST:PORT), from a thread of prometheus_client's."""
-    from prometheus_client import start_http_server
-    from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
-    from prometheus_client.registry import Collector
+def watch_metrics(watcher: Watcher) -> Callable[[], Iterator[Any]]:
+    """The watch's Prometheus figures (``metrics.serve``): heartbeat age, longest gap, detections."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-    class WatchCollector(Collector):
-        def collect(self) -> Any:
-            st = watcher.status.to_json()
-            yield InfoMetricFamily("rmemfs_standby", "the watched source and state",
-                                   value={"source": st["source"], "state": str(st["state"])})
-            age = GaugeMetricFamily("rmemfs_standby_heartbeat_age_seconds", "time since the heartbeat last moved")
-            age.add_metric([], st["heartbeat_age"] if st["heartbeat_age"] is not None else float("nan"))
-            yield age
-            gap = GaugeMetricFamily("rmemfs_standby_heartbeat_longest_gap_seconds",
-                                    "longest heartbeat silence seen while the source was alive")
-            gap.add_metric([], st["longest_gap"])
-            yield gap
-            yield CounterMetricFamily("rmemfs_standby_registrations", "handshakes with the source's exporter",
-                                      value=st["registrations"])
-            yield CounterMetricFamily("rmemfs_standby_detections", "sources declared dead",
-                                      value=1 if st["detected_after"] is not None else 0)
-            det = GaugeMetricFamily("rmemfs_standby_detection_seconds", "heartbeat silence at the detection")
-            det.add_metric([], st["detected_after"] if st["detected_after"] is not None else float("nan"))
-            yield det
+    def collect() -> Iterator[Any]:
+        st = watcher.status.to_json()
+        yield InfoMetricFamily("rmemfs_standby", "the watched source and state",
+                               value={"source": st["source"], "state": str(st["state"])})
+        age = GaugeMetricFamily("rmemfs_standby_heartbeat_age_seconds", "time since the heartbeat last moved")
+        age.add_metric([], st["heartbeat_age"] if st["heartbeat_age"] is not None else float("nan"))
+        yield age
+        gap = GaugeMetricFamily("rmemfs_standby_heartbeat_longest_gap_seconds",
+                                "longest heartbeat silence seen while the source was alive")
+        gap.add_metric([], st["longest_gap"])
+        yield gap
+        yield CounterMetricFamily("rmemfs_standby_registrations", "handshakes with the source's exporter",
+                                  value=st["registrations"])
+        yield CounterMetricFamily("rmemfs_standby_detections", "sources declared dead",
+                                  value=1 if st["detected_after"] is not None else 0)
+        det = GaugeMetricFamily("rmemfs_standby_detection_seconds", "heartbeat silence at the detection")
+        det.add_metric([], st["detected_after"] if st["detected_after"] is not None else float("nan"))
+        yield det
+        phases = GaugeMetricFamily("rmemfs_standby_recovery_phase_seconds", "the takeover's recovery, per phase",
+                                   labels=["phase"])
+        for name, seconds in watcher.recovery_phases.items():
+            phases.add_metric([name], seconds)
+        yield phases
 
-    host, _, port = addr.rpartition(":")
-    REGISTRY.register(WatchCollector())
-    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+    return collect
 
 
 def status_socket(mountpoint: Path) -> Path:

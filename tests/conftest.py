@@ -17,6 +17,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--trials", type=int, default=None,
                      help="randomized two-host recovery trials to run (default: a handful)")
     parser.addoption("--seed", type=int, default=None, help="first seed of the randomized trials")
+    parser.addoption("--standby", action="store_true",
+                     help="two-host trials: rmemfs-standby takes over by itself instead of rmemfs-recover")
 
 
 def pytest_configure(config: pytest.Config) -> None:

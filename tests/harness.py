@@ -193,3 +193,10 @@ def exporter_pid(regiondir: Path) -> int:
 
 
 alive = process_running
+
+
+def prepared_exporters(backend: Path) -> list[int]:
+    """Exporters started ahead by a standby of ``backend`` (waiting, or serving since a takeover)."""
+    out = subprocess.run(["pgrep", "-f", f"rmemfs.cli.exporter --await-region-dir --backend {backend}( |$)"],
+                         capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]

@@ -42,6 +42,9 @@ def test_bench_quick_report(tmp_path: Path) -> None:
     for key in ("python", "pyfuse3", "trio", "rmemfs_git", "fuse_overlayfs"):
         assert key in rep["versions"]
     assert rep["parameters"]["size_bytes"] == 4 << 20
+    hb = rep["heartbeat"]
+    assert {"idle", "write 1 MiB", "flush scattered", "creates+unlinks", "flush namespace"} <= set(hb["phases"]), hb
+    assert hb["longest_gap_s"] >= hb["heartbeat_interval_s"] and "heartbeat gaps under load" in r.stdout
     assert rep["parameters"]["dirty_percent"] == [1.0, 50.0]
 
     w = rep["write"]
@@ -111,7 +114,7 @@ def test_bench_quick_report(tmp_path: Path) -> None:
 
     assert "skipped under --quick" in rep["store"]["skipped"]     # no Ceph cluster in a smoke run
     assert "store: skipped under --quick" in r.stdout
-    assert len(rep["targets"]) == 18             # 10, the store's 2, failover's 6
+    assert len(rep["targets"]) == 19             # 10, the store's 2, failover's 6, heartbeat's 1
     for t in rep["targets"]:
         assert set(t) == {"target", "value", "op", "bound", "unit", "pass"}
         # unmeasured here: the 10%-dirty recovery target (--dirty 1,50) and the store's (skipped)

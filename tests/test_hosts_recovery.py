@@ -30,6 +30,10 @@ operation after the resume was refused (tests/test_hosts_fencing.py, which runs 
 
 Default: 4 trials (one per mode) with a random first seed (printed). ``--trials N`` for more,
 ``--seed S`` to replay: e.g. tools/test tests/test_hosts_recovery.py --seed 1234 --trials 1.
+
+With ``--standby`` the recovery is rmemfs-standby's instead (issue 12): it watches hostA from before the
+workload and takes over by itself at the kill (modes "now", "delay" and "mid-flush"; the pause mode is
+tests/test_hosts_standby.py's). ``test_two_host_standby_trial`` runs STANDBY_TRIALS of those by default.
 """
 from __future__ import annotations
 
@@ -49,9 +53,11 @@ sys.path.insert(0, str(REPO / "tools"))
 from hosts import PYTHON, Host, TwoHosts  # noqa: E402
 from hosts_fixtures import hosts_available, parametrize_seeds  # noqa: E402, F401
 from test_hosts_fencing import PAUSE_DIR, pause_takeover_resume  # noqa: E402
+from test_hosts_standby import start_standby, wait_mounted, wait_state  # noqa: E402
 
 WORKLOAD = REPO / "tools" / "fsworkload.py"
 DEFAULT_TRIALS = 4
+STANDBY_TRIALS = 2
 RADOS_TRIALS = 4            # on rados too, one trial per kill mode (about 6 s each here)
 KILL_MODES = ("now", "delay", "mid-flush", "pause")
 
@@ -60,12 +66,19 @@ pytestmark = pytest.mark.hosts
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     on_rados = metafunc.function.__name__.endswith("_on_rados")
-    parametrize_seeds(metafunc, RADOS_TRIALS if on_rados else DEFAULT_TRIALS)
+    standby = metafunc.function.__name__ == "test_two_host_standby_trial"
+    parametrize_seeds(metafunc, RADOS_TRIALS if on_rados else STANDBY_TRIALS if standby else DEFAULT_TRIALS)
 
 
-def test_two_host_recovery(seed: int) -> None:
+def test_two_host_recovery(seed: int, request: pytest.FixtureRequest) -> None:
     hosts = TwoHosts(subnet="10.242.0", label="trial")
-    two_host_trial(seed, hosts, hosts.backend, {}, "test_two_host_recovery")
+    two_host_trial(seed, hosts, hosts.backend, {}, "test_two_host_recovery",
+                   standby=bool(request.config.getoption("--standby")))
+
+
+def test_two_host_standby_trial(seed: int) -> None:
+    hosts = TwoHosts(subnet="10.242.0", label="trial")
+    two_host_trial(seed, hosts, hosts.backend, {}, "test_two_host_standby_trial", standby=True)
 
 
 @pytest.mark.ceph
@@ -78,30 +91,39 @@ def test_two_host_recovery_on_rados(seed: int, ceph_cluster) -> None:  # type: i
                    "test_two_host_recovery_on_rados")
 
 
-def two_host_trial(seed: int, hosts: TwoHosts, backend: Path | str, store: dict[str, str], name: str) -> None:
+def two_host_trial(seed: int, hosts: TwoHosts, backend: Path | str, store: dict[str, str], name: str,
+                   standby: bool = False) -> None:
     """One seeded trial (the module's docstring) on ``backend``, a directory or a rados: spec with its
-    store options ``store`` (ceph_conf, ceph_id), which every command on either host is given."""
+    store options ``store`` (ceph_conf, ceph_id), which every command on either host is given; with
+    ``standby``, rmemfs-standby does the recovery."""
     rng = random.Random(seed)
     flush_interval = rng.choice([0.3, 0.5, 0.7])
     workers, ops = rng.randint(2, 4), rng.randint(150, 400)
     # How the kill lands: at once (the last burst is surely after the last baseline), after a random delay
     # within the flush interval, a few ms into a requested flush of a big dirty set (mid-flush), or not at
     # all: a pause and a takeover while writers keep calls in flight (pause).
-    kill = KILL_MODES[seed % len(KILL_MODES)]
+    modes = KILL_MODES[:3] if standby else KILL_MODES
+    kill = modes[seed % len(modes)]
     kill_delay = {"now": 0.0, "delay": rng.uniform(0, flush_interval), "mid-flush": rng.uniform(0.002, 0.06),
                   "pause": 0.0}[kill]
     tail_big = rng.randint(16, 48) if kill == "mid-flush" else 0
     io_during_load = kill != "pause" and rng.random() < 0.5
     params = (f"seed={seed} flush_interval={flush_interval} workers={workers} ops/worker={ops} kill={kill} "
-              f"after {kill_delay:.3f}s big={tail_big}MiB io_during_load={io_during_load}; "
+              f"after {kill_delay:.3f}s big={tail_big}MiB io_during_load={io_during_load} standby={standby}; "
               f"replay: tools/test {Path(__file__).relative_to(REPO)}::{name} "
-              f"--seed {seed} --trials 1")
+              f"--seed {seed} --trials 1{' --standby' if standby and name == 'test_two_host_recovery' else ''}")
     print(f"\ntrial {params}")
     t0 = time.monotonic()
     with hosts as (a, b):
         state_file, report_file = a.dir / "state.json", b.dir / "report.json"
         assert os.stat(a.path("/dev/shm")).st_dev != os.stat(b.path("/dev/shm")).st_dev, "shared /dev/shm"
         pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M", **store)
+        slow = {"load_rate": "64K"} if io_during_load else {}      # 16 pages/s
+        watch = None
+        if standby:     # watching through the workload (a busy source must not look dead); hosts.stop ends it
+            watch = start_standby(b, a, backend, f"report={report_file}",
+                                  *(f"{k}={v}" for k, v in {**slow, **store}.items()))
+            wait_state(b, *watch, "watching")
 
         work = a.python(WORKLOAD, "run", a.dir / "mnt", "--seed", str(seed), "--out", state_file,
                         "--workers", str(workers), "--ops", str(ops), "--tail-big", str(tail_big), "--self-check",
@@ -136,10 +158,19 @@ def two_host_trial(seed: int, hosts: TwoHosts, backend: Path | str, store: dict[
         assert pid not in a.pids(), "rmemfs survived SIGKILL?"
         assert a.exporter_pids(), f"the exporter died with rmemfs ({params})"
 
-        slow = {"load_rate": "64K"} if io_during_load else {}      # 16 pages/s
-        rec = b.recover_rmemfs(backend, b.dir / "mnt", a.addr, json_report=report_file, check=False,
-                               extra=["--transport", "software", "--verify"], region_size="64M", **slow, **store)
-        assert rec.returncode == 0, f"rmemfs-recover exited {rec.returncode} ({params}):\n{rec.stderr}{rec.stdout}"
+        if watch is None:
+            rec = b.recover_rmemfs(backend, b.dir / "mnt", a.addr, json_report=report_file, check=False,
+                                   extra=["--transport", "software", "--verify"], region_size="64M", **slow, **store)
+            assert rec.returncode == 0, f"rmemfs-recover exited {rec.returncode} ({params}):\n{rec.stderr}{rec.stdout}"
+            recovery_out = rec.stdout
+        else:
+            wait_mounted(b, *watch)
+            deadline = time.monotonic() + 30      # written once the mount is usable
+            while not report_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            recovery_out = watch[1].read_text()
+            # One takeover, after the kill: a busy source taken for dead would have failed the workload.
+            assert recovery_out.count("taking over") == 1, recovery_out
         report = json.loads(report_file.read_text())
         assert report["source"] == f"{a.addr}:7470" and report["transport"] == "software", report
         assert not report["rejected_entries"], report["rejected_entries"]
@@ -160,7 +191,7 @@ def two_host_trial(seed: int, hosts: TwoHosts, backend: Path | str, store: dict[
         else:
             check = b.python(WORKLOAD, "verify", b.dir / "mnt", state_file, check=False)
             assert check.returncode == 0, (f"recovered tree differs from the acknowledged state ({params}):\n"
-                                           f"{check.stdout[-4000:]}\nrecovery:\n{rec.stdout}")
+                                           f"{check.stdout[-4000:]}\nrecovery:\n{recovery_out}")
         state = json.loads(state_file.read_text())
     print(f"ok in {time.monotonic() - t0:.1f} s: {len(state.get('files', ()))} files, baseline generation "
           f"{report['baseline_generation']}, dirty pages listed {report['dirty_pages_listed']}, fetched "

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 from hosts import PYTHON, Host, TwoHosts  # noqa: E402
 from hosts_fixtures import hosts_available  # noqa: E402, F401
+from harness import prepared_exporters  # noqa: E402
 
 WORKLOAD = REPO / "tools" / "fsworkload.py"
 SUBNET = "10.242.0"
@@ -75,6 +76,19 @@ def stop(b: Host, proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def mount_source(a: Host, flush_interval: float = 3600) -> tuple[Path, int]:
+    """hostA's rmemfs over a backend beside the hosts: (backend, its pid)."""
+    backend = a.dir.parent / "backend"
+    return backend, a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M",
+                                   heartbeat_interval=0.02)
+
+
+def partition(a: Host) -> None:
+    """hostA cut off: its links down (its processes live on)."""
+    a.run(["ip", "link", "set", "dev", "lo", "down"], check=False)
+    a.run(["sh", "-c", "ip -o link | awk -F': ' '/rh/{print $2}' | cut -d@ -f1 | xargs -I{} ip link set dev {} down"])
+
+
 def test_kill_is_taken_over_with_every_acknowledged_write() -> None:
     hosts = TwoHosts(subnet=SUBNET)
     kill_is_taken_over(hosts, hosts.backend, {})
@@ -112,9 +126,7 @@ def kill_is_taken_over(hosts: TwoHosts, backend: Path | str, store: dict[str, st
 
 def test_long_pause_is_fenced_and_the_resumed_source_refuses_writes() -> None:
     with TwoHosts(subnet=SUBNET) as (a, b):
-        backend = a.dir.parent / "backend"
-        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=3600, region_size="64M",
-                             heartbeat_interval=0.02)
+        backend, pid = mount_source(a)
         a.run(["sh", "-c", f"echo v1 > {a.dir}/mnt/f && sync {a.dir}/mnt/f"])
         proc, log = start_standby(b, a, backend)
         try:
@@ -131,19 +143,104 @@ def test_long_pause_is_fenced_and_the_resumed_source_refuses_writes() -> None:
             stop(b, proc)
 
 
-def test_partitioned_source_is_not_taken_over_without_fence_cmd() -> None:
+@pytest.mark.parametrize("fence_cmd", [False, True], ids=["without-fence_cmd", "with-fence_cmd"])
+def test_partitioned_source(fence_cmd: bool) -> None:
+    """Without fence_cmd it is never taken over (an operator is needed); with one that exits 0 it is
+    recovered from the baseline alone: the flushed file is there, the dirty one lost (what fence_cmd accepts)."""
     with TwoHosts(subnet=SUBNET) as (a, b):
-        backend = a.dir.parent / "backend"
-        a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=3600, region_size="64M", heartbeat_interval=0.02)
+        backend, _ = mount_source(a)
+        _write(a, a.dir / "mnt" / "f", "flushed")
+        a.python("-m", "rmemfs.cli.ctl", "flush", str(a.dir / "mnt"))
+        _write(a, a.dir / "mnt" / "late", "dirty")
+        proc, log = start_standby(b, a, backend, *(["fence_cmd=true"] if fence_cmd else []))
+        try:
+            wait_state(b, proc, log, "watching")
+            partition(a)
+            if not fence_cmd:
+                wait_state(b, proc, log, "needs-operator")
+                time.sleep(1.0)
+                assert not mounted(b, b.dir / "mnt") and proc.poll() is None
+                assert "operator" in log.read_text()
+                return
+            wait_mounted(b, proc, log)
+            assert b.run(["cat", str(b.dir / "mnt" / "f")]).stdout == "flushed\n"
+            assert b.run(["test", "-e", str(b.dir / "mnt" / "late")], check=False).returncode != 0
+            assert "fenced by fence_cmd" in log.read_text()
+        finally:
+            stop(b, proc)
+
+
+def _write(host: Host, path: Path, text: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Written and fsynced: acknowledged."""
+    return host.run(["sh", "-c", f"echo {text} > {path} && sync {path}"], check=check)
+
+
+def _standby_exporters(host: Host, backend: Path) -> list[int]:
+    """Exporters a standby of ``backend`` started ahead of its takeover (tests/test_mount_standby.py)."""
+    return [p for p in prepared_exporters(backend) if p in host.pids()]
+
+
+def test_short_pause_and_a_restarted_standby_are_not_taken_over_then_a_kill_is() -> None:
+    with TwoHosts(subnet=SUBNET) as (a, b):
+        backend, pid = mount_source(a)
+        _write(a, a.dir / "mnt" / "f", "v1")
         proc, log = start_standby(b, a, backend)
         try:
             wait_state(b, proc, log, "watching")
-            a.run(["ip", "link", "set", "dev", "lo", "down"], check=False)
-            a.run(["sh", "-c", "ip -o link | awk -F': ' '/rh/{print $2}' | cut -d@ -f1 | "
-                   "xargs -I{} ip link set dev {} down"])
-            wait_state(b, proc, log, "needs-operator")
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.1)                 # well under dead_after=0.3
+            os.kill(pid, signal.SIGCONT)
             time.sleep(1.0)
-            assert not mounted(b, b.dir / "mnt") and proc.poll() is None
-            assert "operator" in log.read_text()
+            assert status(b)["state"] == "watching" and not mounted(b, b.dir / "mnt"), log.read_text()
+            _write(a, a.dir / "mnt" / "f", "v2")       # the source still owns it
+            # A standby killed while watching and started again: it registers anew and takes over later.
+            (first,) = _standby_exporters(b, backend)
+            proc.kill()
+            proc.wait()
+            proc, log = start_standby(b, a, backend)
+            st = wait_state(b, proc, log, "watching")
+            assert st["registrations"] >= 1 and not mounted(b, b.dir / "mnt")
+            assert first not in _standby_exporters(b, backend), "the killed standby's exporter outlived it"
+            os.kill(pid, signal.SIGKILL)
+            wait_mounted(b, proc, log)
+            assert b.run(["cat", str(b.dir / "mnt" / "f")]).stdout == "v2\n"
         finally:
             stop(b, proc)
+
+
+def test_failback_the_repaired_host_becomes_the_new_owners_standby() -> None:
+    with TwoHosts(subnet=SUBNET) as (a, b):
+        backend, pid = mount_source(a)
+        _write(a, a.dir / "mnt" / "f", "v1")
+        proc_b, log_b = start_standby(b, a, backend)
+        proc_a: subprocess.Popen[bytes] | None = None
+        try:
+            wait_state(b, proc_b, log_b, "watching")
+            os.kill(pid, signal.SIGKILL)
+            wait_mounted(b, proc_b, log_b)
+            _write(b, b.dir / "mnt" / "f", "v2")
+            # Repaired hostA: its old memory is retired by the existing rules (refused until hostB has
+            # published a baseline of its own), then it watches hostB.
+            a.run(["fusermount3", "-u", "-z", str(a.dir / "mnt")], check=False)
+            b.python("-m", "rmemfs.cli.ctl", "flush", str(b.dir / "mnt"))
+            a.python("-m", "rmemfs.cli.ctl", "exporter", "--backend", str(backend), "--retire")
+            assert not a.exporter_pids()
+            _write(b, b.dir / "mnt" / "f", "v3")      # dirty on hostB only
+            proc_a, log_a = start_standby(a, b, backend)
+            wait_state(a, proc_a, log_a, "watching")
+            proc_b.kill()                  # hostB's fs process is its standby process since the takeover
+            proc_b.wait()
+            b.run(["fusermount3", "-u", "-z", str(b.dir / "mnt")], check=False)
+            wait_mounted(a, proc_a, log_a)
+            assert a.run(["cat", str(a.dir / "mnt" / "f")]).stdout == "v3\n"
+            _write(a, a.dir / "mnt" / "f", "v4")
+            assert a.run(["cat", str(a.dir / "mnt" / "f")]).stdout == "v4\n"
+            # hostB's memory retires by the same rules, though its exporter was the one prepared ahead
+            # (its command line does not name the region directory).
+            a.python("-m", "rmemfs.cli.ctl", "flush", str(a.dir / "mnt"))
+            b.python("-m", "rmemfs.cli.ctl", "exporter", "--backend", str(backend), "--retire")
+            assert not b.exporter_pids()
+        finally:
+            if proc_a is not None:
+                stop(a, proc_a)
+            stop(b, proc_b)

@@ -23,6 +23,8 @@ BAD_OPTIONS = [
     ("dirty_capacity=1099511627776", "at most 134217728"),   # 2**40
     ("region_size=1e400M", "finite"),
     ("meta_size=nanM", "finite"),
+    ("metrics=nope", "ADDR:PORT"),
+    ("metrics=127.0.0.1:99999", "ADDR:PORT"),
 ]
 
 

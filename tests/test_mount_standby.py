@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import ENV, Rig, cli, exporter_pid, run, wait_gone
+from harness import ENV, Rig, cli, exporter_pid, prepared_exporters, run, wait_gone
 from rmemfs.host import is_mounted
 from test_mount_lifecycle import digest_tree
 from test_recover_cli import baseline_then_changes
@@ -100,6 +100,19 @@ def test_kill_is_taken_over_byte_exact(source: Rig, standby: Standby) -> None:
     assert (standby.mnt / "after").read_bytes() == b"new owner"
 
 
+def test_the_takeover_hands_the_new_regions_to_the_exporter_prepared_while_watching(source: Rig,
+                                                                                   standby: Standby) -> None:
+    standby.wait_state("watching")
+    (prepared,) = prepared_exporters(source.backend)
+    source.kill()
+    standby.wait_mounted()
+    # The new regions are served by the exporter that was started before the failure.
+    serving = {exporter_pid(d) for d in Path("/dev/shm").glob(f"{source.regiondir.name}.e*")}
+    assert serving == {prepared}, (serving, prepared)
+    (standby.mnt / "after").write_bytes(b"new owner")
+    assert (standby.mnt / "after").read_bytes() == b"new owner"
+
+
 def test_short_pause_is_not_taken_over(source: Rig, standby: Standby) -> None:
     standby.wait_state("watching")
     pid = source.daemon_pid()
@@ -157,8 +170,10 @@ def test_unreachable_exporter_with_fence_cmd_recovers_from_the_baseline(source: 
 def test_standby_restarted_while_watching(source: Rig, standby: Standby) -> None:
     want = digest_tree(source.mountpoint)
     standby.wait_state("watching")
+    (prepared,) = prepared_exporters(source.backend)
     standby.proc.kill()
     standby.proc.wait()
+    wait_gone(prepared)     # its stdin closed with the standby: a prepared exporter does not outlive it unused
     again = Standby(source, standby.mnt, ["watch_interval=0.01", "dead_after=0.3"])
     try:
         again.wait_state("watching")
@@ -177,12 +192,25 @@ def _notify_socket(path: Path) -> socket.socket:
     return s
 
 
-def test_systemd_readiness_of_rmemfs_and_the_standby(rig: Rig) -> None:
-    sock_path = rig.root / "notify.sock"
+def scrape(port: int) -> dict[str, str]:
+    """Prometheus text from 127.0.0.1:PORT: sample (with its labels) -> value."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.rpartition(" ")[0]: line.rpartition(" ")[2] for line in text.splitlines() if line and line[0] != "#"}
+
+
+def test_systemd_readiness_and_metrics_of_rmemfs_and_the_standby(rig: Rig) -> None:
+    from harness import free_port
+    sock_path, port = rig.root / "notify.sock", free_port()
     with _notify_socket(sock_path) as s:
-        rig.mount(SOURCE_OPTS, env={"NOTIFY_SOCKET": str(sock_path)})
+        rig.mount([*SOURCE_OPTS, f"metrics=127.0.0.1:{port}"], env={"NOTIFY_SOCKET": str(sock_path)})
         assert is_mounted(rig.mountpoint)
         assert s.recv(4096).startswith(b"READY=1")
+        (rig.mountpoint / "m").write_bytes(b"m" * 10000)
+        m = scrape(port)
+        assert float(m["rmemfs_heartbeat_total"]) > 0 and float(m["rmemfs_heartbeat_age_seconds"]) < 5, m
+        assert float(m["rmemfs_dirty_entries"]) >= 1 and float(m["rmemfs_fenced"]) == 0, m
+        assert float(m["rmemfs_flushes_total"]) >= 0 and "rmemfs_flush_last_seconds" in m, m
         sb = Standby(rig, rig.root / "mnt2", ["watch_interval=0.01", "dead_after=0.3"],
                      env={"NOTIFY_SOCKET": str(sock_path)})
         try:
@@ -194,16 +222,13 @@ def test_systemd_readiness_of_rmemfs_and_the_standby(rig: Rig) -> None:
 
 
 def test_event_log_and_metrics(source: Rig) -> None:
-    import urllib.request
-
     from harness import free_port
     events, port, report = source.root / "events.jsonl", free_port(), source.root / "takeover.json"
     sb = Standby(source, source.root / "mnt2", ["watch_interval=0.01", "dead_after=0.3", f"event_log={events}",
                                                 f"metrics=127.0.0.1:{port}", f"report={report}"])
     try:
         sb.wait_state("watching")
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        lines = {line.split()[0]: line.split()[-1] for line in text.splitlines() if line and line[0] != "#"}
+        lines = scrape(port)
         assert float(lines["rmemfs_standby_registrations_total"]) >= 1
         assert float(lines["rmemfs_standby_heartbeat_age_seconds"]) < 0.3
         assert float(lines["rmemfs_standby_detections_total"]) == 0
@@ -218,6 +243,11 @@ def test_event_log_and_metrics(source: Rig) -> None:
             time.sleep(0.05)
         phases = json.loads(report.read_text())["phases"]
         assert {"baseline plan", "connect", "fence", "lists", "exporter wait", "publish+mount"} <= set(phases), phases
+        # After the takeover the same endpoint has the takeover's phases and the new owner's filesystem.
+        m = scrape(port)
+        assert float(m["rmemfs_standby_detections_total"]) == 1, m
+        assert 'rmemfs_standby_recovery_phase_seconds{phase="fence"}' in m, m
+        assert float(m["rmemfs_heartbeat_total"]) > 0 and float(m["rmemfs_epoch"]) >= 2, m
     finally:
         sb.stop()
 
@@ -268,7 +298,9 @@ def test_exit_codes_before_a_takeover(source: Rig, tmp_path: Path) -> None:
     sb = Standby(source, mnt, ["watch_interval=0.01", "dead_after=0.3"])
     try:
         sb.wait_state("watching")
+        (prepared,) = prepared_exporters(source.backend)
         sb.proc.send_signal(signal.SIGTERM)
         assert sb.proc.wait(30) == 0
+        wait_gone(prepared)
     finally:
         sb.stop()

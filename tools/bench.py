@@ -26,7 +26,9 @@ Sections (each figure is measured ``--repeat`` times; median, min and max are ke
    on a throw-away cluster; the directory store beside it; skipped under --quick);
 8. failover: tools/bench_failover.py (rmemfs-standby on two netns hosts: from SIGKILL or SIGSTOP of the
    source to a recovered dirty page read on the standby's mount, split into detection, fencing, dirty
-   fetch and mount; and the source's write path with a standby watching vs none).
+   fetch and mount; and the source's write path with a standby watching vs none);
+9. heartbeat: tools/bench_heartbeat.py (the source's longest event-loop stall, seen as the gap between
+   heartbeats, during 1 MiB writes, flushes, scattered mmap writes and namespace churn).
 
 Writes DIR/report.json (every figure with its unit) and PNG plots, and prints
 a table with the ratios against the targets. Needs root and /dev/fuse.
@@ -974,6 +976,11 @@ class Bench:
         import bench_failover
         return bench_failover.run(self, log)
 
+    # 9 ----------------------------------------------------------------------------------------
+    def heartbeat(self) -> dict[str, Any]:
+        import bench_heartbeat
+        return bench_heartbeat.run(self, log)
+
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         started = datetime.datetime.now(datetime.UTC)
@@ -985,12 +992,13 @@ class Bench:
                                       "transport_pages": self.args.transport_pages,
                                       "db_commits": self.args.db_commits, "db_size_bytes": self.args.db_size,
                                       "failover_runs": self.args.failover_runs,
+                                      "failover_cost_pairs": self.args.failover_cost_pairs,
                                       "workdir": str(self.work), "command": " ".join(sys.argv)},
                        "started": started.isoformat(timespec="seconds")}
         sections: list[tuple[str, Callable[[], Any]]] = [
             ("write", self.write_path), ("flush", self.flush_and_footprint),
             ("recovery", self.recovery), ("transport", self.transport), ("databases", self.databases),
-            ("store", self.store), ("failover", self.failover)]
+            ("store", self.store), ("failover", self.failover), ("heartbeat", self.heartbeat)]
         only = set(self.args.only.split(",")) if self.args.only else None
         for name, fn in sections:
             if only and name not in only:
@@ -1061,6 +1069,8 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     add("RADOS full load vs raw aio read, same run", st.get("load_to_raw_read"), ">=", 0.8)
     import bench_failover
     bench_failover.targets(r, add)
+    import bench_heartbeat
+    bench_heartbeat.targets(r, add)
     return out
 
 
@@ -1159,12 +1169,15 @@ def table(r: dict[str, Any]) -> str:
     if isinstance(r.get("failover"), dict):
         import bench_failover
         lines += bench_failover.table(r["failover"])
+    if isinstance(r.get("heartbeat"), dict):
+        import bench_heartbeat
+        lines += bench_heartbeat.table(r["heartbeat"])
     lines.append("targets")
     for t in r.get("targets", []):
         mark = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
         bound = _fmt(t["bound"], t["unit"]) if t["unit"] != "fraction" else f"{t['bound'] * 100:.0f} %"
         lines.append(f"  [{mark:4}] {t['target']:<58} {_fmt(t['value'], t['unit']):>18}  (target {t['op']} {bound})")
-    for name in ("write", "flush", "recovery", "transport", "databases", "store", "failover"):
+    for name in ("write", "flush", "recovery", "transport", "databases", "store", "failover", "heartbeat"):
         if isinstance(r.get(name), dict) and "error" in r[name]:
             lines.append(f"  section {name} failed: {r[name]['error']}")
     return "\n".join(lines)
@@ -1325,11 +1338,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="write section: also run rmemfs from the checkout DIR and report the slowdown against it "
                          "(e.g. a checkout with one change reverted)")
     ap.add_argument("--only", default="", help="run only these sections: write,flush,recovery,transport,databases,"
-                    "store,failover")
+                    "store,failover,heartbeat")
     ap.add_argument("--db-commits", type=int, default=None, help="transactions per database run (default 2000)")
     ap.add_argument("--db-size", default=None, help="file for the random 4 KiB runs (default 64M; --quick 4M)")
     ap.add_argument("--failover-runs", type=int, default=None,
                     help="failover section: runs per signal, SIGKILL and SIGSTOP (default 20; --quick 1)")
+    ap.add_argument("--failover-cost-pairs", type=int, default=None,
+                    help="failover section: write-cost pairs, a standby watching vs none (default 8; --quick 1; "
+                         "0 skips the write cost)")
     args = ap.parse_args(argv)
     q = args.quick
     args.size = args.size or ("32M" if q else "1G")
@@ -1341,6 +1357,8 @@ def main(argv: list[str] | None = None) -> int:
     args.db_commits = args.db_commits or (100 if q else 2000)
     args.db_size = parse_size(args.db_size or ("4M" if q else "64M"))
     args.failover_runs = args.failover_runs or (1 if q else 20)
+    if args.failover_cost_pairs is None:
+        args.failover_cost_pairs = 1 if q else 8
     args.out = args.out or str(ROOT / "bench-out" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if os.geteuid() != 0:
         print("bench: must run as root (it mounts FUSE and drops caches)", file=sys.stderr)

@@ -320,19 +320,22 @@ class Pair:
 def run(bench: Any, log: Any) -> dict[str, Any]:
     """The section: ``bench`` is tools/bench.py's Bench (its args and work dir), ``log`` its progress log."""
     from hosts import TwoHosts
+    from rmemfs.standby import DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL
     args = bench.args
     size = bench.size if args.quick else GiB
     pct, runs = 1.0, args.failover_runs
     res: dict[str, Any] = {"size_bytes": size, "dirty_percent": pct, "runs": runs,
-                           "standby": "default watch settings (watch_interval 0.01 s, dead_after 0.5 s), "
-                                      "software transport", "source": "flush_interval=3600, defaults otherwise"}
+                           "standby": f"default watch settings (watch_interval {DEFAULT_WATCH_INTERVAL} s, dead_after "
+                                      f"{DEFAULT_DEAD_AFTER} s), software transport",
+                           "source": "flush_interval=3600, defaults otherwise"}
     with TwoHosts(subnet=SUBNET, workdir=bench.work / "failover", label="bench") as (a, b):
         pair = Pair(a, b, size, pct, log)
         t = time.monotonic()
         pair.fresh()
         res["mount_fill_and_flush_s"] = time.monotonic() - t
-        pairs = 1 if args.quick else 8
-        res["write_cost"] = pair.write_cost(pairs, 32 * MiB if args.quick else 256 * MiB, 2000 if args.quick else 20000)
+        if args.failover_cost_pairs:
+            res["write_cost"] = pair.write_cost(args.failover_cost_pairs, 32 * MiB if args.quick else 256 * MiB,
+                                                2000 if args.quick else 20000)
         seed = 100
         for sig in (signal.SIGKILL, signal.SIGSTOP):
             rows: list[dict[str, Any]] = []

@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 import trio
 
+from .. import metrics
 from ..errors import CommandError, QuietError
-from ..exits import EXIT_BACKEND, EXIT_ERROR
+from ..exits import EXIT_BACKEND, EXIT_ERROR, EXIT_USAGE
 from ..host import check_environment, check_mountpoint
 from ..launch import ExporterLaunch, StartUp, undo_failed_start
 from ..opening import Opened, open_backend
@@ -130,6 +131,11 @@ def run_session(opened: Opened, mountpoint: Path, opts: MountOptions, log_file: 
                                             exporter_log(log_file))
             port = startup.launch.ready()
         session = Session(opened, mountpoint, opts, port, startup)
+        if opts.metrics:
+            try:
+                metrics.serve(opts.metrics, metrics.filesystem_metrics(session))
+            except OSError as e:
+                raise QuietError(f"cannot serve metrics on {opts.metrics}: {e}", EXIT_USAGE) from None
         clean = trio.run(lambda: serve(session, on_ready=mounted))
     return 0 if clean else EXIT_BACKEND     # a failed final flush: logged by serve
 

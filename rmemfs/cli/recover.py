@@ -20,6 +20,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -41,7 +42,11 @@ log = logging.getLogger(__name__)
 MAX_TIMEOUT = 24 * 3600.0
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None,
+         on_mounted: Callable[[RecoveryReport], None] | None = None) -> None:
+    """For rmemfs-standby, which runs this in its own process: ``prepared``, an exporter it started ahead
+    (``ExporterLaunch.prepared``), used for the new regions instead of starting one when it is still alive;
+    ``on_mounted``, called with the report (its phases) once the mount is usable."""
     p = build_parser("rmemfs-recover", __doc__.splitlines()[0])
     p.add_argument("--source", help="the failed host's exporter, HOST[:PORT] (default: the owner the backend "
                    "names, at its recorded port)")
@@ -83,8 +88,15 @@ def main(argv: list[str] | None = None) -> None:
                 new_dirs.append(region_dir)
                 if "port=" not in ",".join(args.options):
                     opts.port = 0    # a local source's exporter still holds the default port
-            launched.append(ExporterLaunch(region_dir, args.backend, fsid, opts,
-                                           exporter_log(daemon_log(args, region_dir))))
+            log_file = exporter_log(daemon_log(args, region_dir))
+            if prepared is not None:
+                try:
+                    prepared.hand(region_dir, opts, log_file)
+                    launched.append(prepared)
+                    return
+                except OSError as e:     # it died while the standby watched: start one now
+                    log.info("the prepared exporter is gone (%s, exit %s); starting one", e, prepared.proc.poll())
+            launched.append(ExporterLaunch(region_dir, args.backend, fsid, opts, log_file))
 
         try:
             # recover() takes a Path; a rados: spec passes through Path() unchanged (backend_spec
@@ -160,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
                     report.background_load = bg.loader.stats()
                     write_report(json_path, report)
                 ready(f"{took:.6f}")
+                if on_mounted is not None:
+                    report.phase("publish+mount").seconds = took
+                    on_mounted(report)
                 if local_source and bg is None:
                     retire_old()
 

@@ -32,17 +32,19 @@ from typing import Any
 import trio
 
 from .. import control
+from ..metrics import check_address, serve as serve_metrics
 from .. import fs as _fuse_adapter  # noqa: F401  (loads pyfuse3 now, not on the takeover's clock)
 from ..errors import BackendError, CommandError, CorruptionError, QuietError, backend_failed
 from ..exits import EXIT_USAGE
 from ..host import check_environment, check_mountpoint
+from ..launch import ExporterLaunch
 from ..opening import read_backend
 from ..options import parse_options
 from ..recovery import parse_source
 from ..sdnotify import notify
 from ..store import STATE_CLEAN, StoreOptions, open_store
-from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, serve_metrics, status_file,
-                       status_socket, write_event)
+from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, status_file, status_socket,
+                       watch_metrics, write_event)
 from . import recover as recover_cli
 from .common import first_of, run_main, setup_logging, take_options
 from .mount import build_parser, daemonize_and_run
@@ -91,17 +93,30 @@ def main(argv: list[str] | None = None) -> None:
                           event_log=Path(mine["event_log"]).absolute() if "event_log" in mine else None,
                           source_stopped=lambda: backend_clean(backend_path, opts.store))
         metrics = mine.get("metrics")
-        if metrics is not None and not metrics.rpartition(":")[2].isdigit():
-            raise QuietError(f"option metrics must be ADDR:PORT (got {metrics})", EXIT_USAGE)
+        if metrics is not None:
+            try:
+                check_address(metrics)
+            except ValueError as e:
+                raise QuietError(f"option {e}", EXIT_USAGE) from None
 
         def work(ready: Any) -> int:
             if args.log:
                 setup_logging(args.debug, args.log)
             if metrics is not None:
                 try:
-                    serve_metrics(metrics, watcher)
+                    serve_metrics(metrics, watch_metrics(watcher))
                 except OSError as e:
                     raise QuietError(f"cannot serve metrics on {metrics}: {e}", EXIT_USAGE) from None
+            # The takeover's exporter, started now: at a takeover it is handed the new region directory
+            # instead of the mount waiting for a new interpreter to start.
+            prepared = ExporterLaunch.prepared(backend_path, opts)
+            try:
+                return watch_and_take_over(prepared, ready)
+            finally:
+                if not prepared.handed:
+                    prepared.abort()
+
+        def watch_and_take_over(prepared: ExporterLaunch, ready: Any) -> int:
             try:
                 t0 = trio.run(watch, watcher, mountpoint, dead_after, ready)
             except BaseExceptionGroup as group:   # the watch's own failure (a wrong secret...), out of trio's group
@@ -118,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
                                                 "source": st.source, "detected_after": st.detected_after})
             rargv = ["--backend", str(backend_path), "--source", f"{host}:{port}", "--transport", args.transport,
                      "--no-liveness-check", "-f", str(mountpoint)]
+            if metrics is not None:    # the new owner's filesystem figures join the watch's, on its server
+                rest.append(f"metrics={metrics}")
             if rest:
                 rargv[0:0] = ["-o", ",".join(rest)]
             if "report" in mine:
@@ -131,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
             # In this process, rmemfs-recover (lazy by default: it mounts before the baseline is all in):
             # it fences, fetches, publishes, mounts and serves until unmounted.
             try:
-                recover_cli.main(rargv)
+                recover_cli.main(rargv, prepared, on_mounted=lambda report: watcher.recovery_phases.update(
+                    {name: ph.seconds for name, ph in report.phases.items()}))
             except SystemExit as e:
                 return int(e.code or 0)
             return 0
