@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None,
             check_environment()
             check_mountpoint(mountpoint)
         report = RecoveryReport(dry_run=args.dry_run, baseline_only=args.baseline_only)
+        # The new exporter's interpreter starts now, beside the connect and the liveness wait, and gets its
+        # region directory once it exists: a lazy mount no longer waits for a Python start-up (issue 11).
+        ahead = prepared if prepared is not None or args.dry_run else ExporterLaunch.prepared(args.backend, opts)
         launched: list[ExporterLaunch] = []
         new_dirs: list[Path] = []     # beside a local source's: ours to remove if the recovery fails
 
@@ -89,13 +92,13 @@ def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None,
                 if "port=" not in ",".join(args.options):
                     opts.port = 0    # a local source's exporter still holds the default port
             log_file = exporter_log(daemon_log(args, region_dir))
-            if prepared is not None:
+            if ahead is not None:
                 try:
-                    prepared.hand(region_dir, opts, log_file)
-                    launched.append(prepared)
+                    ahead.hand(region_dir, opts, log_file)
+                    launched.append(ahead)
                     return
-                except OSError as e:     # it died while the standby watched: start one now
-                    log.info("the prepared exporter is gone (%s, exit %s); starting one", e, prepared.proc.poll())
+                except OSError as e:     # it died meanwhile (while the standby watched): start one now
+                    log.info("the prepared exporter is gone (%s, exit %s); starting one", e, ahead.proc.poll())
             launched.append(ExporterLaunch(region_dir, args.backend, fsid, opts, log_file))
 
         try:
@@ -114,9 +117,13 @@ def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None,
         except BaseException:
             for launch in launched:
                 launch.abort()
+            if ahead is not None and prepared is None and not ahead.handed:
+                ahead.abort()
             for region_dir in new_dirs:
                 discard_unpublished(args.backend, opts.store, region_dir)
             raise
+        if ahead is not None and prepared is None and not ahead.handed:
+            ahead.abort()                # no regions were made (nothing to serve)
         if opened is None:
             print(dry_run_summary(report))
             if args.json:
