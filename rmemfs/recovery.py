@@ -295,6 +295,7 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
                   timeout: float = 10.0, dry_run: bool = False, verify: bool = False, baseline_only: bool = False,
                   check_alive: bool = True, on_progress: ProgressCallback | None = None, report: RecoveryReport | None = None,
                   regions_ready: Callable[[Path, str], None] | None = None,
+                  region_dir_made: Callable[[Path, str], None] | None = None,
                   fence_cmd: str | None = None, load: str = "eager") -> tuple[Opened | None, RecoveryReport]:
     """Steps 1-7. Returns the rebuilt filesystem (None for a dry run) and the report.
 
@@ -302,8 +303,10 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
     loss window) or a ``fence_cmd`` that exits 0 (the source is powered off or cut off); a failing fence_cmd
     raises FenceFailed.
 
-    ``regions_ready(region dir, fsid)`` is called once the new region directory is chosen and exists (to
-    start the exporter of the new regions early); the region files appear in it later.
+    ``region_dir_made(region dir, fsid)`` is called once the new region directory is chosen and exists (a
+    failed recovery removes it), ``regions_ready(region dir, fsid)`` once its new region files are in place
+    (to hand them to the exporter: one started before would map the old files that making them unlinks,
+    and serve those).
 
     ``load="lazy"``: only the namespace region and the dirty pages are in when this returns; the returned
     ``Opened.background`` loads the rest of the baseline once the filesystem serves (``BackgroundLoad``).
@@ -329,8 +332,8 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
             private_dir(region_dir)
         except OSError as e:
             raise RegionsFailed(f"cannot create the region directory {region_dir}: {e}") from None
-        if regions_ready:
-            regions_ready(region_dir, fsid)
+        if region_dir_made:
+            region_dir_made(region_dir, fsid)
 
     def reconnect(write: RegionWriter) -> PageSource:
         # The fenced source, for baseline pages the store cannot deliver during a lazy load; connected
@@ -387,7 +390,8 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
             report.load = load
             return await _rebuild(backend, fsid, manifest, state, planner, region_dir, opts, report,
                                   dry_run=dry_run, verify=verify, on_progress=on_progress, t_total=t_total,
-                                  source_again=reconnect if state is not None else None)
+                                  source_again=reconnect if state is not None else None,
+                                  regions_ready=regions_ready)
     except BaseExceptionGroup as group:
         raise _first_quiet(group) from None
     finally:
@@ -469,7 +473,8 @@ async def read_lists(state: SourceState, fsid: str, manifest: Manifest, report: 
 async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state: SourceState | None,
                    planner: _Planner, region_dir: Path | None, opts: MountOptions,
                    report: RecoveryReport, *, dry_run: bool, verify: bool, on_progress: ProgressCallback | None,
-                   t_total: float, source_again: Callable[[RegionWriter], PageSource] | None = None
+                   t_total: float, source_again: Callable[[RegionWriter], PageSource] | None = None,
+                   regions_ready: Callable[[Path, str], None] | None = None
                    ) -> tuple[Opened | None, RecoveryReport]:
     if dry_run:
         plan = fetch_plan(state, []) if state else []
@@ -489,6 +494,8 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
         regions = fresh_regions(region_dir, fsid, _shaped(manifest, shape), opts)
     except OSError as e:
         raise RegionsFailed(f"cannot allocate regions in {region_dir}: {e}") from None
+    if regions_ready:
+        regions_ready(region_dir, fsid)
 
     # 4-6: the baseline from the backend and the dirty pages from the source, at the same time.
     plan = fetch_plan(state, []) if state is not None else []

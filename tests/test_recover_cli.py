@@ -67,6 +67,23 @@ def test_unreachable_source_fails_fast_unless_baseline_only(crashed: Rig, tmp_pa
     assert (crashed.mountpoint / "b").read_bytes() == b"b" * 5000
 
 
+def test_new_exporter_serves_the_new_regions_not_the_old_files(crashed: Rig) -> None:
+    """The source's exporter is gone too, so the recovery rebuilds in the configured region directory,
+    over the dead source's files. The exporter started ahead was handed that directory as soon as it
+    existed, mapped the old files, and could lose the race with their replacement: it failed with ENOENT
+    (once in a CI run of the standby test) or would have served the unlinked old files. It is handed the
+    directory once the new region files are in place: it maps none that is deleted. (A race: this test
+    passed three times before the fix too; it checks the invariant, it does not force the race.)"""
+    os.kill(exporter_pid(crashed.regiondir), 9)
+    proc = run(recover_cmd(crashed, "--baseline-only", source="127.0.0.1:1"))
+    assert proc.returncode == 0, proc.stderr
+    pid = exporter_pid(crashed.regiondir)
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    ours = [line for line in maps if str(crashed.regiondir) in line]
+    assert ours and not [line for line in ours if "(deleted)" in line], ours
+    assert (crashed.mountpoint / "b").read_bytes() == b"b" * 5000
+
+
 def test_unreachable_source_needs_fence_cmd_or_baseline_only(crashed: Rig, tmp_path: Path) -> None:
     """Issue 10 item 3: an exporter that cannot be reached cannot fence; the refusal names both ways out, a
     failing fence_cmd keeps it refused (exit 29), one that exits 0 lets the baseline-only recovery proceed."""

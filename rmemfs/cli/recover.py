@@ -85,12 +85,14 @@ def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None,
         launched: list[ExporterLaunch] = []
         new_dirs: list[Path] = []     # beside a local source's: ours to remove if the recovery fails
 
-        def start_exporter(region_dir: Path, fsid: str) -> None:
-            # As soon as the new region directory is chosen, so that its start-up overlaps the rebuild.
+        def region_dir_made(region_dir: Path, fsid: str) -> None:
             if region_dir.name != opts.region_dir(fsid).name:
                 new_dirs.append(region_dir)
                 if "port=" not in ",".join(args.options):
                     opts.port = 0    # a local source's exporter still holds the default port
+
+        def start_exporter(region_dir: Path, fsid: str) -> None:
+            # Once the new region files exist; the prepared exporter's start-up overlapped the rest.
             log_file = exporter_log(daemon_log(args, region_dir))
             if ahead is not None:
                 try:
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None,
                 Path(args.backend), args.source, opts, transport=args.transport, timeout=args.timeout,
                 dry_run=args.dry_run, verify=args.verify, baseline_only=args.baseline_only,
                 check_alive=not args.no_liveness_check, fence_cmd=fence_cmd, load=args.load,
-                on_progress=TerminalProgress() if sys.stderr.isatty() else None, report=report, regions_ready=start_exporter))
+                on_progress=TerminalProgress() if sys.stderr.isatty() else None, report=report, regions_ready=start_exporter,
+                region_dir_made=region_dir_made))
             t_mount = time.monotonic()
             port = launched[0].ready() if opened is not None else None
             if opened is not None:
