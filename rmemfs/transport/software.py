@@ -341,6 +341,16 @@ class SoftwareExportBackend(ExportBackend):
 _ZEROS = memoryview(bytes(1 << 20))    # what a hole in a region file sends
 
 
+def _first_data(fd: int, off: int, end: int) -> int:
+    """Where [off, end) of the file first holds data (``end``: nowhere)."""
+    try:
+        return min(end, os.lseek(fd, off, os.SEEK_DATA))
+    except OSError as e:
+        if e.errno == errno.ENXIO:       # no data after off
+            return end
+        raise
+
+
 def _read_ranges(wanted: Sequence[tuple[_Export, int, int]], total: int) -> list[bytes | memoryview]:
     """The bytes of each (region, offset, length) for a READ_DATA of ``total`` bytes.
 
@@ -365,15 +375,8 @@ def _read_ranges(wanted: Sequence[tuple[_Export, int, int]], total: int) -> list
         elif small:
             out.append(bytes(entry.view[off:off + length]))
         else:
-            end = data_at = off + length
-            if entry.fd >= 0 and length:
-                try:
-                    data_at = min(end, os.lseek(entry.fd, off, os.SEEK_DATA))
-                except OSError as e:
-                    if e.errno != errno.ENXIO:   # ENXIO: no data after off
-                        raise
-            else:
-                data_at = off
+            end = off + length
+            data_at = _first_data(entry.fd, off, end) if entry.fd >= 0 else off
             for at in range(off, data_at, len(_ZEROS)):
                 out.append(_ZEROS[:min(len(_ZEROS), data_at - at)])
             if data_at < end:
