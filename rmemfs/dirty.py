@@ -217,9 +217,7 @@ class DirtyList:
             self._seen.mark(region_id, first, n, region_pages[region_id])
 
     def region_grew(self, region_id: int, pages: int) -> None:
-        seen = self._seen.get(region_id)
-        if seen is not None and len(seen) < pages:
-            seen.extend(bytes(pages - len(seen)))
+        self._seen.grow(region_id, pages)
 
     def runs(self) -> list[Run]:
         """The marked runs, merged and sorted: (region_id, first_page, npages)."""

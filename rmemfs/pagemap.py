@@ -64,6 +64,12 @@ class PageMaps(dict[int, bytearray]):
         self.map(region_id, region_pages)[first:first + npages] = _ONES[:npages] if npages <= len(_ONES) \
             else b"\x01" * npages
 
+    def grow(self, region_id: int, region_pages: int) -> None:
+        """The region now has ``region_pages`` pages: its map, if it has one, is extended (unmarked)."""
+        m = self.get(region_id)
+        if m is not None and len(m) < region_pages:
+            m.extend(bytes(region_pages - len(m)))
+
     def all_marked(self, region_id: int, first: int, npages: int) -> bool:
         """Whether every page of the run is marked."""
         m = self.get(region_id)

@@ -107,8 +107,8 @@ class Region:
             done += os.pwrite(self.fd, data[done:], offset + done)
 
     def grow(self, length: int) -> None:
-        """Make the file and its mapping longer (new pages are holes). Views of the old mapping stay
-        valid but do not see the new pages: holders take ``view`` again."""
+        """Make the file and its mapping longer (new pages are holes). The old ``view`` is released (a
+        slice of it keeps the old, shorter mapping until it goes): holders take ``view`` again."""
         if length <= self.length or length % PAGE_SIZE:
             raise ValueError(f"cannot grow region {self.region_id} from {self.length} to {length} bytes")
         os.ftruncate(self.fd, length)
