@@ -120,13 +120,12 @@ def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None,
         except BaseException:
             for launch in launched:
                 launch.abort()
-            if ahead is not None and prepared is None and not ahead.handed:
-                ahead.abort()
             for region_dir in new_dirs:
                 discard_unpublished(args.backend, opts.store, region_dir)
             raise
-        if ahead is not None and prepared is None and not ahead.handed:
-            ahead.abort()                # no regions were made (nothing to serve)
+        finally:
+            if ahead is not None and prepared is None and not ahead.handed:
+                ahead.abort()            # no regions were made (a failure, a dry run): nothing to serve
         if opened is None:
             print(dry_run_summary(report))
             if args.json:
