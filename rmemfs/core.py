@@ -8,7 +8,7 @@ call them in-process. Every mutation follows one order:
 3. journal the namespace record (its pages are marked first, too);
 4. apply it to the model / copy the data in.
 
-All methods except ``admit`` and ``with_pages`` are synchronous: a whole
+All methods except ``admit``, ``with_pages`` and the compactor task ``compact_journal`` are synchronous: a whole
 operation runs without an await, so it is atomic with respect to the trio
 scheduler, and a flush's list swap can only fall between operations.
 
@@ -42,6 +42,7 @@ from .namespace import (ROOT_INO, RENAME_EXCHANGE, RENAME_NOREPLACE, SET_ATIME, 
                         rec_free, rec_link, rec_rename, rec_setattr, rec_unlink, snapshot_growth)
 from .regions import (CTL_REGION_ID, EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet)
 from .sources.lazy import NotResident, Residency
+import trio.lowlevel
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ ADMIT_MARGIN = 1 << 14                    # entries kept free so any single oper
 # every baseline, and after any operation once the oldest is this old. A record per write was half of
 # the core's cost of a 4 KiB write (issue 14).
 TIMES_LAG_S = 1.0
+# Longest step of the event loop a journal compaction takes while it serializes the namespace, so that the
+# heartbeat a standby watches keeps beating (about 2,000 files a step; issue 12).
+COMPACTION_SLICE_S = 0.005
 T = TypeVar("T")
 
 
@@ -86,6 +90,7 @@ class Filesystem:
         self.room_waiter: RoomWaiter | None = None
         self._pending_times: set[int] = set()     # inodes whose times changed in memory only
         self._times_due = 0.0                    # monotonic time by which they are journaled
+        self._compaction_wanted: trio.Event | None = None     # set while compact_journal runs
         self._sync_region_pages()
 
     # --- construction -----------------------------------------------------------
@@ -234,14 +239,14 @@ class Filesystem:
         growth = snapshot_growth(rtype, payload)
         if growth and not self.journal.room_for_growth(growth):
             if self.journal.growth_since_checkpoint:      # the bound may be loose: measure exactly once
-                self.journal.checkpoint(self.fsid, self.ns.serialize())
+                self._checkpoint()
             if not self.journal.room_for_growth(growth):
                 raise FsError(errno.ENOSPC, "the namespace journal region is full: delete files (its size, "
                               "-o meta_size, is set when the filesystem is created)")
         try:
             self.journal.append(rtype, payload, growing=growth > 0)
         except JournalFull:
-            self.journal.checkpoint(self.fsid, self.ns.serialize())
+            self._checkpoint()
             self.journal.append(rtype, payload, growing=growth > 0)
         self.journal.grew(growth)
 
@@ -255,11 +260,55 @@ class Filesystem:
         if self._pending_times and time.monotonic() >= self._times_due:
             if not self.sync_times():
                 self._times_due = time.monotonic() + TIMES_LAG_S
-        if self.journal.wants_checkpoint():
-            try:
-                self.journal.checkpoint(self.fsid, self.ns.serialize())
-            except FsError as e:      # the operation is done and journaled; compact later
-                log.warning("journal compaction postponed: %s", e)
+        if self.journal.wants_checkpoint() and self.ns.building is None:
+            if self._compaction_wanted is not None:       # the mount's compactor builds it in slices
+                self.ns.start_checkpoint()
+                self._compaction_wanted.set()
+            else:
+                self._compact_now()
+
+    def _checkpoint(self) -> None:
+        """Write a checkpoint now: the one being built in slices if there is one (finished in this step),
+        else the whole namespace serialized here."""
+        building = self.ns.building
+        if building is None:
+            snapshot = self.ns.serialize()
+        else:
+            self.ns.changed(*self._pending_times)    # times an overwrite changed in memory only
+            snapshot = building.finish()
+        self.journal.checkpoint(self.fsid, snapshot)
+
+    def _compact_now(self) -> None:
+        try:
+            self._checkpoint()
+        except FsError as e:      # the operation is done and journaled; compact later
+            log.warning("journal compaction postponed: %s", e)
+
+    async def compact_journal(self) -> None:
+        """The mount's compactor (runs until cancelled): a compaction that ``after_operation`` asks for is
+        built in slices of at most COMPACTION_SLICE_S of the event loop, with the loop free in between,
+        and written in one step (``CheckpointBuilder``). No await falls inside a journal write: between
+        slices the journal and the meta region are as the operations left them, so a crash there replays
+        the last checkpoint and its records. A checkpoint an operation needs at once (a full area) finishes
+        the one being built synchronously (``_checkpoint``); this task then finds it gone."""
+        self._compaction_wanted = trio.Event()
+        try:
+            while True:
+                await self._compaction_wanted.wait()
+                self._compaction_wanted = trio.Event()
+                building = self.ns.building
+                while building is not None and building is self.ns.building and not building.step(
+                        COMPACTION_SLICE_S):
+                    await trio.lowlevel.checkpoint()
+                if building is None or building is not self.ns.building:
+                    continue
+                if self.fenced or self.tracker.fence:      # another host owns the memory: write nothing
+                    self.ns.building = None
+                    continue
+                self._compact_now()
+        finally:
+            self._compaction_wanted = None
+            self.ns.building = None
 
     async def admit(self) -> None:
         """Wait until the current dirty list can take any single operation.

@@ -1,7 +1,7 @@
 """Serving a mounted filesystem and taking it down cleanly.
 
 ``serve`` publishes this mount as the backend's owner, mounts FUSE and runs the
-services (flusher, heartbeat, control socket, signals, a lazy recovery's
+services (flusher, heartbeat, journal compactor, control socket, signals, a lazy recovery's
 background load) in one trio nursery. On unmount or SIGTERM/SIGINT it writes a
 final baseline marked clean and stops the exporter. ``Session.control`` answers
 ``rmemfs-ctl``'s flush and stats requests.
@@ -184,6 +184,7 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> bo
             await nursery.start(flusher.run)
             await nursery.start(control.serve, control_path, session.control)
             nursery.start_soon(_heartbeat, fs, opts.heartbeat_interval)
+            nursery.start_soon(fs.compact_journal)
             nursery.start_soon(_signals, session)
             if opened.background is not None:
                 nursery.start_soon(opened.background.run, fs)

@@ -13,7 +13,9 @@ see as silence, and ``gap - heartbeat_interval`` is the stall. Each workload run
 * ``mmap scattered``: PAGES random 4 KiB pages written through mmap, then ``flush scattered`` (as many
   runs as pages: the snapshot's worst case);
 * ``creates+unlinks``: FILES files created and unlinked in one directory (the journal's checkpoints
-  and compactions), then ``files kept``: FILES files left, and ``flush namespace`` of them.
+  and compactions), then ``files kept``: FILES files left, and ``flush namespace`` of them;
+* ``churn beside kept``: 2 x FILES files created and unlinked beside those kept, so that the journal's
+  compactions checkpoint a namespace of FILES files (the longest stall before issue 12's slices).
 
 As a script it is also the child: ``work KIND PATH N``.
 """
@@ -159,6 +161,7 @@ def run(bench: Any, log: Any) -> dict[str, Any]:
         phase("creates+unlinks", lambda: child("churn", fs.mp / "churn", files))
         phase("files kept", lambda: child("keep", fs.mp / "kept", files))
         phase("flush namespace", fs.flush)
+        phase("churn beside kept", lambda: child("churn", fs.mp / "churn2", 2 * files))
     finally:
         poller.close()
         fs.destroy()
