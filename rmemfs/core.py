@@ -73,6 +73,8 @@ class CoreStats:
     region_count: int
     region_virtual_bytes: int
     region_resident_bytes: int
+    compactions: int = 0                  # journal compactions written
+    compaction_longest_step_s: float = 0.0     # the longest event-loop step one took (a slice, or the write)
 
 
 class Filesystem:
@@ -91,6 +93,8 @@ class Filesystem:
         self._pending_times: set[int] = set()     # inodes whose times changed in memory only
         self._times_due = 0.0                    # monotonic time by which they are journaled
         self._compaction_wanted: trio.Event | None = None     # set while compact_journal runs
+        self.compactions = 0
+        self.compaction_longest_step_s = 0.0
         self._sync_region_pages()
 
     # --- construction -----------------------------------------------------------
@@ -279,10 +283,17 @@ class Filesystem:
         self.journal.checkpoint(self.fsid, snapshot)
 
     def _compact_now(self) -> None:
+        t = time.perf_counter()
         try:
             self._checkpoint()
         except FsError as e:      # the operation is done and journaled; compact later
             log.warning("journal compaction postponed: %s", e)
+            return
+        self.compactions += 1
+        self._compaction_step(time.perf_counter() - t)
+
+    def _compaction_step(self, seconds: float) -> None:
+        self.compaction_longest_step_s = max(self.compaction_longest_step_s, seconds)
 
     async def compact_journal(self) -> None:
         """The mount's compactor (runs until cancelled): a compaction that ``after_operation`` asks for is
@@ -297,8 +308,12 @@ class Filesystem:
                 await self._compaction_wanted.wait()
                 self._compaction_wanted = trio.Event()
                 building = self.ns.building
-                while building is not None and building is self.ns.building and not building.step(
-                        COMPACTION_SLICE_S):
+                while building is not None and building is self.ns.building:
+                    t = time.perf_counter()
+                    done = building.step(COMPACTION_SLICE_S)
+                    self._compaction_step(time.perf_counter() - t)
+                    if done:
+                        break
                     await trio.lowlevel.checkpoint()
                 if building is None or building is not self.ns.building:
                     continue
@@ -664,7 +679,7 @@ class Filesystem:
         rs = self.regions.stats()
         return CoreStats(len(self.ns.inodes), self.regions.used_extents(), cur.pages(), cur.count, fl.pages(),
                          fl.count, self.tracker.capacity, self.journal.used_bytes(), rs.regions, rs.virtual_bytes,
-                         rs.resident_bytes)
+                         rs.resident_bytes, self.compactions, self.compaction_longest_step_s)
 
     def statfs(self) -> tuple[int, int, int, int]:
         """(total blocks, free blocks, total inodes, free inodes) in PAGE_SIZE blocks."""
