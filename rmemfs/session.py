@@ -31,6 +31,7 @@ from .flusher import Flusher
 from .launch import StartUp
 from .opening import Opened
 from .options import MountOptions
+from .stalls import GC_PAUSES, Lateness
 from .store import STATE_CLEAN, STATE_MOUNTED, BaselineStore, owner_info
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class Session:
     requests: dict[str, int] = field(default_factory=dict)    # FUSE request counters, shared with fs.py
     terminated: bool = False
     started_ns: int = field(default_factory=time.time_ns)
+    # How late the heartbeat task woke: this loop's (and CPU's) stalls, as a standby sees them in its gaps.
+    loop_lateness: Lateness = field(default_factory=Lateness)
 
     def owner(self) -> dict[str, Any]:
         return owner_info(mountpoint=str(self.mountpoint), exporter_host=_advertised_host(self.opts.listen),
@@ -83,6 +86,7 @@ class Session:
                     "core": self.opened.fs.statistics().__dict__,
                     "flush": self.flusher.statistics().__dict__, "requests": dict(self.requests),
                     "heartbeat": self.opened.fs.tracker.header().heartbeat,
+                    "loop_lateness": self.loop_lateness.to_json(), "gc": GC_PAUSES.to_json(),
                     "fenced": self.opened.fs.note_fenced(), "fence_epoch": self.opened.fs.tracker.fence}
         raise ValueError(f"unknown request {op!r}")
 
@@ -98,6 +102,7 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
     flush failed (logged; the backend stays marked in use and the exporter keeps serving), else True."""
     opened, opts = session.opened, session.opts
     fs = opened.fs
+    GC_PAUSES.install()
     flusher = Flusher(fs, opened.backend, opened.manifest, opened.live, opts.flush_interval)
     session.flusher = flusher
     fs.room_waiter = _FlushRoom(flusher)
@@ -183,7 +188,7 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> bo
         async with trio.open_nursery() as nursery:
             await nursery.start(flusher.run)
             await nursery.start(control.serve, control_path, session.control)
-            nursery.start_soon(_heartbeat, fs, opts.heartbeat_interval)
+            nursery.start_soon(_heartbeat, fs, opts.heartbeat_interval, session.loop_lateness)
             nursery.start_soon(fs.compact_journal)
             nursery.start_soon(_signals, session)
             if opened.background is not None:
@@ -225,7 +230,7 @@ async def _shutdown(session: Session) -> bool:
     try:
         # The heartbeat goes on through the final flush: a standby must not take a stopping source for dead.
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_heartbeat, fs, session.opts.heartbeat_interval)
+            nursery.start_soon(_heartbeat, fs, session.opts.heartbeat_interval, session.loop_lateness)
             generation = await session.flusher.flush(state=STATE_CLEAN)
             if fs.times_pending:     # a full dirty list had no room for them before the first flush's swap
                 generation = await session.flusher.flush(state=STATE_CLEAN)
@@ -245,12 +250,12 @@ async def _shutdown(session: Session) -> bool:
     return True
 
 
-async def _heartbeat(fs: Filesystem, interval: float) -> None:
+async def _heartbeat(fs: Filesystem, interval: float, lateness: Lateness) -> None:
     fs.tracker.set_heartbeat_interval(interval)
     while True:
         fs.tracker.beat()
         fs.note_fenced()   # so the fenced mount says so even when nothing writes
-        await trio.sleep(interval)
+        await lateness.sleep(interval)
 
 
 async def _signals(session: Session) -> None:
