@@ -130,6 +130,8 @@ class FlushStats:
     segment_bytes: int
     live_pages: int
     fenced: bool
+    longest_atomic_s: float = 0.0      # the longest atomic section (list swap to snapshot): one loop step
+    last_atomic_entries: int = 0       # the entries of the list it swapped out, at the last flush
 
 
 class Flusher:
@@ -149,7 +151,8 @@ class Flusher:
         self.fenced = False
         self._stop = False
         self._stats: dict[str, Any] = dict(flushes=0, failures=0, last_duration_s=0.0, last_pages=0, last_bytes=0,
-                           last_full=False, total_bytes=0, last_error="")
+                           last_full=False, total_bytes=0, last_error="", longest_atomic_s=0.0,
+                           last_atomic_entries=0)
         self._failures_in_row = 0
         self._rearm = False         # a flush failed: the loop's wait becomes the failure backoff
 
@@ -230,6 +233,7 @@ class Flusher:
             raise FencedError("this filesystem was fenced by a newer owner; it no longer publishes")
         fs, tracker = self.fs, self.fs.tracker
         # --- atomic section: no await until the snapshot is installed ---------
+        atomic_start = time.perf_counter()
         fs.sync_times()                # so the baseline has them (the ones that do not fit come later)
         if tracker.flushing.count:
             tracker.fold_current_into_flushing()
@@ -250,6 +254,8 @@ class Flusher:
                 if r in regions and f < regions[r] // PAGE_SIZE]
         snapshot = Snapshot(runs, fs.regions)
         tracker.preserver = snapshot
+        self._stats["longest_atomic_s"] = max(self._stats["longest_atomic_s"], time.perf_counter() - atomic_start)
+        self._stats["last_atomic_entries"] = flushing.count
         # --- end of atomic section ---------------------------------------------
         faults.point("flush.swapped")
         prev = self.manifest

@@ -32,8 +32,9 @@ region that grew or an exporter that restarted is seen before a failure.
 Stalls, kept apart (``WatchStatus``): ``longest_gap`` is the longest time between two changes this
 process saw, which includes its own stalls; ``source_longest_gap`` is the same measured on the source's
 clock (its heartbeat wall times, less the beats in between: an upper bound on the source's longest
-silence, exact when no beat was missed, and loose by how much the missed beats overran their interval); ``watch_lateness`` and ``read_longest`` are this process's own
-stalls: how late its watch loop woke, and its longest heartbeat read.
+silence, exact when no beat was missed, loose by how much missed beats overran their interval);
+``watch_lateness`` and ``read_longest`` are this process's own stalls: how late its watch loop woke,
+and its longest heartbeat read.
 """
 from __future__ import annotations
 

@@ -105,11 +105,11 @@ class _BeatingThread:
 @pytest.mark.parametrize("where", ["after a read", "in the watch loop"])
 async def test_a_stall_of_the_standby_is_no_silence_of_the_source(nursery: trio.Nursery, where: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 12: the standby's own stall (its loop held, or the process descheduled, 0.4 s here with
-    dead_after 0.3 s, within the 0.5 s a read may take) while the source beats on is not taken for the source's silence: no verdict (before:
-    a stall between a read's return and the verdict counted as silence, and a live source was declared
-    dead), and the figures keep the two apart: the watch's own stall, the gap this process saw, and the
-    source's longest gap on its own clock."""
+    """Issue 12: the standby's own stall (its loop held, or the process descheduled: 0.4 s here, with
+    dead_after 0.3 s, within the 0.5 s a read may take) while the source beats on is not taken for the
+    source's silence: no verdict (before: a stall between a read's return and the verdict counted as
+    silence, and a live source was declared dead), and the figures keep the two apart: the watch's own
+    stall, the gap this process saw, and the source's longest gap on its own clock."""
     import time
     from rmemfs import standby
     ctl = _ctl_page()
@@ -125,7 +125,7 @@ async def test_a_stall_of_the_standby_is_no_silence_of_the_source(nursery: trio.
         reads += 1
         if where == "after a read" and reads >= 20 and not stalled.is_set() and \
                 header.heartbeat == watcher.status.heartbeat:
-            time.sleep(0.4)                     # the unchanged heartbeat just read is 0.4 s old when judged
+            time.sleep(0.4)  # noqa: ASYNC251 - the stall: the unchanged heartbeat read is 0.4 s old when judged
             stalled.set()
         return header
 
@@ -136,7 +136,7 @@ async def test_a_stall_of_the_standby_is_no_silence_of_the_source(nursery: trio.
         await nursery.start(watcher.run)
         await trio.sleep(0.3)
         if where == "in the watch loop":
-            time.sleep(0.4)                     # this event loop held: the watch wakes 0.4 s late
+            time.sleep(0.4)  # noqa: ASYNC251 - this event loop held: the watch wakes 0.4 s late
             stalled.set()
         await stalled.wait()
         await trio.sleep(0.5)
