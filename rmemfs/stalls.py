@@ -22,30 +22,36 @@ log = logging.getLogger(__name__)
 @dataclass
 class Lateness:
     """Wake-ups later than asked: the longest, when it ended (wall clock, ns), and how many were late by
-    more than ``threshold``."""
+    more than ``threshold``. For the longest, what used the CPU meanwhile tells its cause apart: this
+    (the loop's) thread's CPU time (a long step of the loop), the whole process's (its other threads,
+    holding the GIL), or neither (the process was not running: the machine's other work)."""
 
     threshold: float = 0.05
     longest: float = 0.0
     longest_at_ns: int | None = None
+    longest_loop_cpu: float = 0.0
+    longest_process_cpu: float = 0.0
     late: int = 0
 
-    def note(self, seconds: float) -> None:
+    def note(self, seconds: float, loop_cpu: float = 0.0, process_cpu: float = 0.0) -> None:
         if seconds > self.longest:
             self.longest, self.longest_at_ns = seconds, time.time_ns()
+            self.longest_loop_cpu, self.longest_process_cpu = loop_cpu, process_cpu
         if seconds > self.threshold:
             self.late += 1
 
     async def sleep(self, seconds: float) -> float:
         """``trio.sleep(seconds)``; returns (and notes) how much later than that the task ran again."""
-        start = time.monotonic()
+        start, thread_cpu, process_cpu = time.monotonic(), time.thread_time(), time.process_time()
         await trio.sleep(seconds)
         late = max(0.0, time.monotonic() - start - seconds)
-        self.note(late)
+        self.note(late, time.thread_time() - thread_cpu, time.process_time() - process_cpu)
         return late
 
     def to_json(self) -> dict[str, Any]:
         return {"longest": self.longest, "longest_at_ns": self.longest_at_ns, "late": self.late,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "longest_loop_cpu": self.longest_loop_cpu,
+                "longest_process_cpu": self.longest_process_cpu}
 
 
 class GcPauses:
