@@ -264,6 +264,8 @@ class Filesystem:
         if self._pending_times and time.monotonic() >= self._times_due:
             if not self.sync_times():
                 self._times_due = time.monotonic() + TIMES_LAG_S
+        if self.fenced or self.tracker.fence:     # another host owns the memory now: no compaction
+            return
         if self.journal.wants_checkpoint() and self.ns.building is None:
             if self._compaction_wanted is not None:       # the mount's compactor builds it in slices
                 self.ns.start_checkpoint()
