@@ -385,6 +385,37 @@ def test_checkpoint_compaction_keeps_state(fs: Filesystem, monkeypatch: pytest.M
 
 # --- flusher ------------------------------------------------------------------------------
 
+
+def test_flush_snapshot_from_the_lists_page_maps_is_the_one_from_its_entries(fs: Filesystem) -> None:
+    """Issue 12: the flush's atomic section takes the flushing list's pages from its dedup map (a memory
+    copy) instead of sorting its entries (120,000 scattered entries: 0.6 s of the event loop); both give
+    the same snapshot and the same runs. A list adopted from an earlier process (its entries not in the
+    dedup map) has no such copy: the flush sorts its entries, as before."""
+    from rmemfs.dirty import DirtyTracker
+    from rmemfs.flusher import Snapshot, _clipped
+    from rmemfs.regions import CTL_REGION_ID
+    rng = random.Random(7)
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, b"x" * (8 << 20))
+    fs.setattr(f.ino, size=2 << 20)                 # frees extents: their pages go to the zero map
+    tracker = fs.tracker
+    data = max(fs.regions.regions)
+    for _ in range(500):
+        tracker.mark(data, rng.randrange(4000), rng.randrange(1, 40))
+    tracker.swap()
+    regions = {rid: r.length for rid, r in fs.regions.regions.items() if rid != CTL_REGION_ID}
+    by_entries = Snapshot(_clipped(tracker.flushing.runs(), regions), fs.regions)
+    named = tracker.flushing.pages_named()
+    assert named is not None
+    by_maps = Snapshot(named.copy(), fs.regions)
+    assert by_maps.pending == by_entries.pending and by_maps.zero == by_entries.zero and by_maps.zero
+    assert named.runs() == _clipped(tracker.flushing.runs(), regions)
+    adopted = DirtyTracker(fs.regions[CTL_REGION_ID].view, tracker.capacity)    # as a restart finds the lists
+    assert adopted.flushing.count and adopted.flushing.pages_named() is None
+    adopted.flushing.clear()
+    assert adopted.flushing.pages_named() == {}
+
+
 def backend_for(fs: Filesystem, path: Path) -> tuple[DirectoryStore, Flusher]:
     path.mkdir(exist_ok=True)
     backend = DirectoryStore(path)
