@@ -699,12 +699,14 @@ async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: Re
     async def load() -> None:
         token = trio.lowlevel.current_trio_token()
         faults.point("recover.load")
+        source = BaselineSource(backend, load_plan, write)
         try:
-            holder.append(await trio.to_thread.run_sync(lambda: load_plan.copy(
-                backend, write, lambda b, p: bar.update(b, p),
-                spans_done=lambda n: token.run_sync_soon(copied.set, n))))
+            holder.append(await trio.to_thread.run_sync(lambda: source.load(
+                lambda b, p: bar.update(b, p), spans_done=lambda n: token.run_sync_soon(copied.set, n))))
         except (BackendError, CorruptionError) as e:     # a cluster that stopped answering is 16, not 1
             raise backend_failed(e) from None
+        finally:
+            source.close()
         copied.set(len(load_plan.spans))
         bar.done()
         ph = report.phase("baseline load")

@@ -22,7 +22,8 @@ from rmemfs import core as core_module
 from rmemfs.core import Filesystem
 from rmemfs.errors import FsError
 from rmemfs.flusher import Flusher
-from rmemfs.loader import load, view_writer
+from rmemfs.loader import view_writer
+from rmemfs.sources.baseline import load_baseline
 from rmemfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO
 from rmemfs.regions import EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, RegionSet
 from rmemfs.store.directory import DirectoryStore
@@ -274,7 +275,7 @@ def backend_for(fs: Filesystem, path: Path) -> tuple[DirectoryStore, Flusher]:
 
 def baseline_image(backend: DirectoryStore, fs: Filesystem) -> dict[int, bytearray]:
     images = {rid: bytearray(r.length) for rid, r in fs.regions.regions.items()}
-    result = load(backend, backend.read_manifest(), view_writer(lambda rid: memoryview(images[rid])))
+    result = load_baseline(backend, backend.read_manifest(), view_writer(lambda rid: memoryview(images[rid])))
     assert result.corrupt == []
     return images
 
