@@ -50,16 +50,25 @@ def reopen(fs: Filesystem) -> Filesystem:
 
 @pytest.fixture
 def fs(tmp_path: Path) -> Filesystem:
-    return new_fs(Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}")
+    return new_fs(shm_dir())
+
+
+_SHM_MADE: list[Path] = []          # region directories this process's tests made
+
+
+def shm_dir() -> Path:
+    """A new region directory name on tmpfs, removed after the test. Only the ones made here: another
+    test process (a second session, a helper's) has directories of its own in /dev/shm, in use."""
+    path = Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}"
+    _SHM_MADE.append(path)
+    return path
 
 
 @pytest.fixture(autouse=True)
 def _cleanup_shm() -> Iterator[None]:
-    before = set(os.listdir("/dev/shm"))
     yield
-    for name in set(os.listdir("/dev/shm")) - before:
-        if name.startswith("rmemfs-test-"):
-            subprocess.run(["rm", "-rf", f"/dev/shm/{name}"], check=False)
+    while _SHM_MADE:
+        subprocess.run(["rm", "-rf", str(_SHM_MADE.pop())], check=False)
 
 
 def err(exc: pytest.ExceptionInfo[FsError]) -> int:
@@ -181,7 +190,7 @@ op_strategy = st.lists(st.tuples(
 @example(ops=[("create", 0, 0, 0, 1), ("write", 0, 0, 0, 5000), ("truncate", 0, 0, 0, 1),   # frees an extent
               ("create", 0, 1, 0, 1), ("write", 0, 1, 0, 5000)])                            # which is reused
 def test_replay_rebuilds_exactly_the_live_state(ops: list) -> None:
-    fs = new_fs(Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}")
+    fs = new_fs(shm_dir())
     try:
         names = [f"n{i}".encode() for i in range(8)]
         for kind, a, b, off, length in ops:
@@ -388,7 +397,7 @@ async def test_flush_records_freed_pages_as_zeros_without_bringing_their_memory_
 def full_journal() -> tuple[Filesystem, list[bytes]]:
     """A filesystem with a 1 MiB journal region filled with long names until a create got ENOSPC."""
     fsid = str(uuid.uuid4())
-    directory = Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}"
+    directory = shm_dir()
     regions = Filesystem.create_regions(directory, fsid, capacity=CAP, data_region_size=16 << 20,
                                         meta_size=1 << 20)
     fs = Filesystem.format(regions, fsid, 1, CAP)
