@@ -78,7 +78,8 @@ class Operations(pyfuse3.Operations):
         return a
 
     async def _mutating(self) -> None:
-        await self.fs.admit()
+        if not self.fs.has_room():     # checked here first: two coroutines less per request (issue 14)
+            await self.fs.admit()
 
     # --- namespace ---------------------------------------------------------------
     @_errno_boundary
@@ -201,7 +202,8 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        await self._mutating()
+        if not self.fs.has_room():
+            await self.fs.admit()
         if self.fs.residency is None:
             n = self.fs.write(fh, off, buf)
         else:
