@@ -86,6 +86,7 @@ class Filesystem:
         self.room_waiter: RoomWaiter | None = None
         self._pending_times: set[int] = set()     # inodes whose times changed in memory only
         self._times_due = 0.0                    # monotonic time by which they are journaled
+        self._checked_journal_pos = -1           # the journal position after_operation last measured at
         self._sync_region_pages()
 
     # --- construction -----------------------------------------------------------
@@ -255,11 +256,15 @@ class Filesystem:
         if self._pending_times and time.monotonic() >= self._times_due:
             if not self.sync_times():
                 self._times_due = time.monotonic() + TIMES_LAG_S
-        if self.journal.wants_checkpoint():
+        if self.journal.pos != self._checked_journal_pos and self.journal.wants_checkpoint():
             try:
                 self.journal.checkpoint(self.fsid, self.ns.serialize())
-            except FsError as e:      # the operation is done and journaled; compact later
+            except FsError as e:      # the operation is done and journaled; compact after the next record
                 log.warning("journal compaction postponed: %s", e)
+                return
+        # Until the journal moves again its log cannot have outgrown the checkpoint: an overwrite, which
+        # journals nothing (its times are lazy), skips the measure (issue 14).
+        self._checked_journal_pos = self.journal.pos
 
     def has_room(self) -> bool:
         """Whether the current dirty list can take any single operation now (``admit`` need not wait)."""
@@ -544,7 +549,8 @@ class Filesystem:
             # The same steps as the loop below, without its generator and run list (issue 14).
             self._back(*loc)
             start = loc[1] * EXTENT_SIZE + in_ext
-            self.tracker.mark_bytes(loc[0], start, len(src))
+            first = start // PAGE_SIZE
+            self.tracker.mark(loc[0], first, (start + len(src) - 1) // PAGE_SIZE - first + 1)   # mark_bytes
             self._copy_in(loc[0], start, src)
         else:
             self._write_pieces(inode, offset, end, src)
