@@ -137,6 +137,61 @@ def test_rename_rules(fs: Filesystem) -> None:
     assert fs.ns.check() == []
 
 
+class _MarkWitness:
+    """A tracker preserver (called at every mark, before the marked pages change): keeps each marked
+    page's bytes as they were at its mark."""
+
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+        self.seen: dict[tuple[int, int], bytes] = {}
+
+    def preserve(self, region_id: int, first_page: int, npages: int) -> None:
+        view = self.fs.regions[region_id].view
+        for page in range(first_page, first_page + npages):
+            self.seen.setdefault((region_id, page), bytes(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]))
+
+
+@pytest.mark.parametrize("offset, length", [
+    (5 * PAGE_SIZE, PAGE_SIZE),                          # one page inside an extent (the fast path)
+    (5 * PAGE_SIZE + 100, 50),                           # part of one page
+    (EXTENT_SIZE - PAGE_SIZE, 2 * PAGE_SIZE),            # across two extents the file has
+    (3 * EXTENT_SIZE - 10, 20),                          # into an extent not allocated yet (grows the file)
+])
+def test_every_written_page_is_marked_before_its_bytes_land(fs: Filesystem, offset: int, length: int) -> None:
+    ino = fs.make(ROOT_INO, b"f", REG, 0, 0).ino
+    fs.write(ino, 0, b"\x11" * (2 * EXTENT_SIZE))
+    fs.tracker.swap()
+    fs.tracker.flushing.clear()
+    witness = _MarkWitness(fs)
+    fs.tracker.preserver = witness
+    fs.write(ino, offset, b"\x22" * length)
+    data_pages = {page for (region_id, page) in witness.seen if region_id != META_REGION_ID}
+    inode = fs.inode(ino)
+    changed = set()
+    for pos in (offset, offset + length - 1):
+        region_id, ext = inode.extents[pos // EXTENT_SIZE]
+        changed.add((region_id, (ext * EXTENT_SIZE + pos % EXTENT_SIZE) // PAGE_SIZE))
+    assert {p for _, p in changed} <= data_pages
+    for key in changed:      # at its mark, no byte of the write had landed yet
+        assert b"\x22" not in witness.seen[key], key
+    listed = {(r, p) for r, first, n in fs.tracker.current.runs() for p in range(first, first + n)}
+    assert changed <= listed
+
+
+def test_pages_written_in_order_widen_one_list_entry(fs: Filesystem) -> None:
+    ino = fs.make(ROOT_INO, b"f", REG, 0, 0).ino
+    fs.write(ino, 0, bytes(EXTENT_SIZE))
+    fs.tracker.swap()
+    fs.tracker.flushing.clear()
+    for page in (3, 4, 5, 9, 10, 4):
+        fs.write(ino, page * PAGE_SIZE, b"x" * PAGE_SIZE)
+    region_id, ext = fs.inode(ino).extents[0]
+    first = ext * EXTENT_PAGES
+    data_runs = [run for run in fs.tracker.current.runs() if run[0] == region_id]
+    assert data_runs == [(region_id, first + 3, 3), (region_id, first + 9, 2)]
+    assert fs.tracker.current.count == 2          # one entry per run: no journal record either (lazy times)
+
+
 def test_truncate_and_sparse(fs: Filesystem) -> None:
     f = fs.make(ROOT_INO, b"f", REG, 0, 0)
     fs.setattr(f.ino, size=1 << 40)                               # LMDB-style huge ftruncate
