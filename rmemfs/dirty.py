@@ -177,9 +177,9 @@ class DirtyList:
         self._adopted = False
 
     def add(self, region_id: int, first_page: int, npages: int, region_pages: int) -> None:
-        seen = self._seen.map(region_id, region_pages)
+        seen = self._seen.get(region_id) or self._seen.map(region_id, region_pages)
         end = first_page + npages
-        if seen.find(0, first_page, end) < 0:
+        if (seen[first_page] if npages == 1 else seen.find(0, first_page, end) < 0):   # all marked already
             return
         self.append_run(region_id, first_page, npages)
         seen[first_page:end] = _ONES[:npages] if npages <= MAX_RUN_PAGES else b"\x01" * npages
@@ -194,10 +194,11 @@ class DirtyList:
         if count:
             # A run that continues the last entry widens it in place: one aligned 8-byte
             # store, and the new value covers a superset of the old, so no crash loses a mark.
-            last_region, last_first, last_n = decode_entry(self._entries[count - 1])
-            if (last_region == region_id and last_first + last_n == first_page
+            last = self._entries[count - 1]          # decode_entry, inlined: this runs once per new page
+            last_n = (last & 0xFFFF) + 1
+            if (last >> 48 == region_id and (last >> 16 & 0xFFFFFFFF) + last_n == first_page
                     and last_n + npages <= MAX_RUN_PAGES):
-                self._entries[count - 1] = encode_entry(region_id, last_first, last_n + npages)
+                self._entries[count - 1] = last + npages      # the same first page, npages - 1 grown
                 return
         if count + -(-npages // MAX_RUN_PAGES) > self.capacity:
             raise ListFull(f"dirty list {self.index} is full ({self.capacity} entries)")

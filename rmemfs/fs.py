@@ -29,21 +29,26 @@ ATTR_TIMEOUT = 10.0   # nothing but this process changes the namespace
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+def _fuse_error(name: str, e: Exception) -> pyfuse3.FUSEError:
+    """The FUSEError a handler's failure becomes (logged unless it is an errno the core meant)."""
+    if isinstance(e, pyfuse3.FUSEError):
+        return e
+    if isinstance(e, FsError):
+        return pyfuse3.FUSEError(e.errno)
+    if isinstance(e, OSError):
+        log.error("%s failed: %s", name, e)
+        return pyfuse3.FUSEError(e.errno or errno.EIO)
+    log.error("%s failed unexpectedly", name, exc_info=e)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
 def _errno_boundary(func: F) -> F:
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return await func(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except FsError as e:
-            raise pyfuse3.FUSEError(e.errno) from None
-        except OSError as e:
-            log.error("%s failed: %s", func.__name__, e)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s failed unexpectedly", func.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise _fuse_error(func.__name__, e) from None
     return wrapper  # type: ignore[return-value]
 
 
@@ -78,7 +83,8 @@ class Operations(pyfuse3.Operations):
         return a
 
     async def _mutating(self) -> None:
-        await self.fs.admit()
+        if not self.fs.has_room():     # checked here first: two coroutines less per request (issue 14)
+            await self.fs.admit()
 
     # --- namespace ---------------------------------------------------------------
     @_errno_boundary
@@ -189,27 +195,35 @@ class Operations(pyfuse3.Operations):
         # Never direct_io: MAP_SHARED writable mmap needs the page cache.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    @_errno_boundary
+    # read and write, the hot handlers, catch for themselves (_fuse_error) instead of through
+    # _errno_boundary's wrapper: one coroutine less per request (issue 14).
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        if self.fs.residency is None:
-            data = self.fs.read(fh, off, size)
-        else:         # a lazy recovery's load may still be bringing the pages in
-            data = await self.fs.with_pages(lambda: self.fs.read(fh, off, size))
+        try:
+            if self.fs.residency is None:
+                data = self.fs.read(fh, off, size)
+            else:         # a lazy recovery's load may still be bringing the pages in
+                data = await self.fs.with_pages(lambda: self.fs.read(fh, off, size))
+        except Exception as e:
+            raise _fuse_error("read", e) from None
         self.counters["reads"] += 1
         self.counters["read_bytes"] += len(data)
         return data
 
-    @_errno_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        await self._mutating()
-        if self.fs.residency is None:
-            n = self.fs.write(fh, off, buf)
-        else:
-            n = await self.fs.with_pages(lambda: self.fs.write(fh, off, buf))
-        self.fs.after_operation()
-        self.counters["writes"] += 1
-        self.counters["write_bytes"] += n
-        self.fs.confirm_owner()   # the last check before the reply: no await after it (see fencing)
+        fs = self.fs
+        try:
+            if not fs.has_room():
+                await fs.admit()
+            if fs.residency is None:
+                n = fs.write(fh, off, buf)
+            else:
+                n = await fs.with_pages(lambda: fs.write(fh, off, buf))
+            fs.after_operation()
+            self.counters["writes"] += 1
+            self.counters["write_bytes"] += n
+            fs.confirm_owner()   # the last check before the reply: no await after it (see fencing)
+        except Exception as e:
+            raise _fuse_error("write", e) from None
         return n
 
     @_errno_boundary

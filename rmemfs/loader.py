@@ -1,6 +1,6 @@
-"""Baseline load: copy the published generation into fresh regions at close to disk speed.
-
-A load is planned from the segment indexes alone, then copied:
+"""Baseline load planning: how the published generation is copied into fresh regions at close to disk
+speed, planned from the segment indexes alone (the copy itself is the baseline page source's,
+sources/baseline.py):
 
 * **plan** (``plan_load``): each segment's index, newest segment first, is cut
   into *copy runs*: consecutive pages of one region stored consecutively in
@@ -14,24 +14,15 @@ A load is planned from the segment indexes alone, then copied:
   *span* (through the small gaps between them). Spans of different region
   files go to different *lanes*, taken in turns: a write into a region file
   holds its inode lock, so one writer per file is all the kernel allows.
-* **copy** (``LoadPlan.copy``): a reader thread (or the store's
-  ``load_reads_in_flight``: one for a directory, four for RADOS) reads spans ahead into
-  reusable buffers and hands each to its lane's writer thread, which
-  ``pwrite``s its runs into the region files (both calls release the GIL;
-  reads go through the store's ``SegmentReader``, which for the directory
-  store is a ``preadv`` on a descriptor of its own per lane);
-  meanwhile the calling thread checks the XXH3 of every page in the buffer.
-  A page whose checksum fails is left as read and reported, so the caller can
-  fetch it elsewhere. ``spans_done(n)`` says when the first n spans are in.
+* **split** (``LoadPlan.split_covered``): dirty runs fetched during a load, cut into the parts no
+  span writes and those to write over once the spans under them are in.
 """
 from __future__ import annotations
 
 import logging
-import mmap
 import sys
 from array import array
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from collections.abc import Callable, Iterator, Mapping
 
@@ -41,7 +32,7 @@ from . import PAGE_SIZE
 from .errors import CorruptionError
 from .pagemap import PageMaps, Run, unset_runs
 from .regions import RegionSet
-from .store.base import BaselineStore, SegmentReader
+from .store.base import BaselineStore
 from .store.format import ZERO_PAGE, Manifest, SegmentInfo, split_key
 from .store.live import LiveMap
 
@@ -49,7 +40,6 @@ log = logging.getLogger(__name__)
 
 SPAN_BYTES = 8 << 20            # one read; also the longest copy run
 SPAN_GAP_BYTES = 256 << 10      # read through a gap this small rather than issue another read
-LOAD_BUFFERS = 6                # spans in flight, being read, written or checked
 LOAD_LANES = 2                  # writers, each into its own region files
 
 # write(region id, byte offset, data): stores all of data; called from worker threads.
@@ -161,93 +151,6 @@ class LoadPlan:
                 written.append((max(span_of[region_id][done:first + n]) + 1, (region_id, done, first + n - done)))
         written.sort(key=lambda w: w[0])
         return free, written
-
-    def copy(self, store: BaselineStore, write: RegionWriter, progress: Callable[[int, int], None] | None = None,
-             spans_done: Callable[[int], None] | None = None) -> LoadResult:
-        """Copy every planned run into the regions through ``write``, checking each page's XXH3.
-
-        ``spans_done(n)`` is called (from this thread) once the first ``n`` spans are in the regions.
-        """
-        result = LoadResult(self.live)
-        readers: list[list[SegmentReader]] = [[] for _ in range(LOAD_LANES)]   # a reader per lane: its own read-ahead
-        try:
-            for lane_readers in readers:
-                for info in self.segments:
-                    lane_readers.append(store.open_segment(info.name, sequential=True))
-            self._copy(readers, write, progress, result, spans_done, max(1, store.load_reads_in_flight))
-        finally:
-            for reader in (r for lane_readers in readers for r in lane_readers):
-                reader.close()
-        return result
-
-    def _copy(self, readers: list[list[SegmentReader]], write: RegionWriter,
-              progress: Callable[[int, int], None] | None, result: LoadResult,
-              spans_done: Callable[[int], None] | None, in_flight: int = 1) -> None:
-        # Three stages per span, each on threads of its own: read (the store; ``in_flight`` reads at
-        # once), write (the kernel's copy into region memory; one writer per lane) and checksum (here).
-        # Reads run up to LOAD_BUFFERS spans ahead (more when more are read at once). Spans are checked
-        # and reported done in plan order, whichever read ends first.
-        nbuf = LOAD_BUFFERS + in_flight - 1
-        free_buffers = [memoryview(mmap.mmap(-1, SPAN_BYTES)) for _ in range(nbuf)]
-
-        def read(span: Span, buf: memoryview) -> None:
-            readers[span.lane][span.segment].readinto(span.start, buf[:span.end - span.start])
-
-        def write_runs(span: Span, buf: memoryview) -> None:
-            for run in span.runs:
-                at = run.data_offset - span.start
-                write(run.region_id, run.first_page * PAGE_SIZE, buf[at:at + run.npages * PAGE_SIZE])
-
-        reads: deque[tuple[Span, memoryview, Future[Future[None]]]] = deque()
-        spans = iter(self.spans)
-        writers = [ThreadPoolExecutor(1, thread_name_prefix=f"baseline-write-{lane}") for lane in range(LOAD_LANES)]
-        with ThreadPoolExecutor(in_flight, thread_name_prefix="baseline-read") as reader:
-            def read_then_queue_write(span: Span, buf: memoryview) -> Future[None]:
-                # The reader queues the write itself, so no writer waits on this thread.
-                read(span, buf)
-                return writers[span.lane].submit(write_runs, span, buf)
-
-            def submit_read() -> None:
-                span = next(spans, None)
-                if span is not None:
-                    buf = free_buffers.pop()
-                    reads.append((span, buf, reader.submit(read_then_queue_write, span, buf)))
-
-            try:
-                for _ in range(len(free_buffers)):
-                    submit_read()
-                copied = 0
-                while reads:
-                    span, buf, done = reads.popleft()
-                    written = done.result()
-                    try:
-                        self._check(span, buf, result)      # while the write runs: both only read buf
-                    finally:
-                        written.result()
-                    copied += 1
-                    if spans_done:
-                        spans_done(copied)
-                    free_buffers.append(buf)
-                    submit_read()
-                    if progress:
-                        nbytes = sum(r.npages for r in span.runs) * PAGE_SIZE
-                        progress(nbytes, nbytes // PAGE_SIZE)
-            finally:
-                for _span, _buf, fut in reads:
-                    fut.cancel()
-                for pool in writers:
-                    pool.shutdown(cancel_futures=True)
-
-    def _check(self, span: Span, buf: memoryview, result: LoadResult) -> None:
-        digests = self.digests[span.segment]
-        for run in span.runs:
-            got = _page_digests(buf, run.data_offset - span.start, run.npages)
-            want = digests[run.entry:run.entry + run.npages]
-            if memoryview(got) != want:
-                name = self.segments[span.segment].name
-                result.corrupt.extend((run.region_id, run.first_page + i, name)
-                                      for i in range(run.npages) if got[i] != want[i])
-            result.bytes += run.npages * PAGE_SIZE
 
     def check_regions(self, view_of: Callable[[int], memoryview],
                       exclude: Mapping[int, bytearray]) -> tuple[list[tuple[int, int]], int]:
@@ -366,12 +269,6 @@ def _stretches(keys: memoryview, offsets: memoryview) -> Iterator[tuple[int, int
                     bad = mid
         yield i, good, True
         i += good
-
-
-def load(store: BaselineStore, manifest: Manifest, write: RegionWriter,
-         progress: Callable[[int, int], None] | None = None) -> LoadResult:
-    """Plan and copy the whole published generation."""
-    return plan_load(store, manifest).copy(store, write, progress)
 
 
 def live_map(store: BaselineStore, manifest: Manifest) -> LiveMap:

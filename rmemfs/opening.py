@@ -25,7 +25,8 @@ from .dirty import read_ctl_header
 from .errors import (BackendError, BackendFailed, BackendUnclean, CorruptionError, FsError, RegionsFailed,
                      backend_failed)
 from .exporter import DEFAULT_PORT, exporter_alive, stop_exporter
-from .loader import live_map, load, region_file_writer
+from .loader import live_map, region_file_writer
+from .sources.baseline import load_baseline
 from .options import MountOptions, size_text
 from .regions import CTL_REGION_ID, META_REGION_ID, RegionSet, check_region_directory, parse_region_file_name
 from .secure import private_dir
@@ -128,7 +129,7 @@ def open_backend(backend_path: str | os.PathLike[str], opts: MountOptions, mount
                 fs = Filesystem.format(regions, fsid, epoch, opts.dirty_capacity)
                 live, how = LiveMap(), "new"
             else:
-                result = load(backend, manifest, region_file_writer(regions))
+                result = load_baseline(backend, manifest, region_file_writer(regions))
                 if result.corrupt:
                     region_id, page, seg = result.corrupt[0]
                     raise CorruptionError(f"baseline file {backend.describe(seg)} is corrupt (region "

@@ -129,7 +129,7 @@ class OptionSpec:
     hi: float | None = None
     open_lo: bool = False
     multiple: int = 0            # the value must be a multiple of this
-    flag: bool = False           # takes no value
+    flag: bool = False           # on when given alone; also takes =on / =off
     show: Callable[[float], str] = str
 
     def check(self, key: str, value: Any) -> None:
@@ -195,7 +195,11 @@ def parse_options(items: list[str]) -> MountOptions:
         if spec is None:
             raise UsageError(f"unknown mount option {key!r}; see --help")
         if spec.flag:
-            setattr(opts, key, True)
+            # A bare flag turns it on; "=off" must not (it did: the value was ignored).
+            try:
+                setattr(opts, key, _on_off(value) if eq else True)
+            except ValueError as e:
+                raise UsageError(f"bad value for -o {key}: {value!r} ({e}, or give {key} alone)") from None
             continue
         try:
             parsed = spec.parse(value)

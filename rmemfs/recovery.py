@@ -42,13 +42,12 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import mmap
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import trio
 
@@ -72,13 +71,12 @@ from .sources.lazy import LazyLoader, Residency
 from .sources.remote import RemoteSource, read_exact, read_source_header
 from .store import BaselineStore, Manifest
 from .transport import load as load_transport, resolve
-from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, ReadOp, RegionRole,
+from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, RegionRole,
                              TransportError, TransportUnavailable)
 
 log = logging.getLogger(__name__)
 
 
-MAX_READ_PAGES = 256          # coalesce up to 1 MiB per read
 FETCH_BUFFER_BYTES = 8 << 20  # one bounce buffer of fetched pages
 FETCH_BUFFERS = 3             # being read into, and being written out
 SKIP_LOAD_PAGES = 64          # dirty runs this long are cut out of the baseline load
@@ -699,12 +697,14 @@ async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: Re
     async def load() -> None:
         token = trio.lowlevel.current_trio_token()
         faults.point("recover.load")
+        source = BaselineSource(backend, load_plan, write)
         try:
-            holder.append(await trio.to_thread.run_sync(lambda: load_plan.copy(
-                backend, write, lambda b, p: bar.update(b, p),
-                spans_done=lambda n: token.run_sync_soon(copied.set, n))))
+            holder.append(await trio.to_thread.run_sync(lambda: source.load(
+                lambda b, p: bar.update(b, p), spans_done=lambda n: token.run_sync_soon(copied.set, n))))
         except (BackendError, CorruptionError) as e:     # a cluster that stopped answering is 16, not 1
             raise backend_failed(e) from None
+        finally:
+            source.close()
         copied.set(len(load_plan.spans))
         bar.done()
         ph = report.phase("baseline load")
@@ -738,43 +738,23 @@ async def _load_and_fetch(backend: BaselineStore, load_plan: LoadPlan, write: Re
 
 
 class Fetcher:
-    """Reads planned pages from the source into a few registered bounce buffers, and writes them into
-    the region files from there, one batch being written while the next is read.
-
-    Writing (rather than reading straight into the region mappings) lets the kernel allocate new
-    region memory on its write path, several times cheaper than a page fault per page here, and a
-    verbs transport registers only the bounce buffers: registering whole regions would pin, and so
-    allocate, every page of them.
-    """
+    """The dirty pages' fetch of a recovery: the source as a page source (``RemoteSource``, with a few
+    bounce buffers so a batch is written while the next is read), where any page not delivered fails
+    the recovery, and each fetch is timed into the report."""
 
     def __init__(self, state: SourceState, write: RegionWriter, report: RecoveryReport) -> None:
-        self.state, self.write, self.report = state, write, report
-        self._rkeys = {desc.region_id: desc.rkey for desc in state.catalog.regions}
-        self._return, self._take = trio.open_memory_channel[memoryview](FETCH_BUFFERS)
-        for _ in range(FETCH_BUFFERS):
-            buf = memoryview(mmap.mmap(-1, FETCH_BUFFER_BYTES))
-            state.conn.register_local(buf)
-            self._return.send_nowait(buf)
+        self.report = report
+        self.remote = RemoteSource(state.conn, state.catalog, write, f"source {report.source}",
+                                   buffers=FETCH_BUFFERS, buffer_bytes=FETCH_BUFFER_BYTES)
 
     async def fetch(self, plan: list[Run], bar: Progress, phase: str = "page fetch") -> None:
         t = time.monotonic()
         nbytes = sum(n for _, _, n in plan) * PAGE_SIZE
-        try:
-            async with trio.open_nursery() as nursery:
-                for batch in _batches(plan):
-                    buf = await self._take.receive()
-                    ops, at = [], 0
-                    for region_id, first, n in batch:
-                        ops.append(ReadOp(self._rkeys[region_id], first * PAGE_SIZE, buf[at:at + n * PAGE_SIZE]))
-                        at += n * PAGE_SIZE
-                    try:
-                        await self.state.conn.read_batch(ops, progress=lambda b: bar.update(b))
-                    except BaseException:
-                        self._return.send_nowait(buf)
-                        raise
-                    nursery.start_soon(self._write_out, batch, buf)
-        except TransportError as e:
-            raise TransportFailed(f"reading dirty pages from {self.report.source}: {e}") from None
+        failed = await self.remote.make_resident(plan, progress=lambda b: bar.update(b))
+        if failed:
+            f = failed[0]
+            raise TransportFailed(f"reading dirty pages from {self.report.source}: region {f.region_id} page "
+                                  f"{f.page}: {f.why}")
         ph = self.report.phase(phase)
         ph.seconds += time.monotonic() - t
         ph.bytes += nbytes
@@ -783,58 +763,14 @@ class Fetcher:
         self.report.dirty_bytes_fetched += nbytes
 
     async def compare(self, plan: list[Run], regions: RegionSet) -> int:
-        """Re-read the plan's pages from the source into the same registered bounce buffers (a new buffer
-        per run would register, and pin, memory that grows with the dirty set) and compare them with
-        the rebuilt regions; returns the pages checked, raises VerifyFailed at the first mismatch."""
-        checked = 0
-        for batch in _batches(plan):
-            buf = await self._take.receive()
-            try:
-                ops, at = [], 0
-                for region_id, first, n in batch:
-                    ops.append(ReadOp(self._rkeys[region_id], first * PAGE_SIZE, buf[at:at + n * PAGE_SIZE]))
-                    at += n * PAGE_SIZE
-                try:
-                    await self.state.conn.read_batch(ops)
-                except TransportError as e:
-                    raise TransportFailed(f"verify: re-reading pages from {self.report.source}: {e}") from None
-                at = 0
-                for region_id, first, n in batch:
-                    if buf[at:at + n * PAGE_SIZE] != regions[region_id].view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]:
-                        raise VerifyFailed(f"verify: region {region_id} pages {first}..{first + n - 1} differ "
-                                           "from the source")
-                    at += n * PAGE_SIZE
-                    checked += n
-            finally:
-                self._return.send_nowait(buf)
-        return checked
-
-    async def _write_out(self, batch: list[Run], buf: memoryview) -> None:
-        def write_batch() -> None:
-            at = 0
-            for region_id, first, n in batch:
-                self.write(region_id, first * PAGE_SIZE, buf[at:at + n * PAGE_SIZE])
-                at += n * PAGE_SIZE
+        """Re-read the plan's pages from the source and compare them with the rebuilt regions; returns the
+        pages checked, raises VerifyFailed at the first mismatch."""
         try:
-            await trio.to_thread.run_sync(write_batch)
-        finally:
-            self._return.send_nowait(buf)
-
-
-def _batches(plan: list[Run]) -> Iterator[list[Run]]:
-    """The plan's runs cut into reads of at most MAX_READ_PAGES, packed into bounce-buffer loads."""
-    batch: list[Run] = []
-    size = 0
-    for region_id, first, n in plan:
-        for start in range(first, first + n, MAX_READ_PAGES):
-            m = min(MAX_READ_PAGES, first + n - start)
-            if size + m * PAGE_SIZE > FETCH_BUFFER_BYTES:
-                yield batch
-                batch, size = [], 0
-            batch.append((region_id, start, m))
-            size += m * PAGE_SIZE
-    if batch:
-        yield batch
+            return await self.remote.compare(plan, lambda rid: regions[rid].view)
+        except TransportError as e:
+            raise TransportFailed(f"verify: re-reading pages from {self.report.source}: {e}") from None
+        except ValueError as e:
+            raise VerifyFailed(f"verify: {e}") from None
 
 
 def _page_marks(runs: list[Run], regions: RegionSet) -> PageMaps:

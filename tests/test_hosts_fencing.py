@@ -28,6 +28,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
+from fsworkload import acknowledged  # noqa: E402
 from hosts import PYTHON, Host, TwoHosts  # noqa: E402
 from hosts_fixtures import hosts_available, parametrize_seeds  # noqa: E402, F401
 
@@ -44,17 +45,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pause_takeover_resume(a: Host, b: Host, backend: Path | str, rng: random.Random, params: str,
-                          report_file: Path, region_size: str = "64M", store: dict[str, str] | None = None
-                          ) -> dict[str, object]:
+                          report_file: Path, region_size: str = "64M", store: dict[str, str] | None = None,
+                          writeback: bool = False) -> dict[str, object]:
     """With rmemfs mounted at a.dir/"mnt": pause writers, SIGSTOP, recover on hostB at b.dir/"mnt",
     SIGCONT, writers go on, stop them; assert the check above. Returns the outcome counts and the report.
-    ``store``: the backend's options (rados: ceph_conf, ceph_id)."""
+    ``store``: the backend's options (rados: ceph_conf, ceph_id). ``writeback``: hostA's mount has
+    writeback_cache, so the check counts only fsync and msync as acknowledgements."""
     store = store or {}
     pid = a.rmemfs_pid(backend, store)
     ready, stop, log_file = a.dir / "pause.ready", a.dir / "pause.stop", a.dir / "pause.json"
     workers = rng.randint(2, 4)
     writers = a.popen([PYTHON, WORKLOAD, "pause", a.dir / "mnt" / PAUSE_DIR, "--seed", str(rng.getrandbits(31)),
-                       "--out", log_file, "--ready", ready, "--stop", stop, "--workers", str(workers)],
+                       "--out", log_file, "--ready", ready, "--stop", stop, "--workers", str(workers),
+                       *(["--writeback"] if writeback else [])],
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -98,7 +101,7 @@ def pause_takeover_resume(a: Host, b: Host, backend: Path | str, rng: random.Ran
             out, err = writers.communicate(timeout=60)
             assert writers.returncode == 0, f"pause writers failed ({params}):\n{out}\n{err}"
             ops = json.loads(log_file.read_text())["ops"]
-            refused = [r for r in ops if not (r.get("written") or r["errno"] == 0)]
+            refused = [r for r in ops if not acknowledged(r, writeback)]
             assert not refused, f"a source found alive refused writes ({params}): {refused[:3]}"
             stats = json.loads(a.python(WORKLOAD, "ctl", a.dir / "mnt", "stats").stdout)
             assert not stats.get("fenced"), f"a source found alive was fenced ({params}): {stats}"
@@ -123,7 +126,7 @@ def pause_takeover_resume(a: Host, b: Host, backend: Path | str, rng: random.Ran
     counts: dict[str, object] = json.loads(check.stdout.strip().splitlines()[-1])
     ops = json.loads(log_file.read_text())["ops"]
     counts["acknowledged after the pause"] = sum(
-        1 for r in ops if (r.get("written") or r["errno"] == 0) and r["end_ns"] > paused_ns)
+        1 for r in ops if acknowledged(r, writeback) and r["end_ns"] > paused_ns)
     counts["in flight at the pause"] = sum(1 for r in ops if r["start_ns"] < paused_ns < r["end_ns"])
     assert counts["refused"], f"nothing was refused: the writers never met the fence ({params}): {counts}"
     assert counts["started after the resume"], f"no operation after the resume ({params}): {counts}"

@@ -76,6 +76,13 @@ def test_two_host_recovery(seed: int, request: pytest.FixtureRequest) -> None:
                    standby=bool(request.config.getoption("--standby")))
 
 
+def test_two_host_recovery_writeback_cache(seed: int) -> None:
+    """The same trials with hostA (and the recovered mount) in writeback_cache mode, where only fsync,
+    msync and close acknowledge a write(): every kill mode, and the pause check counts those alone."""
+    hosts = TwoHosts(subnet="10.242.0", label="trial")
+    two_host_trial(seed, hosts, hosts.backend, {}, "test_two_host_recovery_writeback_cache", writeback=True)
+
+
 def test_two_host_standby_trial(seed: int) -> None:
     hosts = TwoHosts(subnet="10.242.0", label="trial")
     two_host_trial(seed, hosts, hosts.backend, {}, "test_two_host_standby_trial", standby=True)
@@ -92,10 +99,12 @@ def test_two_host_recovery_on_rados(seed: int, ceph_cluster) -> None:  # type: i
 
 
 def two_host_trial(seed: int, hosts: TwoHosts, backend: Path | str, store: dict[str, str], name: str,
-                   standby: bool = False) -> None:
+                   standby: bool = False, writeback: bool = False) -> None:
     """One seeded trial (the module's docstring) on ``backend``, a directory or a rados: spec with its
     store options ``store`` (ceph_conf, ceph_id), which every command on either host is given; with
-    ``standby``, rmemfs-standby does the recovery."""
+    ``standby``, rmemfs-standby does the recovery; with ``writeback``, both mounts have writeback_cache.
+    The workload's model takes a change as acknowledged once its file is closed (or msynced), which is an
+    acknowledgement in both cache modes."""
     rng = random.Random(seed)
     flush_interval = rng.choice([0.3, 0.5, 0.7])
     workers, ops = rng.randint(2, 4), rng.randint(150, 400)
@@ -109,7 +118,8 @@ def two_host_trial(seed: int, hosts: TwoHosts, backend: Path | str, store: dict[
     tail_big = rng.randint(16, 48) if kill == "mid-flush" else 0
     io_during_load = kill != "pause" and rng.random() < 0.5
     params = (f"seed={seed} flush_interval={flush_interval} workers={workers} ops/worker={ops} kill={kill} "
-              f"after {kill_delay:.3f}s big={tail_big}MiB io_during_load={io_during_load} standby={standby}; "
+              f"after {kill_delay:.3f}s big={tail_big}MiB io_during_load={io_during_load} standby={standby} "
+              f"writeback_cache={writeback}; "
               f"replay: tools/test {Path(__file__).relative_to(REPO)}::{name} "
               f"--seed {seed} --trials 1{' --standby' if standby and name == 'test_two_host_recovery' else ''}")
     print(f"\ntrial {params}")
@@ -117,8 +127,10 @@ def two_host_trial(seed: int, hosts: TwoHosts, backend: Path | str, store: dict[
     with hosts as (a, b):
         state_file, report_file = a.dir / "state.json", b.dir / "report.json"
         assert os.stat(a.path("/dev/shm")).st_dev != os.stat(b.path("/dev/shm")).st_dev, "shared /dev/shm"
-        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M", **store)
-        slow = {"load_rate": "64K"} if io_during_load else {}      # 16 pages/s
+        cache = {"writeback_cache": True} if writeback else {}
+        pid = a.mount_rmemfs(backend, a.dir / "mnt", flush_interval=flush_interval, region_size="64M", **cache,
+                             **store)
+        slow = {"load_rate": "64K", **cache} if io_during_load else dict(cache)      # load_rate: 16 pages/s
         watch = None
         if standby:     # watching through the workload (a busy source must not look dead); hosts.stop ends it
             watch = start_standby(b, a, backend, f"report={report_file}",
@@ -132,7 +144,8 @@ def two_host_trial(seed: int, hosts: TwoHosts, backend: Path | str, store: dict[
         print(work.stdout.strip())
 
         if kill == "pause":
-            pause_counts = pause_takeover_resume(a, b, backend, rng, params, report_file, store=store)
+            pause_counts = pause_takeover_resume(a, b, backend, rng, params, report_file, store=store,
+                                                 writeback=writeback)
             report = pause_counts.pop("report", None)
             owner = b if isinstance(report, dict) else a     # a source resumed before the verdict keeps it
             check = owner.python(WORKLOAD, "verify", owner.dir / "mnt", state_file, "--exclude", PAUSE_DIR,

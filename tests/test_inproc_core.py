@@ -23,7 +23,8 @@ from rmemfs import core as core_module
 from rmemfs.core import Filesystem
 from rmemfs.errors import FsError
 from rmemfs.flusher import Flusher
-from rmemfs.loader import load, view_writer
+from rmemfs.loader import view_writer
+from rmemfs.sources.baseline import load_baseline
 from rmemfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO
 from rmemfs.regions import EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, RegionSet
 from rmemfs.store.directory import DirectoryStore
@@ -51,16 +52,25 @@ def reopen(fs: Filesystem) -> Filesystem:
 
 @pytest.fixture
 def fs(tmp_path: Path) -> Filesystem:
-    return new_fs(Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}")
+    return new_fs(shm_dir())
+
+
+_SHM_MADE: list[Path] = []          # region directories this process's tests made
+
+
+def shm_dir() -> Path:
+    """A new region directory name on tmpfs, removed after the test. Only the ones made here: another
+    test process (a second session, a helper's) has directories of its own in /dev/shm, in use."""
+    path = Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}"
+    _SHM_MADE.append(path)
+    return path
 
 
 @pytest.fixture(autouse=True)
 def _cleanup_shm() -> Iterator[None]:
-    before = set(os.listdir("/dev/shm"))
     yield
-    for name in set(os.listdir("/dev/shm")) - before:
-        if name.startswith("rmemfs-test-"):
-            subprocess.run(["rm", "-rf", f"/dev/shm/{name}"], check=False)
+    while _SHM_MADE:
+        subprocess.run(["rm", "-rf", str(_SHM_MADE.pop())], check=False)
 
 
 def err(exc: pytest.ExceptionInfo[FsError]) -> int:
@@ -129,6 +139,61 @@ def test_rename_rules(fs: Filesystem) -> None:
     assert fs.ns.check() == []
 
 
+class _MarkWitness:
+    """A tracker preserver (called at every mark, before the marked pages change): keeps each marked
+    page's bytes as they were at its mark."""
+
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+        self.seen: dict[tuple[int, int], bytes] = {}
+
+    def preserve(self, region_id: int, first_page: int, npages: int) -> None:
+        view = self.fs.regions[region_id].view
+        for page in range(first_page, first_page + npages):
+            self.seen.setdefault((region_id, page), bytes(view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]))
+
+
+@pytest.mark.parametrize("offset, length", [
+    (5 * PAGE_SIZE, PAGE_SIZE),                          # one page inside an extent (the fast path)
+    (5 * PAGE_SIZE + 100, 50),                           # part of one page
+    (EXTENT_SIZE - PAGE_SIZE, 2 * PAGE_SIZE),            # across two extents the file has
+    (3 * EXTENT_SIZE - 10, 20),                          # into an extent not allocated yet (grows the file)
+])
+def test_every_written_page_is_marked_before_its_bytes_land(fs: Filesystem, offset: int, length: int) -> None:
+    ino = fs.make(ROOT_INO, b"f", REG, 0, 0).ino
+    fs.write(ino, 0, b"\x11" * (2 * EXTENT_SIZE))
+    fs.tracker.swap()
+    fs.tracker.flushing.clear()
+    witness = _MarkWitness(fs)
+    fs.tracker.preserver = witness
+    fs.write(ino, offset, b"\x22" * length)
+    data_pages = {page for (region_id, page) in witness.seen if region_id != META_REGION_ID}
+    inode = fs.inode(ino)
+    changed = set()
+    for pos in (offset, offset + length - 1):
+        region_id, ext = inode.extents[pos // EXTENT_SIZE]
+        changed.add((region_id, (ext * EXTENT_SIZE + pos % EXTENT_SIZE) // PAGE_SIZE))
+    assert {p for _, p in changed} <= data_pages
+    for key in changed:      # at its mark, no byte of the write had landed yet
+        assert b"\x22" not in witness.seen[key], key
+    listed = {(r, p) for r, first, n in fs.tracker.current.runs() for p in range(first, first + n)}
+    assert changed <= listed
+
+
+def test_pages_written_in_order_widen_one_list_entry(fs: Filesystem) -> None:
+    ino = fs.make(ROOT_INO, b"f", REG, 0, 0).ino
+    fs.write(ino, 0, bytes(EXTENT_SIZE))
+    fs.tracker.swap()
+    fs.tracker.flushing.clear()
+    for page in (3, 4, 5, 9, 10, 4):
+        fs.write(ino, page * PAGE_SIZE, b"x" * PAGE_SIZE)
+    region_id, ext = fs.inode(ino).extents[0]
+    first = ext * EXTENT_PAGES
+    data_runs = [run for run in fs.tracker.current.runs() if run[0] == region_id]
+    assert data_runs == [(region_id, first + 3, 3), (region_id, first + 9, 2)]
+    assert fs.tracker.current.count == 2          # one entry per run: no journal record either (lazy times)
+
+
 def test_truncate_and_sparse(fs: Filesystem) -> None:
     f = fs.make(ROOT_INO, b"f", REG, 0, 0)
     fs.setattr(f.ino, size=1 << 40)                               # LMDB-style huge ftruncate
@@ -187,7 +252,7 @@ op_strategy = st.lists(st.tuples(
 @example(ops=[("create", 0, 0, 0, 1), ("write", 0, 0, 0, 5000), ("truncate", 0, 0, 0, 1),   # frees an extent
               ("create", 0, 1, 0, 1), ("write", 0, 1, 0, 5000)])                            # which is reused
 def test_replay_rebuilds_exactly_the_live_state(ops: list) -> None:
-    fs = new_fs(Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}")
+    fs = new_fs(shm_dir())
     try:
         apply_ops(fs, ops)
         for ino in list(fs.ns.inodes):      # what the kernel would forget after the run
@@ -427,7 +492,7 @@ def backend_for(fs: Filesystem, path: Path) -> tuple[DirectoryStore, Flusher]:
 
 def baseline_image(backend: DirectoryStore, fs: Filesystem) -> dict[int, bytearray]:
     images = {rid: bytearray(r.length) for rid, r in fs.regions.regions.items()}
-    result = load(backend, backend.read_manifest(), view_writer(lambda rid: memoryview(images[rid])))
+    result = load_baseline(backend, backend.read_manifest(), view_writer(lambda rid: memoryview(images[rid])))
     assert result.corrupt == []
     return images
 
@@ -540,7 +605,7 @@ async def test_flush_records_freed_pages_as_zeros_without_bringing_their_memory_
 def full_journal() -> tuple[Filesystem, list[bytes]]:
     """A filesystem with a 1 MiB journal region filled with long names until a create got ENOSPC."""
     fsid = str(uuid.uuid4())
-    directory = Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}"
+    directory = shm_dir()
     regions = Filesystem.create_regions(directory, fsid, capacity=CAP, data_region_size=16 << 20,
                                         meta_size=1 << 20)
     fs = Filesystem.format(regions, fsid, 1, CAP)

@@ -25,6 +25,7 @@ BAD_OPTIONS = [
     ("meta_size=nanM", "finite"),
     ("metrics=nope", "ADDR:PORT"),
     ("metrics=127.0.0.1:99999", "ADDR:PORT"),
+    ("writeback_cache=yes", "on or off"),
 ]
 
 

@@ -6,6 +6,7 @@ import os
 import struct
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
@@ -15,13 +16,24 @@ from rmemfs import PAGE_SIZE, loader
 from rmemfs.dirty import DirtyTracker, ctl_region_size
 from rmemfs.errors import BackendError, CorruptionError, FencedError
 from rmemfs.exporter import why_still_needed
-from rmemfs.loader import load, plan_load, view_writer
+from rmemfs.loader import LoadPlan, LoadResult, RegionWriter, plan_load, view_writer
+from rmemfs.sources.baseline import BaselineSource, load_baseline
 from rmemfs.pagemap import Run
+from rmemfs.store.base import SegmentReader
 from rmemfs.store.directory import DirectoryStore
 from rmemfs.store.format import ENTRY, FOOT, FOOTER_SIZE, STATE_CLEAN, STATE_MOUNTED, Manifest, next_manifest
 from rmemfs.store.live import LiveMap
 
 REGION_PAGES = 64
+
+
+def copy(plan: LoadPlan, store: DirectoryStore, write: RegionWriter, **kw: Any) -> LoadResult:
+    """An eager load of ``plan`` through the baseline page source."""
+    source = BaselineSource(store, plan, write)
+    try:
+        return source.load(**kw)
+    finally:
+        source.close()
 
 
 def make_backend(tmp_path: Path, regions: tuple[int, ...] = (2,)) -> tuple[DirectoryStore, Manifest]:
@@ -76,7 +88,7 @@ def test_segments_roundtrip_newest_wins_and_zero_pages(tmp_path: Path) -> None:
     m = write_segment(backend, m, 1, {0: page(1), 1: page(2), 5: page(3)})
     m = write_segment(backend, m, 2, {1: page(9), 5: bytes(PAGE_SIZE)})
     region = images(m)[2]
-    result = load(backend, backend.read_manifest(), view_writer(lambda rid: memoryview(region)))
+    result = load_baseline(backend, backend.read_manifest(), view_writer(lambda rid: memoryview(region)))
     assert region[:PAGE_SIZE] == page(1) and region[PAGE_SIZE:2 * PAGE_SIZE] == page(9)
     assert region[5 * PAGE_SIZE:6 * PAGE_SIZE] == bytes(PAGE_SIZE)
     assert result.corrupt == [] and result.live.count == 2
@@ -94,7 +106,7 @@ def test_corrupt_page_is_named_and_reported(tmp_path: Path) -> None:
     problems = backend.verify()
     assert problems and seg.name in problems[0] and "page 3" in problems[0]
     region = images(m)[2]
-    result = load(backend, m, view_writer(lambda rid: memoryview(region)))
+    result = load_baseline(backend, m, view_writer(lambda rid: memoryview(region)))
     assert result.corrupt == [(2, 3, seg.name)]
 
 
@@ -106,7 +118,7 @@ def test_corrupt_page_inside_a_long_run_is_the_only_one_reported(tmp_path: Path)
         f.seek(PAGE_SIZE + (37 - 4) * PAGE_SIZE + 5)
         f.write(b"\x00")
     region = images(m)[2]
-    result = load(backend, m, view_writer(lambda rid: memoryview(region)))
+    result = load_baseline(backend, m, view_writer(lambda rid: memoryview(region)))
     assert result.corrupt == [(2, 37, seg.name)]
     assert all(region[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] == page(p + 1) for p in range(4, 60) if p != 37)
     assert result.bytes == 56 * PAGE_SIZE
@@ -118,7 +130,7 @@ def test_missing_segment_and_bad_manifest_are_named(tmp_path: Path) -> None:
     seg = backend.segdir / m.segments[0].name
     seg.unlink()
     with pytest.raises(CorruptionError, match=seg.name):
-        load(backend, m, view_writer(lambda rid: memoryview(bytearray(REGION_PAGES * PAGE_SIZE))))
+        load_baseline(backend, m, view_writer(lambda rid: memoryview(bytearray(REGION_PAGES * PAGE_SIZE))))
     raw = backend.manifest_path.read_bytes()
     backend.manifest_path.write_bytes(raw.replace(b'"generation": 1', b'"generation": 9'))
     with pytest.raises(CorruptionError, match="MANIFEST"):
@@ -232,8 +244,8 @@ def test_load_matches_a_model_of_newest_wins(tmp_path_factory: pytest.TempPathFa
         plan = plan_load(backend, m).cut(skip)
         regions = images(m)
         done_at: list[dict[int, bytes]] = []
-        result = plan.copy(backend, view_writer(lambda rid: memoryview(regions[rid])),
-                           spans_done=lambda n: done_at.append({r: bytes(v) for r, v in regions.items()}))
+        result = copy(plan, backend, view_writer(lambda rid: memoryview(regions[rid])),
+                      spans_done=lambda n: done_at.append({r: bytes(v) for r, v in regions.items()}))
     finally:
         loader.SPAN_BYTES = old_span
     assert result.corrupt == []
@@ -271,7 +283,7 @@ def test_check_regions_finds_changed_pages_except_excluded(tmp_path: Path) -> No
     m = write_segment(backend, m, 1, {p: page(p + 1) for p in range(10)})
     plan = plan_load(backend, m)
     region = images(m)[2]
-    plan.copy(backend, view_writer(lambda rid: memoryview(region)))
+    copy(plan, backend, view_writer(lambda rid: memoryview(region)))
     assert plan.check_regions(lambda rid: memoryview(region), exclude={}) == ([], 10)
     region[4 * PAGE_SIZE] ^= 1
     region[7 * PAGE_SIZE] ^= 1
@@ -340,7 +352,7 @@ def test_segment_shrinking_under_the_load_is_a_named_short_read(tmp_path: Path) 
     os.truncate(seg, 5 * PAGE_SIZE)                      # after the plan was made from its index
     region = images(m)[2]
     with pytest.raises(CorruptionError, match=f"{seg.name}.*short read"):
-        plan.copy(backend, view_writer(lambda rid: memoryview(region)))
+        copy(plan, backend, view_writer(lambda rid: memoryview(region)))
 
 
 @pytest.mark.allow_log(r"is not an rmemfs file; it is left alone")
@@ -377,11 +389,11 @@ class _SlowFirstReads(DirectoryStore):
         import threading
         self.lock, self.now, self.most, self.reads = threading.Lock(), 0, 0, 0
 
-    def open_segment(self, name: str, *, sequential: bool = False) -> loader.SegmentReader:
+    def open_segment(self, name: str, *, sequential: bool = False) -> SegmentReader:
         import time
         inner, store = super().open_segment(name, sequential=sequential), self
 
-        class Slow(loader.SegmentReader):
+        class Slow(SegmentReader):
             def readinto(self, offset: int, buf: memoryview) -> None:
                 with store.lock:
                     store.now += 1
@@ -419,7 +431,7 @@ def test_load_with_reads_in_flight_ends_out_of_order_and_reports_in_order(tmp_pa
                               == b"".join(page(fills[r.region_id, p]) for p in range(r.first_page,
                                                                                       r.first_page + r.npages))
                               for r in span.runs))
-    result = plan.copy(slow, view_writer(lambda rid: memoryview(imgs[rid])), spans_done=spans_done)
+    result = copy(plan, slow, view_writer(lambda rid: memoryview(imgs[rid])), spans_done=spans_done)
     assert result.corrupt == []
     assert slow.most > 1, "the span reads ran one at a time"
     assert done == list(range(1, len(plan.spans) + 1)) and all(seen_whole)

@@ -1,4 +1,4 @@
-"""Unit tests of what the commands share (rmemfs/cli/common.py)."""
+"""Unit tests of what the commands share (rmemfs/cli/common.py, the -o parser)."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +6,7 @@ import pytest
 from rmemfs.cli.common import exit_code, take_options
 from rmemfs.errors import UsageError
 from rmemfs.exits import EXIT_USAGE
+from rmemfs.options import parse_options
 
 
 def test_take_options_takes_the_named_keys_and_keeps_the_rest_in_order() -> None:
@@ -25,3 +26,11 @@ def test_take_options_refuses_a_key_without_a_value(item: str) -> None:
     with pytest.raises(UsageError, match="option fence_cmd needs a value") as e:
         take_options(["port=0", item], ("fence_cmd",))
     assert exit_code(e.value) == EXIT_USAGE
+
+
+@pytest.mark.parametrize("item,on", [("writeback_cache", True), ("writeback_cache=on", True),
+                                     ("writeback_cache=off", False), ("allow_other=off", False)])
+def test_a_flag_option_takes_on_or_off(item: str, on: bool) -> None:
+    """``-o writeback_cache=off`` turned the cache on: a flag's value was ignored."""
+    opts = parse_options([item])
+    assert getattr(opts, item.split("=")[0]) is on

@@ -17,7 +17,8 @@ import pytest
 
 from rmemfs import PAGE_SIZE
 from rmemfs.errors import CorruptionError
-from rmemfs.loader import load, view_writer
+from rmemfs.loader import view_writer
+from rmemfs.sources.baseline import load_baseline
 from rmemfs.store.base import SegmentSink, SegmentWriter
 from rmemfs.store.directory import DirectoryStore
 from rmemfs.store.format import (FS_FORMAT, MANIFEST_FORMAT, SEGMENT_VERSION, STATE_CLEAN, STATE_MOUNTED,
@@ -117,7 +118,7 @@ def test_golden_segment_loads_through_a_store(tmp_path: Path) -> None:
     (root / "segments" / info.name).write_bytes(data)
     store = DirectoryStore(root)
     images = {2: bytearray(2 * PAGE_SIZE), 4: bytearray(10 * PAGE_SIZE)}
-    result = load(store, golden_manifest(info), view_writer(lambda rid: memoryview(images[rid])))
+    result = load_baseline(store, golden_manifest(info), view_writer(lambda rid: memoryview(images[rid])))
     assert result.corrupt == [] and result.live.count == 2
     assert images[2][:PAGE_SIZE] == bytes([0xA5]) * PAGE_SIZE
     assert images[4][9 * PAGE_SIZE:] == bytes(range(256)) * (PAGE_SIZE // 256)
@@ -131,7 +132,7 @@ def test_backend_written_before_the_store_package_still_loads(tmp_path: Path) ->
     m = store.read_manifest()
     assert (m.epoch, m.generation, m.state) == (0, 2, STATE_CLEAN) and store.verify() == []
     region = bytearray(16 * PAGE_SIZE)
-    assert load(store, m, view_writer(lambda rid: memoryview(region))).corrupt == []
+    assert load_baseline(store, m, view_writer(lambda rid: memoryview(region))).corrupt == []
     assert region[:PAGE_SIZE] == bytes([0x11]) * PAGE_SIZE and region[2 * PAGE_SIZE:3 * PAGE_SIZE] == bytes([0x44]) * PAGE_SIZE
     mounted = next_manifest(m, epoch=1, generation=3, state=STATE_MOUNTED)
     store.publish(mounted, expect_epoch=0)                # the next mount takes epoch 1 in the new layout

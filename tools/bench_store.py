@@ -7,7 +7,7 @@ OSD's first writes also allocate its sparse block file). Per repeat, in this ord
 * rados: an rmemfs mounted with ``--backend rados:rmemfs/bench-N``; ``--size`` bytes written, then a full
   flush (the flush's own ``last_duration_s`` and ``last_bytes``); then, caches dropped, a full load of
   the published generation in this process, as recovery's baseline load does it: ``plan_load`` (the
-  indexes) + ``LoadPlan.copy`` through the RadosStore into fresh region files;
+  indexes) + ``BaselineSource.load`` through the RadosStore into fresh region files;
 * raw, right before and right after the two: tools/bench_rados.py's ``bench``, ``--size`` bytes written
   and read back as objects of the store's part size (rados.PART_SIZE) in ops of the store's write size
   (base.STAGE_BYTES) with the store's concurrency (rados.IN_FLIGHT aio ops in flight), for reads too;
@@ -38,6 +38,7 @@ from bench import MiB, Rmemfs, human, log, summary
 from rmemfs.loader import SPAN_BYTES, plan_load, region_file_writer
 from rmemfs.opening import fresh_regions
 from rmemfs.options import parse_options
+from rmemfs.sources.baseline import BaselineSource
 from rmemfs.store import BaselineStore, open_store
 
 SKIP_QUICK = ("skipped under --quick: it needs a Ceph cluster of its own (three daemons, heavy on a small "
@@ -83,7 +84,11 @@ def load_once(store: BaselineStore, region_dir: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         plan = plan_load(store, m)
         t1 = time.perf_counter()
-        res = plan.copy(store, region_file_writer(regions))
+        source = BaselineSource(store, plan, region_file_writer(regions))
+        try:
+            res = source.load()
+        finally:
+            source.close()
         t2 = time.perf_counter()
     finally:
         regions.close()

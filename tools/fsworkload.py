@@ -35,8 +35,9 @@ slot (``SLOT`` bytes at its own offset, content regenerated from a per-op
 seed), so each one's outcome is checkable on its own; LOG.json records each
 operation's times (CLOCK_MONOTONIC, shared by every process on the machine) and
 outcome: for a write, whether write() returned (that alone acknowledges it
-without writeback_cache) and the errno of write() or fsync; for an mmap store,
-msync's. ``verify-pause`` checks a takeover's copy against it: every
+without writeback_cache; with ``--writeback``, for a mount with it, only fsync's
+return does) and the errno of write() or fsync; for an mmap store, msync's.
+``verify-pause`` checks a takeover's copy against it: every
 acknowledged slot holds exactly its bytes, every other byte of the files is
 either zero or the byte a refused operation tried to write (a refused request
 may have copied before it was refused), and with ``--after-ns T`` every
@@ -243,7 +244,8 @@ def _slot_bytes(op_seed: int, n: int) -> bytes:
     return random.Random(op_seed).randbytes(n)
 
 
-def pause_run(root: Path, seed: int, workers: int, ready: Path, stop: Path, max_seconds: float = 300) -> dict:
+def pause_run(root: Path, seed: int, workers: int, ready: Path, stop: Path, max_seconds: float = 300,
+              writeback: bool = False) -> dict:
     """Writers that keep calls in flight until ``stop`` exists; the per-operation log (see the docstring)."""
     rng = random.Random(seed)
     os.makedirs(root, exist_ok=True)
@@ -281,7 +283,8 @@ def pause_run(root: Path, seed: int, workers: int, ready: Path, stop: Path, max_
                 if kind == "write":
                     try:
                         os.pwrite(wfd, content, off)
-                        rec["written"] = True          # acknowledged: the reply came after the fence re-check
+                        rec["written"] = True          # without writeback_cache the reply came after the fence
+                        #                                re-check: acknowledged; with it, fsync acknowledges
                         os.fsync(wfd)
                         rec["errno"] = 0
                     except OSError as e:
@@ -315,11 +318,13 @@ def pause_run(root: Path, seed: int, workers: int, ready: Path, stop: Path, max_
         t.join()
     if errors:
         raise errors[0]
-    return {"seed": seed, "setup": setup, "ops": [r for log in logs for r in log]}
+    return {"seed": seed, "writeback": writeback, "setup": setup, "ops": [r for log in logs for r in log]}
 
 
-def _acked(rec: dict) -> bool:
-    return bool(rec.get("written")) or rec["errno"] == 0
+def acknowledged(rec: dict, writeback: bool) -> bool:
+    """Whether the operation was acknowledged: msync's or fsync's return, or (without writeback_cache,
+    where write() replies only once the bytes are in the filesystem's memory) write()'s."""
+    return rec["errno"] == 0 or (not writeback and bool(rec.get("written")))
 
 
 def verify_pause(root: Path, log: dict, after_ns: int | None = None) -> tuple[list[str], dict[str, int]]:
@@ -328,15 +333,16 @@ def verify_pause(root: Path, log: dict, after_ns: int | None = None) -> tuple[li
     problems: list[str] = []
     counts: dict[str, int] = {"acknowledged": 0, "refused": 0}
     by_file: dict[str, list[dict]] = {s["file"]: [] for s in log["setup"]}
+    writeback = bool(log.get("writeback"))
     for rec in log["ops"]:
         by_file[rec["file"]].append(rec)
-        if _acked(rec):
+        if acknowledged(rec, writeback):
             counts["acknowledged"] += 1
         else:
             counts["refused"] += 1
             counts[f"errno {errno.errorcode.get(rec['errno'], rec['errno'])}"] = \
                 counts.get(f"errno {errno.errorcode.get(rec['errno'], rec['errno'])}", 0) + 1
-        if after_ns is not None and rec["start_ns"] > after_ns and _acked(rec):
+        if after_ns is not None and rec["start_ns"] > after_ns and acknowledged(rec, writeback):
             problems.append(f"{rec['file']} slot at {rec['off']} ({rec['kind']}) started after the resume and "
                             f"was acknowledged")
     if after_ns is not None:
@@ -356,7 +362,7 @@ def verify_pause(root: Path, log: dict, after_ns: int | None = None) -> tuple[li
             used[off // SLOT] = n
             want = _slot_bytes(rec["seed"], n)
             got = data[off:off + n]
-            if _acked(rec):
+            if acknowledged(rec, writeback):
                 if got != want:
                     problems.append(f"{name} slot at {off} ({rec['kind']}, {n} bytes, errno {rec['errno']}) was "
                                     f"acknowledged but differs ({len(got)} bytes there)")
@@ -535,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--workers", type=int, default=3)
     pr.add_argument("--ready", type=Path, required=True, help="created once the writers run")
     pr.add_argument("--stop", type=Path, required=True, help="the writers stop once this file exists")
+    pr.add_argument("--writeback", action="store_true",
+                    help="ROOT is on a mount with writeback_cache: a returned write() alone is not acknowledged")
     vp = sub.add_parser("verify-pause", help="check a takeover's copy against a pause log")
     vp.add_argument("root", type=Path)
     vp.add_argument("log", type=Path)
@@ -567,9 +575,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{state['seconds']:.2f} s", flush=True)
         return 0
     if args.cmd == "pause":
-        log = pause_run(args.root, args.seed, args.workers, args.ready, args.stop)
+        log = pause_run(args.root, args.seed, args.workers, args.ready, args.stop, writeback=args.writeback)
         args.out.write_text(json.dumps(log) + "\n")
-        acked = sum(map(_acked, log["ops"]))
+        acked = sum(acknowledged(rec, args.writeback) for rec in log["ops"])
         print(f"pause workload seed {args.seed}: {len(log['ops'])} operations, {acked} acknowledged", flush=True)
         return 0
     if args.cmd == "verify-pause":
