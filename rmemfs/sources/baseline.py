@@ -124,7 +124,10 @@ class BaselineSource:
                         # Not ``sequential``: its deeper read-ahead queues megabytes on the disk ahead of a demand's
                         # read (measured here: p99 of a 4 KiB read beside 1 MiB reads 6 ms by default, 84 ms).
                         reader = readers[run.segment] = self.store.open_segment(self.plan.segments[run.segment].name)
-                    reader.readinto(run.data_offset + (a - run.first_page) * PAGE_SIZE, buf[at:at + m * PAGE_SIZE])
+                    offset = run.data_offset + (a - run.first_page) * PAGE_SIZE
+                    reader.readinto(offset, buf[at:at + m * PAGE_SIZE])
+                    # Copied once into the regions: a cached copy would only add to the memory the load needs.
+                    reader.done_with(offset, m * PAGE_SIZE)
                 except (CorruptionError, OSError) as e:
                     failed.extend(PageFailure(run.region_id, a + k, self.plan.segments[run.segment].name, str(e))
                                   for k in range(m))

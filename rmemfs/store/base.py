@@ -115,6 +115,9 @@ class SegmentReader(ABC):
         for offset, buf in reads:
             self.readinto(offset, buf)
 
+    def done_with(self, offset: int, length: int) -> None:  # noqa: B027 - optional: a hint
+        """The caller has what it read of this range and will not read it again: a cache may drop it."""
+
     def close(self) -> None:  # noqa: B027 - optional: readers holding nothing need not close
         pass
 
