@@ -130,12 +130,16 @@ def read_ctl_header(region_dir: Path) -> CtlHeader:
         return parse_header(f.read(PAGE_SIZE))
 
 
-def parse_entries(raw: bytes | bytearray | memoryview) -> list[Run]:
-    """Stored entries (little-endian words) as (region id, first page, npages); decode_entry, inlined."""
+def parse_entries(raw: bytes | bytearray | memoryview, *, ordered: bool = False) -> list[Run]:
+    """Stored entries (little-endian words) as (region id, first page, npages); decode_entry, inlined.
+
+    ``ordered``: sorted, as ``merge_runs`` wants them. The words are sorted before they are decoded (their
+    bits are region, first page, npages - 1, high to low: the same order), several times faster than
+    sorting the tuples (see ``DirtyList.runs``)."""
     words = array("Q", bytes(raw))
     if sys.byteorder != "little":
         words.byteswap()
-    return [(e >> 48, (e >> 16) & 0xFFFFFFFF, (e & 0xFFFF) + 1) for e in words]
+    return [(e >> 48, (e >> 16) & 0xFFFFFFFF, (e & 0xFFFF) + 1) for e in (sorted(words) if ordered else words)]
 
 
 class PagePreserver(Protocol):
@@ -247,8 +251,9 @@ class DirtyList:
         self._adopted = False
 
 
-def merge_runs(runs: Iterator[Run] | list[Run]) -> list[Run]:
-    return _merge_sorted(sorted(runs))
+def merge_runs(runs: Iterator[Run] | list[Run], *, ordered: bool = False) -> list[Run]:
+    """Overlapping and adjacent runs merged, in order; ``ordered``: ``runs`` are sorted already."""
+    return _merge_sorted(runs if ordered else sorted(runs))
 
 
 def _merge_sorted(runs: Iterable[Run]) -> list[Run]:

@@ -45,6 +45,7 @@ JOURNAL_VERSION = 1
 _SB = struct.Struct("<8sII16sQQQQ")
 _REC = struct.Struct("<QIHH")
 REC_HEADER = _REC.size + 8
+_REC_SUM = struct.Struct("<QIHHQ")      # the header and its checksum
 CHECKPOINT = 1
 MIN_LOG_BEFORE_COMPACTION = 8 << 20
 
@@ -88,13 +89,13 @@ def read_superblock(view: memoryview) -> Superblock:
 def iter_records(view: memoryview, sb: Superblock) -> Iterator[tuple[int, int, memoryview]]:
     """Yield (lsn, type, payload) of the valid prefix of the active area."""
     pos, end, lsn = sb.area_offset, sb.area_offset + sb.area_length, sb.start_lsn
+    unpack, digest, join = _REC_SUM.unpack_from, xxhash.xxh3_64_intdigest, b"".join   # the replay's hot loop
     while pos + REC_HEADER <= end:
-        rec_lsn, length, rtype, _ = _REC.unpack_from(view, pos)
+        rec_lsn, length, rtype, _, csum = unpack(view, pos)
         if rec_lsn != lsn or pos + REC_HEADER + length > end:
             return
-        (csum,) = struct.unpack_from("<Q", view, pos + _REC.size)
         payload = view[pos + REC_HEADER:pos + REC_HEADER + length]
-        if csum != _xxh(view[pos:pos + _REC.size], payload):
+        if csum != digest(join((view[pos:pos + _REC.size], payload))):     # = _xxh(header, payload)
             return
         yield lsn, rtype, payload
         pos += REC_HEADER + (length + 7) // 8 * 8

@@ -211,10 +211,12 @@ def plan_load(store: BaselineStore, manifest: Manifest) -> LoadPlan:
     live = LiveMap()
     for seg_no, info in enumerate(segments):
         raw, data_end = store.read_index_raw(info)
-        words = array("Q", raw)
-        if sys.byteorder != "little":
+        if sys.byteorder == "little":
+            q = memoryview(raw).cast("Q")           # no copy: the plan keeps the index's buffer
+        else:
+            words = array("Q", raw)
             words.byteswap()                        # the index is little-endian on disk
-        q = memoryview(words)
+            q = memoryview(words)
         keys, offsets = q[0::3], q[2::3]
         digests.append(q[1::3])
         path = store.describe(info.name)

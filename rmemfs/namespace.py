@@ -86,7 +86,7 @@ def _take_name(buf: memoryview, pos: int) -> tuple[bytes, int]:
     return bytes(buf[pos + 2:pos + 2 + n]), pos + 2 + n
 
 
-def snapshot_growth(rtype: int, payload: bytes) -> int:
+def snapshot_growth(rtype: int, payload: bytes | memoryview) -> int:
     """An upper bound on how much a record can grow the namespace's checkpoint (``serialize``).
 
     The journal keeps its checkpoint within one area; this bound is what lets it refuse growth while
@@ -173,7 +173,12 @@ class Namespace:
     # --- apply ---------------------------------------------------------------
     def apply(self, rtype: int, payload: bytes | memoryview) -> None:
         buf = memoryview(payload)
-        if rtype == CREATE:
+        if rtype == EXTENT:              # first: most records of a journal are extents
+            ino, index, region_id, ext = _EXTENT.unpack_from(buf)
+            self.changed(ino)
+            self.inodes[ino].extents[index] = (region_id, ext)
+            self.store.mark_used(region_id, ext, True)
+        elif rtype == CREATE:
             parent, ino, mode, uid, gid, rdev, now = _CREATE.unpack_from(buf)
             name, pos = _take_name(buf, _CREATE.size)
             target, _ = _take_name(buf, pos)
@@ -193,11 +198,6 @@ class Namespace:
             self._rename(op, np_, flags, now, old, new)
         elif rtype == SETATTR:
             self._setattr(*_SETATTR.unpack_from(buf))
-        elif rtype == EXTENT:
-            ino, index, region_id, ext = _EXTENT.unpack_from(buf)
-            self.changed(ino)
-            self.inodes[ino].extents[index] = (region_id, ext)
-            self.store.mark_used(region_id, ext, True)
         elif rtype == FREE:
             (ino,) = _FREE.unpack_from(buf)
             self._free(ino)

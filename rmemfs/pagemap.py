@@ -78,7 +78,13 @@ class PageMaps(dict[int, bytearray]):
     def claim(self, region_id: int, first: int, npages: int, region_pages: int) -> list[Run]:
         """The parts of the run not marked yet (within the region), in order, now marked."""
         m = self.map(region_id, region_pages)
-        out = [(region_id, a, b - a) for a, b in unset_runs(m, first, min(first + npages, len(m)))]
+        end = min(first + npages, len(m))
+        if first < end and m.find(1, first, end) < 0:
+            # Nothing of it marked (the common case: a dirty list's runs are disjoint): one C-level scan,
+            # no generator. A recovery claims each of up to 2**27 runs once (20,000 at 8 GiB, 1 %).
+            m[first:end] = _ONES[:end - first] if end - first <= len(_ONES) else b"\x01" * (end - first)
+            return [(region_id, first, end - first)]
+        out = [(region_id, a, b - a) for a, b in unset_runs(m, first, end)]
         for _, a, n in out:        # marking [a, a+n) does not move the scan: it is done
             m[a:a + n] = b"\x01" * n
         return out

@@ -243,7 +243,7 @@ async def read_source_state(conn: Connection, catalog: Catalog, report: Recovery
             raise CorruptionError(f"dirty list {index} lies outside the ctl region ({ctl.length} bytes)")
         count = parse_list_count(await read_exact(conn, ctl, off, PAGE_SIZE), header.capacity)
         raw = await read_exact(conn, ctl, off + PAGE_SIZE, count * 8) if count else bytearray()
-        runs = parse_entries(raw)
+        runs = parse_entries(raw, ordered=True)
         bad = [i for i, (region_id, first, n) in enumerate(runs) if first + n > sizes.get(region_id, 0)]
         for i in bad:
             region_id, first, n = runs[i]
@@ -255,7 +255,7 @@ async def read_source_state(conn: Connection, catalog: Catalog, report: Recovery
         if bad:
             rejected = set(bad)
             runs = [run for i, run in enumerate(runs) if i not in rejected]
-        lists[label] = merge_runs(runs)
+        lists[label] = merge_runs(runs, ordered=True)    # rejecting entries kept the order
         report.dirty_pages_listed[label] = sum(n for _, _, n in lists[label])
     return SourceState(conn, catalog, header, lists)
 
@@ -275,18 +275,20 @@ async def check_source_dead(state: SourceState) -> None:
                           f"pid {again.pid}): unmount it, or stop it, before recovering")
 
 
-def fetch_plan(state: SourceState, extra: list[Run]) -> list[Run]:
-    """Runs to read, in apply order: flushing list, then current list, then corrupt baseline pages.
+def fetch_plan(state: SourceState, extra: list[Run]) -> tuple[list[Run], PageMaps]:
+    """Runs to read, in apply order: flushing list, then current list, then corrupt baseline pages; and
+    the pages they name (one byte per page of each region they touch).
 
     A page already read earlier is not read again: the source is fenced, so a
-    second read would return the same bytes (the source is fenced).
+    second read would return the same bytes.
     """
     seen = PageMaps()
     plan: list[Run] = []
+    pages = {r.region_id: r.length // PAGE_SIZE for r in state.catalog.regions}
     for runs in (state.lists.get("flushing", []), state.lists.get("current", []), merge_runs(extra)):
         for region_id, first, n in runs:
-            plan += seen.claim(region_id, first, n, state.catalog.by_id(region_id).length // PAGE_SIZE)
-    return plan
+            plan += seen.claim(region_id, first, n, pages[region_id])
+    return plan, seen
 
 
 async def recover(backend_path: Path, source: str | None, opts: MountOptions, *, transport: str = "auto",
@@ -475,7 +477,7 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
                    regions_ready: Callable[[Path, str], None] | None = None
                    ) -> tuple[Opened | None, RecoveryReport]:
     if dry_run:
-        plan = fetch_plan(state, []) if state else []
+        plan = fetch_plan(state, [])[0] if state else []
         report.dirty_pages_fetched = sum(n for _, _, n in plan)
         report.dirty_bytes_fetched = report.dirty_pages_fetched * PAGE_SIZE
         report.total_seconds = time.monotonic() - t_total
@@ -496,7 +498,7 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
         regions_ready(region_dir, fsid)
 
     # 4-6: the baseline from the backend and the dirty pages from the source, at the same time.
-    plan = fetch_plan(state, []) if state is not None else []
+    plan, fetched = fetch_plan(state, []) if state is not None else ([], PageMaps())
     lazy = report.load == "lazy"
     data_ids = [rid for rid in regions.regions if rid not in (CTL_REGION_ID, META_REGION_ID)]
     write = region_file_writer(regions)
@@ -517,7 +519,6 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
         base_plan = await planner.get(manifest)
         load_plan = base_plan.cut(_long_runs(plan, regions))
         loaded = await _load_and_fetch(backend, load_plan, write, fetcher, plan, report, on_progress)
-    fetched = _page_marks(plan, regions)
     corrupt = [(r, p, seg) for r, p, seg in loaded.corrupt if r not in fetched or not fetched[r][p]]
     if corrupt and fetcher is None:
         region_id, page, seg = corrupt[0]

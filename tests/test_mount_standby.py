@@ -31,7 +31,7 @@ class Standby:
         self.out = open(self.log, "ab")
         self.proc = subprocess.Popen(
             cli("standby") + ["--backend", str(rig.backend), "--transport", "software", "--source",
-                              f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0", *extra]), "-f", str(mnt)],
+                              f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0", *extra]), "--debug", "-f", str(mnt)],
             env={**ENV, **(env or {})}, stdout=self.out, stderr=subprocess.STDOUT)
 
     def status(self) -> dict:
@@ -272,7 +272,7 @@ def test_clean_unmount_and_remount_are_not_taken_over_and_are_registered_again(s
 def _standby_cmd(rig: Rig, mnt: Path, *extra: str, backend: Path | None = None, source: str | None = None,
                  transport: str = "software") -> list[str]:
     return cli("standby") + ["--backend", str(backend or rig.backend), "--transport", transport, "--source",
-                             source or f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0", *extra]), "-f", str(mnt)]
+                             source or f"127.0.0.1:{rig.port}", "-o", rig.opts(["port=0", *extra]), "--debug", "-f", str(mnt)]
 
 
 def test_exit_codes_before_a_takeover(source: Rig, tmp_path: Path) -> None:

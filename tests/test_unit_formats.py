@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import uuid
+from array import array
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,18 @@ def test_runs_sorts_entries_as_integers_in_tuple_order() -> None:
         t.current.extend([(rng.choice((1, 2)), rng.randrange(900), rng.randint(1, 70))], t.region_pages)
     entries = [decode_entry(e) for e in t.current._entries[:t.current.count]]
     assert t.current.runs() == merge_runs(entries)
+
+
+def test_parse_entries_ordered_is_the_sorted_decoding() -> None:
+    """A recovery reads the source's lists with ordered=True (sorted as integers, then decoded) and merges
+    them without sorting again: the same runs as sorting the decoded tuples."""
+    import random
+    rng = random.Random(11)
+    words = array("Q", [encode_entry(rng.choice((1, 2, 7)), rng.randrange(5000), rng.randint(1, 300))
+                        for _ in range(4000)])
+    raw = words.tobytes()
+    assert parse_entries(raw, ordered=True) == sorted(parse_entries(raw))
+    assert merge_runs(parse_entries(raw, ordered=True), ordered=True) == merge_runs(parse_entries(raw))
 
 
 def test_long_runs_split_into_entries() -> None:

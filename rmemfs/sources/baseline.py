@@ -162,7 +162,10 @@ class BaselineSource:
             for run, a, m in self._pieces(*chunk):
                 try:
                     reader = readers.get(0, run.segment)
-                    reader.readinto(run.data_offset + (a - run.first_page) * PAGE_SIZE, buf[at:at + m * PAGE_SIZE])
+                    offset = run.data_offset + (a - run.first_page) * PAGE_SIZE
+                    reader.readinto(offset, buf[at:at + m * PAGE_SIZE])
+                    # Copied once into the regions: a cached copy would only add to the memory the load needs.
+                    reader.done_with(offset, m * PAGE_SIZE)
                 except (CorruptionError, OSError) as e:
                     failed.extend(PageFailure(run.region_id, a + k, self.plan.segments[run.segment].name, str(e))
                                   for k in range(m))
