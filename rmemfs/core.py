@@ -8,7 +8,7 @@ call them in-process. Every mutation follows one order:
 3. journal the namespace record (its pages are marked first, too);
 4. apply it to the model / copy the data in.
 
-All methods except ``admit`` and ``with_pages`` are synchronous: a whole
+All methods except ``admit``, ``with_pages`` and the compactor task ``compact_journal`` are synchronous: a whole
 operation runs without an await, so it is atomic with respect to the trio
 scheduler, and a flush's list swap can only fall between operations.
 
@@ -42,6 +42,7 @@ from .namespace import (ROOT_INO, RENAME_EXCHANGE, RENAME_NOREPLACE, SET_ATIME, 
                         rec_free, rec_link, rec_rename, rec_setattr, rec_unlink, snapshot_growth)
 from .regions import (CTL_REGION_ID, EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet)
 from .sources.lazy import NotResident, Residency
+import trio.lowlevel
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ ADMIT_MARGIN = 1 << 14                    # entries kept free so any single oper
 # every baseline, and after any operation once the oldest is this old. A record per write was half of
 # the core's cost of a 4 KiB write (issue 14).
 TIMES_LAG_S = 1.0
+# Longest step of the event loop a journal compaction takes while it serializes the namespace, so that the
+# heartbeat a standby watches keeps beating (about 2,000 files a step; issue 12).
+COMPACTION_SLICE_S = 0.005
 T = TypeVar("T")
 
 
@@ -69,6 +73,8 @@ class CoreStats:
     region_count: int
     region_virtual_bytes: int
     region_resident_bytes: int
+    compactions: int = 0                  # journal compactions written
+    compaction_longest_step_s: float = 0.0     # the longest event-loop step one took (a slice, or the write)
 
 
 class Filesystem:
@@ -87,6 +93,9 @@ class Filesystem:
         self._pending_times: set[int] = set()     # inodes whose times changed in memory only
         self._times_due = 0.0                    # monotonic time by which they are journaled
         self._checked_journal_pos = -1           # the journal position after_operation last measured at
+        self._compaction_wanted: trio.Event | None = None     # set while compact_journal runs
+        self.compactions = 0
+        self.compaction_longest_step_s = 0.0
         self._sync_region_pages()
 
     # --- construction -----------------------------------------------------------
@@ -238,14 +247,14 @@ class Filesystem:
         growth = snapshot_growth(rtype, payload)
         if growth and not self.journal.room_for_growth(growth):
             if self.journal.growth_since_checkpoint:      # the bound may be loose: measure exactly once
-                self.journal.checkpoint(self.fsid, self.ns.serialize())
+                self._checkpoint()
             if not self.journal.room_for_growth(growth):
                 raise FsError(errno.ENOSPC, "the namespace journal region is full: delete files (its size, "
                               "-o meta_size, is set when the filesystem is created)")
         try:
             self.journal.append(rtype, payload, growing=growth > 0)
         except JournalFull:
-            self.journal.checkpoint(self.fsid, self.ns.serialize())
+            self._checkpoint()
             self.journal.append(rtype, payload, growing=growth > 0)
         self.journal.grew(growth)
 
@@ -259,12 +268,15 @@ class Filesystem:
         if self._pending_times and time.monotonic() >= self._times_due:
             if not self.sync_times():
                 self._times_due = time.monotonic() + TIMES_LAG_S
-        if self.journal.pos != self._checked_journal_pos and self.journal.wants_checkpoint():
-            try:
-                self.journal.checkpoint(self.fsid, self.ns.serialize())
-            except FsError as e:      # the operation is done and journaled; compact after the next record
-                log.warning("journal compaction postponed: %s", e)
-                return
+        if self.fenced or self.tracker.fence:     # another host owns the memory now: no compaction
+            return
+        if (self.journal.pos != self._checked_journal_pos and self.ns.building is None
+                and self.journal.wants_checkpoint()):
+            if self._compaction_wanted is not None:       # the mount's compactor builds it in slices
+                self.ns.start_checkpoint()
+                self._compaction_wanted.set()
+            elif not self._compact_now():
+                return                                    # postponed: compact after the next record
         # Until the journal moves again its log cannot have outgrown the checkpoint: an overwrite, which
         # journals nothing (its times are lazy), skips the measure (issue 14).
         self._checked_journal_pos = self.journal.pos
@@ -272,6 +284,62 @@ class Filesystem:
     def has_room(self) -> bool:
         """Whether the current dirty list can take any single operation now (``admit`` need not wait)."""
         return self.tracker.current.room() >= ADMIT_MARGIN or not self.tracker.enabled
+
+    def _checkpoint(self) -> None:
+        """Write a checkpoint now: the one being built in slices if there is one (finished in this step),
+        else the whole namespace serialized here."""
+        building = self.ns.building
+        if building is None:
+            snapshot = self.ns.serialize()
+        else:
+            self.ns.changed(*self._pending_times)    # times an overwrite changed in memory only
+            snapshot = building.finish()
+        self.journal.checkpoint(self.fsid, snapshot)
+
+    def _compact_now(self) -> bool:
+        """A compaction in this step; whether it was written (else it is postponed)."""
+        t = time.perf_counter()
+        try:
+            self._checkpoint()
+        except FsError as e:      # the operation is done and journaled; compact later
+            log.warning("journal compaction postponed: %s", e)
+            return False
+        self.compactions += 1
+        self._compaction_step(time.perf_counter() - t)
+        return True
+
+    def _compaction_step(self, seconds: float) -> None:
+        self.compaction_longest_step_s = max(self.compaction_longest_step_s, seconds)
+
+    async def compact_journal(self) -> None:
+        """The mount's compactor (runs until cancelled): a compaction that ``after_operation`` asks for is
+        built in slices of at most COMPACTION_SLICE_S of the event loop, with the loop free in between,
+        and written in one step (``CheckpointBuilder``). No await falls inside a journal write: between
+        slices the journal and the meta region are as the operations left them, so a crash there replays
+        the last checkpoint and its records. A checkpoint an operation needs at once (a full area) finishes
+        the one being built synchronously (``_checkpoint``); this task then finds it gone."""
+        self._compaction_wanted = trio.Event()
+        try:
+            while True:
+                await self._compaction_wanted.wait()
+                self._compaction_wanted = trio.Event()
+                building = self.ns.building
+                while building is not None and building is self.ns.building:
+                    t = time.perf_counter()
+                    done = building.step(COMPACTION_SLICE_S)
+                    self._compaction_step(time.perf_counter() - t)
+                    if done:
+                        break
+                    await trio.lowlevel.checkpoint()
+                if building is None or building is not self.ns.building:
+                    continue
+                if self.fenced or self.tracker.fence:      # another host owns the memory: write nothing
+                    self.ns.building = None
+                    continue
+                self._compact_now()
+        finally:
+            self._compaction_wanted = None
+            self.ns.building = None
 
     async def admit(self) -> None:
         """Wait until the current dirty list can take any single operation.
@@ -646,7 +714,7 @@ class Filesystem:
         rs = self.regions.stats()
         return CoreStats(len(self.ns.inodes), self.regions.used_extents(), cur.pages(), cur.count, fl.pages(),
                          fl.count, self.tracker.capacity, self.journal.used_bytes(), rs.regions, rs.virtual_bytes,
-                         rs.resident_bytes)
+                         rs.resident_bytes, self.compactions, self.compaction_longest_step_s)
 
     def statfs(self) -> tuple[int, int, int, int]:
         """(total blocks, free blocks, total inodes, free inodes) in PAGE_SIZE blocks."""

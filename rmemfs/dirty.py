@@ -157,10 +157,19 @@ class DirtyList:
         self._header = view[:PAGE_SIZE].cast("Q")
         self._entries = view[PAGE_SIZE:PAGE_SIZE + capacity * 8].cast("Q")
         self._seen = PageMaps()      # the pages this list names
+        # Entries already in the exported list when this process took it over (a restart on the same
+        # host) are not in the dedup map: until the list is cleared, only its entries name every page.
+        self._adopted = self._header[L_COUNT] > 0
 
     @property
     def count(self) -> int:
         return self._header[L_COUNT]
+
+    def pages_named(self) -> PageMaps | None:
+        """A copy of the pages this list names (one byte per page), or None when its dedup map does not
+        know them all (entries adopted from an earlier process): what ``runs`` covers, in a memory copy
+        instead of a sort of the entries."""
+        return None if self._adopted else self._seen.copy()
 
     def room(self) -> int:
         return self.capacity - self._header[L_COUNT]
@@ -168,6 +177,8 @@ class DirtyList:
     def format(self) -> None:
         self._header[L_MAGIC] = struct.unpack("<Q", LIST_MAGIC)[0]
         self._header[L_COUNT] = 0
+        self._seen.clear()
+        self._adopted = False
 
     def add(self, region_id: int, first_page: int, npages: int, region_pages: int) -> None:
         seen = self._seen.get(region_id) or self._seen.map(region_id, region_pages)
@@ -237,6 +248,7 @@ class DirtyList:
     def clear(self) -> None:
         self._header[L_COUNT] = 0
         self._seen.clear()
+        self._adopted = False
 
 
 def merge_runs(runs: Iterator[Run] | list[Run], *, ordered: bool = False) -> list[Run]:

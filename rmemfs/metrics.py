@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from .stalls import GC_PAUSES
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -72,6 +74,16 @@ def filesystem_metrics(session: Session) -> Callable[[], Iterable[Any]]:
         yield gauge("rmemfs_dirty_entries", "entries on the current dirty list", tracker.current.count)
         yield gauge("rmemfs_dirty_flushing_entries", "entries on the list being flushed", tracker.flushing.count)
         yield gauge("rmemfs_dirty_capacity_entries", "entries per dirty list", tracker.capacity)
+        yield gauge("rmemfs_loop_lateness_longest_seconds",
+                    "the longest the heartbeat task woke late: this event loop's longest stall",
+                    session.loop_lateness.longest)
+        yield gauge("rmemfs_gc_pause_longest_seconds", "the garbage collector's longest pause",
+                    GC_PAUSES.longest)
+        yield CounterMetricFamily("rmemfs_journal_compactions", "namespace journal compactions written",
+                                  value=fs.compactions)
+        yield gauge("rmemfs_journal_compaction_longest_step_seconds",
+                    "the longest event-loop step a journal compaction took (a slice or the write)",
+                    fs.compaction_longest_step_s)
         if flusher is not None:
             st = flusher.statistics()
             yield CounterMetricFamily("rmemfs_flushes", "baselines published", value=st.flushes)

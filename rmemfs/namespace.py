@@ -15,12 +15,17 @@ Record payloads (little endian; names and symlink targets as <H len> bytes)::
     EXTENT   <Q ino, Q file_extent_index, I region_id, I extent_no>
     FREE     <Q ino>                                      (last reference gone)
     CHECKPOINT  the whole model (see ``serialize``)
+
+A checkpoint of a large namespace takes long to serialize (about 3 µs a file), too long for one step of
+the event loop that also beats the heartbeat a standby watches. ``CheckpointBuilder`` builds the same
+bytes in slices between operations; see there.
 """
 from __future__ import annotations
 
 import logging
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
@@ -156,6 +161,7 @@ class Namespace:
         # ``finish_replay`` applies what the final state needs instead.
         self._replay_released: set[tuple[int, int]] = set()
         self._replay_shrunk: set[int] = set()
+        self.building: CheckpointBuilder | None = None     # a checkpoint being built in slices
 
     def init_root(self, uid: int, gid: int, now: int) -> None:
         self.inodes[ROOT_INO] = Inode(ROOT_INO, stat.S_IFDIR | 0o755, uid, gid, nlink=2, atime_ns=now,
@@ -169,6 +175,7 @@ class Namespace:
         buf = memoryview(payload)
         if rtype == EXTENT:              # first: most records of a journal are extents
             ino, index, region_id, ext = _EXTENT.unpack_from(buf)
+            self.changed(ino)
             self.inodes[ino].extents[index] = (region_id, ext)
             self.store.mark_used(region_id, ext, True)
         elif rtype == CREATE:
@@ -195,16 +202,27 @@ class Namespace:
             (ino,) = _FREE.unpack_from(buf)
             self._free(ino)
         elif rtype == CHECKPOINT:
+            self.building = None
             self.load(buf)
         else:
             raise CorruptionError(f"journal: unknown record type {rtype}")
 
+    def changed(self, *inos: int) -> None:
+        """These inodes are about to change: a checkpoint being built drops their serialized parts. Every
+        change to what ``serialize`` writes calls this first (the namespace's own records here; core.py for
+        the file times an overwrite keeps in memory)."""
+        if self.building is not None:
+            for ino in inos:
+                self.building.drop(ino)
+
     def _touch(self, inode: Inode, now: int) -> None:
+        self.changed(inode.ino)
         inode.mtime_ns = inode.ctime_ns = now
 
     def _create(self, parent: int, ino: int, mode: int, uid: int, gid: int, rdev: int, now: int,
                 name: bytes, target: bytes) -> None:
         pdir = self.inodes[parent]
+        self.changed(parent, ino)
         inode = Inode(ino, mode, uid, gid, atime_ns=now, mtime_ns=now, ctime_ns=now, rdev=rdev, target=target)
         if stat.S_ISDIR(mode):
             inode.entries, inode.nlink, inode.parent = {}, 2, parent
@@ -219,6 +237,7 @@ class Namespace:
 
     def _link(self, parent: int, ino: int, now: int, name: bytes) -> None:
         pdir, inode = self.inodes[parent], self.inodes[ino]
+        self.changed(parent, ino)
         assert pdir.entries is not None
         pdir.entries[name] = ino
         inode.nlink += 1
@@ -226,6 +245,7 @@ class Namespace:
         self._touch(pdir, now)
 
     def _drop_link(self, inode: Inode, parent: Inode, now: int) -> None:
+        self.changed(inode.ino, parent.ino)
         inode.ctime_ns = now
         if inode.is_dir:
             inode.nlink = 0
@@ -237,6 +257,7 @@ class Namespace:
 
     def _unlink(self, parent: int, now: int, name: bytes) -> None:
         pdir = self.inodes[parent]
+        self.changed(parent)
         assert pdir.entries is not None
         ino = pdir.entries.pop(name)
         self._touch(pdir, now)
@@ -246,11 +267,14 @@ class Namespace:
         src, dst = self.inodes[old_parent], self.inodes[new_parent]
         assert src.entries is not None and dst.entries is not None
         moving = self.inodes[src.entries[old]]
+        self.changed(old_parent, new_parent, moving.ino)
         if flags & RENAME_EXCHANGE:
             other = self.inodes[dst.entries[new]]
+            self.changed(other.ino)
             src.entries[old], dst.entries[new] = other.ino, moving.ino
             for inode, parent in ((moving, dst), (other, src)):
                 if inode.is_dir and inode.parent != parent.ino:
+                    self.changed(inode.parent)
                     self.inodes[inode.parent].nlink -= 1
                     inode.parent = parent.ino
                     parent.nlink += 1
@@ -272,6 +296,7 @@ class Namespace:
     def _setattr(self, ino: int, mask: int, mode: int, uid: int, gid: int, size: int,
                  atime: int, mtime: int, ctime: int) -> None:
         inode = self.inodes[ino]
+        self.changed(ino)
         if mask & SET_MODE:
             inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
         if mask & SET_UID:
@@ -305,6 +330,7 @@ class Namespace:
             self.store.zero_range(region_id, ext, tail, min(es, inode.size - size // es * es) - tail)
 
     def _free(self, ino: int) -> None:
+        self.changed(ino)
         inode = self.inodes.pop(ino, None)
         if inode is None:
             return
@@ -343,20 +369,18 @@ class Namespace:
 
     # --- checkpoint ----------------------------------------------------------
     def serialize(self) -> bytes:
+        """The whole model as one CHECKPOINT payload (in one step; ``CheckpointBuilder`` in slices)."""
         parts = [_CK_HEAD.pack(self.next_ino, len(self.inodes))]
-        for inode in self.inodes.values():
-            entries = inode.entries
-            parts.append(_CK_INODE.pack(inode.ino, inode.mode, inode.uid, inode.gid, inode.nlink, inode.size,
-                                       inode.atime_ns, inode.mtime_ns, inode.ctime_ns, inode.rdev, inode.parent,
-                                       len(inode.extents), 0xFFFFFFFF if entries is None else len(entries),
-                                       len(inode.target)))
-            parts.append(inode.target)
-            parts.extend(_CK_EXT.pack(i, r, e) for i, (r, e) in inode.extents.items())
-            if entries:
-                parts.extend(_CK_DIRENT.pack(child, len(name)) + name for name, child in entries.items())
+        parts.extend(_ck_inode(inode) for inode in self.inodes.values())
         return b"".join(parts)
 
+    def start_checkpoint(self) -> CheckpointBuilder:
+        """Begin building a checkpoint in slices (replacing one being built)."""
+        self.building = CheckpointBuilder(self)
+        return self.building
+
     def load(self, buf: memoryview) -> None:
+        self.building = None
         self.inodes.clear()
         self.next_ino, count = _CK_HEAD.unpack_from(buf)
         pos = _CK_HEAD.size
@@ -414,3 +438,74 @@ class Namespace:
                 problems.append(f"inode {inode.ino}: nlink {inode.nlink}, expected {expected}")
         return problems
 
+
+
+def _ck_inode(inode: Inode) -> bytes:
+    """One inode's part of a checkpoint: its fields, symlink target, extents and directory entries."""
+    entries = inode.entries
+    parts = [_CK_INODE.pack(inode.ino, inode.mode, inode.uid, inode.gid, inode.nlink, inode.size,
+                            inode.atime_ns, inode.mtime_ns, inode.ctime_ns, inode.rdev, inode.parent,
+                            len(inode.extents), 0xFFFFFFFF if entries is None else len(entries),
+                            len(inode.target)), inode.target]
+    parts.extend(_CK_EXT.pack(i, r, e) for i, (r, e) in inode.extents.items())
+    if entries:
+        parts.extend(_CK_DIRENT.pack(child, len(name)) + name for name, child in entries.items())
+    return b"".join(parts)
+
+
+SLICE_INODES = 256         # inodes serialized between two looks at the clock
+
+
+class CheckpointBuilder:
+    """A checkpoint payload (``serialize``'s format) built in slices of bounded time between operations.
+
+    It holds each inode's serialized part. ``Namespace.changed`` drops the part of an inode before it
+    changes (and notes it as stale), so every part held is always the inode as it is now, whatever
+    operations ran between two slices. ``finish`` (one step, no await) serializes the stale inodes that
+    still exist and joins the parts: the namespace as it is at that moment. Only the order of the inodes
+    may differ from ``serialize``'s, and ``load`` does not depend on it (each directory keeps the order
+    of its entries). Nothing is written anywhere until then: the journal writes the result with the same
+    single ``Journal.checkpoint`` call as before, so a crash at any point during the slices leaves the
+    last checkpoint and its records, exactly as without the builder.
+    """
+
+    def __init__(self, ns: Namespace) -> None:
+        self.ns = ns
+        self.parts: dict[int, bytes] = {}
+        self.stale: set[int] = set()       # changed or created since the build began
+        self._todo = list(ns.inodes)
+        self._next = 0
+
+    def drop(self, ino: int) -> None:
+        self.parts.pop(ino, None)
+        self.stale.add(ino)
+
+    def step(self, budget_s: float) -> bool:
+        """Serialize inodes for about ``budget_s`` seconds; whether every inode has been visited."""
+        inodes, parts, todo = self.ns.inodes, self.parts, self._todo
+        deadline = time.perf_counter() + budget_s
+        while self._next < len(todo):
+            for ino in todo[self._next:self._next + SLICE_INODES]:
+                inode = inodes.get(ino)
+                if inode is not None and ino not in parts:
+                    parts[ino] = _ck_inode(inode)
+            self._next += SLICE_INODES
+            if time.perf_counter() >= deadline:
+                break
+        return self._next >= len(todo)
+
+    def finish(self) -> bytes:
+        """The checkpoint payload of the namespace as it is now; the builder is spent."""
+        ns, parts = self.ns, self.parts
+        self.step(float("inf"))
+        for ino in self.stale:
+            inode = ns.inodes.get(ino)
+            if inode is not None:
+                parts[ino] = _ck_inode(inode)
+        if ns.building is self:
+            ns.building = None
+        if len(parts) != len(ns.inodes):     # a change that did not call ``changed``: never write that
+            log.error("checkpoint built in slices holds %d inodes, the namespace %d: serialized whole instead",
+                      len(parts), len(ns.inodes))
+            return ns.serialize()
+        return _CK_HEAD.pack(ns.next_ino, len(parts)) + b"".join(parts.values())

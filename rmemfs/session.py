@@ -1,13 +1,14 @@
 """Serving a mounted filesystem and taking it down cleanly.
 
 ``serve`` publishes this mount as the backend's owner, mounts FUSE and runs the
-services (flusher, heartbeat, control socket, signals, a lazy recovery's
+services (flusher, heartbeat, journal compactor, control socket, signals, a lazy recovery's
 background load) in one trio nursery. On unmount or SIGTERM/SIGINT it writes a
 final baseline marked clean and stops the exporter. ``Session.control`` answers
 ``rmemfs-ctl``'s flush and stats requests.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ from .flusher import Flusher
 from .launch import StartUp
 from .opening import Opened
 from .options import MountOptions
+from .stalls import GC_PAUSES, Lateness
 from .store import STATE_CLEAN, STATE_MOUNTED, BaselineStore, owner_info
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class Session:
     requests: dict[str, int] = field(default_factory=dict)    # FUSE request counters, shared with fs.py
     terminated: bool = False
     started_ns: int = field(default_factory=time.time_ns)
+    # How late the heartbeat task woke: this loop's (and CPU's) stalls, as a standby sees them in its gaps.
+    loop_lateness: Lateness = field(default_factory=Lateness)
 
     def owner(self) -> dict[str, Any]:
         return owner_info(mountpoint=str(self.mountpoint), exporter_host=_advertised_host(self.opts.listen),
@@ -83,6 +87,7 @@ class Session:
                     "core": self.opened.fs.statistics().__dict__,
                     "flush": self.flusher.statistics().__dict__, "requests": dict(self.requests),
                     "heartbeat": self.opened.fs.tracker.header().heartbeat,
+                    "loop_lateness": self.loop_lateness.to_json(), "gc": GC_PAUSES.to_json(),
                     "fenced": self.opened.fs.note_fenced(), "fence_epoch": self.opened.fs.tracker.fence}
         raise ValueError(f"unknown request {op!r}")
 
@@ -98,6 +103,12 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
     flush failed (logged; the backend stays marked in use and the exporter keeps serving), else True."""
     opened, opts = session.opened, session.opts
     fs = opened.fs
+    GC_PAUSES.install()
+    # What is loaded by now (the namespace's inodes above all) lives as long as the mount: out of the
+    # collector's full passes, which otherwise walk it and stall the loop (a 40,000-file namespace: full
+    # passes of 45-72 ms, 1-7 ms frozen; tools/bench --only heartbeat measures both). Garbage cycles
+    # frozen with it are kept once, not collected: a bounded cost at start-up.
+    gc.freeze()
     flusher = Flusher(fs, opened.backend, opened.manifest, opened.live, opts.flush_interval)
     session.flusher = flusher
     fs.room_waiter = _FlushRoom(flusher)
@@ -183,7 +194,8 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> bo
         async with trio.open_nursery() as nursery:
             await nursery.start(flusher.run)
             await nursery.start(control.serve, control_path, session.control)
-            nursery.start_soon(_heartbeat, fs, opts.heartbeat_interval)
+            nursery.start_soon(_heartbeat, fs, opts.heartbeat_interval, session.loop_lateness)
+            nursery.start_soon(fs.compact_journal)
             nursery.start_soon(_signals, session)
             if opened.background is not None:
                 nursery.start_soon(opened.background.run, fs)
@@ -224,7 +236,7 @@ async def _shutdown(session: Session) -> bool:
     try:
         # The heartbeat goes on through the final flush: a standby must not take a stopping source for dead.
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_heartbeat, fs, session.opts.heartbeat_interval)
+            nursery.start_soon(_heartbeat, fs, session.opts.heartbeat_interval, session.loop_lateness)
             generation = await session.flusher.flush(state=STATE_CLEAN)
             if fs.times_pending:     # a full dirty list had no room for them before the first flush's swap
                 generation = await session.flusher.flush(state=STATE_CLEAN)
@@ -244,12 +256,12 @@ async def _shutdown(session: Session) -> bool:
     return True
 
 
-async def _heartbeat(fs: Filesystem, interval: float) -> None:
+async def _heartbeat(fs: Filesystem, interval: float, lateness: Lateness) -> None:
     fs.tracker.set_heartbeat_interval(interval)
     while True:
         fs.tracker.beat()
         fs.note_fenced()   # so the fenced mount says so even when nothing writes
-        await trio.sleep(interval)
+        await lateness.sleep(interval)
 
 
 async def _signals(session: Session) -> None:

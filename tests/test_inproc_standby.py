@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from rmemfs import PAGE_SIZE
-from rmemfs.dirty import CTL_MAGIC, CTL_VERSION, HEADER_WORDS, W_FSID0, W_FSID1, W_HEARTBEAT, W_MAGIC, W_VERSION
+from rmemfs.dirty import (CTL_MAGIC, CTL_VERSION, HEADER_WORDS, W_FSID0, W_FSID1, W_HEARTBEAT, W_HEARTBEAT_INTERVAL_US,
+                          W_MAGIC, W_VERSION)
 from rmemfs.regions import CTL_REGION_ID
 
 FSID = str(uuid.UUID(int=0x1234))
@@ -59,3 +60,97 @@ async def test_watcher_registers_again_when_the_exporter_drops_it_as_idle(
     assert "unreachable" not in events, watcher.status.events
     assert watcher.status.registrations >= 3 and watcher.status.state == "watching", watcher.status
     assert any("closed the watch connection; registering again" in r.getMessage() for r in caplog.records)
+
+
+async def _exporter(nursery: trio.Nursery, ctl: bytearray) -> int:
+    from rmemfs.transport import software as sw
+    from rmemfs.transport.base import Catalog, ExportedRegion, RegionRole
+    backend = sw.SoftwareExportBackend()
+    backend.register(ExportedRegion(CTL_REGION_ID, "ctl-0000.rgn", RegionRole.CTL, memoryview(ctl), 0x7F0000000000))
+    regions = tuple(backend._by_id.values())
+    port: int = await nursery.start(lambda task_status: sw.serve(
+        host="127.0.0.1", port=0, fsid=FSID, secret=SECRET, export=backend,
+        catalog=lambda t: Catalog(FSID, t, regions), task_status=task_status))
+    return port
+
+
+class _BeatingThread:
+    """A live source beating every 20 ms from a thread, so that it goes on while this event loop is held
+    (as a source on another host does while the standby stalls)."""
+
+    def __init__(self, ctl: bytearray) -> None:
+        import threading
+        import time
+        self.stop = threading.Event()
+        self.longest = 0.0                  # its true longest gap (this machine may hold the thread up)
+        struct.pack_into("<Q", ctl, W_HEARTBEAT_INTERVAL_US * 8, 20_000)
+
+        def run() -> None:
+            last = time.monotonic()
+            while not self.stop.is_set():
+                beat = struct.unpack_from("<Q", ctl, W_HEARTBEAT * 8)[0] + 1
+                struct.pack_into("<QQ", ctl, W_HEARTBEAT * 8, beat, time.time_ns())
+                now = time.monotonic()
+                self.longest, last = max(self.longest, now - last), now
+                time.sleep(0.02)
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.mark.allow_log("connection broken: an operation was cancelled mid-stream")    # the stop, mid-read
+@pytest.mark.parametrize("where", ["after a read", "in the watch loop"])
+async def test_a_stall_of_the_standby_is_no_silence_of_the_source(nursery: trio.Nursery, where: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: the standby's own stall (its loop held, or the process descheduled: 0.4 s here, with
+    dead_after 0.3 s, within the 0.5 s a read may take) while the source beats on is not taken for the
+    source's silence: no verdict (before: a stall between a read's return and the verdict counted as
+    silence, and a live source was declared dead), and the figures keep the two apart: the watch's own
+    stall, the gap this process saw, and the source's longest gap on its own clock."""
+    import time
+    from rmemfs import standby
+    ctl = _ctl_page()
+    port = await _exporter(nursery, ctl)
+    source = _BeatingThread(ctl)
+    stalled = trio.Event()
+    real_read = standby.read_source_header
+    reads = 0
+
+    async def read_then_stall(conn, catalog):  # type: ignore[no-untyped-def]
+        nonlocal reads
+        header = await real_read(conn, catalog)
+        reads += 1
+        if where == "after a read" and reads >= 20 and not stalled.is_set() and \
+                header.heartbeat == watcher.status.heartbeat:
+            time.sleep(0.4)  # noqa: ASYNC251 - the stall: the unchanged heartbeat read is 0.4 s old when judged
+            stalled.set()
+        return header
+
+    monkeypatch.setattr(standby, "read_source_header", read_then_stall)
+    watcher = standby.Watcher(host="127.0.0.1", port=port, fsid=FSID, secret=SECRET, transport="software",
+                              watch_interval=0.01, dead_after=0.3, timeout=2.0)
+    try:
+        await nursery.start(watcher.run)
+        await trio.sleep(0.3)
+        if where == "in the watch loop":
+            time.sleep(0.4)  # noqa: ASYNC251 - this event loop held: the watch wakes 0.4 s late
+            stalled.set()
+        await stalled.wait()
+        await trio.sleep(0.5)
+    finally:
+        watcher.stop()
+        source.close()
+    st = watcher.status
+    assert watcher.verdict is None and st.state == "watching", st.events
+    assert st.longest_gap >= 0.35                # what this process saw between two changes
+    # On the source's clock: without the 0.4 s stall that the gap seen here has in it.
+    assert st.source_longest_gap < st.longest_gap - 0.2, (source.longest, st)
+    stalls = [e for e in st.events if e["event"] == "watch-stalled"]
+    # The held loop delays whatever the watch awaits then: its sleep (late) or a read (slow).
+    assert stalls and (where != "after a read" or stalls[0]["part"] == "read"), st.events
+    assert max(st.read_longest, st.watch_lateness.longest) >= 0.35
+    doc = st.to_json()
+    assert doc["watch_lateness"]["longest"] == st.watch_lateness.longest and "source_longest_gap" in doc

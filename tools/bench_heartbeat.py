@@ -13,7 +13,9 @@ see as silence, and ``gap - heartbeat_interval`` is the stall. Each workload run
 * ``mmap scattered``: PAGES random 4 KiB pages written through mmap, then ``flush scattered`` (as many
   runs as pages: the snapshot's worst case);
 * ``creates+unlinks``: FILES files created and unlinked in one directory (the journal's checkpoints
-  and compactions), then ``files kept``: FILES files left, and ``flush namespace`` of them.
+  and compactions), then ``files kept``: FILES files left, and ``flush namespace`` of them;
+* ``churn beside kept``: 2 x FILES files created and unlinked beside those kept, so that the journal's
+  compactions checkpoint a namespace of FILES files (the longest stall before issue 12's slices).
 
 As a script it is also the child: ``work KIND PATH N``.
 """
@@ -123,7 +125,80 @@ def _figures(gaps: list[float], seconds: float, interval: float) -> dict[str, An
 
 
 def run(bench: Any, log: Any) -> dict[str, Any]:
-    """The section: ``bench`` is tools/bench.py's Bench (its args, work dir and Rmemfs)."""
+    """The section: ``bench`` is tools/bench.py's Bench (its args, work dir and Rmemfs). With
+    ``--compare-tree DIR`` the same phases run with that checkout's rmemfs too, right after."""
+    from bench import ROOT
+    res = _one(bench, log, ROOT, "heartbeat")
+    res["compaction_in_process"] = compaction(bench, log)
+    if bench.args.compare_tree:
+        res["compare_tree"] = _one(bench, log, Path(bench.args.compare_tree).resolve(), "heartbeat-other")
+        res["compare_tree"]["tree"] = str(Path(bench.args.compare_tree).resolve())
+    return res
+
+
+def compaction(bench: Any, log: Any) -> dict[str, Any]:
+    """A journal compaction of a namespace of FILES files, in this process (no FUSE, no machine noise
+    from other tasks on the loop): the loop time of the whole checkpoint in one step (as before issue
+    12's slices, and as ``after_operation`` still does without a compactor), against the longest slice
+    and the final write of the same checkpoint built in slices. Medians of 3 of each, in one run."""
+    import shutil
+    import stat
+    import uuid
+    from rmemfs.core import COMPACTION_SLICE_S, Filesystem
+    from rmemfs.namespace import ROOT_INO
+    files = 2000 if bench.args.quick else 40000
+    fsid = str(uuid.uuid4())
+    directory = Path("/dev/shm") / f"rmemfs-bench-compaction-{fsid}"
+    regions = Filesystem.create_regions(directory, fsid, capacity=1 << 18, data_region_size=64 << 20,
+                                        meta_size=64 << 20)
+    fs = Filesystem.format(regions, fsid, 1, 1 << 18)
+    try:
+        dirs = [fs.make(ROOT_INO, f"d{i}".encode(), stat.S_IFDIR | 0o755, 0, 0).ino for i in range(40)]
+        for i in range(files):
+            f = fs.make(dirs[i % 40], f"file{i:06d}".encode(), stat.S_IFREG | 0o644, 0, 0)
+            fs.write(f.ino, 0, b"x")
+        whole, slices, finish = [], [], []
+        for _ in range(3):
+            t = time.perf_counter()
+            fs._checkpoint()
+            whole.append(time.perf_counter() - t)
+            building = fs.ns.start_checkpoint()
+            longest = 0.0
+            while True:
+                t = time.perf_counter()
+                done = building.step(COMPACTION_SLICE_S)
+                longest = max(longest, time.perf_counter() - t)
+                if done:
+                    break
+            slices.append(longest)
+            t = time.perf_counter()
+            fs._checkpoint()
+            finish.append(time.perf_counter() - t)
+        import gc
+        full, frozen = [], []
+        for _ in range(3):         # a full collection (what a generation-2 pass costs) with the namespace loaded
+            t = time.perf_counter()
+            gc.collect()
+            full.append(time.perf_counter() - t)
+            gc.freeze()            # as the mount does once loaded (session.serve)
+            t = time.perf_counter()
+            gc.collect()
+            frozen.append(time.perf_counter() - t)
+            gc.unfreeze()
+        res = {"files": files, "checkpoint_bytes": fs.journal.checkpoint_bytes,
+               "whole_s": statistics.median(whole), "longest_slice_s": statistics.median(slices),
+               "final_write_s": statistics.median(finish), "gc_full_pass_s": statistics.median(full),
+               "gc_full_pass_frozen_s": statistics.median(frozen)}
+        log(f"heartbeat: compaction of {files} files in process: whole {res['whole_s'] * 1e3:.1f} ms; in slices: "
+            f"longest slice {res['longest_slice_s'] * 1e3:.1f} ms, final write {res['final_write_s'] * 1e3:.1f} ms; "
+            f"a full GC pass {res['gc_full_pass_s'] * 1e3:.1f} ms, {res['gc_full_pass_frozen_s'] * 1e3:.1f} ms frozen")
+        return res
+    finally:
+        fs.regions.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _one(bench: Any, log: Any, root: Path, name: str) -> dict[str, Any]:
     from bench import Rmemfs
     from rmemfs.options import MountOptions
     from rmemfs.regions import CTL_REGION_ID, region_file_name
@@ -132,7 +207,7 @@ def run(bench: Any, log: Any) -> dict[str, Any]:
     pages = min(bench.args.random_pages, size // PAGE) if q else 20000
     files = 500 if q else 20000
     interval = MountOptions().heartbeat_interval
-    fs = Rmemfs(bench.work, "heartbeat")
+    fs = Rmemfs(bench.work, name, root=root)
     res: dict[str, Any] = {"heartbeat_interval_s": interval, "size_bytes": size, "pages": pages, "files": files,
                            "phases": {}}
     fs.mount()
@@ -145,8 +220,9 @@ def run(bench: Any, log: Any) -> dict[str, Any]:
             took = time.monotonic() - t
             time.sleep(2 * interval)          # the beat after the phase ends its last gap
             fig = res["phases"][name] = _figures(poller.take(), took, interval)
-            log(f"heartbeat: {name}: {took:.2f} s, {fig['beats']} beats, longest gap "
-                f"{(fig['longest_gap_s'] or 0) * 1e3:.1f} ms, p99 {(fig['p99_gap_s'] or 0) * 1e3:.1f} ms")
+            log(f"heartbeat{'' if root == HERE.parents[1] else ' (' + str(root) + ')'}: {name}: {took:.2f} s, "
+                f"{fig['beats']} beats, longest gap {(fig['longest_gap_s'] or 0) * 1e3:.1f} ms, "
+                f"p99 {(fig['p99_gap_s'] or 0) * 1e3:.1f} ms")
 
         def child(kind: str, path: Path, n: int) -> None:
             subprocess.run([sys.executable, str(HERE), kind, str(path), str(n)], check=True, env=fs.env)
@@ -159,6 +235,7 @@ def run(bench: Any, log: Any) -> dict[str, Any]:
         phase("creates+unlinks", lambda: child("churn", fs.mp / "churn", files))
         phase("files kept", lambda: child("keep", fs.mp / "kept", files))
         phase("flush namespace", fs.flush)
+        phase("churn beside kept", lambda: child("churn", fs.mp / "churn2", 2 * files))
     finally:
         poller.close()
         fs.destroy()
@@ -179,11 +256,20 @@ def table(h: dict[str, Any]) -> list[str]:
     if "error" in h:
         return [f"heartbeat: failed: {h['error']}"]
     lines = [f"heartbeat gaps under load (heartbeat_interval {h['heartbeat_interval_s'] * 1e3:.0f} ms; "
-             f"{h['size_bytes'] / MiB:.0f} MiB, {h['pages']} scattered pages, {h['files']} files)",
-             f"  {'phase':<20}{'seconds':>9}{'beats':>7}{'median':>9}{'p99':>9}{'longest':>9}   (gaps, ms)"]
-    for name, f in h["phases"].items():
-        cells = "".join(f"{(f[k] or 0) * 1e3:>9.1f}" for k in ("median_gap_s", "p99_gap_s", "longest_gap_s"))
-        lines.append(f"  {name:<20}{f['seconds']:>9.2f}{f['beats']:>7}{cells}")
+             f"{h['size_bytes'] / MiB:.0f} MiB, {h['pages']} scattered pages, {h['files']} files)"]
+    c = h.get("compaction_in_process")
+    if c:
+        lines.append(f"  journal compaction of {c['files']} files ({c['checkpoint_bytes'] / MiB:.1f} MiB checkpoint), "
+                     f"in process: whole {c['whole_s'] * 1e3:.1f} ms; in slices: longest slice "
+                     f"{c['longest_slice_s'] * 1e3:.1f} ms, final write {c['final_write_s'] * 1e3:.1f} ms; a full GC "
+                     f"pass {c['gc_full_pass_s'] * 1e3:.1f} ms, {c['gc_full_pass_frozen_s'] * 1e3:.1f} ms after gc.freeze()")
+    other = h.get("compare_tree")
+    for label, r in [("this tree", h)] + ([(f"--compare-tree {other['tree']}", other)] if other else []):
+        lines.append(f"  {label}: {'phase':<20}{'seconds':>9}{'beats':>7}{'median':>9}{'p99':>9}{'longest':>9}"
+                     "   (gaps, ms)")
+        for name, f in r["phases"].items():
+            cells = "".join(f"{(f[k] or 0) * 1e3:>9.1f}" for k in ("median_gap_s", "p99_gap_s", "longest_gap_s"))
+            lines.append(f"  {'':<{len(label)}}  {name:<20}{f['seconds']:>9.2f}{f['beats']:>7}{cells}")
     return lines
 
 

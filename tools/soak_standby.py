@@ -62,7 +62,7 @@ def writer(kind: str, path: str, seconds: float, seed: int) -> None:
     print(json.dumps({"kind": kind, "ops": n, "error": error}))
 
 
-def soak(seconds: float, writers: int, keep: Path) -> dict[str, Any]:
+def soak(seconds: float, writers: int, keep: Path, standby_options: str = "") -> dict[str, Any]:
     from bench_heartbeat import Poller
     from hosts import PYTHON, TwoHosts
     from rmemfs.store import open_store
@@ -76,7 +76,9 @@ def soak(seconds: float, writers: int, keep: Path) -> dict[str, Any]:
         events, log = b.dir / "events.jsonl", b.dir / "standby.log"
         bmnt.mkdir()
         standby = b.popen([PYTHON, "-m", "rmemfs.cli.standby", "--source", a.addr, "--backend", str(backend),
-                           "--transport", "software", "-o", f"listen={b.addr},event_log={events}", "-f", "--log",
+                           "--transport", "software", "-o",
+                           f"listen={b.addr},event_log={events}" + (f",{standby_options}" if standby_options else ""),
+                           "-f", "--log",
                            str(log), str(bmnt)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not (events.exists() and '"watching"' in events.read_text()):
@@ -106,7 +108,16 @@ def soak(seconds: float, writers: int, keep: Path) -> dict[str, Any]:
                 "standby": {"watch_interval_s": DEFAULT_WATCH_INTERVAL, "dead_after_s": st.get("dead_after"),
                             "default_dead_after_s": DEFAULT_DEAD_AFTER, "state_at_end": st.get("state"),
                             "longest_gap_seen_s": st.get("longest_gap"), "registrations": st.get("registrations"),
+                            # the source's longest silence on its own clock, and the standby's own stalls
+                            "source_longest_gap_s": st.get("source_longest_gap"),
+                            "watch_lateness": st.get("watch_lateness"), "read_longest_s": st.get("read_longest"),
+                            "gc": st.get("gc"), "options": standby_options,
+                            "watch_stalls": [e for e in map(json.loads, events.read_text().splitlines())
+                                             if e["event"] == "watch-stalled"][-10:],
                             "events": kinds},
+                "source": {"loop_lateness": stats.get("loop_lateness"), "gc": stats.get("gc"),
+                           "compactions": (stats.get("core") or {}).get("compactions"),
+                           "compaction_longest_step_s": (stats.get("core") or {}).get("compaction_longest_step_s")},
                 "dead_events": dead, "longest_gaps_at_s": sorted(gaps)[-5:],
                 "heartbeat_polled_here": {"beats": len(s), "longest_gap_s": s[-1] if s else None,
                                           "p99_gap_s": s[min(len(s) - 1, int(len(s) * 0.99))] if s else None,
@@ -123,9 +134,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=600)
     ap.add_argument("--writers", type=int, default=8)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--standby-options", default="",
+                    help="more -o options for rmemfs-standby (e.g. dead_after=0.3), to try settings other than the "
+                         "defaults")
     args = ap.parse_args()
     keep = (args.out or Path("soak.json")).absolute().parent
-    res = soak(args.seconds, args.writers, keep)
+    res = soak(args.seconds, args.writers, keep, args.standby_options)
     text = json.dumps(res, indent=1)
     if args.out:
         args.out.write_text(text)

@@ -90,6 +90,12 @@ def format_stats(s: dict[str, Any]) -> str:
         f"  regions {core['region_count']}: {core['region_virtual_bytes'] / (1 << 20):.0f} MiB virtual, "
         f"{core['region_resident_bytes'] / (1 << 20):.1f} MiB resident",
     ]
+    late, gc = s.get("loop_lateness"), s.get("gc")
+    if late and gc:
+        lines.append(f"  stalls: heartbeat woke up to {late['longest'] * 1000:.1f} ms late ({late['late']} times over "
+                     f"{late['threshold'] * 1000:.0f} ms); garbage collector's longest pause {gc['longest'] * 1000:.1f} ms; "
+                     f"journal compactions {core['compactions']}, longest loop step "
+                     f"{core['compaction_longest_step_s'] * 1000:.1f} ms")
     load = s.get("load")
     if load:
         state = (f"complete in {load['load_seconds']:.1f} s" if load["load_seconds"] is not None

@@ -43,6 +43,7 @@ from ..options import parse_options
 from ..recovery import parse_source
 from ..sdnotify import notify
 from ..store import STATE_CLEAN, StoreOptions, open_store
+from ..stalls import GC_PAUSES
 from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, status_file, status_socket,
                        watch_metrics, write_event)
 from . import recover as recover_cli
@@ -188,6 +189,7 @@ async def watch(watcher: Watcher, mountpoint: Path, dead_after: float | None, re
         return {"ok": True, "mountpoint": str(mountpoint), "dead_after": watcher.dead_after,
                 "watch_interval": watcher.watch_interval, **watcher.status.to_json()}
 
+    GC_PAUSES.install()
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, sock, handle)
         await nursery.start(watcher.run)
