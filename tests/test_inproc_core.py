@@ -328,7 +328,7 @@ def test_checkpoint_built_in_slices_is_the_namespace_at_its_end(seed: int, monke
     from rmemfs import journal, namespace
     monkeypatch.setattr(namespace, "SLICE_INODES", 1)
     rng = random.Random(seed)
-    fs = new_fs(Path("/dev/shm") / f"rmemfs-test-{uuid.uuid4()}")
+    fs = new_fs(shm_dir())
     try:
         checked = 0
         while checked < 25:
