@@ -529,7 +529,8 @@ async def _rebuild(backend: BaselineStore, fsid: str, manifest: Manifest, state:
         await fetcher.fetch(refetch, Progress("corrupt pages", len(corrupt) * PAGE_SIZE, len(corrupt), on_progress),
                             phase="corrupt page fetch")
         plan = plan + refetch
-        fetched = _page_marks(plan, regions)
+        for region_id, first, n in refetch:      # the plan's map (fetch_plan's) gains these pages
+            fetched.mark(region_id, first, n, regions[region_id].pages)
 
     # Verify the pages as recovered, before step 7: replay may legitimately write to the regions (freeing
     # orphans appends to the journal, zeroing), which re-reading the source would report as a mismatch.
