@@ -251,13 +251,20 @@ class Flusher:
             full = False
         full = full or self._want_full()
         regions = {rid: r.length for rid, r in fs.regions.regions.items() if rid != CTL_REGION_ID}
-        named = None if full else flushing.pages_named()
+        named = flushing.pages_named()
         runs: list[Run] | None = None
         if named is not None:
             # The list's own page maps, copied: what its sorted entries would give, without sorting 100,000
-            # scattered entries on the loop (0.37 s here); the runs are taken from them in the thread.
+            # scattered entries on the loop (0.37 s here); the runs are taken from them in the thread. A full
+            # flush adds the live map's pages the same way: merging and clipping its runs on the loop held
+            # it for 60-80 ms (130,000 live pages, tools/soak_standby.py).
             for rid in [rid for rid, m in named.items() if rid not in regions]:
                 del named[rid]
+            if full:
+                for rid, m in self.live.maps.items():
+                    if rid in regions:
+                        named.grow(rid, regions[rid] // PAGE_SIZE)     # the region may have grown since marked
+                        _or_into(named.map(rid, regions[rid] // PAGE_SIZE), m)
             for rid, m in named.items():
                 del m[regions[rid] // PAGE_SIZE:]
             snapshot = Snapshot(named.copy(), fs.regions)
@@ -345,6 +352,18 @@ def _clipped(runs: list[Run], regions: dict[int, int]) -> list[Run]:
     """The runs within the regions (by id -> length): a list may name pages of a region no longer mapped."""
     return [(r, f, min(n, regions[r] // PAGE_SIZE - f)) for r, f, n in runs
             if r in regions and f < regions[r] // PAGE_SIZE]
+
+
+def _or_into(dst: bytearray, src: bytearray) -> None:
+    """Mark in ``dst`` every page ``src`` marks (both one byte per page, 0 or 1), over their common length:
+    as two integers, in C (a 65,536-page region in ~0.4 ms)."""
+    n = min(len(dst), len(src))
+    if not n or src.find(1, 0, n) < 0:
+        return
+    if dst.find(1, 0, n) < 0:
+        dst[:n] = src[:n]
+    else:
+        dst[:n] = (int.from_bytes(dst[:n], "little") | int.from_bytes(src[:n], "little")).to_bytes(n, "little")
 
 
 def _updated_live(live: LiveMap, updates: list[tuple[int, int, list[bool]]]) -> LiveMap:
