@@ -130,6 +130,7 @@ class Watcher:
         self._conn: Connection | None = None
         self._catalog: Catalog | None = None
         self._cancel = trio.CancelScope()
+        self.finished = trio.Event()     # run has returned: a verdict, or stop(); the takeover starts at once
 
     def stop(self) -> None:
         self._cancel.cancel()
@@ -277,6 +278,7 @@ class Watcher:
                         return
                     self._note_stall("loop", await st.watch_lateness.sleep(self.watch_interval))
         finally:
+            self.finished.set()
             await self._close()
             if not started:
                 task_status.started()

@@ -210,10 +210,7 @@ async def watch(watcher: Watcher, mountpoint: Path, dead_after: float | None, re
                     return
 
         nursery.start_soon(signals)
-        while watcher.verdict is None and not watcher._cancel.cancel_called:
-            await trio.sleep(watcher.watch_interval)
-            if watcher.status.state in ("dead", "fenced_by_cmd"):
-                break
+        await watcher.finished.wait()
         nursery.cancel_scope.cancel()
     try:
         sock.unlink()
