@@ -39,6 +39,7 @@ class MountOptions:
     fsname: str = "rmemfs"
     load_rate: float = 0.0             # a lazy recovery's background load limit, bytes/s (0: as fast as it goes)
     metrics: str = ""                  # ADDR:PORT of a Prometheus endpoint (metrics.py)
+    stall_trace: float = 0.0           # seconds without a heartbeat before every thread's stack is logged (0: off)
     extra_fuse: list[str] = field(default_factory=list)
     store: dict[str, str] = field(default_factory=dict)    # the backend's own options (ceph_conf, ceph_id)
     given: set[str] = field(default_factory=set)           # the options named on the command line
@@ -67,6 +68,8 @@ OPTION_HELP: dict[str, str] = {
     "tracking": "on|off: dirty page tracking; off only for benchmarks, it makes recovery impossible",
     "metrics": "ADDR:PORT: serve Prometheus metrics (heartbeat, dirty-list entries, flush figures, fencing)",
     "fsname": "name shown in the mount table (default rmemfs)",
+    "stall_trace": "seconds: when the event loop has not beaten the heartbeat for this long, write every "
+                   "thread's stack to the log, once per stall (finding what holds the loop; default 0: off)",
     "load_rate": "rmemfs-recover --load lazy: limit the background load to this many bytes/s (suffixes K, M, G; "
                  "default 0, no limit), to leave the store and the network to requests",
     "ceph_conf": "rados: backends: the cluster's ceph.conf (default: librados's lookup, CEPH_CONF, "
@@ -159,6 +162,7 @@ _SIZE = dict(parse=parse_size, lo=1 << 20, multiple=256 << 10, show=size_text)
 OPTIONS: dict[str, OptionSpec] = {
     "flush_interval": OptionSpec(_finite, lo=0, open_lo=True, hi=7 * 86400),
     "heartbeat_interval": OptionSpec(_finite, lo=0, open_lo=True, hi=60),
+    "stall_trace": OptionSpec(_finite, lo=0, hi=3600),
     "port": OptionSpec(int, lo=0, hi=65535),
     "dirty_capacity": OptionSpec(int, lo=MIN_DIRTY_CAPACITY, hi=MAX_DIRTY_CAPACITY),
     "region_size": OptionSpec(**_SIZE, hi=MAX_REGION_SIZE),              # type: ignore[arg-type]

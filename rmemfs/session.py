@@ -8,12 +8,14 @@ final baseline marked clean and stops the exporter. ``Session.control`` answers
 """
 from __future__ import annotations
 
+import faulthandler
 import gc
 import logging
 import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -194,7 +196,7 @@ async def _mount_and_serve(session: Session, on_ready: Callable[[], None]) -> bo
         async with trio.open_nursery() as nursery:
             await nursery.start(flusher.run)
             await nursery.start(control.serve, control_path, session.control)
-            nursery.start_soon(_heartbeat, fs, opts.heartbeat_interval, session.loop_lateness)
+            nursery.start_soon(_heartbeat, fs, opts.heartbeat_interval, session.loop_lateness, opts.stall_trace)
             nursery.start_soon(fs.compact_journal)
             nursery.start_soon(_signals, session)
             if opened.background is not None:
@@ -256,12 +258,34 @@ async def _shutdown(session: Session) -> bool:
     return True
 
 
-async def _heartbeat(fs: Filesystem, interval: float, lateness: Lateness) -> None:
+async def _heartbeat(fs: Filesystem, interval: float, lateness: Lateness, stall_trace: float = 0.0) -> None:
     fs.tracker.set_heartbeat_interval(interval)
-    while True:
-        fs.tracker.beat()
-        fs.note_fenced()   # so the fenced mount says so even when nothing writes
-        await lateness.sleep(interval)
+    # -o stall_trace: faulthandler's watchdog is a C thread that needs no GIL, so it can show what holds
+    # the loop (or the GIL) while the stall lasts; re-armed at every beat, it fires once per stall.
+    trace_to = _stall_trace_file() if stall_trace > 0 else None
+    try:
+        while True:
+            if trace_to is not None:
+                faulthandler.dump_traceback_later(stall_trace, file=trace_to)
+            fs.tracker.beat()
+            fs.note_fenced()   # so the fenced mount says so even when nothing writes
+            await lateness.sleep(interval)
+    finally:
+        if trace_to is not None:
+            faulthandler.cancel_dump_traceback_later()
+
+
+def _stall_trace_file() -> Any:
+    """The log's stream when it is a file (stderr otherwise): faulthandler writes to its descriptor."""
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        if stream is not None and hasattr(stream, "fileno"):
+            try:
+                stream.fileno()
+                return stream
+            except (OSError, ValueError):
+                pass
+    return sys.stderr
 
 
 async def _signals(session: Session) -> None:

@@ -60,18 +60,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WATCH_INTERVAL = 0.01
 # tools/bench --only heartbeat (20 ms heartbeat): 1 MiB writes, flushes and mmap stores leave gaps of
-# 26-38 ms of loop time (up to ~0.1 s on this busy machine). The journal's compaction, once the longest
-# stall (the whole namespace serialized on the loop: 61 ms at 40,000 files in process), is built in slices
-# of 5 ms and written in a step of ~14 ms (issue 12, standby3); a full GC pass over a 40,000-file
-# namespace (44 ms) is gone with gc.freeze() at the mount, and the flush's atomic section copies page
-# maps instead of sorting entries (120,000 scattered: 621 -> 4.5 ms). What remains is CPU starvation: in
-# tools/soak_standby.py (8 writers, flush_interval=1, on 2 cores shared with other work) the source's
-# heartbeat woke up to 0.83 s late with 0.15 s of loop CPU in it (10 minutes; 0.88 and 0.30 s in two
-# shorter runs), and a live source was silent for 0.89 s on its own clock. So 0.5 s is not lowered: on a
-# shared machine it is already short of the worst silence measured (no false takeover in any run, but
-# only because the standby, on the same CPUs, was starved at the same time), and a source with a core
-# of its own stays under ~0.1 s. Detection is ~0.5 s.
-DEFAULT_DEAD_AFTER = 0.5
+# 26-38 ms of loop time (up to ~0.1 s on this busy machine). The journal's compaction is built in slices of
+# 5 ms (issue 12), a full GC pass is gone with gc.freeze() at the mount, and a flush's atomic section copies
+# page maps, a full flush's too (it merged the live map's runs on the loop: 60-80 ms at 130,000 live pages,
+# found with faulthandler stack dumps of the stalls). In tools/soak_standby.py (8 writers, flush_interval=1,
+# 10 minutes, the 2 cores shared with a niced test run) a live source was silent for at most 141 ms; its
+# loop thread ran 13 ms of it, the process 100 ms (most likely the loop waiting on the GIL behind the flush's
+# threads). A dead_after of 0.15 s came within 7 ms of a false takeover in 10 minutes, and had one in a
+# 3-minute run under heavier load before the full-flush fix; on 2 cores shared with three benchmarking
+# helpers silences reached 0.9 s. Hence 0.25 s: 1.8x the worst silence at the soak's load; raise it where the source
+# shares its CPUs with heavier work. Detection is ~0.25 s.
+DEFAULT_DEAD_AFTER = 0.25
 REFRESH_INTERVAL = 5.0
 STALL_EVENT_MIN = 0.05      # the watch's own stalls from this long are events (and at least dead_after / 4)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import stat
@@ -479,6 +480,36 @@ def test_flush_snapshot_from_the_lists_page_maps_is_the_one_from_its_entries(fs:
     assert adopted.flushing.count and adopted.flushing.pages_named() is None
     adopted.flushing.clear()
     assert adopted.flushing.pages_named() == {}
+
+
+def _hold_the_loop_for_a_while() -> None:
+    time.sleep(0.4)
+
+
+async def test_stall_trace_logs_every_threads_stack_once_per_stall(fs: Filesystem, tmp_path: Path) -> None:
+    """-o stall_trace: a loop held past the threshold leaves the stacks in the log, naming what held it
+    (faulthandler's watchdog runs without the GIL); a loop that beats on in time writes nothing."""
+    from rmemfs.session import _heartbeat
+    from rmemfs.stalls import Lateness
+    log_path = tmp_path / "rmemfs.log"
+    root = logging.getLogger()
+    handler = logging.StreamHandler(open(log_path, "a", buffering=1))   # noqa: ASYNC230 - the test's own setup
+    old_handlers = root.handlers[:]
+    root.handlers[:] = [handler]        # the trace goes to the log's file, as a daemon's does
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_heartbeat, fs, 0.01, Lateness(), 0.15)
+            await trio.sleep(0.3)                                       # beating in time: nothing
+            assert "Timeout" not in log_path.read_text()
+            _hold_the_loop_for_a_while()
+            await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+    finally:
+        root.handlers[:] = old_handlers
+        handler.stream.close()
+    text = log_path.read_text()
+    assert text.count("Timeout (0:00:00.150000)!") == 1, text
+    assert "_hold_the_loop_for_a_while" in text
 
 
 def backend_for(fs: Filesystem, path: Path) -> tuple[DirectoryStore, Flusher]:

@@ -26,6 +26,7 @@ BAD_OPTIONS = [
     ("metrics=nope", "ADDR:PORT"),
     ("metrics=127.0.0.1:99999", "ADDR:PORT"),
     ("writeback_cache=yes", "on or off"),
+    ("stall_trace=-1", "stall_trace"),
 ]
 
 

@@ -4,7 +4,7 @@
 
 Standby options (in -o, beside the mount options used after a takeover):
   watch_interval=S   seconds between heartbeat reads (default 0.01)
-  dead_after=S       heartbeat silence that counts as dead (default: 0.5, or 5 of the source's
+  dead_after=S       heartbeat silence that counts as dead (default: 0.25, or 5 of the source's
                      heartbeat intervals when that is longer)
   fence_cmd=CMD      run with HOST:PORT and the fsid when the exporter is unreachable; exit 0 means
                      the source is powered off or cut off, and the standby recovers from the baseline
