@@ -296,7 +296,8 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
                   check_alive: bool = True, on_progress: ProgressCallback | None = None, report: RecoveryReport | None = None,
                   regions_ready: Callable[[Path, str], None] | None = None,
                   region_dir_made: Callable[[Path, str], None] | None = None,
-                  fence_cmd: str | None = None, load: str = "eager") -> tuple[Opened | None, RecoveryReport]:
+                  fence_cmd: str | None = None, load: str = "eager", planned: tuple[int, LoadPlan] | None = None
+                  ) -> tuple[Opened | None, RecoveryReport]:
     """Steps 1-7. Returns the rebuilt filesystem (None for a dry run) and the report.
 
     An unreachable source is never taken over silently: it needs ``baseline_only`` (the operator accepts the
@@ -310,6 +311,8 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
 
     ``load="lazy"``: only the namespace region and the dirty pages are in when this returns; the returned
     ``Opened.background`` loads the rest of the baseline once the filesystem serves (``BackgroundLoad``).
+
+    ``planned``: the baseline's load plan made ahead, with its generation (planned again if another is due).
     """
 
     report = report or RecoveryReport(dry_run=dry_run, baseline_only=baseline_only)
@@ -322,7 +325,7 @@ async def recover(backend_path: Path, source: str | None, opts: MountOptions, *,
     report.fsid = fsid
     report.baseline_generation, report.baseline_time_ns = manifest.generation, manifest.time_ns
     state: SourceState | None = None
-    planner = _Planner(backend, report)
+    planner = _Planner(backend, report, planned)
     region_dir: Path | None = None
     if not dry_run:
         # The new regions' exporter starts now, so that its start-up overlaps waiting for the source;
@@ -654,13 +657,22 @@ class _Planner:
     lists (and, for a lazy recovery, beside the data regions' dirty fetch): reading every segment index
     is what outlasts them on a big filesystem."""
 
-    def __init__(self, backend: BaselineStore, report: RecoveryReport) -> None:
+    def __init__(self, backend: BaselineStore, report: RecoveryReport,
+                 planned: tuple[int, LoadPlan] | None = None) -> None:
+        """``planned``: (generation, plan) made ahead (a standby's ``PlanAhead``), used if that generation
+        is still the one to load."""
         self.backend, self.report = backend, report
         self.plan: LoadPlan | None = None
         self.generation = -1
         self.done = trio.Event()
+        if planned is not None:
+            self.generation, self.plan = planned
+            self.done.set()
+            report.phase("baseline plan")       # in the report as every phase is: 0 s on the recovery's clock
 
     async def run(self, manifest: Manifest) -> None:
+        if self.done.is_set() and self.generation == manifest.generation:
+            return                     # planned ahead
         t = time.monotonic()
         try:
             self.plan = await trio.to_thread.run_sync(plan_load, self.backend, manifest)

@@ -48,11 +48,13 @@ from collections.abc import Callable, Iterator
 
 import trio
 
-from .errors import AuthFailed, CorruptionError, SourceFsidMismatch, TransportFailed
+from .errors import AuthFailed, BackendError, CorruptionError, SourceFsidMismatch, TransportFailed
 from .fencing import run_fence_cmd
+from .loader import LoadPlan, plan_load
 from .recovery import connect_source
 from .sources.remote import read_source_header
 from .stalls import GC_PAUSES, Lateness
+from .store import BaselineStore
 from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, TransportError,
                              TransportUnavailable)
 
@@ -281,6 +283,34 @@ class Watcher:
             await self._close()
             if not started:
                 task_status.started()
+
+
+class PlanAhead:
+    """A background task: the baseline's load plan (every segment index read and checked), made again
+    whenever the source publishes a new generation, at most every ``REFRESH_INTERVAL``; a takeover starts
+    from it instead of reading the indexes then (issue 12: prepared ahead). A failure is only logged: the
+    takeover plans for itself."""
+
+    def __init__(self, open_backend: Callable[[], BaselineStore]) -> None:
+        self.open_backend = open_backend        # opened in the serving process (a RADOS handle does not fork)
+        self.backend: BaselineStore | None = None
+        self.planned: tuple[int, LoadPlan] | None = None     # (generation, plan)
+        self.plans = 0
+
+    async def run(self) -> None:
+        while True:
+            try:
+                if self.backend is None:
+                    self.backend = await trio.to_thread.run_sync(self.open_backend)
+                backend = self.backend
+                manifest = await trio.to_thread.run_sync(backend.read_manifest)
+                if self.planned is None or self.planned[0] != manifest.generation:
+                    plan = await trio.to_thread.run_sync(plan_load, backend, manifest)
+                    self.planned, self.plans = (manifest.generation, plan), self.plans + 1
+                    log.debug("standby: planned baseline generation %d ahead", manifest.generation)
+            except (BackendError, CorruptionError, OSError) as e:
+                log.info("standby: could not plan the baseline ahead (%s); a takeover will plan it", e)
+            await trio.sleep(REFRESH_INTERVAL)
 
 
 def write_event(path: Path, event: dict[str, Any]) -> None:

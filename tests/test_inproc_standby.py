@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import struct
 import uuid
+from pathlib import Path
 
 import pytest
 import trio
@@ -154,3 +155,47 @@ async def test_a_stall_of_the_standby_is_no_silence_of_the_source(nursery: trio.
     assert max(st.read_longest, st.watch_lateness.longest) >= 0.35
     doc = st.to_json()
     assert doc["watch_lateness"]["longest"] == st.watch_lateness.longest and "source_longest_gap" in doc
+
+
+async def test_the_baseline_plan_made_ahead_follows_the_published_generation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12 item 1: the standby keeps the baseline's load plan made ahead (PlanAhead), planned again
+    when a newer generation is published; a takeover uses it only for that generation (_Planner)."""
+    from rmemfs import recovery, standby
+    from rmemfs.loader import plan_load
+    from rmemfs.store.directory import DirectoryStore
+    from rmemfs.store.format import next_manifest
+    monkeypatch.setattr(standby, "REFRESH_INTERVAL", 0.02)
+    (tmp_path / "b").mkdir()
+    backend = DirectoryStore(tmp_path / "b")
+    first = backend.create({}, regions={})
+    ahead = standby.PlanAhead(lambda: backend)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ahead.run)
+        with trio.fail_after(10):
+            while ahead.planned is None:    # noqa: ASYNC110 - the task's state, as a takeover reads it
+                await trio.sleep(0.01)
+        assert ahead.planned[0] == first.generation and ahead.plans == 1
+        await trio.sleep(0.1)
+        assert ahead.plans == 1                                  # the same generation: not planned again
+        second = next_manifest(first, generation=first.generation + 1)
+        backend.publish(second, expect_epoch=first.epoch)
+        with trio.fail_after(10):
+            while ahead.planned[0] != second.generation:   # noqa: ASYNC110 - as above
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert ahead.plans == 2
+    planned = ahead.planned
+
+    calls: list[int] = []
+
+    def counted(store: DirectoryStore, manifest: recovery.Manifest) -> recovery.LoadPlan:
+        calls.append(manifest.generation)
+        return plan_load(store, manifest)
+    monkeypatch.setattr(recovery, "plan_load", counted)
+    report = recovery.RecoveryReport()
+    planner = recovery._Planner(backend, report, planned)
+    await planner.run(second)
+    assert await planner.get(second) is planned[1] and calls == [] and report.phases["baseline plan"].seconds == 0
+    third = next_manifest(second, generation=second.generation + 1)
+    assert await planner.get(third) is not planned[1] and calls == [third.generation]

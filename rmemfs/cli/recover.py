@@ -31,6 +31,7 @@ from ..errors import QuietError
 from ..exits import EXIT_USAGE
 from ..host import check_environment, check_mountpoint
 from ..launch import ExporterLaunch
+from ..loader import LoadPlan
 from ..options import parse_options
 from ..exporter import RetireRefused, retire
 from ..store import StoreOptions, open_store
@@ -43,10 +44,12 @@ MAX_TIMEOUT = 24 * 3600.0
 
 
 def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None,
-         on_mounted: Callable[[RecoveryReport], None] | None = None) -> None:
+         on_mounted: Callable[[RecoveryReport], None] | None = None,
+         planned: tuple[int, LoadPlan] | None = None) -> None:
     """For rmemfs-standby, which runs this in its own process: ``prepared``, an exporter it started ahead
     (``ExporterLaunch.prepared``), used for the new regions instead of starting one when it is still alive;
-    ``on_mounted``, called with the report (its phases) once the mount is usable."""
+    ``on_mounted``, called with the report (its phases) once the mount is usable; ``planned``, the baseline's
+    load plan it keeps fresh while watching, with its generation."""
     p = build_parser("rmemfs-recover", __doc__.splitlines()[0])
     p.add_argument("--source", help="the failed host's exporter, HOST[:PORT] (default: the owner the backend "
                    "names, at its recorded port)")
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None, prepared: ExporterLaunch | None = None,
             opened, report = trio.run(lambda: recover(
                 Path(args.backend), args.source, opts, transport=args.transport, timeout=args.timeout,
                 dry_run=args.dry_run, verify=args.verify, baseline_only=args.baseline_only,
-                check_alive=not args.no_liveness_check, fence_cmd=fence_cmd, load=args.load,
+                check_alive=not args.no_liveness_check, fence_cmd=fence_cmd, load=args.load, planned=planned,
                 on_progress=TerminalProgress() if sys.stderr.isatty() else None, report=report, regions_ready=start_exporter,
                 region_dir_made=region_dir_made))
             t_mount = time.monotonic()

@@ -44,7 +44,7 @@ from ..recovery import parse_source
 from ..sdnotify import notify
 from ..store import STATE_CLEAN, StoreOptions, open_store
 from ..stalls import GC_PAUSES
-from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, Watcher, status_file, status_socket,
+from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, PlanAhead, Watcher, status_file, status_socket,
                        watch_metrics, write_event)
 from . import recover as recover_cli
 from .common import first_of, run_main, setup_logging, take_options
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                           fence_cmd=mine.get("fence_cmd"),
                           event_log=Path(mine["event_log"]).absolute() if "event_log" in mine else None,
                           source_stopped=lambda: backend_clean(backend_path, opts.store))
+        plan_ahead = PlanAhead(lambda: open_store(backend_path, opts.store))
         metrics = mine.get("metrics")
         if metrics is not None:
             try:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def watch_and_take_over(prepared: ExporterLaunch, ready: Any) -> int:
             try:
-                t0 = trio.run(watch, watcher, mountpoint, dead_after, ready)
+                t0 = trio.run(watch, watcher, mountpoint, dead_after, ready, plan_ahead)
             except BaseExceptionGroup as group:   # the watch's own failure (a wrong secret...), out of trio's group
                 raise first_of(group, CommandError) or group from None
             if watcher.verdict is None:
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
             # it fences, fetches, publishes, mounts and serves until unmounted.
             try:
                 recover_cli.main(rargv, prepared, on_mounted=lambda report: watcher.recovery_phases.update(
-                    {name: ph.seconds for name, ph in report.phases.items()}))
+                    {name: ph.seconds for name, ph in report.phases.items()}), planned=plan_ahead.planned)
             except SystemExit as e:
                 return int(e.code or 0)
             return 0
@@ -176,9 +177,10 @@ def save_status(mountpoint: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-async def watch(watcher: Watcher, mountpoint: Path, dead_after: float | None, ready: Any) -> float:
-    """Watch until a verdict (or SIGTERM); serve the status socket meanwhile. Returns the monotonic time
-    of the verdict."""
+async def watch(watcher: Watcher, mountpoint: Path, dead_after: float | None, ready: Any,
+                plan_ahead: PlanAhead | None = None) -> float:
+    """Watch until a verdict (or SIGTERM); serve the status socket and keep the baseline's plan fresh
+    meanwhile. Returns the monotonic time of the verdict."""
     import signal
     sock = status_socket(mountpoint)
     sock.parent.mkdir(mode=0o700, exist_ok=True)
@@ -193,6 +195,8 @@ async def watch(watcher: Watcher, mountpoint: Path, dead_after: float | None, re
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, sock, handle)
         await nursery.start(watcher.run)
+        if plan_ahead is not None:
+            nursery.start_soon(plan_ahead.run)
         if dead_after is None and watcher.status.heartbeat_interval:
             # The default follows the source's own interval: 5 beats, at least DEFAULT_DEAD_AFTER.
             watcher.dead_after = max(DEFAULT_DEAD_AFTER, 5 * watcher.status.heartbeat_interval)
