@@ -40,7 +40,8 @@ from .journal import CHECKPOINT, Journal, JournalFull
 from .namespace import (ROOT_INO, RENAME_EXCHANGE, RENAME_NOREPLACE, SET_ATIME, SET_CTIME, SET_GID, SET_MODE,
                         SET_MTIME, SET_SIZE, SET_UID, ExtentStore, Inode, Namespace, rec_create, rec_extent,
                         rec_free, rec_link, rec_rename, rec_setattr, rec_unlink, snapshot_growth)
-from .regions import (CTL_REGION_ID, EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet)
+from .regions import (CTL_REGION_ID, EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
+                      extent_runs)
 from .sources.lazy import NotResident, Residency
 import trio.lowlevel
 
@@ -187,13 +188,15 @@ class Filesystem:
         for region_id, region in self.regions.regions.items():
             self.tracker.region_pages[region_id] = region.pages
 
-    def _release_extents(self, extents: list[tuple[int, int]]) -> None:
+    def _release_extents(self, extents: list[tuple[int, int]], used_bytes: list[int] | None = None) -> None:
         # Mark contiguous extents as one run, so freeing a big file costs few list entries.
-        for region_id, first, count in _extent_runs(extents):
+        for region_id, first, count in extent_runs(extents):
             if self.residency is not None:
                 self.residency.claim(region_id, first * EXTENT_PAGES, count * EXTENT_PAGES)
             self.tracker.mark(region_id, first * EXTENT_PAGES, count * EXTENT_PAGES)
-            self.regions[region_id].release(first * EXTENT_SIZE, count * EXTENT_SIZE)
+        # Only once serving: a lazy load must not be under way when an extent is kept for reuse.
+        self.regions.release_extents(extents, used_bytes if self.residency is None or self.residency.complete
+                                     else None)
 
     def _zero_range(self, region_id: int, ext: int, offset: int, length: int) -> None:
         if length <= 0:
@@ -615,20 +618,28 @@ class Filesystem:
             self._check_partial_pages(inode, offset, end)
         index, in_ext = divmod(offset, EXTENT_SIZE)
         loc = inode.extents.get(index)
-        if loc is not None and 0 < len(src) <= EXTENT_SIZE - in_ext and not loading:
-            # The common case (a database page, a writeback page): one piece of an extent the file has.
-            # The same steps as the loop below, without its generator and run list (issue 14).
-            self._back(*loc)
-            start = loc[1] * EXTENT_SIZE + in_ext
-            first = start // PAGE_SIZE
-            self.tracker.mark(loc[0], first, (start + len(src) - 1) // PAGE_SIZE - first + 1)   # mark_bytes
-            self._copy_in(loc[0], start, src)
-        else:
-            self._write_pieces(inode, offset, end, src)
-        now = time.time_ns()
-        if end > inode.size:
-            self._do(rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=end, mtime=now, ctime=now))
-        else:             # the data is tracked; the new times are journaled lazily (TIMES_LAG_S)
+        extends = end > inode.size
+        try:
+            if loc is not None and 0 < len(src) <= EXTENT_SIZE - in_ext and not loading:
+                # The common case (a database page, a writeback page): one piece of an extent the file has.
+                # The same steps as the loop below, without its generator and run list (issue 14).
+                self._back(*loc)
+                start = loc[1] * EXTENT_SIZE + in_ext
+                first = start // PAGE_SIZE
+                self.tracker.mark(loc[0], first, (start + len(src) - 1) // PAGE_SIZE - first + 1)  # mark_bytes
+                self._copy_in(loc[0], start, src)
+            else:
+                self._write_pieces(inode, offset, end, src)
+            now = time.time_ns()
+            if extends:
+                self._do(rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=end, mtime=now, ctime=now))
+        except BaseException:
+            if extends:      # bytes may lie past the file's end now: no longer zeros there
+                for i in range(index, (end - 1) // EXTENT_SIZE + 1):
+                    if i in inode.extents:
+                        self.regions.not_fresh(*inode.extents[i])
+            raise
+        if not extends:     # the data is tracked; the new times are journaled lazily (TIMES_LAG_S)
             inode.mtime_ns = inode.ctime_ns = now
             if not self._pending_times:
                 self._times_due = time.monotonic() + TIMES_LAG_S
@@ -740,15 +751,3 @@ def _extent_pieces(offset: int, end: int) -> Iterator[tuple[int, int, int, int]]
         n = min(EXTENT_SIZE - in_ext, end - pos)
         yield index, in_ext, n, pos
         pos += n
-
-
-def _extent_runs(extents: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(region id, first extent, extent count) runs of the given extents: counted in extents, not a
-    pagemap.Run of pages."""
-    runs: list[tuple[int, int, int]] = []
-    for region_id, ext in sorted(extents):
-        if runs and runs[-1][0] == region_id and runs[-1][1] + runs[-1][2] == ext:
-            runs[-1] = (region_id, runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((region_id, ext, 1))
-    return runs
