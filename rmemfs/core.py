@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from .errors import CorruptionError, FsError
 from .fencing import barrier
 from .journal import CHECKPOINT, Journal, JournalFull
 from .namespace import (ROOT_INO, RENAME_EXCHANGE, RENAME_NOREPLACE, SET_ATIME, SET_CTIME, SET_GID, SET_MODE,
-                        SET_MTIME, SET_SIZE, SET_UID, ExtentStore, Inode, Namespace, rec_create, rec_extent,
+                        SET_MTIME, SET_SIZE, SET_UID, SETATTR, ExtentStore, Inode, Namespace, rec_create, rec_extent,
                         rec_free, rec_link, rec_rename, rec_setattr, rec_unlink, snapshot_growth)
 from .regions import (CTL_REGION_ID, EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
                       extent_runs)
@@ -59,6 +60,9 @@ TIMES_LAG_S = 1.0
 # heartbeat a standby watches keeps beating (about 2,000 files a step; issue 12).
 COMPACTION_SLICE_S = 0.005
 T = TypeVar("T")
+# A SETATTR payload (namespace.rec_setattr) of size, mtime and ctime: <Q ino, I mask, I mode, I uid, I gid,
+# Q size, q atime, q mtime, q ctime> with mode, uid, gid and atime 0.
+_SETATTR_EXTEND = struct.Struct("<QI12xQ8xqq")
 
 
 @dataclass(frozen=True)
@@ -632,7 +636,10 @@ class Filesystem:
                 self._write_pieces(inode, offset, end, src)
             now = time.time_ns()
             if extends:
-                self._do(rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=end, mtime=now, ctime=now))
+                # rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=end, mtime=now, ctime=now) through
+                # _do, without building and decoding it twice: one record per appending write (issue 14).
+                self._log(SETATTR, _SETATTR_EXTEND.pack(ino, SET_SIZE | SET_MTIME | SET_CTIME, end, now, now))
+                self.ns.extended(inode, end, now)
         except BaseException:
             if extends:      # bytes may lie past the file's end now: no longer zeros there
                 for i in range(index, (end - 1) // EXTENT_SIZE + 1):

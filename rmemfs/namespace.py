@@ -316,6 +316,13 @@ class Namespace:
         if mask & SET_CTIME:
             inode.ctime_ns = ctime
 
+    def extended(self, inode: Inode, size: int, now: int) -> None:
+        """Apply rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=size, mtime=now, ctime=now) for a
+        size not below the inode's (a write past the end), without decoding it: what ``_setattr`` does."""
+        self.changed(inode.ino)
+        inode.size = size
+        inode.mtime_ns = inode.ctime_ns = now
+
     def _shrink(self, inode: Inode, size: int) -> None:
         """Free extents past ``size`` and zero the tail of the last one, so a later
         extension reads zeros (POSIX). Idempotent, so replay may redo it."""

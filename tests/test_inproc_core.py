@@ -25,7 +25,9 @@ from rmemfs.errors import FsError
 from rmemfs.flusher import Flusher
 from rmemfs.loader import view_writer
 from rmemfs.sources.baseline import load_baseline
-from rmemfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO
+from rmemfs.journal import iter_records
+from rmemfs.namespace import (RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, SET_CTIME, SET_MTIME, SET_SIZE,
+                              rec_setattr)
 from rmemfs.regions import EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, Region, RegionSet
 from rmemfs.store.directory import DirectoryStore
 from rmemfs.store.live import LiveMap
@@ -741,9 +743,9 @@ def test_a_failed_write_past_the_end_makes_its_extent_be_punched_when_freed(
     fs.write(f.ino, 0, b"x" * 4096)
     loc = f.extents[0]
 
-    def full(record: tuple[int, bytes]) -> None:
+    def full(rtype: int, payload: bytes) -> None:
         raise FsError(errno.ENOSPC, "journal full")
-    monkeypatch.setattr(fs, "_do", full)
+    monkeypatch.setattr(fs, "_log", full)
     with pytest.raises(FsError):
         fs.write(f.ino, 8192, b"y" * 4096)           # the data is in, the size record is not
     monkeypatch.undo()
@@ -764,4 +766,14 @@ def test_extents_kept_for_reuse_are_punched_by_a_load(fs: Filesystem) -> None:
     fs2 = reopen(fs)
     assert fs2.regions.reusable_extents() == 0
     assert fs2.regions.stats().resident_bytes <= resident - EXTENT_SIZE
+
+
+def test_a_write_past_the_end_journals_the_setattr_record_of_its_size_and_times(fs: Filesystem) -> None:
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, b"abc")
+    fs.write(f.ino, 3, b"defg")
+    *_, (_, rtype, payload) = iter_records(fs.journal.view, fs.journal.sb)
+    assert (rtype, bytes(payload)) == rec_setattr(f.ino, SET_SIZE | SET_MTIME | SET_CTIME, size=7,
+                                                  mtime=f.mtime_ns, ctime=f.ctime_ns)
+    assert reopen(fs).read(f.ino, 0, 100) == b"abcdefg"
 
