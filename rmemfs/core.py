@@ -384,6 +384,14 @@ class Filesystem:
             raise FsError(errno.EINVAL)
 
     def lookup(self, parent: int, name: bytes) -> Inode:
+        inode = self.find(parent, name)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        return inode
+
+    def find(self, parent: int, name: bytes) -> Inode | None:
+        """``lookup``, with None for a name that does not exist (no exception: the FUSE adapter answers it
+        with a negative entry)."""
         pdir = self._dir(parent)
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
@@ -393,10 +401,10 @@ class Filesystem:
             ino = pdir.parent
         else:
             assert pdir.entries is not None
-            try:
-                ino = pdir.entries[name]
-            except KeyError:
-                raise FsError(errno.ENOENT) from None
+            child = pdir.entries.get(name)
+            if child is None:
+                return None
+            ino = child
         inode = self.ns.inodes[ino]
         inode.lookups += 1
         return inode

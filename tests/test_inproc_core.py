@@ -11,7 +11,9 @@ import threading
 import uuid
 from pathlib import Path
 from collections.abc import Callable, Iterator
+from typing import cast
 
+import pyfuse3
 import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 from harness import private_tmpfs
 from rmemfs import PAGE_SIZE
 from rmemfs import core as core_module
+from rmemfs import fs as fuse
 from rmemfs.core import Filesystem
 from rmemfs.errors import FsError
 from rmemfs.flusher import Flusher
@@ -777,3 +780,15 @@ def test_a_write_past_the_end_journals_the_setattr_record_of_its_size_and_times(
                                                   mtime=f.mtime_ns, ctime=f.ctime_ns)
     assert reopen(fs).read(f.ino, 0, 100) == b"abcdefg"
 
+
+async def test_a_missing_name_is_a_negative_entry_the_kernel_may_cache(fs: Filesystem) -> None:
+    ops = fuse.Operations(fs)
+    ctx = cast(pyfuse3.RequestContext, None)
+    missing = await ops.lookup(ROOT_INO, b"x.sqlite-journal", ctx)
+    assert missing.st_ino == 0 and missing.entry_timeout > 0
+    f = fs.make(ROOT_INO, b"x.sqlite-journal", REG, 0, 0)
+    found = await ops.lookup(ROOT_INO, b"x.sqlite-journal", ctx)
+    assert found.st_ino == f.ino and f.lookups == 2
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.lookup(f.ino, b"x", ctx)                # not a directory: still an error
+    assert e.value.errno == errno.ENOTDIR
