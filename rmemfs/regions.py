@@ -10,7 +10,8 @@ Region files live in one region directory per filesystem (default
 A region never changes size after it is created, so a registration (an rkey)
 stays valid for its lifetime. A file grows by taking more extents and the
 filesystem by adding data regions. Region files are sparse: on tmpfs only the
-pages ever written cost memory, and freeing an extent punches it out.
+pages ever written cost memory, and freeing an extent punches it out (but for a
+few small ones, zeroed and kept for the next new extents: ``REUSE_EXTENTS``).
 """
 from __future__ import annotations
 
