@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,10 @@ from .errors import CorruptionError, FsError
 from .fencing import barrier
 from .journal import CHECKPOINT, Journal, JournalFull
 from .namespace import (ROOT_INO, RENAME_EXCHANGE, RENAME_NOREPLACE, SET_ATIME, SET_CTIME, SET_GID, SET_MODE,
-                        SET_MTIME, SET_SIZE, SET_UID, ExtentStore, Inode, Namespace, rec_create, rec_extent,
+                        SET_MTIME, SET_SIZE, SET_UID, SETATTR, ExtentStore, Inode, Namespace, rec_create, rec_extent,
                         rec_free, rec_link, rec_rename, rec_setattr, rec_unlink, snapshot_growth)
-from .regions import (CTL_REGION_ID, EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet)
+from .regions import (CTL_REGION_ID, EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, META_REGION_SIZE, RegionSet,
+                      extent_runs)
 from .sources.lazy import NotResident, Residency
 import trio.lowlevel
 
@@ -58,6 +60,9 @@ TIMES_LAG_S = 1.0
 # heartbeat a standby watches keeps beating (about 2,000 files a step; issue 12).
 COMPACTION_SLICE_S = 0.005
 T = TypeVar("T")
+# A SETATTR payload (namespace.rec_setattr) of size, mtime and ctime: <Q ino, I mask, I mode, I uid, I gid,
+# Q size, q atime, q mtime, q ctime> with mode, uid, gid and atime 0.
+_SETATTR_EXTEND = struct.Struct("<QI12xQ8xqq")
 
 
 @dataclass(frozen=True)
@@ -187,13 +192,15 @@ class Filesystem:
         for region_id, region in self.regions.regions.items():
             self.tracker.region_pages[region_id] = region.pages
 
-    def _release_extents(self, extents: list[tuple[int, int]]) -> None:
+    def _release_extents(self, extents: list[tuple[int, int]], used_bytes: list[int] | None = None) -> None:
         # Mark contiguous extents as one run, so freeing a big file costs few list entries.
-        for region_id, first, count in _extent_runs(extents):
+        for region_id, first, count in extent_runs(extents):
             if self.residency is not None:
                 self.residency.claim(region_id, first * EXTENT_PAGES, count * EXTENT_PAGES)
             self.tracker.mark(region_id, first * EXTENT_PAGES, count * EXTENT_PAGES)
-            self.regions[region_id].release(first * EXTENT_SIZE, count * EXTENT_SIZE)
+        # Only once serving: a lazy load must not be under way when an extent is kept for reuse.
+        self.regions.release_extents(extents, used_bytes if self.residency is None or self.residency.complete
+                                     else None)
 
     def _zero_range(self, region_id: int, ext: int, offset: int, length: int) -> None:
         if length <= 0:
@@ -377,6 +384,14 @@ class Filesystem:
             raise FsError(errno.EINVAL)
 
     def lookup(self, parent: int, name: bytes) -> Inode:
+        inode = self.find(parent, name)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        return inode
+
+    def find(self, parent: int, name: bytes) -> Inode | None:
+        """``lookup``, with None for a name that does not exist (no exception: the FUSE adapter answers it
+        with a negative entry)."""
         pdir = self._dir(parent)
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
@@ -386,10 +401,10 @@ class Filesystem:
             ino = pdir.parent
         else:
             assert pdir.entries is not None
-            try:
-                ino = pdir.entries[name]
-            except KeyError:
-                raise FsError(errno.ENOENT) from None
+            child = pdir.entries.get(name)
+            if child is None:
+                return None
+            ino = child
         inode = self.ns.inodes[ino]
         inode.lookups += 1
         return inode
@@ -615,20 +630,31 @@ class Filesystem:
             self._check_partial_pages(inode, offset, end)
         index, in_ext = divmod(offset, EXTENT_SIZE)
         loc = inode.extents.get(index)
-        if loc is not None and 0 < len(src) <= EXTENT_SIZE - in_ext and not loading:
-            # The common case (a database page, a writeback page): one piece of an extent the file has.
-            # The same steps as the loop below, without its generator and run list (issue 14).
-            self._back(*loc)
-            start = loc[1] * EXTENT_SIZE + in_ext
-            first = start // PAGE_SIZE
-            self.tracker.mark(loc[0], first, (start + len(src) - 1) // PAGE_SIZE - first + 1)   # mark_bytes
-            self._copy_in(loc[0], start, src)
-        else:
-            self._write_pieces(inode, offset, end, src)
-        now = time.time_ns()
-        if end > inode.size:
-            self._do(rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=end, mtime=now, ctime=now))
-        else:             # the data is tracked; the new times are journaled lazily (TIMES_LAG_S)
+        extends = end > inode.size
+        try:
+            if loc is not None and 0 < len(src) <= EXTENT_SIZE - in_ext and not loading:
+                # The common case (a database page, a writeback page): one piece of an extent the file has.
+                # The same steps as the loop below, without its generator and run list (issue 14).
+                self._back(*loc)
+                start = loc[1] * EXTENT_SIZE + in_ext
+                first = start // PAGE_SIZE
+                self.tracker.mark(loc[0], first, (start + len(src) - 1) // PAGE_SIZE - first + 1)  # mark_bytes
+                self._copy_in(loc[0], start, src)
+            else:
+                self._write_pieces(inode, offset, end, src)
+            now = time.time_ns()
+            if extends:
+                # rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=end, mtime=now, ctime=now) through
+                # _do, without building and decoding it twice: one record per appending write (issue 14).
+                self._log(SETATTR, _SETATTR_EXTEND.pack(ino, SET_SIZE | SET_MTIME | SET_CTIME, end, now, now))
+                self.ns.extended(inode, end, now)
+        except BaseException:
+            if extends:      # bytes may lie past the file's end now: no longer zeros there
+                for i in range(index, (end - 1) // EXTENT_SIZE + 1):
+                    if i in inode.extents:
+                        self.regions.not_fresh(*inode.extents[i])
+            raise
+        if not extends:     # the data is tracked; the new times are journaled lazily (TIMES_LAG_S)
             inode.mtime_ns = inode.ctime_ns = now
             if not self._pending_times:
                 self._times_due = time.monotonic() + TIMES_LAG_S
@@ -740,15 +766,3 @@ def _extent_pieces(offset: int, end: int) -> Iterator[tuple[int, int, int, int]]
         n = min(EXTENT_SIZE - in_ext, end - pos)
         yield index, in_ext, n, pos
         pos += n
-
-
-def _extent_runs(extents: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(region id, first extent, extent count) runs of the given extents: counted in extents, not a
-    pagemap.Run of pages."""
-    runs: list[tuple[int, int, int]] = []
-    for region_id, ext in sorted(extents):
-        if runs and runs[-1][0] == region_id and runs[-1][1] + runs[-1][2] == ext:
-            runs[-1] = (region_id, runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((region_id, ext, 1))
-    return runs

@@ -340,8 +340,8 @@ class DirtyTracker:
         """Record pages about to change. Call before writing them."""
         if self.preserver is not None:
             self.preserver.preserve(region_id, first_page, npages)
-        if self.enabled:
-            self.current.add(region_id, first_page, npages, self.region_pages[region_id])
+        if self.enabled:     # self.current, inlined: once per write and per journal record
+            self.lists[self._hdr[W_STATE] & 1].add(region_id, first_page, npages, self.region_pages[region_id])
 
     def mark_runs(self, runs: list[Run]) -> None:
         """``mark`` for many disjoint runs at once."""

@@ -87,9 +87,21 @@ class Operations(pyfuse3.Operations):
             await self.fs.admit()
 
     # --- namespace ---------------------------------------------------------------
-    @_errno_boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attrs(self.fs.lookup(parent_inode, name))
+        # Catches for itself, as read and write do. A missing name is a negative entry the kernel keeps for
+        # ATTR_TIMEOUT, as it keeps the positive ones: only requests through this mount change the namespace,
+        # and the kernel drops or replaces the entry itself on each of them. SQLite looks its -journal and
+        # -wal names up two or three times a transaction (issue 14).
+        try:
+            inode = self.fs.find(parent_inode, name)
+        except Exception as e:
+            raise _fuse_error("lookup", e) from None
+        if inode is None:
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = 0
+            a.entry_timeout = ATTR_TIMEOUT
+            return a
+        return self._attrs(inode)
 
     @_errno_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

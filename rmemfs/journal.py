@@ -47,6 +47,8 @@ _REC = struct.Struct("<QIHH")
 REC_HEADER = _REC.size + 8
 _REC_SUM = struct.Struct("<QIHHQ")      # the header and its checksum
 CHECKPOINT = 1
+_PADS = [b"\0" * i for i in range(8)]
+_digest = xxhash.xxh3_64_intdigest
 MIN_LOG_BEFORE_COMPACTION = 8 << 20
 
 
@@ -195,18 +197,33 @@ class Journal:
         self.view[pos:pos + len(data)] = data
 
     def _encode(self, lsn: int, rtype: int, payload: bytes) -> bytes:
-        head = _REC.pack(lsn, len(payload), rtype, 0)
-        pad = b"\0" * (-len(payload) % 8)
-        return head + struct.pack("<Q", _xxh(head, payload)) + payload + pad
+        n = len(payload)
+        head = _REC.pack(lsn, n, rtype, 0)
+        # One digest call over the joined bytes (= _xxh(head, payload)): a record per extending write
+        # makes this a hot path (issue 14).
+        csum = _digest(head + payload) if n <= 4096 else _xxh(head, payload)    # no copy of a checkpoint
+        return _REC_SUM.pack(lsn, n, rtype, 0, csum) + payload + _PADS[-n % 8]
 
     def append(self, rtype: int, payload: bytes, growing: bool = False) -> None:
-        assert self.sb is not None
-        rec = self._encode(self.next_lsn, rtype, payload)
-        if self.pos + len(rec) > self.sb.area_offset + self.sb.area_length:
+        # _encode and _write inlined, and _back called only when the allocated prefix ends too soon: every
+        # namespace change and every write past a file's end runs this (issue 14).
+        sb = self.sb
+        assert sb is not None
+        pos, lsn, n = self.pos, self.next_lsn, len(payload)
+        csum = _digest(_REC.pack(lsn, n, rtype, 0) + payload) if n <= 4096 else \
+            _xxh(_REC.pack(lsn, n, rtype, 0), payload)
+        rec = _REC_SUM.pack(lsn, n, rtype, 0, csum) + payload + _PADS[-n % 8]
+        end = pos + len(rec)
+        if end > sb.area_offset + sb.area_length:
             raise JournalFull()
-        self._write(self.pos, rec, BACK_RESERVE if growing else 0)
-        self.pos += len(rec)
-        self.next_lsn += 1
+        reserve = BACK_RESERVE if growing else 0
+        if end + reserve > self.backed.get(sb.area_offset, 0):
+            self._back(pos, end, reserve)
+        first = pos // PAGE_SIZE
+        self.tracker.mark(META_REGION_ID, first, (end - 1) // PAGE_SIZE - first + 1)
+        self.view[pos:end] = rec
+        self.pos = end
+        self.next_lsn = lsn + 1
 
     def room_for_growth(self, growth: int) -> bool:
         """Whether a record that grows the namespace by up to ``growth`` bytes keeps the next checkpoint

@@ -137,10 +137,12 @@ class ExtentStore:
     """What the model needs from the data side: extent bookkeeping and zeroing."""
 
     def __init__(self, mark_used: Callable[[int, int, bool], None],
-                 release: Callable[[list[tuple[int, int]]], None],
+                 release: Callable[[list[tuple[int, int]], list[int] | None], None],
                  zero_range: Callable[[int, int, int, int], None]) -> None:
         self.mark_used = mark_used        # (region, extent, used)
-        self.release = release            # ([(region, extent), ...]): mark dirty + give memory back
+        # ([(region, extent), ...], bytes of each the file may have written, None: all): mark dirty + give
+        # the memory back
+        self.release = release
         self.zero_range = zero_range      # (region, extent, offset_in_extent, length): mark dirty + zero
 
 
@@ -314,13 +316,21 @@ class Namespace:
         if mask & SET_CTIME:
             inode.ctime_ns = ctime
 
+    def extended(self, inode: Inode, size: int, now: int) -> None:
+        """Apply rec_setattr(ino, SET_SIZE | SET_MTIME | SET_CTIME, size=size, mtime=now, ctime=now) for a
+        size not below the inode's (a write past the end), without decoding it: what ``_setattr`` does."""
+        self.changed(inode.ino)
+        inode.size = size
+        inode.mtime_ns = inode.ctime_ns = now
+
     def _shrink(self, inode: Inode, size: int) -> None:
         """Free extents past ``size`` and zero the tail of the last one, so a later
         extension reads zeros (POSIX). Idempotent, so replay may redo it."""
         es = self.extent_size
         keep = -(-size // es)
-        dropped = [inode.extents.pop(i) for i in [i for i in inode.extents if i >= keep]]
-        self._release(dropped)
+        indices = [i for i in inode.extents if i >= keep]
+        dropped = [inode.extents.pop(i) for i in indices]
+        self._release(dropped, [max(0, min(es, inode.size - i * es)) for i in indices])
         if self.replaying:
             self._replay_shrunk.add(inode.ino)
             return
@@ -334,14 +344,16 @@ class Namespace:
         inode = self.inodes.pop(ino, None)
         if inode is None:
             return
-        self._release(list(inode.extents.values()))
+        es, size = self.extent_size, inode.size
+        self._release(list(inode.extents.values()), [max(0, min(es, size - i * es)) for i in inode.extents])
 
-    def _release(self, extents: list[tuple[int, int]]) -> None:
+    def _release(self, extents: list[tuple[int, int]], used_bytes: list[int]) -> None:
+        """``used_bytes``: per extent, how much of it lies within the file's size (the rest is zeros)."""
         if extents:
             if self.replaying:
                 self._replay_released.update(extents)
             else:
-                self.store.release(extents)
+                self.store.release(extents, used_bytes)
             for region_id, ext in extents:
                 self.store.mark_used(region_id, ext, False)
 
@@ -352,7 +364,7 @@ class Namespace:
         used = {loc for inode in self.inodes.values() for loc in inode.extents.values()}
         free = sorted(self._replay_released - used)
         if free:
-            self.store.release(free)
+            self.store.release(free, None)
         es = self.extent_size
         for ino in sorted(self._replay_shrunk):
             inode = self.inodes.get(ino)

@@ -12,7 +12,9 @@ import threading
 import uuid
 from pathlib import Path
 from collections.abc import Callable, Iterator
+from typing import cast
 
+import pyfuse3
 import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
@@ -21,13 +23,16 @@ from hypothesis import strategies as st
 from harness import private_tmpfs
 from rmemfs import PAGE_SIZE
 from rmemfs import core as core_module
+from rmemfs import fs as fuse
 from rmemfs.core import Filesystem
 from rmemfs.errors import FsError
 from rmemfs.flusher import Flusher
 from rmemfs.loader import view_writer
 from rmemfs.sources.baseline import load_baseline
-from rmemfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO
-from rmemfs.regions import EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, RegionSet
+from rmemfs.journal import iter_records
+from rmemfs.namespace import (RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, SET_CTIME, SET_MTIME, SET_SIZE,
+                              rec_setattr)
+from rmemfs.regions import EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, Region, RegionSet
 from rmemfs.store.directory import DirectoryStore
 from rmemfs.store.live import LiveMap
 import trio.lowlevel
@@ -751,3 +756,99 @@ async def test_failed_flushes_do_not_fill_the_list_with_the_same_pages(fs: Files
     assert all(bytes(images[region_id][base + p * PAGE_SIZE:base + p * PAGE_SIZE + 4]) ==
                rounds.to_bytes(4, "little") for p in pages[:10])
     assert backend.verify() == []
+
+
+# --- freed extents kept backed for reuse (issue 14: SQLite's DELETE journal) -----------------------------
+
+def _extent_bytes(fs: Filesystem, loc: tuple[int, int]) -> bytes:
+    return bytes(fs.regions[loc[0]].view[loc[1] * EXTENT_SIZE:(loc[1] + 1) * EXTENT_SIZE])
+
+
+def test_a_small_freed_extent_is_zeroed_and_reused_without_allocating_again(
+        fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = fs.make(ROOT_INO, b"journal", REG, 0, 0)
+    fs.write(f.ino, 0, b"a" * 512)
+    fs.write(f.ino, 4096, os.urandom(4620))          # up to 8716: three pages, as a commit's journal
+    loc = f.extents[0]
+    fs.unlink(ROOT_INO, b"journal", directory=False)
+    fs.forget(f.ino, f.lookups)
+    assert f.ino not in fs.ns.inodes
+    assert fs.regions.reusable_extents() == 1
+    assert _extent_bytes(fs, loc) == bytes(EXTENT_SIZE)
+    assert (loc[0], loc[1] * EXTENT_PAGES) in {(r, p) for r, p, _ in fs.tracker.current.runs()}
+    allocations: list[tuple[int, int]] = []
+    real = Region.allocate
+    monkeypatch.setattr(Region, "allocate", lambda self, off, n: (allocations.append((off, n)), real(self, off, n))[1])
+    g = fs.make(ROOT_INO, b"journal", REG, 0, 0)
+    fs.write(g.ino, 0, b"b")
+    assert g.extents[0] == loc and allocations == [] and fs.regions.reusable_extents() == 0
+    fs.setattr(g.ino, size=EXTENT_SIZE)                 # what the old file wrote reads as zeros
+    assert fs.read(g.ino, 0, EXTENT_SIZE) == b"b" + bytes(EXTENT_SIZE - 1)
+
+
+def test_a_large_freed_extent_and_one_loaded_in_use_are_punched_not_kept(fs: Filesystem) -> None:
+    big = fs.make(ROOT_INO, b"big", REG, 0, 0)
+    fs.write(big.ino, 0, os.urandom(EXTENT_SIZE))    # more of it used than is worth zeroing
+    fs.unlink(ROOT_INO, b"big", directory=False)
+    fs.forget(big.ino, big.lookups)
+    assert fs.regions.reusable_extents() == 0
+    small = fs.make(ROOT_INO, b"small", REG, 0, 0)
+    fs.write(small.ino, 0, b"s" * 100)
+    fs2 = reopen(fs)                                  # an extent in use at a load is not known to be fresh
+    fs2.unlink(ROOT_INO, b"small", directory=False)
+    assert small.ino not in fs2.ns.inodes
+    assert fs2.regions.reusable_extents() == 0
+
+
+def test_a_failed_write_past_the_end_makes_its_extent_be_punched_when_freed(
+        fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, b"x" * 4096)
+    loc = f.extents[0]
+
+    def full(rtype: int, payload: bytes) -> None:
+        raise FsError(errno.ENOSPC, "journal full")
+    monkeypatch.setattr(fs, "_log", full)
+    with pytest.raises(FsError):
+        fs.write(f.ino, 8192, b"y" * 4096)           # the data is in, the size record is not
+    monkeypatch.undo()
+    assert f.size == 4096
+    fs.unlink(ROOT_INO, b"f", directory=False)
+    fs.forget(f.ino, f.lookups)
+    assert fs.regions.reusable_extents() == 0         # past its size it was not zeros: not kept
+    assert _extent_bytes(fs, loc) == bytes(EXTENT_SIZE)
+
+
+def test_extents_kept_for_reuse_are_punched_by_a_load(fs: Filesystem) -> None:
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, b"x" * 100)
+    fs.unlink(ROOT_INO, b"f", directory=False)
+    fs.forget(f.ino, f.lookups)
+    assert fs.regions.reusable_extents() == 1
+    resident = fs.regions.stats().resident_bytes
+    fs2 = reopen(fs)
+    assert fs2.regions.reusable_extents() == 0
+    assert fs2.regions.stats().resident_bytes <= resident - EXTENT_SIZE
+
+
+def test_a_write_past_the_end_journals_the_setattr_record_of_its_size_and_times(fs: Filesystem) -> None:
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, b"abc")
+    fs.write(f.ino, 3, b"defg")
+    *_, (_, rtype, payload) = iter_records(fs.journal.view, fs.journal.sb)
+    assert (rtype, bytes(payload)) == rec_setattr(f.ino, SET_SIZE | SET_MTIME | SET_CTIME, size=7,
+                                                  mtime=f.mtime_ns, ctime=f.ctime_ns)
+    assert reopen(fs).read(f.ino, 0, 100) == b"abcdefg"
+
+
+async def test_a_missing_name_is_a_negative_entry_the_kernel_may_cache(fs: Filesystem) -> None:
+    ops = fuse.Operations(fs)
+    ctx = cast(pyfuse3.RequestContext, None)
+    missing = await ops.lookup(ROOT_INO, b"x.sqlite-journal", ctx)
+    assert missing.st_ino == 0 and missing.entry_timeout > 0
+    f = fs.make(ROOT_INO, b"x.sqlite-journal", REG, 0, 0)
+    found = await ops.lookup(ROOT_INO, b"x.sqlite-journal", ctx)
+    assert found.st_ino == f.ino and f.lookups == 2
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.lookup(f.ino, b"x", ctx)                # not a directory: still an error
+    assert e.value.errno == errno.ENOTDIR

@@ -172,3 +172,23 @@ def test_a_write_costs_one_request_not_a_getxattr_too(rig: Rig, mnt: Path) -> No
         os.getxattr(mnt / "f", "user.anything")
     assert e.value.errno in (errno.EOPNOTSUPP, errno.ENODATA), e.value
     rig.flush()                 # the control socket is still found
+
+
+def test_names_the_kernel_caches_as_missing_appear_and_go_with_this_mounts_changes(mnt: Path) -> None:
+    # rmemfs answers a missing name with a negative entry the kernel keeps (issue 14)
+    for _ in range(2):
+        assert not (mnt / "j").exists()
+        assert not (mnt / "j").exists()                 # from the kernel's cache
+        (mnt / "j").write_bytes(b"x")
+        assert (mnt / "j").read_bytes() == b"x"
+        os.rename(mnt / "j", mnt / "k")
+        assert not (mnt / "j").exists() and (mnt / "k").exists()
+        os.link(mnt / "k", mnt / "j")
+        assert (mnt / "j").read_bytes() == b"x"
+        os.unlink(mnt / "j")
+        os.unlink(mnt / "k")
+        assert not (mnt / "k").exists()
+    os.mkdir(mnt / "d")
+    assert not (mnt / "d" / "f").exists()
+    subprocess.run([sys.executable, "-c", f"open({str(mnt / 'd' / 'f')!r}, 'w').write('y')"], check=True)
+    assert (mnt / "d" / "f").read_text() == "y"

@@ -3,6 +3,7 @@
 
     tools/profile_writes.py inproc [--pages N] [--runs R] [--cprofile]
     tools/profile_writes.py mount [--pairs R] [--writeback]
+    tools/profile_writes.py delete [--commits N] [--runs R] [--cprofile]
 
 ``inproc``: no kernel. rmemfs's ``fs.Operations.write`` (a fresh filesystem in /dev/shm, a 256 MiB
 file prefilled in 1 MiB writes, as tools/bench does) and ``MinimalFS.write`` (os.pwrite into a /dev/shm
@@ -15,6 +16,11 @@ run, by own time.
 ``pwrite`` and of mmap stores + msync into a 64 MiB file; per pair the rate and the filesystem
 process's CPU time per request, user and system, from /proc/PID/stat (pyfuse3 and trio included: the
 difference between the two is what rmemfs adds to a round trip).
+
+``delete``: no kernel. The requests one SQLite commit in journal_mode=DELETE sends (traced from a real
+mount: 35 of them, the journal file created, written in 9 pieces, fsynced and unlinked, the database
+written and fsynced, the names looked up) are awaited on rmemfs's ``fs.Operations`` and on ``MinimalFS``,
+N commits per run; thread CPU per commit, the two alternated.
 
 Exit 0; 2 on bad arguments. Needs root and /dev/fuse for ``mount``.
 """
@@ -32,8 +38,10 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any, cast
 from pathlib import Path
 
+import pyfuse3
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,6 +180,111 @@ def mount(pairs: int, writeback: bool) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+class _Ctx:
+    """A pyfuse3.RequestContext as the handlers read it."""
+
+    uid = gid = 0
+    pid = 1
+    umask = 0o022
+
+
+class _Fields:
+    """A pyfuse3.SetattrFields that updates uid and gid only (SQLite, as root, chowns its journal)."""
+
+    update_atime = update_mtime = update_ctime = update_mode = update_size = False
+    update_uid = update_gid = True
+
+
+JOURNAL = b"x-DELETE.sqlite-journal"
+# (offset, length) of the journal file's writes in one commit, as the kernel sends them
+JOURNAL_WRITES = ((0, 512), (512, 4), (516, 3580), (4096, 516), (4612, 4), (4616, 4), (4620, 3572), (8192, 524),
+                  (8716, 4))
+
+
+async def _maybe(request: Awaitable[Any]) -> Any:
+    try:
+        return await request
+    except pyfuse3.FUSEError:
+        return None
+
+
+async def delete_commit(ops: Any, db: int, root: int, page: bytes) -> None:
+    """One DELETE-mode commit's requests, in the order a real mount received them."""
+    ctx = cast(pyfuse3.RequestContext, _Ctx())
+    await ops.getattr(root, ctx)
+    await _maybe(ops.lookup(root, JOURNAL, ctx))
+    await ops.getattr(db, ctx)
+    await ops.read(db, 0, 8192)
+    await _maybe(ops.lookup(root, b"x-DELETE.sqlite-wal", ctx))
+    await ops.getattr(db, ctx)
+    await _maybe(ops.lookup(root, JOURNAL, ctx))
+    fi, attr = await ops.create(root, JOURNAL, 0o100644, os.O_RDWR | os.O_CREAT, ctx)
+    await ops.getattr(attr.st_ino, ctx)
+    await ops.setattr(attr.st_ino, pyfuse3.EntryAttributes(), _Fields(), None, ctx)
+    for off, n in JOURNAL_WRITES:
+        await ops.write(fi.fh, off, page[:n])
+    await ops.getattr(attr.st_ino, ctx)
+    await ops.fsync(fi.fh, True)
+    await ops.getattr(root, ctx)
+    dfh = await ops.opendir(root, ctx)
+    await ops.fsyncdir(dfh, True)
+    await ops.releasedir(dfh)
+    await ops.write(fi.fh, 0, page[:12])
+    await ops.fsync(fi.fh, True)
+    await ops.write(db, 0, page)
+    await ops.write(db, PAGE_SIZE, page)
+    await ops.fsync(db, True)
+    await ops.flush(fi.fh)
+    await ops.release(fi.fh)
+    await ops.unlink(root, JOURNAL, ctx)
+    await ops.forget([(attr.st_ino, 1)])
+
+
+def delete_us(kind: str, directory: Path, commits: int, profile: cProfile.Profile | None) -> float:
+    """Thread CPU per commit of ``commits`` DELETE commits (after 20 to warm up)."""
+    if kind == "rmemfs":
+        fsid = str(uuid.uuid4())
+        regions = Filesystem.create_regions(directory, fsid, capacity=1 << 20, data_region_size=256 << 20,
+                                            meta_size=16 * MiB)
+        ops: Any = fuse.Operations(Filesystem.format(regions, fsid, 1, 1 << 20))
+    else:
+        ops = MinimalFS(directory, False)
+    page = os.urandom(PAGE_SIZE)
+
+    async def run() -> float:
+        ctx = cast(pyfuse3.RequestContext, _Ctx())
+        fi, _ = await ops.create(ROOT_INO, b"x-DELETE.sqlite", 0o100644, os.O_RDWR | os.O_CREAT, ctx)
+        await ops.write(fi.fh, 0, page + page)
+        for _ in range(20):
+            await delete_commit(ops, fi.fh, ROOT_INO, page)
+        if profile:
+            profile.enable()
+        t = time.thread_time()
+        for _ in range(commits):
+            await delete_commit(ops, fi.fh, ROOT_INO, page)
+        us = (time.thread_time() - t) / commits * 1e6
+        if profile:
+            profile.disable()
+        return us
+    return trio.run(run)
+
+
+def delete(commits: int, runs: int, profile: bool) -> None:
+    print(f"in-process, {commits} SQLite DELETE-mode commits' requests per run, thread CPU us per commit")
+    for run in range(runs):
+        line = []
+        for kind in ("rmemfs", "minimal") if run % 2 == 0 else ("minimal", "rmemfs"):
+            base = Path(tempfile.mkdtemp(prefix="profile-writes-", dir="/dev/shm"))
+            try:
+                pr = cProfile.Profile() if profile and kind == "rmemfs" and run == 0 else None
+                line.append(f"{kind} {delete_us(kind, base, commits, pr):6.1f}")
+                if pr:
+                    pstats.Stats(pr).sort_stats("tottime").print_stats(20)
+            finally:
+                shutil.rmtree(base, ignore_errors=True)
+        print(f"  run {run + 1}: " + " | ".join(sorted(line)), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -182,8 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     mp = sub.add_parser("mount", help="real FUSE mounts, interleaved pairs")
     mp.add_argument("--pairs", type=int, default=3)
     mp.add_argument("--writeback", action="store_true", help="both mounts with writeback_cache")
+    dp = sub.add_parser("delete", help="one SQLite DELETE commit's requests, in this process")
+    dp.add_argument("--commits", type=int, default=2000)
+    dp.add_argument("--runs", type=int, default=3)
+    dp.add_argument("--cprofile", action="store_true", help="print rmemfs's cProfile of the first run")
     args = ap.parse_args(argv)
-    if args.cmd == "inproc":
+    if args.cmd == "delete":
+        if args.commits < 1 or args.runs < 1:
+            print("profile_writes: --commits and --runs must be at least 1", file=sys.stderr)
+            return 2
+        delete(args.commits, args.runs, args.cprofile)
+    elif args.cmd == "inproc":
         if not 0 < args.pages <= 65536 or args.runs < 1:
             print("profile_writes: --pages must be 1..65536 and --runs at least 1", file=sys.stderr)
             return 2
