@@ -205,14 +205,12 @@ class Journal:
         return _REC_SUM.pack(lsn, n, rtype, 0, csum) + payload + _PADS[-n % 8]
 
     def append(self, rtype: int, payload: bytes, growing: bool = False) -> None:
-        # _encode and _write inlined, and _back called only when the allocated prefix ends too soon: every
-        # namespace change and every write past a file's end runs this (issue 14).
+        # _write inlined, and _back called only when the allocated prefix ends too soon: every namespace
+        # change and every write past a file's end runs this (issue 14).
         sb = self.sb
         assert sb is not None
-        pos, lsn, n = self.pos, self.next_lsn, len(payload)
-        csum = _digest(_REC.pack(lsn, n, rtype, 0) + payload) if n <= 4096 else \
-            _xxh(_REC.pack(lsn, n, rtype, 0), payload)
-        rec = _REC_SUM.pack(lsn, n, rtype, 0, csum) + payload + _PADS[-n % 8]
+        pos, lsn = self.pos, self.next_lsn
+        rec = self._encode(lsn, rtype, payload)
         end = pos + len(rec)
         if end > sb.area_offset + sb.area_length:
             raise JournalFull()
