@@ -330,7 +330,7 @@ class Namespace:
         keep = -(-size // es)
         indices = [i for i in inode.extents if i >= keep]
         dropped = [inode.extents.pop(i) for i in indices]
-        self._release(dropped, [max(0, min(es, inode.size - i * es)) for i in indices])
+        self._release(dropped, self._used_bytes(inode, indices))
         if self.replaying:
             self._replay_shrunk.add(inode.ino)
             return
@@ -344,8 +344,12 @@ class Namespace:
         inode = self.inodes.pop(ino, None)
         if inode is None:
             return
-        es, size = self.extent_size, inode.size
-        self._release(list(inode.extents.values()), [max(0, min(es, size - i * es)) for i in inode.extents])
+        self._release(list(inode.extents.values()), self._used_bytes(inode, list(inode.extents)))
+
+    def _used_bytes(self, inode: Inode, indices: list[int]) -> list[int]:
+        """Per extent index of the file, how much of that extent lies within its size (the rest is zeros)."""
+        es = self.extent_size
+        return [max(0, min(es, inode.size - i * es)) for i in indices]
 
     def _release(self, extents: list[tuple[int, int]], used_bytes: list[int]) -> None:
         """``used_bytes``: per extent, how much of it lies within the file's size (the rest is zeros)."""
