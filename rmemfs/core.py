@@ -649,10 +649,8 @@ class Filesystem:
                 self._log(SETATTR, _SETATTR_EXTEND.pack(ino, SET_SIZE | SET_MTIME | SET_CTIME, end, now, now))
                 self.ns.extended(inode, end, now)
         except BaseException:
-            if extends:      # bytes may lie past the file's end now: no longer zeros there
-                for i in range(index, (end - 1) // EXTENT_SIZE + 1):
-                    if i in inode.extents:
-                        self.regions.not_fresh(*inode.extents[i])
+            if extends:
+                self._zero_past_end(inode, max(offset, inode.size), end)
             raise
         if not extends:     # the data is tracked; the new times are journaled lazily (TIMES_LAG_S)
             inode.mtime_ns = inode.ctime_ns = now
@@ -696,31 +694,45 @@ class Filesystem:
             if loc is not None:
                 self._need_pages(loc[0], loc[1] * EXTENT_SIZE + pos % EXTENT_SIZE, 1)
 
+    def _zero_past_end(self, inode: Inode, start: int, end: int) -> None:
+        """A write past the file's end failed after some of its bytes may have landed: zero [start, end)
+        again, so that a later extension reads zeros (POSIX) and a freed extent stays zeros past the size.
+        Only a backed extent can hold copied bytes (every copy follows ``_back``), and writing through the
+        region's file cannot meet a SIGBUS. The pages are marked already (every copy marks first)."""
+        for index, in_ext, n, _pos in _extent_pieces(start, end):
+            loc = inode.extents.get(index)
+            if loc is not None and self.regions.is_backed(*loc):
+                self.regions[loc[0]].write(loc[1] * EXTENT_SIZE + in_ext, memoryview(bytes(n)))
+
     def _write_pieces(self, inode: Inode, offset: int, end: int, src: memoryview) -> None:
         # Pieces that lie back to back in one region (extents are mostly allocated in order) are copied
-        # with one call; every piece is marked before any of its bytes are copied.
+        # with one call; every piece is marked before any of its bytes are copied. A piece that fails
+        # (ENOSPC) leaves the pieces before it copied: they are marked and, during a lazy load, claimed, so
+        # the loader will not bring their old bytes in.
         run: list[int] = []                      # [region id, region offset, source offset, length]
-        for index, in_ext, n, pos in _extent_pieces(offset, end):
-            loc = inode.extents.get(index)
-            if loc is None:
-                loc = self.regions.allocate_extent()
-                self._back(*loc)                 # before the extent is recorded: ENOSPC leaves no trace
-                if loc[0] not in self.tracker.region_pages:
-                    self._sync_region_pages()
-                self._do(rec_extent(inode.ino, index, *loc))
-            self._back(*loc)
-            start = loc[1] * EXTENT_SIZE + in_ext
-            if self.residency is not None:
-                self._overwriting(loc[0], start, n)
-            self.tracker.mark_bytes(loc[0], start, n)
-            if run and run[0] == loc[0] and run[1] + run[3] == start:
-                run[3] += n
-            else:
-                if run:
-                    self._copy_in(run[0], run[1], src[run[2]:run[2] + run[3]])
-                run = [loc[0], start, pos - offset, n]
-        if run:
-            self._copy_in(run[0], run[1], src[run[2]:run[2] + run[3]])
+        try:
+            for index, in_ext, n, pos in _extent_pieces(offset, end):
+                loc = inode.extents.get(index)
+                if loc is None:
+                    loc = self.regions.allocate_extent()
+                    self._back(*loc)                 # before the extent is recorded: ENOSPC leaves no trace
+                    if loc[0] not in self.tracker.region_pages:
+                        self._sync_region_pages()
+                    self._do(rec_extent(inode.ino, index, *loc))
+                self._back(*loc)
+                start = loc[1] * EXTENT_SIZE + in_ext
+                if self.residency is not None:
+                    self._overwriting(loc[0], start, n)
+                self.tracker.mark_bytes(loc[0], start, n)
+                if run and run[0] == loc[0] and run[1] + run[3] == start:
+                    run[3] += n
+                else:
+                    if run:
+                        self._copy_in(run[0], run[1], src[run[2]:run[2] + run[3]])
+                    run = [loc[0], start, pos - offset, n]
+        finally:
+            if run:
+                self._copy_in(run[0], run[1], src[run[2]:run[2] + run[3]])
 
     def _copy_in(self, region_id: int, start: int, piece: memoryview) -> None:
         region = self.regions[region_id]

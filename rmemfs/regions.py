@@ -263,10 +263,10 @@ class RegionSet:
         if used and self._reusable:
             self._reusable.pop((region_id, ext), None)
 
-    def not_fresh(self, region_id: int, ext: int) -> None:
-        """Bytes past the file's end may be non-zero in this extent (a write failed half done): freeing it
-        zeroes or punches all of it."""
-        self._fresh[region_id][ext] = 0
+    def is_backed(self, region_id: int, ext: int) -> bool:
+        """Whether this process allocated the extent's memory (``back_extent``): only then can it have
+        written into it."""
+        return bool(self._backed[region_id][ext])
 
     def release_extents(self, extents: list[tuple[int, int]], used_bytes: list[int] | None = None) -> None:
         """Give freed extents' memory back (holes on tmpfs), or keep a few small ones backed, zeroed, for

@@ -30,9 +30,10 @@ from rmemfs.flusher import Flusher
 from rmemfs.loader import view_writer
 from rmemfs.sources.baseline import load_baseline
 from rmemfs.journal import iter_records
-from rmemfs.namespace import (RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, SET_CTIME, SET_MTIME, SET_SIZE,
+from rmemfs.namespace import (RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, SET_CTIME, SET_MTIME, SET_SIZE, SETATTR,
                               rec_setattr)
 from rmemfs.regions import EXTENT_PAGES, EXTENT_SIZE, META_REGION_ID, Region, RegionSet
+from rmemfs.sources.lazy import Residency
 from rmemfs.store.directory import DirectoryStore
 from rmemfs.store.live import LiveMap
 import trio.lowlevel
@@ -211,6 +212,60 @@ def test_truncate_and_sparse(fs: Filesystem) -> None:
     fs.setattr(f.ino, size=10_000)
     assert fs.read(f.ino, 0, 10_000) == b"a" * 100 + bytes(9_900)  # the cut tail reads back as zeros
     assert fs.regions.used_extents() == 1
+
+
+@pytest.mark.parametrize("size,length", [(100, 3000), (EXTENT_SIZE - 5000, 2 * EXTENT_SIZE)],
+                         ids=["in-its-extent", "new-extents"])
+def test_a_failed_write_past_the_end_leaves_zeros_there(fs: Filesystem, monkeypatch: pytest.MonkeyPatch,
+                                                        size: int, length: int) -> None:
+    """A write past the end whose size record fails (a full journal) after its bytes landed: a later
+    extension, by truncate or by a write further out, reads zeros there (POSIX), also after a replay."""
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, b"a" * size)
+    real_log = fs._log
+
+    def log_all_but_sizes(rtype: int, payload: bytes) -> None:
+        if rtype == SETATTR:
+            raise FsError(errno.ENOSPC, "the namespace journal region is full (test)")
+        real_log(rtype, payload)
+
+    monkeypatch.setattr(fs, "_log", log_all_but_sizes)
+    with pytest.raises(FsError) as e:
+        fs.write(f.ino, size, b"b" * length)
+    assert err(e) == errno.ENOSPC
+    monkeypatch.undo()
+    assert fs.inode(f.ino).size == size
+    fs.setattr(f.ino, size=size + length // 2)
+    fs.write(f.ino, size + length + 50, b"c")
+    expected = b"a" * size + bytes(length + 50) + b"c"
+    assert fs.read(f.ino, 0, 2 * len(expected)) == expected
+    again = reopen(fs)
+    assert again.read(f.ino, 0, 2 * len(expected)) == expected
+
+
+def test_a_write_that_fails_part_way_in_a_lazy_load_keeps_the_bytes_of_the_pages_it_claimed(
+        fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """During a lazy load, a write claims the whole pages it covers (the loader will not bring them in).
+    When a later piece fails (a full region tmpfs), the pieces before it must still be copied, or their
+    pages would read as the holes they are, neither the old bytes nor the new."""
+    f = fs.make(ROOT_INO, b"f", REG, 0, 0)
+    fs.write(f.ino, 0, b"a" * EXTENT_SIZE)
+    region_id, ext = f.extents[0]
+    fs.regions[region_id].punch(ext * EXTENT_SIZE, EXTENT_SIZE)   # as after a lazy mount: not loaded yet
+    fs.residency = Residency({r.region_id: r.pages for r in fs.regions.data_regions()})
+    real_back = fs.regions.back_extent
+
+    def full_but_that_extent(rid: int, e: int) -> None:
+        if (rid, e) != (region_id, ext):
+            raise OSError(errno.ENOSPC, "No space left on device (test)")
+        real_back(rid, e)
+
+    monkeypatch.setattr(fs.regions, "back_extent", full_but_that_extent)
+    with pytest.raises(FsError) as e:
+        fs.write(f.ino, 0, b"b" * (EXTENT_SIZE + PAGE_SIZE))
+    assert err(e) == errno.ENOSPC
+    assert fs.residency.is_resident(region_id, ext * EXTENT_PAGES, EXTENT_PAGES)     # claimed
+    assert fs.read(f.ino, 0, 2 * EXTENT_SIZE) == b"b" * EXTENT_SIZE
 
 
 def test_hard_links(fs: Filesystem) -> None:
@@ -800,7 +855,7 @@ def test_a_large_freed_extent_and_one_loaded_in_use_are_punched_not_kept(fs: Fil
     assert fs2.regions.reusable_extents() == 0
 
 
-def test_a_failed_write_past_the_end_makes_its_extent_be_punched_when_freed(
+def test_a_failed_write_past_the_end_leaves_its_extent_zeros_past_the_size_for_reuse(
         fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> None:
     f = fs.make(ROOT_INO, b"f", REG, 0, 0)
     fs.write(f.ino, 0, b"x" * 4096)
@@ -815,7 +870,7 @@ def test_a_failed_write_past_the_end_makes_its_extent_be_punched_when_freed(
     assert f.size == 4096
     fs.unlink(ROOT_INO, b"f", directory=False)
     fs.forget(f.ino, f.lookups)
-    assert fs.regions.reusable_extents() == 0         # past its size it was not zeros: not kept
+    assert fs.regions.reusable_extents() == 1         # the failed write's bytes were zeroed again
     assert _extent_bytes(fs, loc) == bytes(EXTENT_SIZE)
 
 
