@@ -34,7 +34,7 @@ from .flusher import Flusher
 from .launch import StartUp
 from .opening import Opened
 from .options import MountOptions
-from .stalls import GC_PAUSES, Lateness
+from .stalls import GC_PAUSES, Lateness, favour_the_event_loop
 from .store import STATE_CLEAN, STATE_MOUNTED, BaselineStore, owner_info
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
     opened, opts = session.opened, session.opts
     fs = opened.fs
     GC_PAUSES.install()
+    favour_the_event_loop()
     # What is loaded by now (the namespace's inodes above all) lives as long as the mount: out of the
     # collector's full passes, which otherwise walk it and stall the loop (a 40,000-file namespace: full
     # passes of 45-72 ms, 1-7 ms frozen; tools/bench --only heartbeat measures both). Garbage cycles

@@ -43,7 +43,7 @@ from ..options import parse_options
 from ..recovery import parse_source
 from ..sdnotify import notify
 from ..store import STATE_CLEAN, StoreOptions, open_store
-from ..stalls import GC_PAUSES
+from ..stalls import GC_PAUSES, favour_the_event_loop
 from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, PlanAhead, Watcher, status_file, status_socket,
                        watch_metrics, write_event)
 from . import recover as recover_cli
@@ -192,6 +192,7 @@ async def watch(watcher: Watcher, mountpoint: Path, dead_after: float | None, re
                 "watch_interval": watcher.watch_interval, **watcher.status.to_json()}
 
     GC_PAUSES.install()
+    favour_the_event_loop()
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, sock, handle)
         await nursery.start(watcher.run)
