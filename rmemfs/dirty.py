@@ -303,6 +303,11 @@ class DirtyTracker:
         self._hdr[W_CLEAN_GEN] = 0
         self._hdr[W_FENCE] = 0
 
+    def set_pid(self, pid: int) -> None:
+        """The serving process's pid (a daemon serves from a child forked after the load): what the
+        exporter watches for a standby (``liveness``)."""
+        self._hdr[W_PID] = pid
+
     @property
     def fence(self) -> int:
         """The fence word: 0 while this process owns the filesystem, else the new owner's epoch."""

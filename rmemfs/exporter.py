@@ -30,6 +30,7 @@ from . import PAGE_SIZE, control
 from .dirty import parse_header, read_ctl_header
 from .errors import CorruptionError
 from .fencing import EXTENSION, FenceExtension
+from .liveness import EXTENSION as LIVENESS, LivenessExtension, file_ids, maps_any
 from .durable import atomic_write
 from .secure import read_private
 from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
@@ -126,7 +127,8 @@ class Exporter:
         return Catalog(self.fsid, transport, descs)
 
     def extensions(self) -> dict[str, Any]:
-        out: dict[str, Any] = {EXTENSION: FenceExtension(self.region_dir)}
+        out: dict[str, Any] = {EXTENSION: FenceExtension(self.region_dir),
+                               LIVENESS: LivenessExtension(self.region_dir)}
         try:
             verbs = self._backend("verbs")
         except (TransportError, ImportError) as e:
@@ -261,31 +263,13 @@ def _cmdline_of(pid: int) -> list[bytes]:
 def mapping_processes(paths: list[Path], exclude: frozenset[int] = frozenset()) -> dict[int, str]:
     """Live processes (pid -> command line) that map any of ``paths``, found in /proc/*/maps by device
     and inode, so a process in another mount namespace (which names the file differently) counts too."""
-    wanted = set()
-    for path in paths:
-        try:
-            st = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        wanted.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    wanted = file_ids(paths)
     found: dict[int, str] = {}
     if not wanted:
         return found
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in exclude:
-            continue
-        try:
-            with open(f"/proc/{name}/maps") as f:
-                for line in f:
-                    parts = line.split(None, 5)      # address perms offset dev inode [path]
-                    if len(parts) < 5 or parts[4] == "0":
-                        continue
-                    major, _, minor = parts[3].partition(":")
-                    if (int(major, 16), int(minor, 16), int(parts[4])) in wanted:
-                        found[int(name)] = b" ".join(_cmdline_of(int(name))).decode(errors="replace").strip()
-                        break
-        except (OSError, ValueError):
-            continue       # gone meanwhile, or not ours to read
+        if name.isdigit() and int(name) not in exclude and maps_any(name, wanted):
+            found[int(name)] = b" ".join(_cmdline_of(int(name))).decode(errors="replace").strip()
     return {pid: cmd for pid, cmd in found.items() if process_running(pid)}
 
 
@@ -315,8 +299,8 @@ def serves(pid: int, argv: list[bytes], region_dir: Path) -> bool:
 
 
 def _why_in_use(region_dir: Path, files: list[Path], exclude: frozenset[int]) -> str | None:
-    # The ctl header's pid is the one that formatted it (a daemon's is its pre-fork parent): the maps
-    # scan is what finds a live filesystem process, this only adds a clearer message when it matches.
+    # The ctl header's pid is the serving process's (set as it starts serving; before that, the loading
+    # process's): the maps scan is what finds a live filesystem process, this only adds a clearer message.
     try:
         fs_pid = read_ctl_header(region_dir).pid
     except (OSError, CorruptionError):

@@ -107,6 +107,7 @@ async def serve(session: Session, *, on_ready: Callable[[], None] = lambda: None
     fs = opened.fs
     GC_PAUSES.install()
     favour_the_event_loop()
+    fs.tracker.set_pid(os.getpid())     # before the mount is usable, so before a daemon's parent exits
     # What is loaded by now (the namespace's inodes above all) lives as long as the mount: out of the
     # collector's full passes, which otherwise walk it and stall the loop (a 40,000-file namespace: full
     # passes of 45-72 ms, 1-7 ms frozen; tools/bench --only heartbeat measures both). Garbage cycles

@@ -53,6 +53,7 @@ from .fencing import run_fence_cmd
 from .loader import LoadPlan, plan_load
 from .recovery import connect_source
 from .sources.remote import read_source_header
+from .liveness import EXITED, UNKNOWN, ask_liveness
 from .stalls import GC_PAUSES, Lateness
 from .store import BaselineStore
 from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, TransportError,
@@ -74,6 +75,10 @@ DEFAULT_WATCH_INTERVAL = 0.01
 # shares its CPUs with heavier work. Detection is ~0.25 s.
 DEFAULT_DEAD_AFTER = 0.25
 REFRESH_INTERVAL = 5.0
+# After this many heartbeat intervals of silence the exporter is asked whether the source process exited
+# (``liveness``): a beat late by a whole interval is common under load (tools/soak_standby.py: p99 gap
+# ~36 ms at a 20 ms interval), so asking sooner would mostly hear "running".
+PROBE_AFTER_BEATS = 2
 STALL_EVENT_MIN = 0.05      # the watch's own stalls from this long are events (and at least dead_after / 4)
 
 
@@ -86,6 +91,7 @@ class WatchStatus:
     last_change: float | None = None   # monotonic
     registrations: int = 0
     detected_after: float | None = None  # seconds the heartbeat was silent when declared dead
+    detected_by: str | None = None     # "silence" (dead_after) or "exit" (the exporter saw the process exit)
     detected_at_ns: int | None = None
     longest_gap: float = 0.0           # longest heartbeat silence seen while the source was alive
     source_longest_gap: float = 0.0    # the same on the source's clock: without this process's stalls
@@ -99,6 +105,7 @@ class WatchStatus:
         return {"source": self.source, "state": self.state, "heartbeat": self.heartbeat,
                 "heartbeat_age": age, "heartbeat_interval": self.heartbeat_interval,
                 "registrations": self.registrations, "detected_after": self.detected_after,
+                "detected_by": self.detected_by,
                 "detected_at_ns": self.detected_at_ns, "longest_gap": self.longest_gap,
                 "source_longest_gap": self.source_longest_gap, "watch_lateness": self.watch_lateness.to_json(),
                 "read_longest": self.read_longest, "gc": GC_PAUSES.to_json()}
@@ -130,6 +137,7 @@ class Watcher:
         self.recovery_phases: dict[str, float] = {}     # the takeover's, once it has mounted (for metrics)
         self._conn: Connection | None = None
         self._catalog: Catalog | None = None
+        self._liveness = False          # the exporter answers ``liveness`` (asked at each registration)
         self._cancel = trio.CancelScope()
         self.finished = trio.Event()     # run has returned: a verdict, or stop(); the takeover starts at once
 
@@ -163,7 +171,23 @@ class Watcher:
             raise TransportFailed(str(e)) from None
         self.status.registrations += 1
         self._event("registered", regions=len(self._catalog.regions))
+        self._liveness = True
+        await self._process_state()     # the exporter starts watching the process while it is alive
         log.debug("registered with %s (%d regions)", self.status.source, len(self._catalog.regions))
+
+    async def _process_state(self) -> str:
+        """The source process's state as its exporter knows it (``liveness``); UNKNOWN when it cannot say.
+        An exporter without the request (an older one) is not asked again until the next registration."""
+        if not self._liveness or self._conn is None:
+            return UNKNOWN
+        with trio.move_on_after(max(self.dead_after, 0.5)):
+            try:
+                return (await ask_liveness(self._conn))[1]
+            except TransportError as e:
+                log.info("source exporter %s cannot tell whether its process exited (%s): detection by "
+                         "heartbeat silence only", self.status.source, e)
+        self._liveness = False
+        return UNKNOWN
 
     def _note_stall(self, kind: str, seconds: float) -> None:
         """This process's own stall (its loop woke late, or a read took long): kept, and an event once it
@@ -175,6 +199,10 @@ class Watcher:
             self._event("watch-stalled", part=kind, seconds=seconds)
             log.info("standby: this host's watch %s stalled for %.0f ms (dead_after %.0f ms)",
                      "loop" if kind == "loop" else "read", seconds * 1e3, self.dead_after * 1e3)
+
+    def _probe_after(self, heartbeat_interval: float | None) -> float:
+        """Silence after which the exporter is asked whether the process exited: two beats missed."""
+        return max(PROBE_AFTER_BEATS * (heartbeat_interval or 0.0), 2 * self.watch_interval)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
@@ -270,12 +298,19 @@ class Watcher:
                     # From the return of the read that saw the beat to the start of this one: the source
                     # was silent at least that long, whatever this process did meanwhile.
                     silent = issued - st.last_change
-                    if (silent >= self.dead_after and not header.fence
+                    # Beats missed: ask the exporter whether the process exited (certain, so no need to wait
+                    # out dead_after); a live or stopped one is left to dead_after (item 4: a pause is not
+                    # taken over sooner).
+                    by = "silence" if silent >= self.dead_after else None
+                    if (by is None and not header.fence and silent >= self._probe_after(st.heartbeat_interval)
+                            and await self._process_state() == EXITED):
+                        by = "exit"
+                    if (by is not None and not header.fence
                             and not await trio.to_thread.run_sync(self.source_stopped)):
                         st.state = self.verdict = "dead"
-                        st.detected_after = silent
+                        st.detected_after, st.detected_by = silent, by
                         st.detected_at_ns = time.time_ns()
-                        self._event("dead", heartbeat=header.heartbeat, silent=silent)
+                        self._event("dead", heartbeat=header.heartbeat, silent=silent, by=by)
                         return
                     self._note_stall("loop", await st.watch_lateness.sleep(self.watch_interval))
         finally:

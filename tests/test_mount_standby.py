@@ -93,8 +93,9 @@ def test_kill_is_taken_over_byte_exact(source: Rig, standby: Standby) -> None:
     standby.wait_mounted()
     assert digest_tree(standby.mnt) == want
     st = standby.status()
-    assert st["state"] == "taking-over" and st["detected_after"] >= 0.3
-    assert "taking over" in standby.log.read_text()
+    # Its exporter saw the process exit: taken over before dead_after (0.3 s) ran out.
+    assert st["state"] == "taking-over" and st["detected_by"] == "exit" and st["detected_after"] < 0.3, st
+    assert "taking over" in standby.log.read_text() and "saw the filesystem process exit" in standby.log.read_text()
     # The new owner serves writes.
     (standby.mnt / "after").write_bytes(b"new owner")
     assert (standby.mnt / "after").read_bytes() == b"new owner"
@@ -135,6 +136,8 @@ def test_long_pause_is_fenced_and_the_resumed_source_refuses_writes(source: Rig,
         standby.wait_mounted()
     finally:
         os.kill(pid, signal.SIGCONT)
+    st = standby.status()
+    assert st["detected_by"] == "silence" and st["detected_after"] >= 0.3, st     # a pause: dead_after, always
     assert digest_tree(standby.mnt) == want
     with pytest.raises(OSError):
         with open(source.mountpoint / "b", "r+b") as f:

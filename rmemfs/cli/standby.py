@@ -126,13 +126,16 @@ def main(argv: list[str] | None = None) -> None:
             if watcher.verdict is None:
                 return 0
             st = watcher.status
-            log.warning("standby: source %s %s after %.0f ms of heartbeat silence; taking over at %s",
+            log.warning("standby: source %s %s after %.0f ms of heartbeat silence%s; taking over at %s",
                         st.source, "is dead" if watcher.verdict == "dead" else "was fenced by fence_cmd",
-                        (st.detected_after or 0) * 1000, mountpoint)
+                        (st.detected_after or 0) * 1000,
+                        " (its exporter saw the filesystem process exit)" if st.detected_by == "exit" else "",
+                        mountpoint)
             save_status(mountpoint, {**st.to_json(), "state": "taking-over", "detected_mono": t0})
             if watcher.event_log is not None:
                 write_event(watcher.event_log, {"time_ns": time.time_ns(), "event": "taking-over",
-                                                "source": st.source, "detected_after": st.detected_after})
+                                                "source": st.source, "detected_after": st.detected_after,
+                                                "detected_by": st.detected_by})
             rargv = ["--backend", str(backend_path), "--source", f"{host}:{port}", "--transport", args.transport,
                      "--no-liveness-check", "-f", str(mountpoint)]
             if metrics is not None:    # the new owner's filesystem figures join the watch's, on its server
