@@ -8,17 +8,25 @@ hung loop looks the same as a dead process.
 
 Verdicts (``Watcher.verdict``), after which ``run`` returns:
 
-* ``dead``: the exporter answers but the heartbeat has not moved for
-  ``dead_after`` (measured on this host's monotonic clock, so clocks need
-  not agree: from the return of the read that first saw the last beat to the
-  start of a read that still finds it, so a stall of this process, before or
-  after a read, never adds to the silence). The caller fences and recovers
-  (``recovery.recover`` fences first: a source that was only paused resumes
-  fenced and acknowledges nothing).
+* ``dead``: the exporter answers but the heartbeat has not moved (the silence is measured on this
+  host's monotonic clock, so clocks need not agree: from the return of the read that first saw the last
+  beat to the start of a read that still finds it, so a stall of this process, before or after a read,
+  never adds to it). Once two beats are missed the exporter is asked what the process is doing
+  (``liveness``), and the silence that is a verdict depends on the answer (``detected_by``):
+
+  - ``exit``: the process exited (killed, crashed): at once, a fact and no guess;
+  - ``stopped``: it is stopped (SIGSTOP, a debugger), a pause: after ``dead_after`` plus one heartbeat
+    interval of silence, so that the pause itself lasted at least ``dead_after`` (item 4: a shorter
+    pause is never taken over);
+  - ``silence``: it still runs, or the exporter cannot say: after ``hung_after``, which must outlast
+    every stall of a live source (its event loop held, its process not scheduled).
+
+  The caller fences and recovers (``recovery.recover`` fences first: a source that was only paused
+  resumes fenced and acknowledges nothing).
 A backend marked clean (the source unmounted on purpose) is never a verdict
 either: the watcher waits for the source to mount again.
 
-* ``fenced_by_cmd``: the exporter has been unreachable for ``dead_after`` and
+* ``fenced_by_cmd``: the exporter has been unreachable for ``hung_after`` and
   ``fence_cmd`` exited 0 (the source is powered off or cut off): the caller
   may recover from the baseline alone, losing what was dirty.
 
@@ -53,7 +61,7 @@ from .fencing import run_fence_cmd
 from .loader import LoadPlan, plan_load
 from .recovery import connect_source
 from .sources.remote import read_source_header
-from .liveness import EXITED, UNKNOWN, ask_liveness
+from .liveness import EXITED, STOPPED, UNKNOWN, ask_liveness
 from .stalls import GC_PAUSES, Lateness
 from .store import BaselineStore
 from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidMismatch, TransportError,
@@ -68,18 +76,23 @@ DEFAULT_WATCH_INTERVAL = 0.01
 # page maps, a full flush's too (it merged the live map's runs on the loop: 60-80 ms at 130,000 live pages,
 # found with faulthandler stack dumps of the stalls). In tools/soak_standby.py (8 writers, flush_interval=1,
 # 10 minutes, the 2 cores shared with a niced test run) a live source was silent for at most 141 ms; its
-# loop thread ran 13 ms of it, the process 100 ms (most likely the loop waiting on the GIL behind the flush's
-# threads). A dead_after of 0.15 s came within 7 ms of a false takeover in 10 minutes, and had one in a
-# 3-minute run under heavier load before the full-flush fix; on 2 cores shared with three benchmarking
-# helpers silences reached 0.9 s. Hence 0.25 s: 1.8x the worst silence at the soak's load; raise it where the source
-# shares its CPUs with heavier work. Detection is ~0.25 s.
-DEFAULT_DEAD_AFTER = 0.25
+# loop thread ran 13 ms of it, the process 100 ms (most likely the loop waiting on the GIL behind the
+# flush's threads). A threshold of 0.15 s (then dead_after, for every source) came within 7 ms of a false
+# takeover in 10 minutes, and had one in a 3-minute run under heavier load before the full-flush fix; on
+# 2 cores shared with three benchmarking helpers silences reached 0.9 s. Hence 0.25 s: 1.8x the worst
+# silence at the soak's load; raise it where the source shares its CPUs with heavier work. It applies to a
+# source that still runs (or an exporter that cannot say): one that exited or is stopped is known to be so
+# by its exporter (``liveness``), sooner.
+DEFAULT_HUNG_AFTER = 0.25
+# A stopped process never beats, whatever the load: its threshold needs no room for stalls. 0.1 s: the
+# detection goal (issue 12 item 2: about 100 ms here).
+DEFAULT_DEAD_AFTER = 0.1
 REFRESH_INTERVAL = 5.0
 # After this many heartbeat intervals of silence the exporter is asked whether the source process exited
 # (``liveness``): a beat late by a whole interval is common under load (tools/soak_standby.py: p99 gap
 # ~36 ms at a 20 ms interval), so asking sooner would mostly hear "running".
 PROBE_AFTER_BEATS = 2
-STALL_EVENT_MIN = 0.05      # the watch's own stalls from this long are events (and at least dead_after / 4)
+STALL_EVENT_MIN = 0.05      # the watch's own stalls from this long are events (and at least hung_after / 4)
 
 
 @dataclass
@@ -91,7 +104,7 @@ class WatchStatus:
     last_change: float | None = None   # monotonic
     registrations: int = 0
     detected_after: float | None = None  # seconds the heartbeat was silent when declared dead
-    detected_by: str | None = None     # "silence" (dead_after) or "exit" (the exporter saw the process exit)
+    detected_by: str | None = None     # "exit", "stopped" or "silence" (the module's docstring)
     detected_at_ns: int | None = None
     longest_gap: float = 0.0           # longest heartbeat silence seen while the source was alive
     source_longest_gap: float = 0.0    # the same on the source's clock: without this process's stalls
@@ -126,10 +139,12 @@ class Watcher:
 
     def __init__(self, *, host: str, port: int, fsid: str, secret: bytes, transport: str = "auto",
                  watch_interval: float = DEFAULT_WATCH_INTERVAL, dead_after: float = DEFAULT_DEAD_AFTER,
+                 hung_after: float = DEFAULT_HUNG_AFTER,
                  fence_cmd: str | None = None, timeout: float = 2.0, event_log: Path | None = None,
                  source_stopped: Callable[[], bool] = lambda: False) -> None:
         self.host, self.port, self.fsid, self.secret = host, port, fsid, secret
         self.transport, self.watch_interval, self.dead_after = transport, watch_interval, dead_after
+        self.hung_after = max(hung_after, dead_after)
         self.fence_cmd, self.timeout, self.event_log = fence_cmd, timeout, event_log
         self.source_stopped = source_stopped    # the backend says it was unmounted cleanly: nothing to take
         self.status = WatchStatus(source=f"{host}:{port}")
@@ -180,7 +195,7 @@ class Watcher:
         An exporter without the request (an older one) is not asked again until the next registration."""
         if not self._liveness or self._conn is None:
             return UNKNOWN
-        with trio.move_on_after(max(self.dead_after, 0.5)):
+        with trio.move_on_after(max(self.hung_after, 0.5)):
             try:
                 return (await ask_liveness(self._conn))[1]
             except TransportError as e:
@@ -191,14 +206,14 @@ class Watcher:
 
     def _note_stall(self, kind: str, seconds: float) -> None:
         """This process's own stall (its loop woke late, or a read took long): kept, and an event once it
-        is long enough to matter beside ``dead_after``."""
+        is long enough to matter beside ``hung_after``."""
         st = self.status
         if kind == "read":
             st.read_longest = max(st.read_longest, seconds)
-        if seconds >= max(STALL_EVENT_MIN, self.dead_after / 4):
+        if seconds >= max(STALL_EVENT_MIN, self.hung_after / 4):
             self._event("watch-stalled", part=kind, seconds=seconds)
-            log.info("standby: this host's watch %s stalled for %.0f ms (dead_after %.0f ms)",
-                     "loop" if kind == "loop" else "read", seconds * 1e3, self.dead_after * 1e3)
+            log.info("standby: this host's watch %s stalled for %.0f ms (hung_after %.0f ms)",
+                     "loop" if kind == "loop" else "read", seconds * 1e3, self.hung_after * 1e3)
 
     def _probe_after(self, heartbeat_interval: float | None) -> float:
         """Silence after which the exporter is asked whether the process exited: two beats missed."""
@@ -227,7 +242,7 @@ class Watcher:
                             registered_at = time.monotonic()
                         assert self._conn is not None and self._catalog is not None
                         issued = time.monotonic()
-                        with trio.fail_after(max(self.dead_after, 0.5)):
+                        with trio.fail_after(max(self.hung_after, 0.5)):
                             header = await read_source_header(self._conn, self._catalog)
                         self._note_stall("read", time.monotonic() - issued)
                     except (ConnectError, TransportError, CorruptionError, OSError, trio.TooSlowError) as e:
@@ -240,9 +255,9 @@ class Watcher:
                         if not started:
                             started = True
                             task_status.started()
-                        if time.monotonic() - unreachable_since >= self.dead_after:
+                        if time.monotonic() - unreachable_since >= self.hung_after:
                             if await trio.to_thread.run_sync(self.source_stopped):
-                                unreachable_since = time.monotonic()   # a remount's start-up gets dead_after anew
+                                unreachable_since = time.monotonic()   # a remount's start-up gets hung_after anew
                                 if st.state != "source-stopped":
                                     st.state = "source-stopped"
                                     self._event("source-stopped")
@@ -298,13 +313,17 @@ class Watcher:
                     # From the return of the read that saw the beat to the start of this one: the source
                     # was silent at least that long, whatever this process did meanwhile.
                     silent = issued - st.last_change
-                    # Beats missed: ask the exporter whether the process exited (certain, so no need to wait
-                    # out dead_after); a live or stopped one is left to dead_after (item 4: a pause is not
-                    # taken over sooner).
-                    by = "silence" if silent >= self.dead_after else None
-                    if (by is None and not header.fence and silent >= self._probe_after(st.heartbeat_interval)
-                            and await self._process_state() == EXITED):
-                        by = "exit"
+                    # Beats missed: what the exporter says the process does decides which silence is a
+                    # verdict (the module's docstring).
+                    by = None
+                    if not header.fence and silent >= self._probe_after(st.heartbeat_interval):
+                        state = await self._process_state()
+                        if state == EXITED:
+                            by = "exit"
+                        elif state == STOPPED and silent >= self.dead_after + (st.heartbeat_interval or 0.0):
+                            by = "stopped"
+                    if by is None and silent >= self.hung_after:
+                        by = "silence"
                     if (by is not None and not header.fence
                             and not await trio.to_thread.run_sync(self.source_stopped)):
                         st.state = self.verdict = "dead"

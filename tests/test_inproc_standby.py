@@ -199,3 +199,72 @@ async def test_the_baseline_plan_made_ahead_follows_the_published_generation(
     assert await planner.get(second) is planned[1] and calls == [] and report.phases["baseline plan"].seconds == 0
     third = next_manifest(second, generation=second.generation + 1)
     assert await planner.get(third) is not planned[1] and calls == [third.generation]
+
+
+@pytest.mark.parametrize("failure", ["exits", "stops", "hangs"])
+async def test_what_the_exporter_says_of_a_silent_source_decides_when_it_is_dead(
+        nursery: trio.Nursery, failure: str) -> None:
+    """Issue 12: the heartbeat stops beating, and the source's process (a child mapping the ctl region)
+    is killed, stopped, or left running (a hung loop). Its exporter's ``liveness`` answer decides: an
+    exit is taken over at once, a stop after dead_after (plus a beat, so the pause itself lasted that
+    long), a process that still runs only after hung_after."""
+    import os
+    import signal
+    from rmemfs import standby
+    from rmemfs.liveness import EXTENSION, LivenessExtension
+    from rmemfs.regions import region_file_name
+    from rmemfs.transport import software as sw
+    from rmemfs.transport.base import Catalog, ExportedRegion, RegionRole
+    from test_inproc_core import new_fs
+    from test_unit_liveness import child
+
+    fs = new_fs(Path("/dev/shm") / f"rmemfs-test-standby-{uuid.uuid4()}")
+    directory = fs.regions.directory
+    proc = child(directory / region_file_name(CTL_REGION_ID))
+    try:
+        fs.tracker.set_pid(proc.pid)
+        fs.tracker.set_heartbeat_interval(0.02)
+        backend = sw.SoftwareExportBackend()
+        backend.register(ExportedRegion(CTL_REGION_ID, "ctl-0000.rgn", RegionRole.CTL,
+                                        fs.regions[CTL_REGION_ID].view, 0x7F0000000000))
+        regions = tuple(backend._by_id.values())
+        port = await nursery.start(lambda task_status: sw.serve(
+            host="127.0.0.1", port=0, fsid=fs.fsid, secret=SECRET, export=backend,
+            catalog=lambda t: Catalog(fs.fsid, t, regions), extensions={EXTENSION: LivenessExtension(directory)},
+            task_status=task_status))
+        watcher = standby.Watcher(host="127.0.0.1", port=port, fsid=fs.fsid, secret=SECRET, transport="software",
+                                  watch_interval=0.01, dead_after=0.2, hung_after=1.0, timeout=2.0)
+        beating = True
+
+        async def beat() -> None:
+            while beating:
+                fs.tracker.beat()
+                await trio.sleep(0.02)
+
+        nursery.start_soon(beat)
+        await nursery.start(watcher.run)
+        await trio.sleep(0.3)
+        assert watcher.status.state == "watching", watcher.status.events
+        beating = False
+        if failure == "exits":
+            proc.kill()
+        elif failure == "stops":
+            os.kill(proc.pid, signal.SIGSTOP)
+        with trio.fail_after(10):
+            await watcher.finished.wait()
+        st = watcher.status
+        assert watcher.verdict == "dead", st.events
+        if failure == "exits":
+            assert st.detected_by == "exit" and st.detected_after is not None and st.detected_after < 0.2, st
+        elif failure == "stops":
+            assert st.detected_by == "stopped" and st.detected_after is not None, st
+            assert 0.2 + 0.02 <= st.detected_after < 1.0, st
+        else:
+            assert st.detected_by == "silence" and st.detected_after is not None and st.detected_after >= 1.0, st
+    finally:
+        proc.kill()
+        proc.wait()
+        fs.regions.close()
+        for f in directory.iterdir():
+            f.unlink()
+        directory.rmdir()

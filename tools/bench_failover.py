@@ -320,13 +320,13 @@ class Pair:
 def run(bench: Any, log: Any) -> dict[str, Any]:
     """The section: ``bench`` is tools/bench.py's Bench (its args and work dir), ``log`` its progress log."""
     from hosts import TwoHosts
-    from rmemfs.standby import DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL
+    from rmemfs.standby import DEFAULT_DEAD_AFTER, DEFAULT_HUNG_AFTER, DEFAULT_WATCH_INTERVAL
     args = bench.args
     size = bench.size if args.quick else GiB
     pct, runs = 1.0, args.failover_runs
     res: dict[str, Any] = {"size_bytes": size, "dirty_percent": pct, "runs": runs,
                            "standby": f"default watch settings (watch_interval {DEFAULT_WATCH_INTERVAL} s, dead_after "
-                                      f"{DEFAULT_DEAD_AFTER} s), software transport",
+                                      f"{DEFAULT_DEAD_AFTER} s, hung_after {DEFAULT_HUNG_AFTER} s), software transport",
                            "source": "flush_interval=3600, defaults otherwise"}
     with TwoHosts(subnet=SUBNET, workdir=bench.work / "failover", label="bench") as (a, b):
         pair = Pair(a, b, size, pct, log)

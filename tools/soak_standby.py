@@ -67,7 +67,7 @@ def soak(seconds: float, writers: int, keep: Path, standby_options: str = "") ->
     from hosts import PYTHON, TwoHosts
     from rmemfs.store import open_store
     from rmemfs.regions import CTL_REGION_ID, region_file_name
-    from rmemfs.standby import DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL
+    from rmemfs.standby import DEFAULT_DEAD_AFTER, DEFAULT_HUNG_AFTER, DEFAULT_WATCH_INTERVAL
     with TwoHosts(subnet="10.246.0", label="soak") as (a, b):
         backend, amnt, bmnt = a.dir.parent / "backend", a.dir / "mnt", b.dir / "mnt"
         a.mount_rmemfs(backend, amnt, flush_interval=1)
@@ -106,7 +106,8 @@ def soak(seconds: float, writers: int, keep: Path, standby_options: str = "") ->
                 if e["event"] == "dead"]
         return {"seconds": took, "writers": writers, "ops": outs, "flush_interval_s": 1,
                 "standby": {"watch_interval_s": DEFAULT_WATCH_INTERVAL, "dead_after_s": st.get("dead_after"),
-                            "default_dead_after_s": DEFAULT_DEAD_AFTER, "state_at_end": st.get("state"),
+                            "default_dead_after_s": DEFAULT_DEAD_AFTER, "hung_after_s": st.get("hung_after"),
+                            "default_hung_after_s": DEFAULT_HUNG_AFTER, "state_at_end": st.get("state"),
                             "longest_gap_seen_s": st.get("longest_gap"), "registrations": st.get("registrations"),
                             # the source's longest silence on its own clock, and the standby's own stalls
                             "source_longest_gap_s": st.get("source_longest_gap"),

@@ -4,8 +4,11 @@
 
 Standby options (in -o, beside the mount options used after a takeover):
   watch_interval=S   seconds between heartbeat reads (default 0.01)
-  dead_after=S       heartbeat silence that counts as dead (default: 0.25, or 5 of the source's
-                     heartbeat intervals when that is longer)
+  dead_after=S       how long a pause of the source (its process stopped, as its exporter says) is
+                     left alone before a takeover (default 0.1); one that exited is taken over at once
+  hung_after=S       heartbeat silence of a source that still runs, or whose exporter cannot say what
+                     it does, that counts as dead (default: 0.25, or 5 of the source's heartbeat
+                     intervals when that is longer; at least dead_after)
   fence_cmd=CMD      run with HOST:PORT and the fsid when the exporter is unreachable; exit 0 means
                      the source is powered off or cut off, and the standby recovers from the baseline
   event_log=PATH     append the watch's events (registered, watching, unreachable, dead, ...) as JSON lines
@@ -44,14 +47,14 @@ from ..recovery import parse_source
 from ..sdnotify import notify
 from ..store import STATE_CLEAN, StoreOptions, open_store
 from ..stalls import GC_PAUSES, favour_the_event_loop
-from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_WATCH_INTERVAL, PlanAhead, Watcher, status_file, status_socket,
-                       watch_metrics, write_event)
+from ..standby import (DEFAULT_DEAD_AFTER, DEFAULT_HUNG_AFTER, DEFAULT_WATCH_INTERVAL, PlanAhead, Watcher, status_file,
+                       status_socket, watch_metrics, write_event)
 from . import recover as recover_cli
 from .common import first_of, run_main, setup_logging, take_options
 from .mount import build_parser, daemonize_and_run
 
 log = logging.getLogger(__name__)
-STANDBY_KEYS = ("watch_interval", "dead_after", "fence_cmd", "event_log", "metrics", "report")
+STANDBY_KEYS = ("watch_interval", "dead_after", "hung_after", "fence_cmd", "event_log", "metrics", "report")
 
 
 def _seconds(mine: dict[str, str], key: str) -> float | None:
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         mine, rest = take_options(args.options, STANDBY_KEYS)
         watch_interval = _seconds(mine, "watch_interval") or DEFAULT_WATCH_INTERVAL
         dead_after = _seconds(mine, "dead_after")
+        hung_after = _seconds(mine, "hung_after")
         opts = parse_options([",".join(rest)] if rest else [])
         check_environment()
         mountpoint = args.mountpoint.absolute()
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         host, port = parse_source(args.source, manifest, opts.port)
         watcher = Watcher(host=host, port=port, fsid=fsid, secret=secret, transport=args.transport,
                           watch_interval=watch_interval, dead_after=dead_after or DEFAULT_DEAD_AFTER,
+                          hung_after=hung_after or DEFAULT_HUNG_AFTER,
                           fence_cmd=mine.get("fence_cmd"),
                           event_log=Path(mine["event_log"]).absolute() if "event_log" in mine else None,
                           source_stopped=lambda: backend_clean(backend_path, opts.store))
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def watch_and_take_over(prepared: ExporterLaunch, ready: Any) -> int:
             try:
-                t0 = trio.run(watch, watcher, mountpoint, dead_after, ready, plan_ahead)
+                t0 = trio.run(watch, watcher, mountpoint, hung_after, ready, plan_ahead)
             except BaseExceptionGroup as group:   # the watch's own failure (a wrong secret...), out of trio's group
                 raise first_of(group, CommandError) or group from None
             if watcher.verdict is None:
@@ -129,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("standby: source %s %s after %.0f ms of heartbeat silence%s; taking over at %s",
                         st.source, "is dead" if watcher.verdict == "dead" else "was fenced by fence_cmd",
                         (st.detected_after or 0) * 1000,
-                        " (its exporter saw the filesystem process exit)" if st.detected_by == "exit" else "",
+                        {"exit": " (its exporter saw the filesystem process exit)",
+                         "stopped": " (its exporter sees the filesystem process stopped)"}.get(st.detected_by or "", ""),
                         mountpoint)
             save_status(mountpoint, {**st.to_json(), "state": "taking-over", "detected_mono": t0})
             if watcher.event_log is not None:
@@ -180,7 +186,7 @@ def save_status(mountpoint: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-async def watch(watcher: Watcher, mountpoint: Path, dead_after: float | None, ready: Any,
+async def watch(watcher: Watcher, mountpoint: Path, hung_after: float | None, ready: Any,
                 plan_ahead: PlanAhead | None = None) -> float:
     """Watch until a verdict (or SIGTERM); serve the status socket and keep the baseline's plan fresh
     meanwhile. Returns the monotonic time of the verdict."""
@@ -192,6 +198,7 @@ async def watch(watcher: Watcher, mountpoint: Path, dead_after: float | None, re
         if req.get("op") != "standby-status":
             return {"ok": False, "error": f"unknown request {req.get('op')!r}"}
         return {"ok": True, "mountpoint": str(mountpoint), "dead_after": watcher.dead_after,
+                "hung_after": watcher.hung_after,
                 "watch_interval": watcher.watch_interval, **watcher.status.to_json()}
 
     GC_PAUSES.install()
@@ -201,12 +208,12 @@ async def watch(watcher: Watcher, mountpoint: Path, dead_after: float | None, re
         await nursery.start(watcher.run)
         if plan_ahead is not None:
             nursery.start_soon(plan_ahead.run)
-        if dead_after is None and watcher.status.heartbeat_interval:
-            # The default follows the source's own interval: 5 beats, at least DEFAULT_DEAD_AFTER.
-            watcher.dead_after = max(DEFAULT_DEAD_AFTER, 5 * watcher.status.heartbeat_interval)
-        log.info("standby: watching %s for %s (dead after %.3f s, every %.3f s; state %s)",
-                 watcher.status.source, mountpoint, watcher.dead_after, watcher.watch_interval,
-                 watcher.status.state)
+        if hung_after is None and watcher.status.heartbeat_interval:
+            # The default follows the source's own interval: 5 beats, at least DEFAULT_HUNG_AFTER.
+            watcher.hung_after = max(DEFAULT_HUNG_AFTER, 5 * watcher.status.heartbeat_interval, watcher.dead_after)
+        log.info("standby: watching %s for %s (a stopped source taken over after %.3f s, a silent one after "
+                 "%.3f s, every %.3f s; state %s)", watcher.status.source, mountpoint, watcher.dead_after,
+                 watcher.hung_after, watcher.watch_interval, watcher.status.state)
         ready("")
         notify(f"READY=1\nSTATUS=watching {watcher.status.source} ({watcher.status.state})")
 
