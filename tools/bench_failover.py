@@ -271,7 +271,8 @@ class Pair:
         # recovery's start before its clock, and the reader's first open).
         verdict_to_takeover = (taking["time_ns"] - dead["time_ns"]) / 1e9
         to_mount = rep.get("time_to_mount_s") or 0.0
-        return {"total": total, **split, "silence_seen": dead.get("silent"), "phases": phases,
+        return {"total": total, **split, "silence_seen": dead.get("silent"), "detected_by": dead.get("by"),
+                "phases": phases,
                 "verdict_to_takeover": verdict_to_takeover, "recovery_to_mount": to_mount,
                 "mount_exporter_wait": phases.get("exporter wait", 0.0),
                 "unaccounted": total - split["detection"] - verdict_to_takeover - to_mount,
@@ -357,6 +358,8 @@ def run(bench: Any, log: Any) -> dict[str, Any]:
                                        "mount_exporter_wait")}
             res[sig.name]["phases_p50"] = {k: _pct([r["phases"].get(k, 0.0) for r in rows], 50)
                                            for k in sorted({k for r in rows for k in r["phases"]})}
+            res[sig.name]["detected_by"] = {by: sum(1 for r in rows if str(r["detected_by"]) == by)
+                                            for by in sorted({str(r["detected_by"]) for r in rows})}
             res[sig.name]["runs"] = rows
     return res
 
