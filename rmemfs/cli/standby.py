@@ -3,7 +3,7 @@
   rmemfs-standby --source HOST[:PORT] --backend B [-o opts] [-f] MOUNTPOINT
 
 Standby options (in -o, beside the mount options used after a takeover):
-  watch_interval=S   seconds between heartbeat reads (default 0.01)
+  watch_interval=S   seconds between heartbeat reads (default 0.02)
   dead_after=S       how long a pause of the source (its process stopped, as its exporter says) is
                      left alone before a takeover (default 0.1); one that exited is taken over at once
   hung_after=S       heartbeat silence of a source that still runs, or whose exporter cannot say what
