@@ -87,7 +87,9 @@ class ProcessWatch:
             self._watch(pid)
         if self._fd is None:
             return pid, UNKNOWN
-        if select.select([self._fd], [], [], 0)[0]:
+        poller = select.poll()          # not select(): the exporter's descriptors may pass FD_SETSIZE
+        poller.register(self._fd, select.POLLIN)
+        if poller.poll(0):
             return pid, EXITED
         return pid, STOPPED if _run_state(pid) in ("T", "t") else RUNNING
 

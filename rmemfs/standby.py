@@ -70,8 +70,9 @@ from .transport.base import (AuthError, Catalog, ConnectError, Connection, FsidM
 log = logging.getLogger(__name__)
 
 # tools/bench --only failover's write cost (the standby and the source's exporter on the source's 2 cores):
-# at 10 ms the two took 0.07 + 0.04 cores and the source's 4 KiB pwrite()s ran 0.89x as fast as unwatched;
-# at 20 ms 0.05 + 0.03 cores and 0.95x. Detection gains at most one interval.
+# at 10 ms the two took 0.07 + 0.04 cores, at 20 ms 0.055 + 0.03 (the source's 4 KiB pwrite()s ran 0.89x as
+# fast as unwatched at 10 ms, 0.95x and 0.86x in two runs at 20 ms: too noisy to tell). Detection loses at
+# most one interval: the failover p50s stayed under 300 ms (tools/bench at 5166bad).
 DEFAULT_WATCH_INTERVAL = 0.02
 # tools/bench --only heartbeat (20 ms heartbeat): 1 MiB writes, flushes and mmap stores leave gaps of
 # 26-38 ms of loop time (up to ~0.1 s on this busy machine). The journal's compaction is built in slices of
@@ -156,6 +157,7 @@ class Watcher:
         self._conn: Connection | None = None
         self._catalog: Catalog | None = None
         self._liveness = False          # the exporter answers ``liveness`` (asked at each registration)
+        self._told_no_liveness = False  # that it does not is logged once
         self._cancel = trio.CancelScope()
         self.finished = trio.Event()     # run has returned: a verdict, or stop(); the takeover starts at once
 
@@ -202,8 +204,10 @@ class Watcher:
             try:
                 return (await ask_liveness(self._conn))[1]
             except TransportError as e:
-                log.info("source exporter %s cannot tell whether its process exited (%s): detection by "
-                         "heartbeat silence only", self.status.source, e)
+                if not self._told_no_liveness:
+                    self._told_no_liveness = True
+                    log.info("source exporter %s cannot tell whether its process exited (%s): detection by "
+                             "heartbeat silence only", self.status.source, e)
         self._liveness = False
         return UNKNOWN
 
