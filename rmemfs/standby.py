@@ -322,14 +322,15 @@ class Watcher:
                     silent = issued - st.last_change
                     # Beats missed: what the exporter says the process does decides which silence is a
                     # verdict (the module's docstring).
-                    by = None
+                    by, state = None, UNKNOWN
                     if not header.fence and silent >= self._probe_after(st.heartbeat_interval):
                         state = await self._process_state()
                         if state == EXITED:
                             by = "exit"
                         elif state == STOPPED and silent >= self.dead_after + (st.heartbeat_interval or 0.0):
                             by = "stopped"
-                    if by is None and silent >= self.hung_after:
+                    # A stopped process is a pause whatever hung_after says: only dead_after of it counts.
+                    if by is None and state != STOPPED and silent >= self.hung_after:
                         by = "silence"
                     if (by is not None and not header.fence
                             and not await trio.to_thread.run_sync(self.source_stopped)):
