@@ -222,9 +222,17 @@ class Watcher:
             log.info("standby: this host's watch %s stalled for %.0f ms (hung_after %.0f ms)",
                      "loop" if kind == "loop" else "read", seconds * 1e3, self.hung_after * 1e3)
 
-    def _probe_after(self, heartbeat_interval: float | None) -> float:
-        """Silence after which the exporter is asked whether the process exited: two beats missed."""
-        return max(PROBE_AFTER_BEATS * (heartbeat_interval or 0.0), 2 * self.watch_interval)
+    async def _verdict(self, silent: float, heartbeat_interval: float | None) -> str | None:
+        """What ``silent`` seconds of heartbeat silence make of the source (the module's docstring): "exit",
+        "stopped", "silence", or None (not dead yet). Once beats are missed the exporter is asked."""
+        interval = heartbeat_interval or 0.0
+        probe_after = max(PROBE_AFTER_BEATS * interval, 2 * self.watch_interval)
+        state = await self._process_state() if silent >= probe_after else UNKNOWN
+        if state == EXITED:
+            return "exit"
+        if state == STOPPED:      # a pause whatever hung_after says: only dead_after of it counts
+            return "stopped" if silent >= self.dead_after + interval else None
+        return "silence" if silent >= self.hung_after else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
@@ -320,20 +328,8 @@ class Watcher:
                     # From the return of the read that saw the beat to the start of this one: the source
                     # was silent at least that long, whatever this process did meanwhile.
                     silent = issued - st.last_change
-                    # Beats missed: what the exporter says the process does decides which silence is a
-                    # verdict (the module's docstring).
-                    by, state = None, UNKNOWN
-                    if not header.fence and silent >= self._probe_after(st.heartbeat_interval):
-                        state = await self._process_state()
-                        if state == EXITED:
-                            by = "exit"
-                        elif state == STOPPED and silent >= self.dead_after + (st.heartbeat_interval or 0.0):
-                            by = "stopped"
-                    # A stopped process is a pause whatever hung_after says: only dead_after of it counts.
-                    if by is None and state != STOPPED and silent >= self.hung_after:
-                        by = "silence"
-                    if (by is not None and not header.fence
-                            and not await trio.to_thread.run_sync(self.source_stopped)):
+                    by = None if header.fence else await self._verdict(silent, st.heartbeat_interval)
+                    if by is not None and not await trio.to_thread.run_sync(self.source_stopped):
                         st.state = self.verdict = "dead"
                         st.detected_after, st.detected_by = silent, by
                         st.detected_at_ns = time.time_ns()
