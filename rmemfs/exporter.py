@@ -30,7 +30,7 @@ from . import PAGE_SIZE, control
 from .dirty import parse_header, read_ctl_header
 from .errors import CorruptionError
 from .fencing import EXTENSION, FenceExtension
-from .liveness import EXTENSION as LIVENESS, LivenessExtension, file_ids, maps_any
+from .liveness import EXTENSION as LIVENESS, LivenessExtension, file_ids, maps_any, run_state
 from .durable import atomic_write
 from .secure import read_private
 from .regions import CTL_REGION_ID, buffer_address, parse_region_file_name
@@ -399,11 +399,7 @@ def orphans(backend: BaselineStore, base: Path, *, settled_only: bool = False) -
 
 def process_running(pid: int) -> bool:
     """Whether ``pid`` is a live process; one that exited but was not reaped (a zombie) is not."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return run_state(pid) not in (None, "Z")
 
 
 def wait_exited(pid: int, timeout: float, poll: float = 0.05) -> bool:

@@ -64,7 +64,8 @@ def maps_any(pid: int | str, wanted: set[FileId]) -> bool:
     return False
 
 
-def _run_state(pid: int) -> str | None:
+def run_state(pid: int) -> str | None:
+    """The state letter /proc/PID/stat gives (R, S, D, T, t, Z, ...); None for no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
@@ -91,7 +92,7 @@ class ProcessWatch:
         poller.register(self._fd, select.POLLIN)
         if poller.poll(0):
             return pid, EXITED
-        return pid, STOPPED if _run_state(pid) in ("T", "t") else RUNNING
+        return pid, STOPPED if run_state(pid) in ("T", "t") else RUNNING
 
     def _watch(self, pid: int) -> None:
         self.close()
@@ -104,7 +105,7 @@ class ProcessWatch:
             return           # gone before it was seen, or not in this pid namespace: unknown
         # Checked after the pidfd is open, so that the process checked is the one it refers to.
         if not maps_any(pid, file_ids([self.region_dir / region_file_name(CTL_REGION_ID)])) \
-                or _run_state(pid) in (None, "Z", "X"):
+                or run_state(pid) in (None, "Z", "X"):
             os.close(fd)
             return
         self._fd = fd
